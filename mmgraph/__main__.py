@@ -1,0 +1,3 @@
+from mmgraph.cli import main
+
+raise SystemExit(main())

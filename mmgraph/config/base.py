@@ -1,0 +1,78 @@
+"""Shared pieces of the params schema: a strict base model and key suggestions."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    """A params-file mapping: unknown keys are errors, values are validated, nothing coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+    @classmethod
+    def key_names(cls) -> list[str]:
+        """Every key this mapping accepts, aliases included."""
+        names = []
+        for name, field in cls.model_fields.items():
+            names.append(name)
+            alias = field.validation_alias
+            choices = getattr(alias, "choices", None)
+            if choices:
+                names.extend(c for c in choices if isinstance(c, str))
+            elif isinstance(alias, str):
+                names.append(alias)
+        return names
+
+
+def _members(tp: Any) -> list[Any]:
+    """Strip Optional/Annotated/Union wrappers: the concrete types a value may have."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _members(typing.get_args(tp)[0])
+    if origin is Union or str(origin) == "types.UnionType":
+        out = []
+        for arg in typing.get_args(tp):
+            out.extend(_members(arg))
+        return out
+    return [tp]
+
+
+def section_at(root: type[Section], loc: tuple) -> type[Section] | None:
+    """The ``Section`` class that holds the last key of ``loc`` (used to suggest key names).
+
+    ``loc`` is a pydantic error location: field names, list indices and, for tagged unions,
+    the tag. Returns None when the path leaves the schema.
+    """
+    candidates: list[Any] = [root]
+    for part in loc[:-1]:
+        nxt: list[Any] = []
+        for tp in candidates:
+            for member in _members(tp):
+                origin = typing.get_origin(member)
+                if isinstance(member, type) and issubclass(member, Section):
+                    if isinstance(part, str) and part in member.model_fields:
+                        nxt.append(member.model_fields[part].annotation)
+                    elif isinstance(part, str) and _tag_of(member) == part:
+                        nxt.append(member)  # a tagged-union step: stay on this member
+                elif origin in (list, tuple) and isinstance(part, int):
+                    nxt.extend(typing.get_args(member)[:1])
+                elif origin is dict and isinstance(part, str):
+                    nxt.extend(typing.get_args(member)[1:2])
+        candidates = nxt
+    for tp in candidates:
+        for member in _members(tp):
+            if isinstance(member, type) and issubclass(member, Section):
+                return member
+    return None
+
+
+def _tag_of(cls: type[Section]) -> str | None:
+    field = cls.model_fields.get("name") or cls.model_fields.get("scheduler")
+    if field is None:
+        return None
+    args = typing.get_args(field.annotation)
+    return args[0] if typing.get_origin(field.annotation) is typing.Literal and args else None

@@ -1,0 +1,208 @@
+"""The ``model`` section: image encoders, projectors and the language model.
+
+Key names are the Cerebras Model Zoo 2.3 multimodal (``mm_simple``) names, so a params file
+written for the Model Zoo loads unchanged. Keys that only change behaviour on Cerebras
+hardware are accepted and documented in docs/params.md.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field, field_validator
+
+from mmgraph.config.base import Section
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+Eps = Annotated[float, Field(gt=0.0)]
+
+# Activations the model library implements; GLU variants double the first FFN layer.
+Activation = Literal["gelu", "quick_gelu", "relu", "silu", "swish", "tanh", "sigmoid",
+                     "swiglu", "geglu", "reglu"]
+GLU_ACTIVATIONS = ("swiglu", "geglu", "reglu")
+
+
+def _pair(value):
+    """``336`` or ``[336, 336]`` -> ``(336, 336)``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    return value
+
+
+class FeedForwardNetworkConfig(Section):
+    """Model Zoo ``FeedForwardNetwork``: a stack of linear layers, each with its activation.
+
+    LLaVA's ``linear`` projector is ``layers_units: [H_text]``; ``mlp2x_gelu`` is
+    ``layers_units: [H_text, H_text], layers_activation: [gelu, null]``.
+    """
+
+    name: Literal["FeedForwardNetwork"] = "FeedForwardNetwork"
+    input_unit: PositiveInt
+    layers_units: list[PositiveInt] = Field(min_length=1)
+    layers_activation: Optional[list[Optional[Activation]]] = None
+    layers_dropout_rates: Optional[list[Optional[Rate]]] = None
+    use_bias: bool = True
+    kernel_initializer: Optional[Union[str, dict]] = None
+    bias_initializer: Optional[Union[str, dict]] = None
+
+
+class ViTModelConfig(Section):
+    """Model Zoo ``ViTModel`` as an image encoder (CLIP-compatible when configured like CLIP)."""
+
+    name: Literal["ViTModel"] = "ViTModel"
+    # Embedding
+    position_embedding_type: Literal["learned"] = "learned"
+    embedding_dropout_rate: Rate = 0.0
+    hidden_size: PositiveInt = 768
+    use_post_embed_layer_norm: bool = False
+    use_embed_proj_bias: bool = True
+    use_conv_patchified_embedding: bool = True
+    prepend_cls_token: bool = True
+    # Encoder
+    num_hidden_layers: PositiveInt = 12
+    layer_norm_epsilon: Eps = 1.0e-5
+    num_heads: PositiveInt = 12
+    attention_type: Literal["scaled_dot_product", "dot_product"] = "scaled_dot_product"
+    attention_softmax_fp32: bool = True
+    dropout_rate: Rate = 0.0
+    attention_dropout_rate: Rate = 0.0
+    nonlinearity: Activation = "gelu"
+    pooler_nonlinearity: Optional[str] = None
+    use_projection_bias_in_attention: bool = True
+    use_ffn_bias_in_attention: bool = True
+    filter_size: PositiveInt = 3072
+    use_ffn_bias: bool = True
+    initializer_range: Annotated[float, Field(ge=0.0)] = 0.02
+    norm_first: Literal[True] = True
+    use_encoder_pooler_layer: bool = False
+    use_final_layer_norm: bool = True
+    # Vision
+    image_size: tuple[PositiveInt, PositiveInt] = (224, 224)
+    num_channels: PositiveInt = 3
+    patch_size: tuple[PositiveInt, PositiveInt] = (16, 16)
+    image_layer_idx: int = -1
+
+    _pairs = field_validator("image_size", "patch_size", mode="before")(_pair)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patches along height and width."""
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    @property
+    def num_positions(self) -> int:
+        """Tokens out of the encoder: patches, plus the CLS token when prepended."""
+        return self.grid[0] * self.grid[1] + int(self.prepend_cls_token)
+
+    @property
+    def num_layers_used(self) -> int:
+        """Encoder blocks run to produce the features (``image_layer_idx`` may count from the end)."""
+        idx = self.image_layer_idx
+        return idx + 1 if idx >= 0 else self.num_hidden_layers + idx + 1
+
+
+ImageModelPart = Annotated[
+    Union[ViTModelConfig, FeedForwardNetworkConfig], Field(discriminator="name")
+]
+
+
+class ImageModelEntry(Section):
+    """One entry of ``image_models``: ``image_model: [ViTModel, optional FeedForwardNetwork]``."""
+
+    image_model: list[ImageModelPart] = Field(min_length=1, max_length=2)
+
+    @property
+    def encoder(self) -> ViTModelConfig:
+        return self.image_model[0]  # type: ignore[return-value]
+
+    @property
+    def projection(self) -> Optional[FeedForwardNetworkConfig]:
+        return self.image_model[1] if len(self.image_model) > 1 else None  # type: ignore[return-value]
+
+
+class ImageModelListConfig(Section):
+    image_feature_select_mode: Literal["patch", "cls_patch"] = "patch"
+    image_models: list[ImageModelEntry] = Field(min_length=1)
+    global_image_projection: Optional[FeedForwardNetworkConfig] = None
+
+
+class ExtraFFNParams(Section):
+    static_dual_expert: bool = False
+
+
+class ExtraAttentionParams(Section):
+    num_kv_groups: Optional[PositiveInt] = None
+
+
+class LlamaModelConfig(Section):
+    """Model Zoo ``LlamaModel`` (also ``MistralModel``): a LLaMA-family decoder."""
+
+    name: Literal["LlamaModel", "MistralModel"] = "LlamaModel"
+    vocab_size: PositiveInt = 32000
+    hidden_size: PositiveInt = 4096
+    position_embedding_type: Literal["rotary"] = "rotary"
+    rotary_dim: Optional[PositiveInt] = None
+    rope_theta: Annotated[float, Field(gt=0.0)] = 10000.0
+    pos_scaling_factor: Literal[1.0] = 1.0
+    share_embedding_weights: bool = False
+    embedding_layer_norm: Literal[False] = False
+    max_position_embeddings: PositiveInt = 2048
+    embd_pdrop: Rate = 0.0
+    embedding_dropout_rate: Rate = 0.0
+    # Decoder
+    num_hidden_layers: PositiveInt = 32
+    dropout_rate: Rate = 0.0
+    layer_norm_epsilon: Eps = 1.0e-5
+    norm_type: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    # Attention
+    num_heads: PositiveInt = 32
+    attention_module: Literal["aiayn_attention", "multiquery_attention"] = "aiayn_attention"
+    extra_attention_params: ExtraAttentionParams = ExtraAttentionParams()
+    attention_type: Literal["scaled_dot_product", "dot_product"] = "scaled_dot_product"
+    attention_dropout_rate: Rate = 0.0
+    attention_softmax_fp32: bool = True
+    use_projection_bias_in_attention: bool = False
+    use_ffn_bias_in_attention: bool = False
+    # FFN
+    filter_size: PositiveInt = 11008
+    nonlinearity: Activation = "swiglu"
+    use_ffn_bias: bool = False
+    extra_ffn_params: ExtraFFNParams = ExtraFFNParams()
+    # Head
+    use_bias_in_output: bool = False
+    initializer_range: Annotated[float, Field(ge=0.0)] = 0.02
+    # Cerebras-only numerics and loss keys (accepted; see docs/params.md)
+    fp16_type: Optional[str] = None
+    loss_scaling: Optional[str] = None
+    loss_weight: Optional[float] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads: ``num_kv_groups`` under multiquery attention, else one per head."""
+        groups = self.extra_attention_params.num_kv_groups
+        if self.attention_module == "multiquery_attention" and groups:
+            return groups
+        return self.num_heads
+
+
+class ModelConfig(Section):
+    image_model_list: ImageModelListConfig
+    text_model: LlamaModelConfig
+    freeze: list[str] = []
+    loss_scaling: Literal["num_tokens", "batch_size"] = "num_tokens"
+    loss_weight: Annotated[float, Field(gt=0.0)] = 1.0
+    label_smoothing: Literal[0.0] = 0.0
+    z_loss_eps: Literal[0.0] = 0.0
+    mixed_precision: bool = False
+    fp16_type: Literal["bfloat16", "float16", "cbfloat16"] = "bfloat16"
+    boundary_casting: bool = False
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _one_pattern(cls, value):
+        return [value] if isinstance(value, str) else value

@@ -1,0 +1,108 @@
+"""Multi-head attention with optional rotary positions and grouped key/value heads.
+
+Two implementations of the same math: ``sdpa`` (PyTorch's fused scaled_dot_product_attention,
+the fast path) and ``math`` (explicit matmul + softmax, the reference path). Masks are
+additive float tensors, so both paths see the same numbers and no row is ever all -inf.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_IMPLS = ("sdpa", "math")
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of rotary angles for positions ``(B, S)``: two ``(B, 1, S, rotary_dim)`` tensors.
+
+    Computed in fp32 from the positions (no buffers), then cast, as LLaMA does.
+    """
+    exponent = torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (exponent / rotary_dim))                    # (rd/2,)
+    angles = position_ids.float()[:, :, None] * inv_freq[None, None, :]    # (B, S, rd/2)
+    angles = torch.cat((angles, angles), dim=-1)[:, None]                  # (B, 1, S, rd)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` features of ``x (B, heads, S, head_dim)``; pass the rest."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    """``proj_{q,k,v,output}_dense_layer`` as in the Model Zoo; ``num_kv_heads < num_heads`` is GQA."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None,
+                 use_bias: bool = True, use_output_bias: Optional[bool] = None,
+                 dropout: float = 0.0, impl: str = "sdpa", scaled: bool = True):
+        super().__init__()
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = hidden_size // num_heads
+        kv_size = self.num_kv_heads * self.head_dim
+        out_bias = use_bias if use_output_bias is None else use_output_bias
+        self.proj_q_dense_layer = nn.Linear(hidden_size, hidden_size, bias=use_bias)
+        self.proj_k_dense_layer = nn.Linear(hidden_size, kv_size, bias=use_bias)
+        self.proj_v_dense_layer = nn.Linear(hidden_size, kv_size, bias=use_bias)
+        self.proj_output_dense_layer = nn.Linear(hidden_size, hidden_size, bias=out_bias)
+        self.dropout = dropout
+        self.impl = impl
+        self.scale = self.head_dim ** -0.5 if scaled else 1.0
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """x: (B, S, H); mask: additive, broadcastable to (B, heads, S, S)."""
+        b, s, _ = x.shape
+        q = self.proj_q_dense_layer(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.proj_k_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.proj_v_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # q: (B, nh, S, hd); k, v: (B, nkv, S, hd)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if self.num_kv_heads != self.num_heads:
+            group = self.num_heads // self.num_kv_heads
+            k = k[:, :, None].expand(b, self.num_kv_heads, group, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
+            v = v[:, :, None].expand(b, self.num_kv_heads, group, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
+        p = self.dropout if self.training else 0.0
+        if self.impl == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale     # (B, nh, S, S)
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            if p > 0.0:
+                probs = F.dropout(probs, p, True)
+            out = torch.matmul(probs, v)                                   # (B, nh, S, hd)
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return self.proj_output_dense_layer(out)
+
+
+def causal_padding_mask(key_padding_mask: Optional[torch.Tensor], seq_len: int,
+                        dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask (B or 1, 1, S, S): 0 where a query may attend, dtype-min elsewhere.
+
+    key_padding_mask: (B, S), 1 (or True) marks padding keys.
+    """
+    idx = torch.arange(seq_len, device=device)
+    allowed = (idx[None, :] <= idx[:, None])[None, None]                  # (1, 1, S, S)
+    if key_padding_mask is not None:
+        allowed = allowed & (key_padding_mask == 0)[:, None, None, :]      # (B, 1, S, S)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)

@@ -1,0 +1,1 @@
+"""Compiler passes over the Program IR (``mmgraph.passes``)."""

@@ -1,0 +1,1 @@
+"""Execution of lowered programs on CPU/GPU reference kernels (``mmgraph.runtime``)."""
