@@ -144,6 +144,9 @@ def _read_yaml(path: str) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
         what = getattr(err, "problem", None) or str(err)
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start:
+            what += f" ({context} started at line {start.line + 1}, column {start.column + 1})"
         raise UserError(Problem(path, where, f"YAML syntax error: {what}")) from None
     if raw is None:
         raise UserError(Problem(path, None, "the file is empty"))
@@ -185,7 +188,7 @@ def _format_errors(path: str, section: str, schema: type[Section], err: Validati
         elif kind == "union_tag_invalid":
             message = f"unsupported name {e.get('input')!r}, expected one of {e['ctx']['expected_tags']}"
         else:
-            message = e["msg"]
+            message = e["msg"].replace("Input should be", "must be")
             if "input" in e and not isinstance(e["input"], (dict, list)):
                 message += f" (got {e['input']!r})"
         problems.append(Problem(path, where, message))

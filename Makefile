@@ -1,0 +1,32 @@
+# Set-up and main entry points. `make demo` and `make test` install what they need first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-all clean
+
+install: $(STAMP)
+
+# torch is pinned and installed first: the CPU wheel kept on these machines. A looser
+# requirement resolved first would pull several GB of CUDA packages.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/mmgraph check --params configs/params_mm_llava_tiny_phase1.yaml
+	$(VENV)/bin/mmgraph check --params configs/params_mm_llava_llama2_7b_phase2.yaml
+
+test: install
+	$(PY) -m pytest -q -n 2
+
+# Also the tests marked slow.
+test-all: install
+	$(PY) -m pytest -q -n 2 -m ''
+
+clean:
+	rm -rf $(VENV) model_dir .pytest_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Checkpoint and config conversion between Hugging Face, mmgraph and the LLaVA repository."""
