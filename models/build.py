@@ -30,10 +30,15 @@ def build_model(params: Params | ModelConfig, device: str | torch.device = "cpu"
         if seed is not None:
             torch.manual_seed(seed)
         model = MultimodalModel(cfg, attention_impl)
-        init_weights(model, _init_std(cfg))
+        _initialize(model, cfg)
     report = apply_freeze(model, cfg.freeze, source)
     return model, report
 
 
-def _init_std(cfg: ModelConfig) -> float:
-    return cfg.text_model.initializer_range
+def _initialize(model: MultimodalModel, cfg: ModelConfig) -> None:
+    """Each encoder with its own ``initializer_range``; projectors and the LLM with the LLM's."""
+    init_weights(model, cfg.text_model.initializer_range)
+    for (encoder, _), entry in zip(model.image_model.image_model_list, cfg.image_model_list.image_models):
+        init_weights(encoder, entry.encoder.initializer_range)
+        if encoder.embedding_layer.cls_embedding is not None:
+            torch.nn.init.normal_(encoder.embedding_layer.cls_embedding, 0.0, entry.encoder.initializer_range)

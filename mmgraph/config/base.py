@@ -49,20 +49,24 @@ def section_at(root: type[Section], loc: tuple) -> type[Section] | None:
     """
     candidates: list[Any] = [root]
     for part in loc[:-1]:
+        members = [m for tp in candidates for m in _members(tp)]
+        sections = [m for m in members if isinstance(m, type) and issubclass(m, Section)]
+        tagged = [m for m in sections if _tag_of(m) == part]
+        if tagged:  # a discriminated-union step ('ViTModel'): narrow to that member
+            candidates = tagged
+            continue
         nxt: list[Any] = []
-        for tp in candidates:
-            for member in _members(tp):
-                origin = typing.get_origin(member)
-                if isinstance(member, type) and issubclass(member, Section):
-                    if isinstance(part, str) and part in member.model_fields:
-                        nxt.append(member.model_fields[part].annotation)
-                    elif isinstance(part, str) and _tag_of(member) == part:
-                        nxt.append(member)  # a tagged-union step: stay on this member
-                elif origin in (list, tuple) and isinstance(part, int):
-                    nxt.extend(typing.get_args(member)[:1])
-                elif origin is dict and isinstance(part, str):
-                    nxt.extend(typing.get_args(member)[1:2])
-        candidates = nxt
+        for member in members:
+            origin = typing.get_origin(member)
+            if member in sections and isinstance(part, str) and part in member.model_fields:
+                nxt.append(member.model_fields[part].annotation)
+            elif origin in (list, tuple) and isinstance(part, int):
+                nxt.extend(typing.get_args(member)[:1])
+            elif origin is dict and isinstance(part, str):
+                nxt.extend(typing.get_args(member)[1:2])
+        if nxt or not isinstance(part, str):
+            candidates = nxt
+        # else: a tag of a callable-discriminated union ('one', 'list'): keep the candidates
     for tp in candidates:
         for member in _members(tp):
             if isinstance(member, type) and issubclass(member, Section):
