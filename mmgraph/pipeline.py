@@ -1,0 +1,69 @@
+"""The compile pipeline: one function that lists the passes in order.
+
+Each pass is a pure function ``Program -> (Program, notes)``; the pipeline times it,
+records it in the program's history, and (with ``verify``) checks structure after every
+pass and, on configs small enough to run, numerics against eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from mmgraph.config import Params
+from mmgraph.ir import PassRecord, Program
+from mmgraph.trace import trace_step
+from mmgraph.passes.cleanup import cleanup
+from mmgraph.passes.freeze_masks import freeze_masks
+from mmgraph.passes.verify import verify_numerics, verify_structure
+
+Pass = Callable[[Program], "tuple[Program, dict]"]
+
+# Largest model (parameters) whose numerics --verify checks by running it on the CPU.
+NUMERIC_VERIFY_LIMIT = 50_000_000
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One intermediate program, kept so every stage can be dumped and diffed."""
+
+    name: str
+    program: Program
+
+
+def run_pass(name: str, fn: Pass, program: Program) -> Program:
+    start = time.perf_counter()
+    before = len(program.ops())
+    new, notes = fn(program)
+    record = PassRecord(name, time.perf_counter() - start, before, len(new.ops()), notes)
+    return new.recorded(record)
+
+
+def compile_step(params: Params, mode: str = "train", verify: bool = False,
+                 on_stage: Optional[Callable[[Stage], None]] = None) -> list[Stage]:
+    """Trace the step of ``params`` and lower it; returns every stage, first to last."""
+    start = time.perf_counter()
+    program = trace_step(params, mode)                       # 00: one static ATen graph
+    program = program.recorded(PassRecord("trace", time.perf_counter() - start, 0, len(program.ops())))
+    stages = [Stage("trace", program)]
+    passes: list[tuple[str, Pass]] = [
+        ("freeze_masks", freeze_masks),                      # 01: drop frozen weights' backward
+        ("cleanup", cleanup),                                # 02: no-ops, CSE, dead code
+    ]
+    numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
+    _check(stages[-1], params, verify, numeric, on_stage)
+    for name, fn in passes:
+        program = run_pass(name, fn, program)
+        stages.append(Stage(name, program))
+        _check(stages[-1], params, verify, numeric, on_stage)
+    return stages
+
+
+def _check(stage: Stage, params: Params, verify: bool, numeric: bool, on_stage) -> None:
+    if verify:
+        verify_structure(stage.program, stage.name)
+        if numeric:
+            verify_numerics(stage.program, params, stage.name)
+    if on_stage is not None:
+        on_stage(stage)

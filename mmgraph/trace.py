@@ -1,0 +1,253 @@
+"""Trace a whole step to one static ATen graph: forward + loss (+ backward for training).
+
+How (hidden behind ``trace_step``): the model is built under FakeTensorMode (no weights),
+``torch.export`` records the forward with module paths, and ``make_fx`` traces an
+interpreter of that forward plus ``torch.autograd.grad`` into one joint graph. Every parameter
+that the forward uses gets a gradient here; which ones really train is the freeze_masks
+pass's business, so the pass, not the tracer, removes frozen work.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from mmgraph.config import Params
+from mmgraph.errors import Problem, UserError
+from mmgraph.ir import InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program, layer_of
+from mmgraph.models import BATCH_FIELDS, build_model, random_batch
+from mmgraph.models.multimodal import MultimodalModel
+from mmgraph.models.loss import lm_loss
+from mmgraph.opcost import node_bytes, node_flops, node_val
+
+_SANITIZE = re.compile(r"[^0-9a-zA-Z_]")
+
+
+class _Step(torch.nn.Module):
+    """The traced step: positional batch fields in, loss (and logits in eval) out."""
+
+    def __init__(self, model: MultimodalModel, mode: str):
+        super().__init__()
+        self.m = model
+        self.mode = mode
+
+    def forward(self, *fields):
+        batch = dict(zip(BATCH_FIELDS, fields))
+        if self.mode == "train":
+            return self.m(**batch)
+        logits = self.m.compute_logits(batch["image_data"], batch["text_input_ids"],
+                                       batch["image_data_loc"], batch["key_padding_mask"],
+                                       batch["token_modality_idx"])
+        cfg = self.m.config
+        return lm_loss(logits, batch["labels"], batch["loss_mask"], cfg.loss_scaling, cfg.loss_weight), logits
+
+
+class _Interpret(torch.nn.Module):
+    """Runs an exported graph node by node so each traced op inherits the node's metadata."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.g = gm
+
+    def forward(self, *args):
+        return fx.Interpreter(self.g).run(*args)
+
+
+def unused_parameters(model: MultimodalModel) -> set[str]:
+    """Parameters the step never reads: encoder blocks after ``image_layer_idx`` and the
+    encoder's final norm (LLaVA takes features before it)."""
+    out = set()
+    for i, (encoder, _) in enumerate(model.image_model.image_model_list):
+        prefix = f"image_model.image_model_list.{i}.0.encoder.transformer_encoder"
+        used = encoder.config.num_layers_used
+        for name, _ in encoder.encoder.transformer_encoder.named_parameters():
+            m = re.match(r"layers\.(\d+)\.", name)
+            if (m and int(m.group(1)) >= used) or name.startswith("norm."):
+                out.add(f"{prefix}.{name}")
+    return out
+
+
+def micro_batch_size(params: Params, mode: str) -> int:
+    data = params.input_for(mode)
+    if data is None:
+        return 1
+    mbs = data.micro_batch_size
+    return mbs if isinstance(mbs, int) else data.batch_size
+
+
+def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = None) -> Program:
+    """The step of ``params`` as a Program (no weights are allocated)."""
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be train or eval, got {mode!r}")
+    layout = params.layout(mode)
+    batch_size = batch_size or micro_batch_size(params, mode)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    model, report = build_model(params, fake_mode=fake)
+    unused = unused_parameters(model)
+    frozen = report.frozen
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "train" and name not in unused)
+    real = random_batch(layout, batch_size, seed=0)
+    batch = [fake.from_tensor(real[k]) for k in BATCH_FIELDS]
+
+    try:
+        with fake:
+            exported = torch.export.export(_Step(model, mode), tuple(batch))
+    except Exception as err:  # noqa: BLE001 - reported to the user with the op and module
+        raise UserError(Problem(params.path, None, f"cannot trace the model: {_describe(err)}")) from err
+    fwd = exported.module()
+    named = dict(fwd.named_parameters())
+    names = [n for n in named if n.removeprefix("m.") not in unused] if mode == "train" else []
+    order = list(named)
+    runner = _Interpret(fwd)
+
+    def step(param_list, batch_list):
+        state = {"g." + k: v for k, v in zip(order, param_list)}
+        out = torch.func.functional_call(runner, state, tuple(batch_list))
+        if mode == "eval":
+            return out
+        grads = torch.autograd.grad(out, [state["g." + n] for n in names])
+        return (out, *grads)
+
+    values = [named[n].detach().requires_grad_(n in names) for n in order]
+    with fake, fx_traceback.preserve_node_meta():
+        joint = make_fx(step, pre_dispatch=False)(values, batch)
+
+    inputs = [InputSpec(n.removeprefix("m."), InputKind.PARAM,
+                        n.removeprefix("m.") not in frozen and n.removeprefix("m.") not in unused,
+                        tuple(named[n].shape), named[n].dtype) for n in order]
+    inputs += [InputSpec(f, InputKind.BATCH, False, tuple(t.shape), t.dtype) for f, t in zip(BATCH_FIELDS, batch)]
+    outputs = [OutputSpec("loss")] + ([OutputSpec("logits")] if mode == "eval" else [])
+    outputs += [OutputSpec("grad", n.removeprefix("m.")) for n in names]
+    gm = _rename_placeholders(joint, inputs)
+    return Program(gm, tuple(inputs), tuple(outputs), annotate(gm, inputs, outputs), mode)
+
+
+def _describe(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _rename_placeholders(gm: fx.GraphModule, inputs: list[InputSpec]) -> fx.GraphModule:
+    """Copy the graph with readable placeholder names (``p_text_model_lm_head_weight``, ``image_data``)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    specs = iter(inputs)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            spec = next(specs)
+            name = ("p_" if spec.kind == InputKind.PARAM else "") + _SANITIZE.sub("_", spec.name)
+            new = graph.placeholder(name)
+            new.meta = dict(node.meta)
+        else:
+            new = graph.node_copy(node, lambda n: env[n])
+        env[node] = new
+    out = fx.GraphModule(torch.nn.Module(), graph)
+    out.graph.lint()
+    return out
+
+
+def _fwd_module(node: fx.Node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return re.sub(r"^(g\.)?m\.", "", path) if path not in ("m", "g") else ""
+
+
+def annotate(gm: fx.GraphModule, inputs: list[InputSpec] | tuple[InputSpec, ...],
+             outputs: list[OutputSpec] | tuple[OutputSpec, ...]) -> dict[str, NodeInfo]:
+    """Per node: shape, dtype, module, layer, phase, FLOPs, bytes.
+
+    Forward = every node the loss depends on. Forward modules come from the trace; a backward
+    node takes the module of the parameter it reads, else of the latest forward value it
+    reads, else of the backward value it was computed from; a gradient output takes its
+    parameter's module.
+    """
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    output = nodes[-1]
+    outs = list(output.args[0])
+    loss = outs[0]
+    forward = _ancestors([loss]) | set(placeholders)
+    if any(o.kind == "logits" for o in outputs):
+        forward |= _ancestors([outs[1]])
+    position = {n: i for i, n in enumerate(nodes)}
+
+    module: dict[fx.Node, str] = {}
+    for node, spec in zip(placeholders, inputs):
+        module[node] = spec.name.rpartition(".")[0] if spec.kind == InputKind.PARAM else ""
+    param_nodes = {p for p, s in zip(placeholders, inputs) if s.kind == InputKind.PARAM}
+    for out_node, spec in zip(outs, outputs):
+        if spec.kind == "grad" and isinstance(out_node, fx.Node) and out_node.op == "call_function":
+            module[out_node] = spec.target.rpartition(".")[0]
+    last_fwd = ""
+    for node in nodes:
+        if node in module or node.op != "call_function":
+            continue
+        if node in forward:
+            found = _fwd_module(node)
+            module[node] = found if found is not None else last_fwd
+            last_fwd = module[node]
+            continue
+        ins = [a for a in node.all_input_nodes]
+        params = [a for a in ins if a in param_nodes or (a in forward and _reads_param_only(a, param_nodes))]
+        fwd_ins = [a for a in ins if a in forward and a not in params]
+        bwd_ins = [a for a in ins if a not in forward and a in module]
+        if params:
+            module[node] = module[_root_param(params[0], param_nodes)]
+        elif fwd_ins:
+            module[node] = module.get(max(fwd_ins, key=position.__getitem__), "")
+        elif bwd_ins:
+            module[node] = module[max(bwd_ins, key=position.__getitem__)]
+        else:
+            module[node] = ""
+
+    info = {}
+    for node in nodes:
+        if node.op not in ("call_function", "placeholder"):
+            continue
+        vals = node_val(node)
+        mod = module.get(node, "")
+        info[node.name] = NodeInfo(
+            shape=tuple(vals[0].shape) if vals else (),
+            dtype=vals[0].dtype if vals else None,
+            module=mod,
+            layer=layer_of(mod),
+            phase=Phase.FORWARD if node in forward else Phase.BACKWARD,
+            flops=node_flops(node),
+            bytes=node_bytes(node),
+        )
+    return info
+
+
+def _ancestors(roots: list) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = deque(r for r in roots if isinstance(r, fx.Node))
+    while todo:
+        n = todo.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _reads_param_only(node: fx.Node, params: set[fx.Node]) -> bool:
+    """A view chain of one parameter (``t(W)``, ``view(W)``)."""
+    while node.op == "call_function" and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    return node in params
+
+
+def _root_param(node: fx.Node, params: set[fx.Node]) -> fx.Node:
+    while node not in params:
+        node = node.all_input_nodes[0]
+    return node

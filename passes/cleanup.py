@@ -1,0 +1,67 @@
+"""cleanup: no-op views and detaches, assertion nodes, common subexpressions, dead code."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from mmgraph.ir import Program
+from mmgraph.passes.util import copy_program, drop_dead
+
+aten = torch.ops.aten
+
+_IDENTITY = {aten.detach.default, aten.alias.default, aten.lift_fresh_copy.default}
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
+_ASSERTS = {aten._assert_tensor_metadata.default}
+# Ops whose result depends on more than their arguments: never merged.
+_NOT_CSE = {aten.empty.memory_format, aten.empty_like.default, aten.rand.default,
+            aten.randn.default, aten.native_dropout.default, aten.bernoulli.p}
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _key(node: fx.Node):
+    def freeze(x):
+        if isinstance(x, (list, tuple)):
+            return tuple(freeze(i) for i in x)
+        if isinstance(x, dict):
+            return tuple(sorted((k, freeze(v)) for k, v in x.items()))
+        return x
+    return (node.target, freeze(node.args), freeze(node.kwargs))
+
+
+def cleanup(program: Program) -> tuple[Program, dict]:
+    gm, info = copy_program(program)
+    counts = {"asserts": 0, "identities": 0, "noop_reshapes": 0, "common_subexpressions": 0}
+    seen: dict = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _ASSERTS:
+            gm.graph.erase_node(node)
+            info.pop(node.name, None)
+            counts["asserts"] += 1
+            continue
+        replacement = None
+        if node.target in _IDENTITY:
+            replacement, kind = node.args[0], "identities"
+        elif node.target in _RESHAPES and _shape(node) is not None and _shape(node) == _shape(node.args[0]):
+            replacement, kind = node.args[0], "noop_reshapes"
+        elif node.target not in _NOT_CSE and not str(node.target).endswith("_"):
+            key = _key(node)
+            try:
+                hash(key)
+            except TypeError:
+                key = None
+            if key is not None and key in seen:
+                replacement, kind = seen[key], "common_subexpressions"
+            elif key is not None:
+                seen[key] = node
+        if replacement is not None:
+            node.replace_all_uses_with(replacement)
+            counts[kind] += 1
+    counts["dead"] = drop_dead(gm, info)
+    return program.with_pass_result(gm, info), counts

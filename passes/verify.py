@@ -1,0 +1,98 @@
+"""Checks a Program after a pass: structure always; numerics against eager PyTorch on request.
+
+Numerics: the program runs on real weights (seeded) and a random batch, and its loss and every
+gradient it outputs must equal eager PyTorch autograd on the same module and batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from mmgraph.config import Params
+from mmgraph.ir import InputKind, Program
+from mmgraph.models import BATCH_FIELDS, build_model, random_batch
+
+
+class VerificationError(AssertionError):
+    """A pass broke the program (a bug in mmgraph, not in the user's input)."""
+
+
+def verify_structure(program: Program, after: str) -> None:
+    graph = program.gm.graph
+    try:
+        graph.lint()
+    except Exception as err:  # noqa: BLE001
+        raise VerificationError(f"after {after}: graph is malformed: {err}") from err
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(program.inputs):
+        raise VerificationError(f"after {after}: {len(placeholders)} placeholders for {len(program.inputs)} inputs")
+    outs = list(graph.output_node().args[0]) if hasattr(graph, "output_node") else list(list(graph.nodes)[-1].args[0])
+    if len(outs) != len(program.outputs):
+        raise VerificationError(f"after {after}: {len(outs)} outputs for {len(program.outputs)} output specs")
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            raise VerificationError(f"after {after}: {node.name} reads a constant attribute; weights must be inputs")
+        if node.op in ("call_function", "placeholder") and node.name not in program.info:
+            raise VerificationError(f"after {after}: node {node.name} has no NodeInfo")
+    for spec in program.outputs:
+        if spec.kind == "grad":
+            src = next(s for s in program.inputs if s.name == spec.target)
+            if not src.trainable and program.history and any(r.name == "freeze_masks" for r in program.history):
+                raise VerificationError(f"after {after}: gradient of frozen parameter {spec.target}")
+
+
+@dataclass(frozen=True)
+class NumericReport:
+    loss: float
+    max_rel_grad_error: float
+    grads_checked: int
+
+
+def reference_inputs(program: Program, params: Params, seed: int = 0):
+    """Real weights (seeded), a random batch, and the eager model holding those weights."""
+    model, _ = build_model(params, seed=seed)
+    batch_size = next(s.shape[0] for s in program.inputs if s.name == "text_input_ids")
+    batch = random_batch(params.layout(program.mode), batch_size, seed=seed + 1)
+    state = dict(model.named_parameters())
+    flat = [state[s.name] if s.kind == InputKind.PARAM else batch[s.name] for s in program.inputs]
+    return model, batch, flat
+
+
+def verify_numerics(program: Program, params: Params, after: str, seed: int = 0,
+                    rtol: float = 1e-5) -> NumericReport:
+    model, batch, flat = reference_inputs(program, params, seed)
+    with torch.no_grad():
+        outs = program.gm(*[t.detach() for t in flat])
+    grads_wanted = [s.target for s in program.outputs if s.kind == "grad"]
+    state = dict(model.named_parameters())
+    for name, p in state.items():
+        p.requires_grad_(name in grads_wanted)
+    if program.mode == "train":
+        loss = model(**batch)
+        ref = torch.autograd.grad(loss, [state[n] for n in grads_wanted]) if grads_wanted else ()
+    else:
+        with torch.no_grad():
+            loss = model(**batch)
+        ref = ()
+    _close(outs[0], loss.detach(), rtol, f"after {after}: loss")
+    worst = 0.0
+    for spec, got, want in zip([s for s in program.outputs if s.kind == "grad"],
+                               outs[len(outs) - len(grads_wanted):], ref):
+        worst = max(worst, _close(got, want, rtol, f"after {after}: gradient of {spec.target}"))
+    return NumericReport(float(loss.detach()), worst, len(ref))
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> float:
+    """Relative error against the tensor's scale; raise when above ``rtol``."""
+    scale = want.abs().max().clamp(min=1e-12)
+    err = float((got - want).abs().max() / scale)
+    if not err <= rtol:
+        raise VerificationError(f"{what} differs from eager PyTorch: relative error {err:.2e} > {rtol:.0e}")
+    return err
+
+
+def count_ops(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
