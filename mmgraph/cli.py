@@ -17,6 +17,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from mmgraph.compile_cmd import run_compile
+
+    return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmgraph",
@@ -36,6 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which sections must be present (default: train)")
     check.add_argument("--debug", action="store_true", help="show tracebacks")
     check.set_defaults(func=_cmd_check)
+
+    comp = sub.add_parser(
+        "compile", help="trace the step to one graph, run the passes, dump every stage",
+        description="Trace the whole training (or eval) step of the params' model to one static "
+                    "ATen graph (no weights allocated), run the passes in order (freeze_masks, "
+                    "cleanup) and write every stage, the lowered program as Python and "
+                    "report.json under MODEL_DIR/compile/.")
+    comp.add_argument("--params", required=True, metavar="FILE", help="params YAML")
+    comp.add_argument("--model_dir", default="./model_dir", metavar="DIR",
+                      help="where compile/ is written (default: ./model_dir)")
+    comp.add_argument("--mode", choices=("train", "eval"), default="train",
+                      help="train: forward + loss + backward; eval: forward + loss")
+    comp.add_argument("--validate_only", action="store_true",
+                      help="stop after params validation and tracing; write nothing")
+    comp.add_argument("--verify", action="store_true",
+                      help="check every pass: structure always; loss and gradients against eager "
+                           "PyTorch when the model is small enough to run")
+    comp.add_argument("--debug", action="store_true", help="show tracebacks")
+    comp.set_defaults(func=_cmd_compile)
     return parser
 
 

@@ -1,0 +1,146 @@
+"""Dumps of every compile stage under ``MODEL_DIR/compile/``, for a person to read and diff.
+
+- ``NN-<pass>.txt``: one line per node (op, operands, shape, phase, layer, module, FLOPs); stable
+  names, so two passes or two compiles diff cleanly; weights are never written;
+- ``program.py``: the lowered program as Python with shapes in the signature; it runs
+  (``load_program``);
+- ``report.json``: nodes per pass, parameters, FLOPs, pass timings, versions.
+
+The folder is written beside the old one and swapped in at the end, so an interrupted compile
+never leaves a half-written ``compile/``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from mmgraph import __version__
+from mmgraph.ir import InputKind, Phase, Program
+
+_DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64",
+          torch.int32: "i32", torch.bool: "b8", torch.float64: "f64"}
+
+
+def _type(shape, dtype) -> str:
+    return f"{_DTYPE.get(dtype, str(dtype))}[{','.join(map(str, shape))}]"
+
+
+def _arg(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        return f"%{a.name}"
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_arg(x) for x in a) + "]"
+    return repr(a)
+
+
+def format_program(program: Program, title: str) -> str:
+    ops = program.ops()
+    lines = [
+        f"# {title}: {program.mode} step, {len(ops)} ops",
+        f"# FLOPs: forward {program.flops(Phase.FORWARD):,}, backward {program.flops(Phase.BACKWARD):,}",
+    ]
+    if program.history and program.history[-1].notes:
+        lines.append("# " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                      for k, v in program.history[-1].notes.items()))
+    lines.append("")
+    for node, spec in zip([n for n in program.gm.graph.nodes if n.op == "placeholder"], program.inputs):
+        role = "batch" if spec.kind == InputKind.BATCH else ("trainable" if spec.trainable else "frozen")
+        lines.append(f"%{node.name}: {_type(spec.shape, spec.dtype)}  # input {role} {spec.name}")
+    lines.append("")
+    for node in ops:
+        info = program.info[node.name]
+        op = str(node.target).replace("aten.", "").replace(".default", "")
+        args = ", ".join([_arg(a) for a in node.args] + [f"{k}={_arg(v)}" for k, v in node.kwargs.items()])
+        flops = f" flops={info.flops:,}" if info.flops else ""
+        lines.append(f"%{node.name} = {op}({args})  # {_type(info.shape, info.dtype)} "
+                     f"{info.phase.value} {info.layer} [{info.module}]{flops}")
+    outs = list(program.gm.graph.nodes)[-1].args[0]
+    lines.append("")
+    for node, spec in zip(outs, program.outputs):
+        label = spec.kind + (f" {spec.target}" if spec.target else "")
+        lines.append(f"return {_arg(node)}  # {label}")
+    return "\n".join(lines) + "\n"
+
+
+def program_source(program: Program) -> str:
+    """The program as a Python module defining ``step(*inputs)``; shapes annotate the signature."""
+    body = program.gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    head = [
+        '"""Lowered program written by mmgraph: `step(*inputs)` returns the outputs listed below."""',
+        "import torch",
+        "from torch import device  # noqa: F401",
+        "",
+        "INPUTS = [",
+        *[f"    ({s.name!r}, {s.kind.value!r}, {s.trainable}, {list(s.shape)}, {str(s.dtype)!r})," for s in program.inputs],
+        "]",
+        "OUTPUTS = [",
+        *[f"    ({o.kind!r}, {o.target!r})," for o in program.outputs],
+        "]",
+        "",
+    ]
+    return "\n".join(head) + body.replace("class GraphModule(torch.nn.Module):", "class Program(torch.nn.Module):") \
+        + "\n\ndef step(*inputs):\n    return Program().forward(*inputs)\n"
+
+
+def load_program(path: str | Path):
+    """Import a written ``program.py`` and return its ``step`` function."""
+    namespace: dict[str, Any] = {"__name__": "mmgraph_program"}
+    exec(compile(Path(path).read_text(), str(path), "exec"), namespace)  # noqa: S102 - our own dump
+    return namespace["step"]
+
+
+def report(stages, params_path: str) -> dict:
+    first, last = stages[0].program, stages[-1].program
+    params = [s for s in first.inputs if s.kind == InputKind.PARAM]
+    return {
+        "params": params_path,
+        "mode": last.mode,
+        "parameters": {
+            "total": sum(s.numel for s in params),
+            "trainable": sum(s.numel for s in params if s.trainable),
+            "frozen": sum(s.numel for s in params if not s.trainable),
+        },
+        "passes": [
+            {
+                "name": s.name,
+                "seconds": round(s.program.history[-1].seconds, 4),
+                "nodes": len(s.program.ops()),
+                "flops_forward": s.program.flops(Phase.FORWARD),
+                "flops_backward": s.program.flops(Phase.BACKWARD),
+                "gradients": sum(1 for o in s.program.outputs if o.kind == "grad"),
+                "notes": s.program.history[-1].notes,
+            }
+            for s in stages
+        ],
+        "versions": {"mmgraph": __version__, "torch": torch.__version__,
+                     "python": platform.python_version(), "platform": sys.platform},
+    }
+
+
+def write_dumps(stages, model_dir: str | Path, params_path: str) -> Path:
+    """Write every stage, the program and the report; swap the folder in at the end."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    final = model_dir / "compile"
+    tmp = model_dir / ".compile.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for i, stage in enumerate(stages):
+        (tmp / f"{i:02d}-{stage.name}.txt").write_text(format_program(stage.program, stage.name))
+    (tmp / "program.py").write_text(program_source(stages[-1].program))
+    (tmp / "report.json").write_text(json.dumps(report(stages, params_path), indent=2) + "\n")
+    old = model_dir / ".compile.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

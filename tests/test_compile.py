@@ -1,0 +1,131 @@
+"""The compiler: passes keep semantics (loss and every gradient equal eager autograd after each
+pass), freeze masks remove exactly the frozen work, dumps are written and the printout runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmgraph.cli import main
+from mmgraph.config import load_params
+from mmgraph.dump import load_program, write_dumps
+from mmgraph.ir import Phase
+from mmgraph.opcost import node_flops
+from mmgraph.passes.verify import reference_inputs, verify_numerics
+from mmgraph.pipeline import compile_step
+from tests.conftest import BIG1, BIG2, TINY1, TINY2
+
+aten = torch.ops.aten
+MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution_backward.default}
+
+
+@pytest.mark.parametrize("path", [TINY1, TINY2])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_every_pass_keeps_loss_and_gradients(path, mode):
+    # verify=True checks structure and numerics (rtol 1e-5) after every pass; it raises on a miss.
+    stages = compile_step(load_params(path), mode, verify=True)
+    assert [s.name for s in stages] == ["trace", "freeze_masks", "cleanup"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_numerics_hold_for_other_weights_and_batches(seed):
+    params = load_params(TINY2)
+    final = compile_step(params)[-1].program
+    report = verify_numerics(final, params, "cleanup", seed=seed)
+    assert report.grads_checked == 25
+
+
+def test_phase1_trains_only_the_projector():
+    final = compile_step(load_params(TINY1))[-1].program
+    grads = [o.target for o in final.outputs if o.kind == "grad"]
+    assert grads == ["image_model.projection.ffn.0.linear_layer.weight", "image_model.projection.ffn.0.linear_layer.bias",
+                     "image_model.projection.ffn.1.linear_layer.weight", "image_model.projection.ffn.1.linear_layer.bias"]
+    backward_layers = {final.info[n.name].layer for n in final.ops() if final.info[n.name].phase == Phase.BACKWARD}
+    assert not any(layer.startswith("image_model.encoder") for layer in backward_layers)
+
+
+def test_phase1_backward_matmul_flops_equal_the_analytic_count():
+    """No weight-gradient matmuls for frozen weights and no vision backward: what remains is the
+    LLM's input-gradient matmuls, attention backward, and the projector's gradients."""
+    params = load_params(TINY1)
+    final = compile_step(params)[-1].program
+    measured = sum(node_flops(n) for n in final.ops()
+                   if final.info[n.name].phase == Phase.BACKWARD and
+                   (n.target in MATMULS or "scaled_dot_product" in str(n.target)))
+    text, layout = params.model.text_model, params.layout()
+    b = params.train_input.micro_batch_size
+    tokens, seq = b * layout.max_sequence_length, layout.max_sequence_length
+    h, f, v, kv = text.hidden_size, text.filter_size, text.vocab_size, text.num_kv_heads * text.head_dim
+    per_layer = 2 * tokens * (h * h + 2 * h * kv + h * h + 2 * h * f + f * h)   # dX of q, k, v, o, gate, up, down
+    attention = 8 * b * text.num_heads * seq * seq * text.head_dim              # SDPA backward
+    head = 2 * tokens * h * v                                                   # dX of lm_head
+    image_tokens = b * layout.max_num_img * layout.num_patches
+    projector = 2 * image_tokens * (32 * 64 + 64 * 64 + 64 * 64)                # dW0, dW1, dX1 (dX0 is dead)
+    assert measured == text.num_hidden_layers * (per_layer + attention) + head + projector
+
+
+def test_freeze_masks_reports_flops_before_and_after():
+    stages = compile_step(load_params(TINY1))
+    notes = stages[1].program.history[-1].notes
+    assert notes["backward_flops_before"] == stages[0].program.flops(Phase.BACKWARD)
+    assert notes["backward_flops_after"] == stages[1].program.flops(Phase.BACKWARD) < notes["backward_flops_before"]
+    assert notes["gradients_dropped"] == 58
+
+
+def test_each_transformer_layer_lowers_to_the_same_ops():
+    final = compile_step(load_params(TINY2))[-1].program
+    def ops_of(layer):
+        return [str(n.target) for n in final.ops() if final.info[n.name].layer == layer
+                and final.info[n.name].phase == Phase.FORWARD]
+    assert ops_of("text_model.layers.0") == ops_of("text_model.layers.1") != []
+
+
+def test_dumps_and_runnable_printout(tmp_path):
+    params = load_params(TINY2)
+    stages = compile_step(params)
+    where = write_dumps(stages, tmp_path, str(TINY2))
+    assert sorted(p.name for p in where.iterdir()) == [
+        "00-trace.txt", "01-freeze_masks.txt", "02-cleanup.txt", "program.py", "report.json"]
+    text = (where / "02-cleanup.txt").read_text()
+    assert "# input trainable text_model.lm_head.weight" in text and "return %" in text
+    report = json.loads((where / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["trace", "freeze_masks", "cleanup"]
+    assert report["parameters"]["trainable"] + report["parameters"]["frozen"] == report["parameters"]["total"]
+    step = load_program(where / "program.py")
+    _, _, flat = reference_inputs(stages[-1].program, params)
+    with torch.no_grad():
+        got = step(*[t.detach() for t in flat])
+        want = stages[-1].program.gm(*[t.detach() for t in flat])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_two_compiles_give_identical_dumps(tmp_path):
+    for d in ("a", "b"):
+        write_dumps(compile_step(load_params(TINY1)), tmp_path / d, "p")
+    for name in ("00-trace.txt", "02-cleanup.txt", "program.py"):
+        assert (tmp_path / "a/compile" / name).read_text() == (tmp_path / "b/compile" / name).read_text()
+
+
+@pytest.mark.parametrize("path,grads", [(BIG1, 4), (BIG2, 295)])
+def test_7b_compiles_and_writes_dumps(tmp_path, capsys, path, grads):
+    assert main(["compile", "--params", str(path), "--model_dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "compile" / "report.json").read_text())
+    assert report["passes"][-1]["gradients"] == grads
+    assert report["parameters"]["total"] == 7_062_902_784
+    assert "dumps in" in capsys.readouterr().out
+
+
+def test_validate_only_writes_nothing(tmp_path, capsys):
+    assert main(["compile", "--params", str(TINY1), "--model_dir", str(tmp_path / "m"), "--validate_only"]) == 0
+    assert not (tmp_path / "m").exists()
+    assert "valid; train step traced to" in capsys.readouterr().out
+
+
+def test_compile_bad_params_exit_2(tmp_path, capsys):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("model: {}\n")
+    assert main(["compile", "--params", str(bad), "--model_dir", str(tmp_path)]) == 2
+    assert "model.image_model_list: required key is missing" in capsys.readouterr().err
+    assert not (tmp_path / "compile").exists()
