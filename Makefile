@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/mmgraph check --params configs/params_mm_llava_tiny_phase1.yaml
 	$(VENV)/bin/mmgraph check --params configs/params_mm_llava_llama2_7b_phase2.yaml
+	$(VENV)/bin/mmgraph compile --params configs/params_mm_llava_tiny_phase1.yaml --model_dir model_dir --verify
 
 test: install
 	$(PY) -m pytest -q -n 2
