@@ -29,11 +29,12 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         return 0
     stages = compile_step(params, mode, verify=verify)
     where = write_dumps(stages, model_dir, params_path)
-    print(f"{'pass':<14} {'ops':>7} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
+    print(f"{'pass':<14} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:
         p, rec = stage.program, stage.program.history[-1]
         grads = sum(1 for o in p.outputs if o.kind == "grad")
-        print(f"{stage.name:<14} {len(p.ops()):>7} {_human(p.flops(Phase.FORWARD)):>10} "
+        kernels = len(p.kernels) if p.kernels is not None else "-"
+        print(f"{stage.name:<14} {len(p.ops()):>7} {kernels:>8} {_human(p.flops(Phase.FORWARD)):>10} "
               f"{_human(p.flops(Phase.BACKWARD)):>10} {grads:>6} {rec.seconds:>6.2f}s")
     checked = " (verified after every pass)" if verify else ""
     print(f"\ncompiled in {time.perf_counter() - start:.1f} s{checked}; dumps in {where}/")

@@ -55,19 +55,45 @@ def format_program(program: Program, title: str) -> str:
         role = "batch" if spec.kind == InputKind.BATCH else ("trainable" if spec.trainable else "frozen")
         lines.append(f"%{node.name}: {_type(spec.shape, spec.dtype)}  # input {role} {spec.name}")
     lines.append("")
-    for node in ops:
-        info = program.info[node.name]
-        op = str(node.target).replace("aten.", "").replace(".default", "")
-        args = ", ".join([_arg(a) for a in node.args] + [f"{k}={_arg(v)}" for k, v in node.kwargs.items()])
-        flops = f" flops={info.flops:,}" if info.flops else ""
-        lines.append(f"%{node.name} = {op}({args})  # {_type(info.shape, info.dtype)} "
-                     f"{info.phase.value} {info.layer} [{info.module}]{flops}")
+    if program.kernels is not None:
+        lines += _format_kernels(program)
+    else:
+        lines += [_op_line(program, node) for node in ops]
     outs = list(program.gm.graph.nodes)[-1].args[0]
     lines.append("")
     for node, spec in zip(outs, program.outputs):
         label = spec.kind + (f" {spec.target}" if spec.target else "")
         lines.append(f"return {_arg(node)}  # {label}")
     return "\n".join(lines) + "\n"
+
+
+def _op_line(program: Program, node: fx.Node, indent: str = "") -> str:
+    info = program.info[node.name]
+    op = str(node.target).replace("aten.", "").replace(".default", "")
+    args = ", ".join([_arg(a) for a in node.args] + [f"{k}={_arg(v)}" for k, v in node.kwargs.items()])
+    flops = f" flops={info.flops:,}" if info.flops else ""
+    return (f"{indent}%{node.name} = {op}({args})  # {_type(info.shape, info.dtype)} "
+            f"{info.phase.value} {info.layer} [{info.module}]{flops}")
+
+
+def _format_kernels(program: Program) -> list[str]:
+    by_name = {n.name: n for n in program.ops()}
+    lines = []
+    for k in program.kernels:
+        lines.append(f"kernel k{k.id} {k.kind} {k.phase} {k.layer}: {len(k.nodes)} ops, "
+                     f"{k.flops:,} flops, {k.internal_bytes:,} bytes kept inside")
+        lines += [_op_line(program, by_name[n], "    ") for n in k.nodes]
+    lines += ["", f"# fusions refused: {len(program.refusals)}"]
+    lines += [f"# cannot fuse %{n} into the kernel of %{p}: {r}" for n, p, r in program.refusals]
+    return lines
+
+
+def kernels_per_layer(program: Program) -> dict:
+    out: dict = {}
+    for k in program.kernels or ():
+        out.setdefault(k.layer, {}).setdefault(k.phase, 0)
+        out[k.layer][k.phase] += 1
+    return dict(sorted(out.items()))
 
 
 def program_source(program: Program) -> str:
@@ -116,10 +142,13 @@ def report(stages, params_path: str) -> dict:
                 "flops_forward": s.program.flops(Phase.FORWARD),
                 "flops_backward": s.program.flops(Phase.BACKWARD),
                 "gradients": sum(1 for o in s.program.outputs if o.kind == "grad"),
+                "kernels": len(s.program.kernels) if s.program.kernels is not None else None,
                 "notes": s.program.history[-1].notes,
             }
             for s in stages
         ],
+        "kernels_per_layer": kernels_per_layer(last),
+        "intermediate_bytes_in_kernels": sum(k.internal_bytes for k in last.kernels or ()),
         "versions": {"mmgraph": __version__, "torch": torch.__version__,
                      "python": platform.python_version(), "platform": sys.platform},
     }

@@ -72,6 +72,19 @@ class PassRecord:
 
 
 @dataclass(frozen=True)
+class Kernel:
+    """Ops the fusion pass grouped into one kernel (names of graph nodes, in order)."""
+
+    id: int
+    kind: str        # elementwise | reduction | matmul | attention | opaque
+    layer: str
+    phase: str
+    nodes: tuple[str, ...]
+    flops: int
+    internal_bytes: int   # bytes of intermediates that never leave the kernel
+
+
+@dataclass(frozen=True)
 class Program:
     gm: fx.GraphModule
     inputs: tuple[InputSpec, ...]
@@ -79,6 +92,8 @@ class Program:
     info: dict[str, NodeInfo]
     mode: str
     history: tuple[PassRecord, ...] = ()
+    kernels: Optional[tuple[Kernel, ...]] = None
+    refusals: tuple[tuple[str, str, str], ...] = ()   # (node, producer, reason) fusion refused
 
     def ops(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function"]

@@ -16,6 +16,7 @@ from mmgraph.ir import PassRecord, Program
 from mmgraph.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
+from mmgraph.passes.fusion import fusion
 from mmgraph.passes.verify import verify_numerics, verify_structure
 
 Pass = Callable[[Program], "tuple[Program, dict]"]
@@ -50,6 +51,7 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     passes: list[tuple[str, Pass]] = [
         ("freeze_masks", freeze_masks),                      # 01: drop frozen weights' backward
         ("cleanup", cleanup),                                # 02: no-ops, CSE, dead code
+        ("fusion", fusion),                                  # 03: ops -> kernels (op classes)
     ]
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
     _check(stages[-1], params, verify, numeric, on_stage)

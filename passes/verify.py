@@ -37,11 +37,37 @@ def verify_structure(program: Program, after: str) -> None:
             raise VerificationError(f"after {after}: {node.name} reads a constant attribute; weights must be inputs")
         if node.op in ("call_function", "placeholder") and node.name not in program.info:
             raise VerificationError(f"after {after}: node {node.name} has no NodeInfo")
+    if program.kernels is not None:
+        _verify_kernels(program, after)
     for spec in program.outputs:
         if spec.kind == "grad":
             src = next(s for s in program.inputs if s.name == spec.target)
             if not src.trainable and program.history and any(r.name == "freeze_masks" for r in program.history):
                 raise VerificationError(f"after {after}: gradient of frozen parameter {spec.target}")
+
+
+def _verify_kernels(program: Program, after: str) -> None:
+    """Every op in exactly one kernel; kernels form a DAG (they can run in some order)."""
+    import networkx as nx
+
+    owner: dict[str, int] = {}
+    for k in program.kernels:
+        for name in k.nodes:
+            if name in owner:
+                raise VerificationError(f"after {after}: {name} is in kernels {owner[name]} and {k.id}")
+            owner[name] = k.id
+    missing = [n.name for n in program.ops() if n.name not in owner]
+    if missing:
+        raise VerificationError(f"after {after}: ops in no kernel: {missing[:5]}")
+    dag = nx.DiGraph()
+    dag.add_nodes_from(k.id for k in program.kernels)
+    for node in program.ops():
+        for a in node.all_input_nodes:
+            if a.name in owner and owner[a.name] != owner[node.name]:
+                dag.add_edge(owner[a.name], owner[node.name])
+    if not nx.is_directed_acyclic_graph(dag):
+        cycle = nx.find_cycle(dag)
+        raise VerificationError(f"after {after}: kernels form a cycle: {cycle[:4]}")
 
 
 @dataclass(frozen=True)

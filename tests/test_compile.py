@@ -10,7 +10,7 @@ import torch
 
 from mmgraph.cli import main
 from mmgraph.config import load_params
-from mmgraph.dump import load_program, write_dumps
+from mmgraph.dump import kernels_per_layer, load_program, write_dumps
 from mmgraph.ir import Phase
 from mmgraph.opcost import node_flops
 from mmgraph.passes.verify import reference_inputs, verify_numerics
@@ -26,14 +26,14 @@ MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convoluti
 def test_every_pass_keeps_loss_and_gradients(path, mode):
     # verify=True checks structure and numerics (rtol 1e-5) after every pass; it raises on a miss.
     stages = compile_step(load_params(path), mode, verify=True)
-    assert [s.name for s in stages] == ["trace", "freeze_masks", "cleanup"]
+    assert [s.name for s in stages] == ["trace", "freeze_masks", "cleanup", "fusion"]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_numerics_hold_for_other_weights_and_batches(seed):
     params = load_params(TINY2)
     final = compile_step(params)[-1].program
-    report = verify_numerics(final, params, "cleanup", seed=seed)
+    report = verify_numerics(final, params, "fusion", seed=seed)
     assert report.grads_checked == 25
 
 
@@ -87,11 +87,12 @@ def test_dumps_and_runnable_printout(tmp_path):
     stages = compile_step(params)
     where = write_dumps(stages, tmp_path, str(TINY2))
     assert sorted(p.name for p in where.iterdir()) == [
-        "00-trace.txt", "01-freeze_masks.txt", "02-cleanup.txt", "program.py", "report.json"]
+        "00-trace.txt", "01-freeze_masks.txt", "02-cleanup.txt", "03-fusion.txt", "program.py", "report.json"]
     text = (where / "02-cleanup.txt").read_text()
     assert "# input trainable text_model.lm_head.weight" in text and "return %" in text
     report = json.loads((where / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == ["trace", "freeze_masks", "cleanup"]
+    assert [p["name"] for p in report["passes"]] == ["trace", "freeze_masks", "cleanup", "fusion"]
+    assert "kernel k0 " in (where / "03-fusion.txt").read_text()
     assert report["parameters"]["trainable"] + report["parameters"]["frozen"] == report["parameters"]["total"]
     step = load_program(where / "program.py")
     _, _, flat = reference_inputs(stages[-1].program, params)
@@ -104,7 +105,7 @@ def test_dumps_and_runnable_printout(tmp_path):
 def test_two_compiles_give_identical_dumps(tmp_path):
     for d in ("a", "b"):
         write_dumps(compile_step(load_params(TINY1)), tmp_path / d, "p")
-    for name in ("00-trace.txt", "02-cleanup.txt", "program.py"):
+    for name in ("00-trace.txt", "02-cleanup.txt", "03-fusion.txt", "program.py"):
         assert (tmp_path / "a/compile" / name).read_text() == (tmp_path / "b/compile" / name).read_text()
 
 
@@ -129,3 +130,30 @@ def test_compile_bad_params_exit_2(tmp_path, capsys):
     assert main(["compile", "--params", str(bad), "--model_dir", str(tmp_path)]) == 2
     assert "model.image_model_list: required key is missing" in capsys.readouterr().err
     assert not (tmp_path / "compile").exists()
+
+
+def test_each_transformer_layer_lowers_to_a_small_stable_set_of_kernels():
+    final = compile_step(load_params(TINY2), verify=True)[-1].program
+    per_layer = kernels_per_layer(final)
+    llm = [per_layer[f"text_model.layers.{i}"] for i in range(2)]
+    vit = [per_layer[f"image_model.encoder0.layers.{i}"] for i in range(2)]
+    assert llm[0] == llm[1] and vit[0] == vit[1]
+    # norm, q (+rotary), k (+rotary, GQA expand), v (+expand), attention, o (+residual), norm,
+    # gate (+silu, *up), up, down (+residual)
+    assert llm[0] == {"forward": 10, "backward": 26}
+    kinds = [k.kind for k in final.kernels if k.layer == "text_model.layers.0" and k.phase == "forward"]
+    assert kinds.count("attention") == 1 and kinds.count("reduction") == 2 and kinds.count("matmul") == 7
+
+
+def test_rmsnorm_and_softmax_are_one_kernel_and_refusals_have_reasons():
+    final = compile_step(load_params(TINY2))[-1].program
+    by_name = {n.name: n for n in final.ops()}
+    norms = [k for k in final.kernels if k.kind == "reduction" and k.layer == "text_model.layers.0"
+             and k.phase == "forward"]
+    for k in norms:  # pow, mean, add eps, rsqrt, mul, mul weight: all in one kernel
+        targets = {str(by_name[n].target) for n in k.nodes}
+        assert {"aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.rsqrt.default"} <= targets
+    assert final.refusals and all(reason for _, _, reason in final.refusals)
+    reasons = {r.split(" (")[0] for _, _, r in final.refusals}
+    assert "crosses the forward/backward boundary" in reasons
+    assert "a matmul starts its own kernel" in reasons
