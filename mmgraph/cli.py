@@ -23,6 +23,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify)
 
 
+def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
+    if params:
+        sub.add_argument("--params", required=True, metavar="FILE", help="params YAML")
+    sub.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmgraph",
@@ -37,19 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "parameters per component (total / trainable / frozen), what each freeze "
                     "pattern matched, and the sequence layout. Builds the model on the meta "
                     "device: no weights are allocated.")
-    check.add_argument("--params", required=True, metavar="FILE", help="params YAML")
+    _common(check)
     check.add_argument("--mode", choices=("train", "eval", "train_and_eval"), default="train",
                        help="which sections must be present (default: train)")
-    check.add_argument("--debug", action="store_true", help="show tracebacks")
     check.set_defaults(func=_cmd_check)
 
     comp = sub.add_parser(
         "compile", help="trace the step to one graph, run the passes, dump every stage",
         description="Trace the whole training (or eval) step of the params' model to one static "
                     "ATen graph (no weights allocated), run the passes in order (freeze_masks, "
-                    "cleanup) and write every stage, the lowered program as Python and "
+                    "cleanup, fusion) and write every stage, the lowered program as Python and "
                     "report.json under MODEL_DIR/compile/.")
-    comp.add_argument("--params", required=True, metavar="FILE", help="params YAML")
+    _common(comp)
     comp.add_argument("--model_dir", default="./model_dir", metavar="DIR",
                       help="where compile/ is written (default: ./model_dir)")
     comp.add_argument("--mode", choices=("train", "eval"), default="train",
@@ -59,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--verify", action="store_true",
                       help="check every pass: structure always; loss and gradients against eager "
                            "PyTorch when the model is small enough to run")
-    comp.add_argument("--debug", action="store_true", help="show tracebacks")
     comp.set_defaults(func=_cmd_compile)
     return parser
 

@@ -28,7 +28,7 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
               f"in {time.perf_counter() - start:.1f} s (nothing written)")
         return 0
     stages = compile_step(params, mode, verify=verify)
-    where = write_dumps(stages, model_dir, params_path)
+    where = write_dumps(stages, model_dir, params_path, params)
     print(f"{'pass':<14} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:
         p, rec = stage.program, stage.program.history[-1]

@@ -154,8 +154,12 @@ def report(stages, params_path: str) -> dict:
     }
 
 
-def write_dumps(stages, model_dir: str | Path, params_path: str) -> Path:
-    """Write every stage, the program and the report; swap the folder in at the end."""
+def write_dumps(stages, model_dir: str | Path, params_path: str, params=None) -> Path:
+    """Write every stage, the program (Python, MLIR), the kernel drawings, ONNX of the eval
+    forward (small models, with ``params``) and the report; swap the folder in at the end."""
+    from mmgraph.draw import kernel_graph, to_dot, to_svg
+    from mmgraph.formats import export_onnx, onnx_skip_reason, to_mlir
+
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     final = model_dir / "compile"
@@ -164,8 +168,24 @@ def write_dumps(stages, model_dir: str | Path, params_path: str) -> Path:
     tmp.mkdir()
     for i, stage in enumerate(stages):
         (tmp / f"{i:02d}-{stage.name}.txt").write_text(format_program(stage.program, stage.name))
-    (tmp / "program.py").write_text(program_source(stages[-1].program))
-    (tmp / "report.json").write_text(json.dumps(report(stages, params_path), indent=2) + "\n")
+    last = stages[-1].program
+    (tmp / "program.py").write_text(program_source(last))
+    (tmp / "program.mlir").write_text(to_mlir(last))
+    artifacts = {"program.py": "written", "program.mlir": "written"}
+    if last.kernels is not None:
+        graph = kernel_graph(last)
+        (tmp / "kernels.dot").write_text(to_dot(graph))
+        (tmp / "kernels.svg").write_text(to_svg(graph))
+        artifacts.update({"kernels.dot": "written", "kernels.svg": "written"})
+    skip = onnx_skip_reason(last) if params is not None else "not written: no params given"
+    if skip is None:
+        export_onnx(params, tmp / "eval.onnx")
+        artifacts["eval.onnx"] = "written"
+    else:
+        artifacts["eval.onnx"] = skip
+    rep = report(stages, params_path)
+    rep["artifacts"] = artifacts
+    (tmp / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
     old = model_dir / ".compile.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

@@ -125,5 +125,7 @@ def layer_of(module: str) -> str:
         m = _LAYER.search(module)
         if m:
             return f"text_model.layers.{m.group(1)}"
-        return "text_model.head" if ("lm_head" in module or "transformer_decoder.norm" in module) else "text_model.embeddings"
-    return "loss" if module == "" else module
+        if "lm_head" in module or "transformer_decoder.norm" in module:
+            return "text_model.head"
+        return "text_model.embeddings" if "embedding_layer" in module else "text_model"
+    return "top" if module == "" else module   # the model's own forward: image scatter, loss

@@ -166,10 +166,11 @@ def annotate(gm: fx.GraphModule, inputs: list[InputSpec] | tuple[InputSpec, ...]
              outputs: list[OutputSpec] | tuple[OutputSpec, ...]) -> dict[str, NodeInfo]:
     """Per node: shape, dtype, module, layer, phase, FLOPs, bytes.
 
-    Forward = every node the loss depends on. Forward modules come from the trace; a backward
-    node takes the module of the parameter it reads, else of the latest forward value it
-    reads, else of the backward value it was computed from; a gradient output takes its
-    parameter's module.
+    Forward = every node the loss depends on. Forward modules come from the trace. A backward
+    node follows the gradient: it takes the module of the parameter it reads, else the
+    top level when it reads a value the model's own forward made (the image scatter), else
+    the module of the gradient it was computed from, else of the latest forward value it
+    reads (the loss's backward). A gradient output takes its parameter's module.
     """
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -201,15 +202,21 @@ def annotate(gm: fx.GraphModule, inputs: list[InputSpec] | tuple[InputSpec, ...]
         params = [a for a in ins if a in param_nodes or (a in forward and _reads_param_only(a, param_nodes))]
         fwd_ins = [a for a in ins if a in forward and a not in params]
         bwd_ins = [a for a in ins if a not in forward and a in module]
+        # Values of the model's own forward that no layer reads (the scatter's index).
+        top_level = [a for a in fwd_ins if a.op == "call_function" and module.get(a) == ""
+                     and all(module.get(u, "") == "" for u in a.users if u in forward)]
         if params:
             module[node] = module[_root_param(params[0], param_nodes)]
-        elif fwd_ins:
-            module[node] = module.get(max(fwd_ins, key=position.__getitem__), "")
+        elif top_level:
+            module[node] = ""
         elif bwd_ins:
             module[node] = module[max(bwd_ins, key=position.__getitem__)]
+        elif fwd_ins:
+            module[node] = module.get(max(fwd_ins, key=position.__getitem__), "")
         else:
             module[node] = ""
 
+    layers = _split_top(nodes, module, forward)
     info = {}
     for node in nodes:
         if node.op not in ("call_function", "placeholder"):
@@ -220,12 +227,32 @@ def annotate(gm: fx.GraphModule, inputs: list[InputSpec] | tuple[InputSpec, ...]
             shape=tuple(vals[0].shape) if vals else (),
             dtype=vals[0].dtype if vals else None,
             module=mod,
-            layer=layer_of(mod),
+            layer=layers[node],
             phase=Phase.FORWARD if node in forward else Phase.BACKWARD,
             flops=node_flops(node),
             bytes=node_bytes(node),
         )
     return info
+
+
+def _split_top(nodes: list[fx.Node], module: dict, forward: set) -> dict[fx.Node, str]:
+    """Layers per node; ops of the model's own forward split into ``top`` (the image scatter,
+    before the LLM) and ``loss`` (after the LM head, and their backward before the LLM's)."""
+    layers, after_head, after_llm_bwd = {}, set(), set()
+    for node in nodes:
+        layer = layer_of(module.get(node, ""))
+        ins = node.all_input_nodes
+        if node in forward and ("lm_head" in module.get(node, "") or any(a in after_head for a in ins)):
+            after_head.add(node)
+        if node not in forward and (layer.startswith("text_model.layers") or any(a in after_llm_bwd for a in ins)):
+            after_llm_bwd.add(node)
+        if layer == "top" and node.op == "call_function":
+            if node in forward and node in after_head:
+                layer = "loss"
+            elif node not in forward and node not in after_llm_bwd:
+                layer = "loss"
+        layers[node] = layer
+    return layers
 
 
 def _ancestors(roots: list) -> set[fx.Node]:

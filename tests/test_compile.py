@@ -11,6 +11,7 @@ import torch
 from mmgraph.cli import main
 from mmgraph.config import load_params
 from mmgraph.dump import kernels_per_layer, load_program, write_dumps
+from mmgraph.formats import parse_mlir, to_mlir
 from mmgraph.ir import Phase
 from mmgraph.opcost import node_flops
 from mmgraph.passes.verify import reference_inputs, verify_numerics
@@ -85,9 +86,10 @@ def test_each_transformer_layer_lowers_to_the_same_ops():
 def test_dumps_and_runnable_printout(tmp_path):
     params = load_params(TINY2)
     stages = compile_step(params)
-    where = write_dumps(stages, tmp_path, str(TINY2))
+    where = write_dumps(stages, tmp_path, str(TINY2), params)
     assert sorted(p.name for p in where.iterdir()) == [
-        "00-trace.txt", "01-freeze_masks.txt", "02-cleanup.txt", "03-fusion.txt", "program.py", "report.json"]
+        "00-trace.txt", "01-freeze_masks.txt", "02-cleanup.txt", "03-fusion.txt", "eval.onnx",
+        "kernels.dot", "kernels.svg", "program.mlir", "program.py", "report.json"]
     text = (where / "02-cleanup.txt").read_text()
     assert "# input trainable text_model.lm_head.weight" in text and "return %" in text
     report = json.loads((where / "report.json").read_text())
@@ -114,6 +116,10 @@ def test_7b_compiles_and_writes_dumps(tmp_path, capsys, path, grads):
     assert main(["compile", "--params", str(path), "--model_dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "compile" / "report.json").read_text())
     assert report["passes"][-1]["gradients"] == grads
+    assert report["artifacts"]["eval.onnx"].startswith("not written: ONNX export runs the model on real weights")
+    assert all(report["artifacts"][f] == "written" for f in ("program.mlir", "kernels.svg", "kernels.dot"))
+    layers = {str(v) for k, v in report["kernels_per_layer"].items() if k.startswith("text_model.layers")}
+    assert len(layers) == 1  # all 32 layers lower to the same kernels
     assert report["parameters"]["total"] == 7_062_902_784
     assert "dumps in" in capsys.readouterr().out
 
@@ -140,7 +146,7 @@ def test_each_transformer_layer_lowers_to_a_small_stable_set_of_kernels():
     assert llm[0] == llm[1] and vit[0] == vit[1]
     # norm, q (+rotary), k (+rotary, GQA expand), v (+expand), attention, o (+residual), norm,
     # gate (+silu, *up), up, down (+residual)
-    assert llm[0] == {"forward": 10, "backward": 26}
+    assert llm[0] == {"forward": 10, "backward": 28}
     kinds = [k.kind for k in final.kernels if k.layer == "text_model.layers.0" and k.phase == "forward"]
     assert kinds.count("attention") == 1 and kinds.count("reduction") == 2 and kinds.count("matmul") == 7
 
@@ -157,3 +163,42 @@ def test_rmsnorm_and_softmax_are_one_kernel_and_refusals_have_reasons():
     reasons = {r.split(" (")[0] for _, _, r in final.refusals}
     assert "crosses the forward/backward boundary" in reasons
     assert "a matmul starts its own kernel" in reasons
+
+
+def test_mlir_has_parameters_as_arguments_and_parses_back(tmp_path):
+    params = load_params(TINY1)
+    final = compile_step(params)[-1].program
+    text = to_mlir(final)
+    module = parse_mlir(text)
+    func = module.body.operations[0]
+    assert len(func.regions[0].blocks[0].arguments) == len(final.inputs)
+    assert "torch.vtensor.literal" not in text and "dense_resource" not in text  # no embedded weights
+    assert "// %arg0: param image_model.image_model_list.0.0.embedding_layer.cls_embedding" in text
+
+
+def test_onnx_eval_forward_runs_in_onnxruntime_like_pytorch(tmp_path):
+    from mmgraph.formats import export_onnx, run_onnx
+    from mmgraph.models import build_model, random_batch
+
+    params = load_params(TINY2)
+    names = export_onnx(params, tmp_path / "eval.onnx")
+    assert "model.text_model.lm_head.weight" in names  # weights are inputs, not initializers
+    batch = random_batch(params.layout("eval"), 8, seed=7, num_images=[2, 0, 1, 1, 2, 0, 2, 1])
+    loss, logits = run_onnx(tmp_path / "eval.onnx", params, batch)
+    model, _ = build_model(params, seed=0)
+    model.eval()
+    with torch.no_grad():
+        ref_logits = model.compute_logits(batch["image_data"], batch["text_input_ids"],
+                                          batch["image_data_loc"], batch["key_padding_mask"])
+        ref_loss = model(**batch)
+    torch.testing.assert_close(torch.from_numpy(logits), ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(loss), ref_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_drawings(tmp_path):
+    from mmgraph.draw import COLLAPSE_ABOVE, kernel_graph, to_dot, to_svg
+
+    final = compile_step(load_params(TINY1))[-1].program
+    graph = kernel_graph(final)
+    assert graph.number_of_nodes() == len(final.kernels) <= COLLAPSE_ABOVE
+    assert to_dot(graph).startswith('digraph "kernels"') and to_svg(graph).startswith("<svg")
