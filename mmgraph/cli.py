@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -21,6 +22,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from mmgraph.compile_cmd import run_compile
 
     return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from mmgraph.inspect_cmd import run_inspect
+
+    return run_inspect(args.model_dir, args.pass_name, args.kernel, args.diff)
 
 
 def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
@@ -65,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="check every pass: structure always; loss and gradients against eager "
                            "PyTorch when the model is small enough to run")
     comp.set_defaults(func=_cmd_compile)
+
+    ins = sub.add_parser(
+        "inspect", help="read compile dumps back: summary, one pass, one kernel, a diff",
+        description="Read MODEL_DIR/compile/ back for a person: a summary by default, one "
+                    "pass's dump, one kernel with its ops and shapes, or a diff of two passes.")
+    ins.add_argument("model_dir", metavar="MODEL_DIR")
+    what = ins.add_mutually_exclusive_group()
+    what.add_argument("--pass", dest="pass_name", metavar="NAME", help="print one pass's dump")
+    what.add_argument("--kernel", type=int, metavar="ID", help="print one kernel of the fused program")
+    what.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="diff two passes' dumps")
+    _common(ins, params=False)
+    ins.set_defaults(func=_cmd_inspect)
     return parser
 
 
@@ -80,6 +99,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for problem in err.problems:
             print(f"mmgraph: error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # output piped into head/less that closed early
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("mmgraph: interrupted", file=sys.stderr)
         return 130

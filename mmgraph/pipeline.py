@@ -8,10 +8,11 @@ pass and, on configs small enough to run, numerics against eager PyTorch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from mmgraph.config import Params
+from mmgraph.errors import UserError
 from mmgraph.ir import PassRecord, Program
 from mmgraph.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
@@ -56,7 +57,10 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
     _check(stages[-1], params, verify, numeric, on_stage)
     for name, fn in passes:
-        program = run_pass(name, fn, program)
+        try:
+            program = run_pass(name, fn, program)
+        except UserError as err:
+            raise UserError([replace(p, file=p.file or params.path) for p in err.problems]) from err
         stages.append(Stage(name, program))
         _check(stages[-1], params, verify, numeric, on_stage)
     return stages

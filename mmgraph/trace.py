@@ -10,7 +10,9 @@ pass's business, so the pass, not the tracer, removes frozen work.
 from __future__ import annotations
 
 import re
+import traceback
 from collections import deque
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,6 +30,7 @@ from mmgraph.models.loss import lm_loss
 from mmgraph.opcost import node_bytes, node_flops, node_val
 
 _SANITIZE = re.compile(r"[^0-9a-zA-Z_]")
+_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "models")
 
 
 class _Step(torch.nn.Module):
@@ -130,9 +133,22 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
     return Program(gm, tuple(inputs), tuple(outputs), annotate(gm, inputs, outputs), mode)
 
 
-def _describe(err: Exception) -> str:
+def _describe(err: BaseException) -> str:
+    """First line of the error, and the innermost frame of the model code it came from."""
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    message = text[0] if text else type(err).__name__
+    frame = None
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for entry in traceback.extract_tb(err.__traceback__):
+            if _MODEL_DIR in str(Path(entry.filename).resolve()):
+                frame = entry
+        err = err.__cause__ or err.__context__
+    if frame is not None:
+        where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+        return f"{message} (at models/{where}: {frame.line})"
+    return message
 
 
 def _rename_placeholders(gm: fx.GraphModule, inputs: list[InputSpec]) -> fx.GraphModule:

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch.fx as fx
 
+from mmgraph.errors import Problem, UserError
 from mmgraph.ir import Kernel, Program
 from mmgraph.opcost import node_val
 
@@ -31,6 +32,19 @@ REDUCTION = {"sum", "mean", "amax", "amin", "max", "_softmax", "_log_softmax", "
 MATMUL = {"mm", "addmm", "bmm", "convolution", "convolution_backward", "baddbmm"}
 ATTENTION_PREFIX = "_scaled_dot_product"
 OPAQUE = {"scatter", "gather", "embedding", "embedding_dense_backward", "index", "index_put"}
+# Elementwise, broadcast and injective ops (TVM's classes up to injective).
+ELEMENTWISE = {
+    "add", "sub", "rsub", "mul", "div", "neg", "pow", "sqrt", "rsqrt", "reciprocal", "exp", "log",
+    "abs", "sign", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "where", "eq", "ne",
+    "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "bitwise_and",
+    "bitwise_or", "bitwise_not", "sin", "cos", "tanh", "sigmoid", "relu", "gelu", "silu", "erf",
+    "_to_copy", "copy", "fill", "masked_fill", "cat", "slice_backward", "select_backward", "tril",
+    "triu", "gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward",
+    "threshold_backward", "native_dropout", "native_dropout_backward", "bernoulli", "rand",
+    "randn", "lerp", "addcmul", "addcdiv", "exp2", "log1p", "expm1", "floor", "ceil", "round",
+    "trunc", "remainder", "fmod", "isnan", "isinf", "nan_to_num", "hardtanh", "leaky_relu",
+    "elu", "mish", "softplus",
+}
 # Ops that make a tensor from nothing but shapes and constants: computed where they are used.
 SOURCES = {"new_zeros", "zeros", "empty", "full", "arange", "scalar_tensor", "ones_like",
            "zeros_like", "full_like", "empty_like", "ones"}
@@ -52,7 +66,9 @@ def op_class(node: fx.Node) -> str:
         return "opaque"
     if name in SOURCES:
         return "source"
-    return "elementwise"  # elementwise, broadcast and injective (cat, slice_backward, ...)
+    if name in ELEMENTWISE:
+        return "elementwise"
+    return "unsupported"
 
 
 @dataclass
@@ -95,7 +111,20 @@ def _in_shape(node: fx.Node) -> Optional[tuple]:
     return None
 
 
+def check_supported(program: Program, source: str | None = None) -> None:
+    """Every op must have a class; otherwise name the op and the module it came from."""
+    problems = []
+    for node in program.ops():
+        if op_class(node) == "unsupported":
+            where = program.info[node.name].module or "the model's forward"
+            problems.append(Problem(source, None, f"op {node.target} (node %{node.name}) in module "
+                                    f"{where} is not supported by the fusion pass"))
+    if problems:
+        raise UserError(problems)
+
+
 def fusion(program: Program) -> tuple[Program, dict]:
+    check_supported(program)
     info = program.info
     group_of: dict[fx.Node, _Group] = {}
     deps: dict[int, int] = {}          # group id -> bitmask of groups it depends on (transitively)

@@ -202,3 +202,31 @@ def test_kernel_drawings(tmp_path):
     graph = kernel_graph(final)
     assert graph.number_of_nodes() == len(final.kernels) <= COLLAPSE_ABOVE
     assert to_dot(graph).startswith('digraph "kernels"') and to_svg(graph).startswith("<svg")
+
+
+def test_untraceable_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import mmgraph.models.layers as layers
+
+    original = layers.RMSNorm.forward
+
+    def data_dependent(self, x):
+        if x.sum() > 0:  # a Python branch on a tensor value: not a static graph
+            return original(self, x)
+        return x
+
+    monkeypatch.setattr(layers.RMSNorm, "forward", data_dependent)
+    assert main(["compile", "--params", str(TINY2), "--model_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"mmgraph: error: {TINY2}: cannot trace the model: Could not guard on data-dependent")
+    assert "(at models/" in err and "Traceback" not in err
+    assert not (tmp_path / "compile").exists()
+
+
+def test_unsupported_op_names_op_and_module(tmp_path, capsys, monkeypatch):
+    from mmgraph.passes import fusion as fusion_mod
+
+    monkeypatch.setattr(fusion_mod, "ELEMENTWISE", fusion_mod.ELEMENTWISE - {"silu"})
+    assert main(["compile", "--params", str(TINY2), "--model_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert f"mmgraph: error: {TINY2}: op aten.silu.default (node %silu) in module " \
+           "text_model.transformer_decoder.layers.0.ffn.ffn.0 is not supported by the fusion pass" in err
