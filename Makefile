@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ test: install
 # Also the tests marked slow.
 test-all: install
 	$(PY) -m pytest -q -n 2 -m ''
+
+bench: install
+	$(PY) -m benchmarks.bench_compile --out benchmarks/results/compile.json
 
 clean:
 	rm -rf $(VENV) model_dir .pytest_cache *.egg-info

@@ -149,9 +149,21 @@ def report(stages, params_path: str) -> dict:
         ],
         "kernels_per_layer": kernels_per_layer(last),
         "intermediate_bytes_in_kernels": sum(k.internal_bytes for k in last.kernels or ()),
-        "versions": {"mmgraph": __version__, "torch": torch.__version__,
-                     "python": platform.python_version(), "platform": sys.platform},
+        "versions": _versions(),
     }
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"mmgraph": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": sys.platform}
+    for pkg in ("torch_mlir", "onnx", "onnxruntime", "networkx"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def write_dumps(stages, model_dir: str | Path, params_path: str, params=None) -> Path:
