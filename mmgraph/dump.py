@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -99,6 +100,9 @@ def kernels_per_layer(program: Program) -> dict:
 def program_source(program: Program) -> str:
     """The program as a Python module defining ``step(*inputs)``; shapes annotate the signature."""
     body = program.gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    # Source locations relative to the package roots, so the file is the same on every machine.
+    body = re.sub(r"# File: \S*?/(site-packages|dist-packages)/", "# File: ", body)
+    body = body.replace(str(Path(__file__).resolve().parent.parent) + "/", "")
     head = [
         '"""Lowered program written by mmgraph: `step(*inputs)` returns the outputs listed below."""',
         "import torch",
