@@ -21,7 +21,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from mmgraph.compile_cmd import run_compile
 
-    return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify)
+    return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify, args.target)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -59,13 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
         "compile", help="trace the step to one graph, run the passes, dump every stage",
         description="Trace the whole training (or eval) step of the params' model to one static "
                     "ATen graph (no weights allocated), run the passes in order (freeze_masks, "
-                    "cleanup, fusion) and write every stage, the lowered program as Python and "
+                    "cleanup, fusion, weight_streaming, cost) and write every stage, the lowered program as Python and "
                     "report.json under MODEL_DIR/compile/.")
     _common(comp)
     comp.add_argument("--model_dir", default="./model_dir", metavar="DIR",
                       help="where compile/ is written (default: ./model_dir)")
     comp.add_argument("--mode", choices=("train", "eval"), default="train",
                       help="train: forward + loss + backward; eval: forward + loss")
+    comp.add_argument("--target", default="cs2", metavar="NAME",
+                      help="hardware to simulate: cs2 (default), cs3, h100, h200, host (after "
+                           "mmgraph calibrate) or a target YAML")
     comp.add_argument("--validate_only", action="store_true",
                       help="stop after params validation and tracing; write nothing")
     comp.add_argument("--verify", action="store_true",

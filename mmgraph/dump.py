@@ -56,7 +56,11 @@ def format_program(program: Program, title: str) -> str:
         role = "batch" if spec.kind == InputKind.BATCH else ("trainable" if spec.trainable else "frozen")
         lines.append(f"%{node.name}: {_type(spec.shape, spec.dtype)}  # input {role} {spec.name}")
     lines.append("")
-    if program.kernels is not None:
+    if program.schedule is not None:
+        lines += format_schedule(program)
+    elif program.segments is not None:
+        lines += format_segments(program)
+    elif program.kernels is not None:
         lines += _format_kernels(program)
     else:
         lines += [_op_line(program, node) for node in ops]
@@ -87,6 +91,61 @@ def _format_kernels(program: Program) -> list[str]:
     lines += ["", f"# fusions refused: {len(program.refusals)}"]
     lines += [f"# cannot fuse %{n} into the kernel of %{p}: {r}" for n, p, r in program.refusals]
     return lines
+
+
+def format_segments(program: Program) -> list[str]:
+    lines = [f"{'seg':>4} {'phase':<9} {'layers':<44} {'kernels':>7} {'weights MB':>11} "
+             f"{'grads MB':>9} {'kept MB':>9} {'freed MB':>9} {'GFLOP':>10}"]
+    for s in program.segments:
+        layers = s.layers[0] if len(s.layers) == 1 else f"{s.layers[0]} +{len(s.layers) - 1}"
+        lines.append(f"{s.id:>4} {s.phase:<9} {layers:<44} {len(s.kernels):>7} {s.weight_bytes / 1e6:>11.2f} "
+                     f"{s.grad_bytes / 1e6:>9.2f} {s.saved_bytes / 1e6:>9.2f} {s.freed_bytes / 1e6:>9.2f} "
+                     f"{s.flops / 1e9:>10.2f}")
+    for s in program.segments:
+        lines.append(f"# segment {s.id}: kernels {list(s.kernels)}; streams in {list(s.weights)}"
+                     + (f"; gradients out {list(s.grads)}" if s.grads else ""))
+    return lines
+
+
+def format_schedule(program: Program) -> list[str]:
+    sch = program.schedule
+    lines = [f"# target {sch.target}, {sch.precision}, micro-batch {sch.micro_batch_size} of {sch.batch_size}: "
+             f"micro-step {sch.micro_step_s * 1e3:.3f} ms, step {sch.step_s * 1e3:.3f} ms, "
+             f"{sch.samples_per_s:.2f} samples/s, utilization {sch.utilization:.2%}",
+             f"# peak memory {sch.peak_memory_bytes:,} of {sch.memory_bytes:,} bytes: "
+             + ("fits" if sch.fits else f"does not fit (largest micro-batch that fits: {sch.max_micro_batch_size})"),
+             "",
+             f"{'seg':>4} {'segment':<52} {'compute ms':>11} {'in ms':>9} {'out ms':>9} {'start ms':>10} "
+             f"{'end ms':>10} {'live MB':>10} bottleneck"]
+    for seg, t in zip(program.segments, sch.times):
+        lines.append(f"{seg.id:>4} {seg.name[:52]:<52} {t.compute_s * 1e3:>11.4f} {t.stream_in_s * 1e3:>9.4f} "
+                     f"{t.stream_out_s * 1e3:>9.4f} {t.start * 1e3:>10.4f} {t.end * 1e3:>10.4f} "
+                     f"{t.live_bytes / 1e6:>10.2f} {t.bottleneck}")
+    return lines
+
+
+def schedule_report(program: Program, target) -> dict:
+    sch = program.schedule
+    segs = []
+    for seg, t in zip(program.segments, sch.times):
+        segs.append({"id": seg.id, "name": seg.name, "phase": seg.phase, "layers": list(seg.layers),
+                     "kernels": len(seg.kernels), "weight_bytes": seg.weight_bytes, "grad_bytes": seg.grad_bytes,
+                     "flops": seg.flops, "compute_s": t.compute_s, "stream_in_s": t.stream_in_s,
+                     "stream_out_s": t.stream_out_s, "optimizer_s": t.optimizer_s, "in_start_s": t.in_start,
+                     "in_end_s": t.in_end, "start_s": t.start, "end_s": t.end, "out_end_s": t.out_end,
+                     "live_bytes": t.live_bytes, "bottleneck": t.bottleneck})
+    return {
+        "name": target.name, "kind": target.kind, "description": target.description,
+        "precision": sch.precision, "micro_batch_size": sch.micro_batch_size, "batch_size": sch.batch_size,
+        "micro_step_s": sch.micro_step_s, "optimizer_tail_s": sch.optimizer_tail_s, "step_s": sch.step_s,
+        "samples_per_s": sch.samples_per_s, "tokens_per_s": sch.tokens_per_s, "utilization": sch.utilization,
+        "weight_bytes_in_per_micro_step": sch.weight_bytes_in, "gradient_bytes_out_per_micro_step": sch.grad_bytes_out,
+        "peak_memory_bytes": sch.peak_memory_bytes, "memory_bytes": sch.memory_bytes,
+        "weight_buffer_bytes": sch.weight_buffer_bytes, "fits": sch.fits,
+        "max_micro_batch_size": sch.max_micro_batch_size,
+        "bottlenecks": {b: sum(1 for t in sch.times if t.bottleneck == b) for b in ("compute", "stream-in", "stream-out")},
+        "segments": segs, "sources": target.sources, "assumptions": target.assumptions,
+    }
 
 
 def kernels_per_layer(program: Program) -> dict:
@@ -170,7 +229,7 @@ def _versions() -> dict:
     return out
 
 
-def write_dumps(stages, model_dir: str | Path, params_path: str, params=None) -> Path:
+def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, target=None) -> Path:
     """Write every stage, the program (Python, MLIR), the kernel drawings, ONNX of the eval
     forward (small models, with ``params``) and the report; swap the folder in at the end."""
     from mmgraph.draw import kernel_graph, to_dot, to_svg
@@ -200,6 +259,12 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None) ->
     else:
         artifacts["eval.onnx"] = skip
     rep = report(stages, params_path)
+    if last.schedule is not None and target is not None:
+        from mmgraph.report_html import render_html
+
+        rep["target"] = schedule_report(last, target)
+        (tmp / "report.html").write_text(render_html(rep))
+        artifacts["report.html"] = "written"
     rep["artifacts"] = artifacts
     (tmp / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
     old = model_dir / ".compile.old"

@@ -85,6 +85,69 @@ class Kernel:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """Kernels that run with one set of streamed weights (normally one layer, one phase)."""
+
+    id: int
+    phase: str
+    layers: tuple[str, ...]
+    kernels: tuple[int, ...]
+    weights: tuple[str, ...]      # parameters streamed in for this segment
+    weight_bytes: int
+    grads: tuple[str, ...]        # trainable parameters whose gradients stream out
+    grad_bytes: int
+    grad_params: int              # elements updated by the optimizer for these gradients
+    flops: int
+    saved_bytes: int              # activations made here and kept for backward
+    freed_bytes: int              # kept activations whose last reader runs here
+    working_bytes: int            # largest kernel working set (inputs + outputs)
+
+    @property
+    def name(self) -> str:
+        layers = self.layers[0] if len(self.layers) == 1 else f"{self.layers[0]} .. {self.layers[-1]}"
+        return f"{self.phase} {layers}"
+
+
+@dataclass(frozen=True)
+class SegmentTime:
+    compute_s: float
+    stream_in_s: float
+    stream_out_s: float
+    optimizer_s: float
+    in_start: float
+    in_end: float
+    start: float
+    end: float
+    out_end: float
+    opt_end: float
+    live_bytes: int               # kept activations + this segment's working set
+    bottleneck: str               # compute | stream-in | stream-out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    target: str
+    precision: str
+    micro_batch_size: int
+    batch_size: int
+    tokens_per_sample: int
+    times: tuple[SegmentTime, ...]
+    micro_step_s: float           # one micro-batch, forward + backward, streams overlapped
+    optimizer_tail_s: float       # optimizer work left after the last gradient arrives
+    step_s: float                 # a whole batch: micro-steps + optimizer tail
+    samples_per_s: float
+    tokens_per_s: float
+    utilization: float            # model FLOPs / (step time x peak)
+    weight_bytes_in: int          # per micro-step
+    grad_bytes_out: int           # per micro-step
+    peak_memory_bytes: int
+    weight_buffer_bytes: int
+    memory_bytes: int
+    fits: bool
+    max_micro_batch_size: int
+
+
+@dataclass(frozen=True)
 class Program:
     gm: fx.GraphModule
     inputs: tuple[InputSpec, ...]
@@ -94,6 +157,8 @@ class Program:
     history: tuple[PassRecord, ...] = ()
     kernels: Optional[tuple[Kernel, ...]] = None
     refusals: tuple[tuple[str, str, str], ...] = ()   # (node, producer, reason) fusion refused
+    segments: Optional[tuple[Segment, ...]] = None
+    schedule: Optional[Schedule] = None
 
     def ops(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function"]

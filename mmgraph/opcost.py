@@ -7,6 +7,7 @@ element (reductions: per input element); views, metadata ops and allocations cou
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ def node_val(node: Any) -> list[torch.Tensor]:
 
 def node_flops(node: fx.Node) -> int:
     t = node.target
-    if node.op != "call_function" or t in VIEW_OPS:
+    if node.op != "call_function" or t in VIEW_OPS or t is operator.getitem:
         return 0
     args = [node_val(a) for a in node.args]
     out = node_val(node)
@@ -91,7 +92,7 @@ def node_flops(node: fx.Node) -> int:
 
 def node_bytes(node: fx.Node) -> int:
     """Bytes read and written by the op if it ran alone (views: zero)."""
-    if node.op != "call_function" or node.target in VIEW_OPS:
+    if node.op != "call_function" or node.target in VIEW_OPS or node.target is operator.getitem:
         return 0
     read = sum(_nbytes(v) for a in node.args for v in node_val(a))
     return read + sum(_nbytes(o) for o in node_val(node))

@@ -18,7 +18,10 @@ from mmgraph.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
+from mmgraph.passes.cost import make_cost
 from mmgraph.passes.verify import verify_numerics, verify_structure
+from mmgraph.passes.weight_streaming import make_weight_streaming, precision_of
+from mmgraph.target import Target
 
 Pass = Callable[[Program], "tuple[Program, dict]"]
 
@@ -43,10 +46,12 @@ def run_pass(name: str, fn: Pass, program: Program) -> Program:
 
 
 def compile_step(params: Params, mode: str = "train", verify: bool = False,
-                 on_stage: Optional[Callable[[Stage], None]] = None) -> list[Stage]:
-    """Trace the step of ``params`` and lower it; returns every stage, first to last."""
+                 on_stage: Optional[Callable[[Stage], None]] = None, target: Optional[Target] = None,
+                 micro_batch_size: Optional[int] = None) -> list[Stage]:
+    """Trace the step of ``params`` and lower it (for ``target``, when given: segments and a
+    simulated schedule); returns every stage, first to last."""
     start = time.perf_counter()
-    program = trace_step(params, mode)                       # 00: one static ATen graph
+    program = trace_step(params, mode, micro_batch_size)     # 00: one static ATen graph
     program = program.recorded(PassRecord("trace", time.perf_counter() - start, 0, len(program.ops())))
     stages = [Stage("trace", program)]
     passes: list[tuple[str, Pass]] = [
@@ -54,6 +59,15 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
         ("cleanup", cleanup),                                # 02: no-ops, CSE, dead code
         ("fusion", fusion),                                  # 03: ops -> kernels (op classes)
     ]
+    if target is not None:
+        precision = precision_of(params.model)
+        data = params.input_for(mode)
+        batch = data.batch_size if data else 1
+        passes += [
+            ("weight_streaming", make_weight_streaming(target, precision)),   # 04: segments
+            ("cost", make_cost(target, precision, batch,                       # 05: schedule
+                               params.layout(mode).max_sequence_length)),
+        ]
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
     _check(stages[-1], params, verify, numeric, on_stage)
     for name, fn in passes:

@@ -9,6 +9,7 @@ pass's business, so the pass, not the tracer, removes frozen work.
 
 from __future__ import annotations
 
+import operator
 import re
 import traceback
 from collections import deque
@@ -196,6 +197,8 @@ def annotate(gm: fx.GraphModule, inputs: list[InputSpec] | tuple[InputSpec, ...]
     forward = _ancestors([loss]) | set(placeholders)
     if any(o.kind == "logits" for o in outputs):
         forward |= _ancestors([outs[1]])
+    # Other outputs of a forward op (attention's logsumexp, kept for backward) are forward too.
+    forward |= {n for n in nodes if n.target is operator.getitem and n.args[0] in forward}
     position = {n: i for i, n in enumerate(nodes)}
 
     module: dict[fx.Node, str] = {}

@@ -1,0 +1,112 @@
+"""Hardware targets as data (``configs/targets/*.yaml``): what the simulator knows of a machine.
+
+Every figure is in SI units (bytes, bytes/s, FLOP/s, seconds). A target file lists its public
+sources and its assumptions beside the numbers; docs/targets.md explains the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from pydantic import Field, ValidationError
+
+from mmgraph.config.base import Section
+from mmgraph.config.load import _format_errors, _read_yaml
+from mmgraph.errors import Problem, UserError, did_you_mean
+
+Positive = Annotated[float, Field(gt=0)]
+Share = Annotated[float, Field(gt=0, le=1)]
+TARGET_DIR = Path(__file__).resolve().parent.parent / "configs" / "targets"
+
+
+class PeakFlops(Section):
+    fp16: Positive
+    bf16: Positive
+    fp32: Positive
+
+
+class Compute(Section):
+    cores: Annotated[int, Field(gt=0)]
+    peak_flops: PeakFlops
+    efficiency: Share = 1.0                   # share of peak a matmul-class kernel reaches
+    kernel_overhead_s: Annotated[float, Field(ge=0)] = 0.0   # per kernel (launch, dispatch)
+    granularity: Literal["kernel", "op"] = "kernel"          # what runs as one unit
+
+
+class Memory(Section):
+    bytes: Positive                           # on-device memory: activations + weight buffers
+    bandwidth: Positive                       # bytes/s
+    weight_buffer_share: Share = 0.25         # share of memory reserved for streamed weights
+
+
+class Stream(Section):
+    enabled: bool = True                      # False: weights stay in device memory
+    bandwidth: Positive                       # bytes/s, each direction
+    weight_share: Share = 1.0                 # share of the link usable for weights/gradients
+    latency_s: Annotated[float, Field(ge=0)] = 0.0
+
+    @property
+    def effective(self) -> float:
+        return self.bandwidth * self.weight_share
+
+
+class ExternalMemory(Section):
+    bytes: Positive
+    optimizer_update_rate: Positive           # parameters updated per second, off device
+
+
+class Target(Section):
+    name: str
+    kind: Literal["wafer", "gpu", "host"]
+    description: str = ""
+    compute: Compute
+    memory: Memory
+    fabric_bandwidth: Optional[Positive] = None
+    stream: Stream
+    external_memory: ExternalMemory
+    sources: list[str] = []
+    assumptions: list[str] = []
+
+    @property
+    def stream_enabled(self) -> bool:
+        return self.stream.enabled
+
+
+def user_target_dir() -> Path:
+    """Where ``mmgraph calibrate`` writes ``host.yaml`` ($MMGRAPH_HOME, else ~/.cache/mmgraph)."""
+    home = os.environ.get("MMGRAPH_HOME") or Path.home() / ".cache" / "mmgraph"
+    return Path(home) / "targets"
+
+
+def shipped_targets() -> list[str]:
+    return sorted(p.stem for p in TARGET_DIR.glob("*.yaml"))
+
+
+def resolve_target(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    for folder in (TARGET_DIR, user_target_dir()):
+        candidate = folder / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    if name_or_path == "host":
+        raise UserError(Problem(None, "--target host", f"no host target yet: run `mmgraph calibrate` "
+                                f"(writes {user_target_dir() / 'host.yaml'})"))
+    known = shipped_targets() + ["host"]
+    raise UserError(Problem(None, "--target", f"unknown target {name_or_path!r}"
+                            f"{did_you_mean(name_or_path, known)}; known: {', '.join(known)} or a YAML path"))
+
+
+def load_target(name_or_path: str) -> Target:
+    path = str(resolve_target(name_or_path))
+    raw = _read_yaml(path)
+    try:
+        return Target.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for p in _format_errors(path, "", Target, err):
+            problems.append(Problem(p.file, (p.where or "").lstrip("."), p.message))
+        raise UserError(problems) from None

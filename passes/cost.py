@@ -1,0 +1,134 @@
+"""cost: time every kernel on the target and simulate the step's schedule.
+
+Per kernel (or per op on targets that run op by op, like a CPU host running eager PyTorch):
+``time = max(FLOPs / (peak x efficiency), bytes moved / memory bandwidth) + overhead``.
+
+Per segment, with two weight buffers (double buffering), in execution order:
+
+    stream-in i   starts when stream-in i-1 ended and buffer i-2 is free (segment i-2 done)
+    compute i     starts when compute i-1 ended and stream-in i ended
+    stream-out i  (gradients) starts when compute i ended and stream-out i-1 ended
+    optimizer i   starts when stream-out i ended and optimizer i-1 ended
+
+A micro-step ends when the last compute and the last gradient stream end; the optimizer's work
+left after that is paid once per batch. Targets that keep weights on the device (``stream:
+enabled: false``, such as the host) stream nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mmgraph.ir import Program, Schedule, SegmentTime
+from mmgraph.passes.fusion import op_class
+from mmgraph.passes.weight_streaming import Precision
+from mmgraph.target import Target
+
+_MATMUL_LIKE = ("matmul", "attention")
+
+
+def op_time(flops: int, nbytes: float, matmul: bool, target: Target, precision: Precision) -> float:
+    peak = getattr(target.compute.peak_flops, precision.name)
+    rate = peak * (target.compute.efficiency if matmul else 1.0)
+    return max(flops / rate, nbytes / target.memory.bandwidth) + target.compute.kernel_overhead_s
+
+
+def segment_compute_s(program: Program, seg, target: Target, precision: Precision) -> float:
+    kernels = {k.id: k for k in program.kernels}
+    nodes = {n.name: n for n in program.ops()}
+    total = 0.0
+    for kid in seg.kernels:
+        k = kernels[kid]
+        if target.compute.granularity == "op":
+            for name in k.nodes:
+                node = nodes[name]
+                if op_class(node) == "view":
+                    continue
+                info = program.info[name]
+                total += op_time(info.flops, info.bytes * precision.scale,
+                                 op_class(node) in _MATMUL_LIKE, target, precision)
+        else:
+            from mmgraph.passes.weight_streaming import _kernel_io_bytes
+
+            owner = {n: kid for n in k.nodes}
+            io = _kernel_io_bytes(k, nodes | _placeholders(program), owner) * precision.scale
+            total += op_time(k.flops, io, k.kind in _MATMUL_LIKE, target, precision)
+    return total
+
+
+def _placeholders(program: Program) -> dict:
+    return {n.name: n for n in program.gm.graph.nodes if n.op == "placeholder"}
+
+
+def simulate(segments, compute_s: list[float], target: Target, micro_batch_size: int,
+             batch_size: int, tokens_per_sample: int, model_flops: int, precision: Precision,
+             weight_buffer_bytes: int, resident_weight_bytes: int) -> Schedule:
+    """The schedule of one step. Memory: kept activations and the working set of the running
+    segment, plus two weight buffers when streaming, or every weight when resident."""
+    streaming = target.stream_enabled
+    bw, lat = target.stream.effective, target.stream.latency_s
+    times: list[SegmentTime] = []
+    in_end = out_end = opt_end = 0.0
+    ends: list[float] = []
+    live = 0
+    peak_live = 0
+    for i, (seg, comp) in enumerate(zip(segments, compute_s)):
+        s_in = (seg.weight_bytes / bw + lat) if streaming and seg.weight_bytes else 0.0
+        s_out = (seg.grad_bytes / bw + lat) if streaming and seg.grad_bytes else 0.0
+        opt = seg.grad_params / target.external_memory.optimizer_update_rate if seg.grad_params else 0.0
+        buffer_free = ends[i - 2] if i >= 2 else 0.0
+        in_start = max(in_end, buffer_free)
+        in_end = in_start + s_in
+        start = max(ends[-1] if ends else 0.0, in_end)
+        end = start + comp
+        out_end = max(end, out_end) + s_out
+        opt_end = max(out_end, opt_end) + opt
+        ends.append(end)
+        live += seg.saved_bytes
+        here = live + seg.working_bytes
+        peak_live = max(peak_live, here)
+        live -= seg.freed_bytes
+        stream = max(s_in, s_out)
+        bottleneck = "compute" if comp >= stream else ("stream-in" if s_in >= s_out else "stream-out")
+        times.append(SegmentTime(comp, s_in, s_out, opt, in_start, in_end, start, end, out_end, opt_end,
+                                 here, bottleneck))
+    micro = max(ends[-1] if ends else 0.0, out_end)
+    tail = max(0.0, opt_end - micro)
+    n_micro = max(1, batch_size // micro_batch_size)
+    step = n_micro * micro + tail
+    peak_flops = getattr(target.compute.peak_flops, precision.name)
+    buffers = 2 * weight_buffer_bytes if streaming else resident_weight_bytes
+    peak_memory = peak_live + buffers
+    per_sample = peak_live / micro_batch_size
+    room = target.memory.bytes - buffers
+    max_mbs = int(room // per_sample) if per_sample > 0 else batch_size
+    return Schedule(
+        target=target.name, precision=precision.name, micro_batch_size=micro_batch_size,
+        batch_size=batch_size, tokens_per_sample=tokens_per_sample, times=tuple(times),
+        micro_step_s=micro, optimizer_tail_s=tail, step_s=step,
+        samples_per_s=batch_size / step if step else 0.0,
+        tokens_per_s=batch_size * tokens_per_sample / step if step else 0.0,
+        utilization=(n_micro * model_flops) / (step * peak_flops) if step else 0.0,
+        weight_bytes_in=sum(s.weight_bytes for s in segments) if streaming else 0,
+        grad_bytes_out=sum(s.grad_bytes for s in segments) if streaming else 0,
+        peak_memory_bytes=int(peak_memory), weight_buffer_bytes=int(weight_buffer_bytes),
+        memory_bytes=int(target.memory.bytes), fits=peak_memory <= target.memory.bytes,
+        max_micro_batch_size=max(0, max_mbs))
+
+
+def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_sample: int):
+    def cost(program: Program) -> tuple[Program, dict]:
+        mbs = next(s.shape[0] for s in program.inputs if s.name == "text_input_ids")
+        compute = [segment_compute_s(program, seg, target, precision) for seg in program.segments]
+        biggest = max((s.weight_bytes for s in program.segments), default=0)
+        resident = sum(int(s.numel * precision.bytes) for s in program.inputs if s.kind.value == "param")
+        sched = simulate(program.segments, compute, target, mbs, batch_size, tokens_per_sample,
+                         program.flops(), precision, biggest, resident)
+        notes = {
+            "target": target.name, "step_s": round(sched.step_s, 6), "micro_step_s": round(sched.micro_step_s, 6),
+            "samples_per_s": round(sched.samples_per_s, 3), "utilization": round(sched.utilization, 4),
+            "peak_memory_bytes": sched.peak_memory_bytes, "fits": sched.fits,
+            "max_micro_batch_size": sched.max_micro_batch_size,
+        }
+        return replace(program, schedule=sched), notes
+    return cost

@@ -1,0 +1,202 @@
+"""weight_streaming: split the fused program into segments for a weight-streaming target.
+
+Activations stay on the device; weights live off it. Each segment (normally one layer in one
+phase) gets its weights streamed in when it runs: in the forward pass, and again in the
+backward pass for the weights the backward reads; gradients of trainable weights stream out
+after the backward segment; the optimizer updates them off the device.
+
+- Kernels run in a topological order of the kernel graph (ties: kernel id); consecutive
+  kernels of one layer and phase form a segment.
+- A segment without weights (masks, rotary tables, the loss) merges into its neighbour.
+- A segment whose weights exceed one weight buffer (half the target's weight-buffer memory:
+  two buffers for double buffering) is split between kernels.
+- Activations kept for backward are counted where they are made and freed after their last
+  backward reader, at the precision the params train in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import networkx as nx
+import torch.fx as fx
+
+from mmgraph.ir import InputKind, Phase, Program, Segment
+from mmgraph.opcost import node_val
+from mmgraph.passes.fusion import op_class
+from mmgraph.target import Target
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the step computes and moves in: ``fp32``, or ``bf16``/``fp16`` with mixed precision."""
+
+    name: str
+
+    @property
+    def bytes(self) -> int:
+        return 4 if self.name == "fp32" else 2
+
+    @property
+    def scale(self) -> float:
+        """Traced graphs are fp32: bytes there times this is bytes at this precision."""
+        return self.bytes / 4
+
+
+def precision_of(model_cfg) -> Precision:
+    if not model_cfg.mixed_precision:
+        return Precision("fp32")
+    return Precision("fp16" if model_cfg.fp16_type == "float16" else "bf16")
+
+
+def _nbytes(node: fx.Node) -> int:
+    return sum(v.numel() * v.element_size() for v in node_val(node))
+
+
+def kernel_order(program: Program) -> list[int]:
+    owner = {name: k.id for k in program.kernels for name in k.nodes}
+    g = nx.DiGraph()
+    g.add_nodes_from(k.id for k in program.kernels)
+    for node in program.ops():
+        for a in node.all_input_nodes:
+            if a.name in owner and owner[a.name] != owner[node.name]:
+                g.add_edge(owner[a.name], owner[node.name])
+    return list(nx.lexicographical_topological_sort(g))
+
+
+def make_weight_streaming(target: Target, precision: Precision):
+    def weight_streaming(program: Program) -> tuple[Program, dict]:
+        return _weight_streaming(program, target, precision)
+    return weight_streaming
+
+
+def _weight_streaming(program: Program, target: Target, precision: Precision) -> tuple[Program, dict]:
+    scale = precision.scale
+    nodes = {n.name: n for n in program.gm.graph.nodes}
+    kernels = {k.id: k for k in program.kernels}
+    placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+    spec_of = dict(zip(placeholders, program.inputs))
+    params_of: dict[int, set[str]] = {}
+    for k in program.kernels:
+        params_of[k.id] = {spec_of[a].name for n in k.nodes for a in nodes[n].all_input_nodes
+                           if a in spec_of and spec_of[a].kind == InputKind.PARAM}
+    param_bytes = {s.name: int(s.numel * precision.bytes) for s in program.inputs if s.kind == InputKind.PARAM}
+    param_numel = {s.name: s.numel for s in program.inputs if s.kind == InputKind.PARAM}
+    owner = {name: k.id for k in program.kernels for name in k.nodes}
+    outs = list(program.gm.graph.nodes)[-1].args[0]
+    grad_kernel = {}
+    for node, spec in zip(outs, program.outputs):
+        if spec.kind == "grad" and isinstance(node, fx.Node):
+            grad_kernel.setdefault(owner.get(node.name, -1), []).append(spec.target)
+
+    # 1. runs of one (phase, layer) in execution order
+    order = kernel_order(program)
+    runs: list[list[int]] = []
+    for kid in order:
+        k = kernels[kid]
+        if runs and (kernels[runs[-1][0]].phase, kernels[runs[-1][0]].layer) == (k.phase, k.layer):
+            runs[-1].append(kid)
+        else:
+            runs.append([kid])
+
+    def weights(run):
+        return set().union(*(params_of[k] for k in run))
+
+    # 2. merge weightless runs into a neighbour of the same phase
+    merged: list[list[int]] = []
+    pending: list[int] = []
+    for run in runs:
+        if not weights(run):
+            if merged and kernels[merged[-1][0]].phase == kernels[run[0]].phase and not pending:
+                merged[-1].extend(run)
+            else:
+                pending.extend(run)
+            continue
+        if pending and kernels[pending[0]].phase == kernels[run[0]].phase:
+            run = pending + run
+        elif pending:
+            merged.append(pending)
+        pending = []
+        merged.append(run)
+    if pending:
+        merged.append(pending)
+
+    # 3. split runs whose weights exceed one buffer
+    buffer = target.memory.bytes * target.memory.weight_buffer_share / 2
+    split: list[list[int]] = []
+    splits = 0
+    for run in merged:
+        chunk: list[int] = []
+        for kid in run:
+            if chunk and sum(param_bytes[p] for p in weights(chunk + [kid])) > buffer:
+                split.append(chunk)
+                splits += 1
+                chunk = []
+            chunk.append(kid)
+        split.append(chunk)
+
+    # 4. activations kept for backward: made in forward, read in backward
+    seg_of_kernel = {kid: i for i, run in enumerate(split) for kid in run}
+    saved_at, freed_at = [0] * len(split), [0] * len(split)
+    for node in program.ops():
+        info = program.info[node.name]
+        if info.phase != Phase.FORWARD or op_class(node) == "view":
+            continue
+        readers = _backward_readers(node, program)
+        if not readers:
+            continue
+        size = int(_nbytes(node) * scale)
+        saved_at[seg_of_kernel[owner[node.name]]] += size
+        freed_at[max(seg_of_kernel[owner[r.name]] for r in readers)] += size
+
+    segments = []
+    for i, run in enumerate(split):
+        w = sorted(weights(run))
+        grads = sorted(g for kid in run for g in grad_kernel.get(kid, []))
+        layers = tuple(dict.fromkeys(kernels[k].layer for k in run))
+        working = max(_kernel_io_bytes(kernels[k], nodes, owner) for k in run)
+        segments.append(Segment(
+            id=i, phase=kernels[run[0]].phase, layers=layers, kernels=tuple(run), weights=tuple(w),
+            weight_bytes=sum(param_bytes[p] for p in w), grads=tuple(grads),
+            grad_bytes=sum(param_bytes[g] for g in grads), grad_params=sum(param_numel[g] for g in grads),
+            flops=sum(kernels[k].flops for k in run), saved_bytes=saved_at[i], freed_bytes=freed_at[i],
+            working_bytes=int(working * scale)))
+    notes = {
+        "segments": len(segments),
+        "split": splits,
+        "weight_bytes_streamed": sum(s.weight_bytes for s in segments),
+        "gradient_bytes_streamed": sum(s.grad_bytes for s in segments),
+        "activation_bytes_kept": sum(saved_at),
+        "precision": precision.name,
+    }
+    return replace(program, segments=tuple(segments)), notes
+
+
+def _backward_readers(node: fx.Node, program: Program) -> list[fx.Node]:
+    """Backward ops that read ``node`` directly or through views of it."""
+    out, todo = [], list(node.users)
+    while todo:
+        u = todo.pop()
+        if u.op != "call_function":
+            continue
+        if program.info[u.name].phase == Phase.BACKWARD:
+            out.append(u)
+        elif op_class(u) == "view":
+            todo.extend(u.users)
+    return out
+
+
+def _kernel_io_bytes(kernel, nodes, owner) -> int:
+    """Bytes a kernel reads from and writes to memory (values crossing its boundary)."""
+    members = set(kernel.nodes)
+    total = 0
+    seen = set()
+    for name in kernel.nodes:
+        node = nodes[name]
+        for a in node.all_input_nodes:
+            if a.name not in members and a.name not in seen:
+                seen.add(a.name)
+                total += _nbytes(a)
+        if any(u.name not in members for u in node.users if u.op == "call_function") and op_class(node) != "view":
+            total += _nbytes(node)
+    return total
