@@ -31,6 +31,7 @@ test-all: install
 
 bench: install
 	$(PY) -m benchmarks.bench_compile --out benchmarks/results/compile.json
+	$(PY) -m benchmarks.bench_simulator --repeats 15 --out benchmarks/results/simulator.json
 
 clean:
 	rm -rf $(VENV) model_dir .pytest_cache *.egg-info

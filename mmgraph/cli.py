@@ -30,6 +30,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return run_inspect(args.model_dir, args.pass_name, args.kernel, args.diff)
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from mmgraph.calibrate import run_calibrate
+
+    return run_calibrate(args.output, args.device, args.size)
+
+
 def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
     if params:
         sub.add_argument("--params", required=True, metavar="FILE", help="params YAML")
@@ -87,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="diff two passes' dumps")
     _common(ins, params=False)
     ins.set_defaults(func=_cmd_inspect)
+
+    cal = sub.add_parser(
+        "calibrate", help="measure this machine and write the host target",
+        description="Measure matmul FLOP/s, memory bandwidth, per-op overhead and the AdamW "
+                    "update rate, and write the `host` target (default: $MMGRAPH_HOME/targets/"
+                    "host.yaml, else ~/.cache/mmgraph/targets/host.yaml).")
+    cal.add_argument("--output", metavar="FILE", help="where to write the target YAML")
+    cal.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    cal.add_argument("--size", type=int, default=1024, help="matmul size (default 1024)")
+    _common(cal, params=False)
+    cal.set_defaults(func=_cmd_calibrate)
     return parser
 
 

@@ -6,6 +6,7 @@ sources and its assumptions beside the numbers; docs/targets.md explains the mod
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -31,6 +32,10 @@ class Compute(Section):
     cores: Annotated[int, Field(gt=0)]
     peak_flops: PeakFlops
     efficiency: Share = 1.0                   # share of peak a matmul-class kernel reaches
+    # Optional measured curve [[flops, efficiency], ...]: small matmuls reach less of the peak.
+    matmul_efficiency: list[tuple[Positive, Share]] = []
+    attention_efficiency: list[tuple[Positive, Share]] = []   # same, for fused attention
+    transcendental_rate: Optional[Positive] = None           # exp/log/sigmoid elements per second
     kernel_overhead_s: Annotated[float, Field(ge=0)] = 0.0   # per kernel (launch, dispatch)
     granularity: Literal["kernel", "op"] = "kernel"          # what runs as one unit
 
@@ -38,6 +43,8 @@ class Compute(Section):
 class Memory(Section):
     bytes: Positive                           # on-device memory: activations + weight buffers
     bandwidth: Positive                       # bytes/s
+    cache_bytes: Annotated[float, Field(ge=0)] = 0.0    # ops moving at most this many bytes ...
+    cache_bandwidth: Optional[Positive] = None           # ... run at this bandwidth (CPU caches)
     weight_buffer_share: Share = 0.25         # share of memory reserved for streamed weights
 
 
@@ -68,6 +75,20 @@ class Target(Section):
     external_memory: ExternalMemory
     sources: list[str] = []
     assumptions: list[str] = []
+
+    def matmul_share(self, flops: float, attention: bool = False) -> float:
+        """Share of peak a matmul (or attention) of this many FLOPs reaches (log-interpolated)."""
+        curve = sorted(self.compute.attention_efficiency if attention and self.compute.attention_efficiency
+                       else self.compute.matmul_efficiency)
+        if not curve:
+            return self.compute.efficiency
+        if flops <= curve[0][0]:
+            return curve[0][1]
+        for (f0, e0), (f1, e1) in zip(curve, curve[1:]):
+            if flops <= f1:
+                w = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+                return e0 + w * (e1 - e0)
+        return curve[-1][1]
 
     @property
     def stream_enabled(self) -> bool:

@@ -1,7 +1,8 @@
 """cost: time every kernel on the target and simulate the step's schedule.
 
 Per kernel (or per op on targets that run op by op, like a CPU host running eager PyTorch):
-``time = max(FLOPs / (peak x efficiency), bytes moved / memory bandwidth) + overhead``.
+``time = max(FLOPs / (peak x efficiency), bytes moved / bandwidth) + overhead``, where the
+bandwidth is the cache's for ops that move at most ``cache_bytes`` (targets with a cache).
 
 Per segment, with two weight buffers (double buffering), in execution order:
 
@@ -27,10 +28,20 @@ from mmgraph.target import Target
 _MATMUL_LIKE = ("matmul", "attention")
 
 
-def op_time(flops: int, nbytes: float, matmul: bool, target: Target, precision: Precision) -> float:
+# Ops whose cost per element is a transcendental function (exp, log, sin, ...), not a FLOP.
+TRANSCENDENTAL = {"exp", "log", "sigmoid", "silu", "gelu", "tanh", "erf", "sin", "cos", "_softmax",
+                  "_log_softmax", "sigmoid_backward", "silu_backward", "gelu_backward", "tanh_backward",
+                  "_log_softmax_backward_data", "_softmax_backward_data", "pow", "rsqrt"}
+
+
+def op_time(flops: int, nbytes: float, matmul: bool, target: Target, precision: Precision,
+            attention: bool = False, transcendental_elements: int = 0) -> float:
     peak = getattr(target.compute.peak_flops, precision.name)
-    rate = peak * (target.compute.efficiency if matmul else 1.0)
-    return max(flops / rate, nbytes / target.memory.bandwidth) + target.compute.kernel_overhead_s
+    rate = peak * (target.matmul_share(flops, attention) if matmul else 1.0)
+    mem = target.memory
+    bandwidth = mem.cache_bandwidth if mem.cache_bandwidth and nbytes <= mem.cache_bytes else mem.bandwidth
+    special = transcendental_elements / target.compute.transcendental_rate if target.compute.transcendental_rate else 0.0
+    return max(flops / rate, nbytes / bandwidth, special) + target.compute.kernel_overhead_s
 
 
 def segment_compute_s(program: Program, seg, target: Target, precision: Precision) -> float:
@@ -42,11 +53,15 @@ def segment_compute_s(program: Program, seg, target: Target, precision: Precisio
         if target.compute.granularity == "op":
             for name in k.nodes:
                 node = nodes[name]
-                if op_class(node) == "view":
+                if op_class(node) == "view":   # eager dispatches views too: overhead only
+                    total += target.compute.kernel_overhead_s
                     continue
                 info = program.info[name]
-                total += op_time(info.flops, info.bytes * precision.scale,
-                                 op_class(node) in _MATMUL_LIKE, target, precision)
+                cls = op_class(node)
+                opname = getattr(node.target, "__name__", "").split(".")[0]
+                elements = info.flops if opname in TRANSCENDENTAL else 0
+                total += op_time(info.flops, info.bytes * precision.scale, cls in _MATMUL_LIKE, target,
+                                 precision, attention=cls == "attention", transcendental_elements=elements)
         else:
             from mmgraph.passes.weight_streaming import _kernel_io_bytes
 
@@ -93,7 +108,8 @@ def simulate(segments, compute_s: list[float], target: Target, micro_batch_size:
         times.append(SegmentTime(comp, s_in, s_out, opt, in_start, in_end, start, end, out_end, opt_end,
                                  here, bottleneck))
     micro = max(ends[-1] if ends else 0.0, out_end)
-    tail = max(0.0, opt_end - micro)
+    # Streaming targets update off the device while later segments run; a host updates after.
+    tail = max(0.0, opt_end - micro) if streaming else sum(t.optimizer_s for t in times)
     n_micro = max(1, batch_size // micro_batch_size)
     step = n_micro * micro + tail
     peak_flops = getattr(target.compute.peak_flops, precision.name)

@@ -10,3 +10,29 @@ def test_compile_benchmark_quick():
     assert [r["depth"] for r in result["rows"]] == [2, 3]
     assert all(r["seconds_median"] > 0 and r["peak_rss_gb_median"] > 0 for r in result["rows"])
     assert "| 3 |" in format_table(result)
+
+
+def test_simulator_benchmark_quick():
+    from benchmarks.bench_simulator import format_table
+    from benchmarks.bench_simulator import run as run_sim
+    from mmgraph.target import load_target
+
+    result = run_sim(["tiny"], 1, load_target("cs2"))   # any target runs; fidelity needs host
+    (row,) = result["rows"]
+    assert row["measured_s_median"] > 0 and row["predicted_s"] > 0
+    assert "| tiny |" in format_table(result)
+
+
+def test_calibrate_writes_a_valid_host_target(tmp_path, monkeypatch):
+    from mmgraph.calibrate import host_target, measure
+    from mmgraph.cli import main
+    from mmgraph.target import Target, load_target
+
+    figures = measure(size=128, repeats=1)
+    target = Target.model_validate(host_target(figures))
+    assert target.compute.granularity == "op" and not target.stream.enabled
+    assert 0 < target.matmul_share(1e3) <= 1 and target.compute.transcendental_rate > 0
+    monkeypatch.setenv("MMGRAPH_HOME", str(tmp_path))
+    monkeypatch.setattr("mmgraph.calibrate.measure", lambda device, size: figures)
+    assert main(["calibrate"]) == 0
+    assert load_target("host").name == "host"
