@@ -36,6 +36,41 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return run_calibrate(args.output, args.device, args.size)
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from mmgraph.errors import Problem
+    from mmgraph.preprocess import Layout, preprocess
+
+    values = {"max_seq_length": args.max_seq_length, "num_patches": args.num_patches,
+              "max_num_img": args.max_num_img}
+    if args.params:
+        from mmgraph.config import load_params
+
+        lay = load_params(args.params, "train").layout("train")
+        values = {"max_seq_length": lay.max_sequence_length, "num_patches": lay.num_patches,
+                  "max_num_img": lay.max_num_img}
+    missing = [f"--{k}" for k, v in values.items() if v is None]
+    if missing:
+        raise UserError(Problem(None, None, f"give --params or {', '.join(missing)}"))
+    stats = preprocess(args.input_json, args.image_dir, args.tokenizer, args.output_dir, args.phase,
+                       Layout(**values), args.samples_per_file, args.num_workers, args.on_error, args.on_long,
+                       progress=sys.stderr.isatty())
+    print(_json.dumps(stats, indent=2))
+    print(f"wrote {args.output_dir} ({stats['samples_written']} samples; stats.json beside the shards)")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from mmgraph.synth import synth
+
+    counts = synth(args.output_dir, args.num_train, args.num_eval, args.seed)
+    for name, n in counts.items():
+        print(f"{args.output_dir}/{name}: {n} samples")
+    print(f"{args.output_dir}/images/, {args.output_dir}/tokenizer/")
+    return 0
+
+
 def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
     if params:
         sub.add_argument("--params", required=True, metavar="FILE", help="params YAML")
@@ -93,6 +128,44 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="diff two passes' dumps")
     _common(ins, params=False)
     ins.set_defaults(func=_cmd_inspect)
+
+    pre = sub.add_parser(
+        "preprocess", help="LLaVA-format JSON conversations to H5 shards",
+        description="Turn LLaVA-format conversations (a JSON list of {id, image, conversations}) "
+                    "into H5 shards in the Model Zoo 2.3 multimodal layout. Phase 1 uses the plain "
+                    "template (captions), phase 2 vicuna_v1 (only assistant replies supervised). "
+                    "With --params, the sequence layout comes from the params file.")
+    pre.add_argument("--input_json", required=True, metavar="FILE")
+    pre.add_argument("--image_dir", required=True, metavar="DIR", help="images are relative to it")
+    pre.add_argument("--tokenizer", required=True, metavar="DIR", help="a local Hugging Face tokenizer folder")
+    pre.add_argument("--output_dir", required=True, metavar="DIR")
+    pre.add_argument("--phase", type=int, choices=(1, 2), required=True)
+    pre.add_argument("--params", metavar="FILE", help="take the layout from this params file")
+    pre.add_argument("--num_patches", type=int)
+    pre.add_argument("--max_seq_length", type=int)
+    pre.add_argument("--max_num_img", type=int)
+    pre.add_argument("--samples_per_file", type=int, default=1000)
+    pre.add_argument("--num_workers", type=int, default=1)
+    pre.add_argument("--on_error", choices=("fail", "skip"), default="fail",
+                     help="a bad sample stops the run (default) or is skipped and counted")
+    pre.add_argument("--on_long", choices=("truncate", "skip"), default="truncate",
+                     help="samples longer than max_seq_length are truncated (default) or skipped")
+    _common(pre, params=False)
+    pre.set_defaults(func=_cmd_preprocess)
+
+    data = sub.add_parser("data", help="datasets: `mmgraph data synth`")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    syn = data_sub.add_parser(
+        "synth", help="write the built-in synthetic shapes dataset and its tokenizer",
+        description="Write the embedded default dataset: coloured-shape images, phase-1 captions "
+                    "and phase-2 questions (some with two images) in LLaVA JSON, and a word-level "
+                    "tokenizer folder. Answers depend only on the images.")
+    syn.add_argument("--output_dir", required=True, metavar="DIR")
+    syn.add_argument("--num_train", type=int, default=2000)
+    syn.add_argument("--num_eval", type=int, default=200)
+    syn.add_argument("--seed", type=int, default=0)
+    _common(syn, params=False)
+    syn.set_defaults(func=_cmd_synth)
 
     cal = sub.add_parser(
         "calibrate", help="measure this machine and write the host target",
