@@ -17,7 +17,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+DATA := model_dir/data
 demo: install
+	$(VENV)/bin/mmgraph data synth --output_dir $(DATA)
+	$(VENV)/bin/mmgraph preprocess --input_json $(DATA)/phase1_train.json --image_dir $(DATA)/images \
+		--tokenizer $(DATA)/tokenizer --output_dir $(DATA)/phase1 --phase 1 \
+		--params configs/params_mm_llava_tiny_phase1.yaml --num_workers 2
+	$(VENV)/bin/mmgraph preprocess --input_json $(DATA)/phase2_train.json --image_dir $(DATA)/images \
+		--tokenizer $(DATA)/tokenizer --output_dir $(DATA)/phase2 --phase 2 \
+		--params configs/params_mm_llava_tiny_phase2.yaml --num_workers 2
 	$(VENV)/bin/mmgraph check --params configs/params_mm_llava_tiny_phase1.yaml
 	$(VENV)/bin/mmgraph check --params configs/params_mm_llava_llama2_7b_phase2.yaml
 	$(VENV)/bin/mmgraph compile --params configs/params_mm_llava_tiny_phase1.yaml --model_dir model_dir --verify
@@ -32,6 +40,7 @@ test-all: install
 bench: install
 	$(PY) -m benchmarks.bench_compile --out benchmarks/results/compile.json
 	$(PY) -m benchmarks.bench_simulator --repeats 15 --out benchmarks/results/simulator.json
+	$(PY) -m benchmarks.bench_data --out benchmarks/results/data.json
 
 clean:
 	rm -rf $(VENV) model_dir .pytest_cache *.egg-info

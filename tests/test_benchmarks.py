@@ -36,3 +36,12 @@ def test_calibrate_writes_a_valid_host_target(tmp_path, monkeypatch):
     monkeypatch.setattr("mmgraph.calibrate.measure", lambda device, size: figures)
     assert main(["calibrate"]) == 0
     assert load_target("host").name == "host"
+
+
+def test_data_benchmark_quick():
+    from benchmarks.bench_data import format_table
+    from benchmarks.bench_data import run as run_data
+
+    result = run_data(40, workers=1, batches=2)
+    assert result["preprocess_samples_per_s"] > 0 and result["loader_vs_step"] > 0
+    assert "samples/s" in format_table(result)

@@ -1,0 +1,103 @@
+"""Data speed: preprocessing samples/s, and loader batches/s against a training step.
+
+    python -m benchmarks.bench_data            # 4,000 caption samples; small config loader
+    python -m benchmarks.bench_data --quick    # 200 samples (tests)
+
+Targets (issue: data): preprocessing of caption-style samples >= 1,000 samples/s on 2 cores;
+the loader delivers batches of the small config at least 2x faster than an eager training step
+of that config consumes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mmgraph.config import load_params
+from mmgraph.preprocess import Layout, preprocess
+from mmgraph.runtime.data import make_loader
+from mmgraph.synth import synth
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ROOT / "configs" / "params_mm_llava_small.yaml"
+
+
+def run(n: int, workers: int, batches: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synth(root, num_train=n, num_eval=8, seed=0)
+        params = load_params(SMALL)
+        lay = params.layout()
+        layout = Layout(lay.max_sequence_length, lay.num_patches, lay.max_num_img)
+        preprocess(str(root / "phase1_train.json"), str(root / "images"), str(root / "tokenizer"),
+                   str(root / "warm"), 1, layout, num_workers=1, progress=False)       # imports, caches
+        start = time.perf_counter()
+        preprocess(str(root / "phase1_train.json"), str(root / "images"), str(root / "tokenizer"),
+                   str(root / "p1"), 1, layout, num_workers=workers, progress=False)
+        pre_rate = n / (time.perf_counter() - start)
+
+        raw = yaml.safe_load(SMALL.read_text())
+        raw["train_input"].update(data_dir=str(root / "p1"), img_data_dir=str(root / "images"))
+        path = root / "small.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        small = load_params(path)
+        loader, _ = make_loader(small, num_workers=workers)
+        it = iter(loader)
+        batch = next(it)                                     # start-up (workers) not counted
+        times = []
+        for _ in range(batches):
+            t = time.perf_counter()
+            batch = next(it)
+            times.append(time.perf_counter() - t)
+        batch_s = statistics.median(times)
+
+        from mmgraph.models import build_model
+        model, _ = build_model(small, seed=0)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        step_times = []
+        for i in range(8):
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            model(**{k: v for k, v in batch.items()}).backward()
+            opt.step()
+            if i >= 3:
+                step_times.append(time.perf_counter() - t)
+        step_s = statistics.median(step_times)
+    return {"samples": n, "workers": workers, "preprocess_samples_per_s": pre_rate,
+            "loader_batch_s_median": batch_s, "train_step_s_median": step_s,
+            "loader_vs_step": step_s / batch_s}
+
+
+def format_table(r: dict) -> str:
+    return "\n".join([
+        "| measure | value |", "|---|---|",
+        f"| preprocess, {r['samples']} caption samples, {r['workers']} workers | {r['preprocess_samples_per_s']:,.0f} samples/s |",
+        f"| loader, small config batch of 8 (64 px images, sequence 128), {r['workers']} workers | {r['loader_batch_s_median'] * 1e3:.2f} ms/batch |",
+        f"| eager training step of the small config (fwd + bwd + AdamW) | {r['train_step_s_median'] * 1e3:.1f} ms |",
+        f"| loader speed / step consumption | {r['loader_vs_step']:.1f}x |",
+    ])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    result = run(200 if args.quick else 4000, args.workers, 5 if args.quick else 40)
+    print(format_table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
