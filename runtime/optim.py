@@ -1,0 +1,113 @@
+"""Optimizers and learning-rate schedules from the params' ``optimizer`` section.
+
+Adam/AdamW follow the Model Zoo: ``correct_bias`` switches bias correction, AdamW decays
+weights decoupled from the gradient; SGD with momentum. Gradients are clipped by global norm
+(``max_gradient_norm``) before the update. Schedules: Linear, CosineDecay, Constant and
+Exponential, and lists of them run one after another.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from mmgraph.config import OptimizerConfig, Scheduler
+
+
+def _one(s: Scheduler, step: int) -> float:
+    total = s.total_iters or s.decay_steps
+    if s.scheduler == "Constant":
+        return s.learning_rate
+    if s.scheduler == "Exponential":
+        exponent = step / (s.decay_steps or total or 1)
+        if s.staircase:
+            exponent = math.floor(exponent)
+        return s.initial_learning_rate * s.decay_rate ** exponent
+    frac = min(step / total, 1.0) if total else 1.0
+    a, b = s.initial_learning_rate, s.end_learning_rate
+    if s.scheduler == "Linear":
+        return a + (b - a) * frac
+    return b + (a - b) * 0.5 * (1 + math.cos(math.pi * frac))         # CosineDecay
+
+
+def learning_rate(cfg: OptimizerConfig, step: int) -> float:
+    """The learning rate at optimizer step ``step`` (0-based)."""
+    lr = cfg.learning_rate
+    if isinstance(lr, (int, float)):
+        return float(lr)
+    schedules = lr if isinstance(lr, list) else [lr]
+    start = 0
+    for i, s in enumerate(schedules):
+        length = s.total_iters or s.decay_steps
+        if i == len(schedules) - 1 or length is None or step < start + length:
+            return _one(s, step - start)
+        start += length
+    return _one(schedules[-1], step - start)
+
+
+class Optimizer:
+    """Updates parameters in place from their gradients; state is a dict of tensors."""
+
+    def __init__(self, cfg: OptimizerConfig, params: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        self.params = params
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.step_count = 0
+
+    def clip(self, grads: dict[str, torch.Tensor]) -> float:
+        """Scale gradients to ``max_gradient_norm`` (global L2 norm); returns the norm before."""
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())) if grads else torch.tensor(0.0)
+        limit = self.cfg.max_gradient_norm
+        if limit is not None and norm > limit:
+            scale = limit / (norm + 1e-6)
+            for g in grads.values():
+                g.mul_(scale.to(g.dtype))
+        return float(norm)
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor]) -> float:
+        """One update at the schedule's rate; returns the rate used."""
+        lr = learning_rate(self.cfg, self.step_count)
+        cfg = self.cfg
+        for name, g in grads.items():
+            p = self.params[name]
+            if cfg.optimizer_type == "SGD":
+                if cfg.weight_decay:
+                    g = g + cfg.weight_decay * p
+                if cfg.momentum:
+                    buf = self.state.setdefault(name, {}).get("momentum")
+                    buf = g.clone() if buf is None else buf.mul_(cfg.momentum).add_(g)
+                    self.state[name]["momentum"] = buf
+                    g = buf
+                p.add_(g, alpha=-lr)
+                continue
+            st = self.state.setdefault(name, {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
+            b1, b2 = cfg.betas
+            if cfg.optimizer_type == "Adam" and cfg.weight_decay:
+                g = g + cfg.weight_decay * p
+            st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            step_size = lr
+            if cfg.correct_bias:
+                t = self.step_count + 1
+                step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            p.addcdiv_(st["exp_avg"], st["exp_avg_sq"].sqrt().add_(cfg.eps), value=-step_size)
+            if cfg.optimizer_type == "AdamW" and cfg.weight_decay:
+                p.add_(p, alpha=-lr * cfg.weight_decay)
+        self.step_count += 1
+        return lr
+
+    def state_dict(self) -> dict:
+        flat = {f"{name}::{k}": v for name, st in self.state.items() for k, v in st.items()}
+        return {"step_count": torch.tensor(self.step_count), **flat}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.state = {}
+        for key, v in state.items():
+            if key == "step_count":
+                continue
+            name, _, k = key.rpartition("::")
+            self.state.setdefault(name, {})[k] = v.clone()

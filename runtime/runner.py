@@ -1,0 +1,168 @@
+"""Train and evaluate by executing the lowered program (not the nn.Module).
+
+The parameter store holds every weight by name; each micro-step feeds the program its
+parameters and the batch in the program's input order and gets back the loss and the
+gradients of the trainable weights, which are accumulated over ``batch_size /
+micro_batch_size`` micro-batches, clipped and applied by the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from mmgraph.config import Params
+from mmgraph.errors import Problem, UserError
+from mmgraph.ir import InputKind, Program
+from mmgraph.models import build_model
+from mmgraph.runtime import checkpoint
+from mmgraph.runtime.optim import Optimizer
+
+
+class ReferenceExecutor:
+    """Runs the program's graph module: ATen ops, the semantics of record. The graph was
+    turned into Python code once (fx codegen), not interpreted node by node."""
+
+    name = "reference"
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.fn = program.gm
+
+    def __call__(self, inputs: list[torch.Tensor]):
+        with torch.no_grad():
+            return self.fn(*inputs)
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    seconds: float
+    samples: int
+    tokens: int
+
+
+class Runner:
+    def __init__(self, params: Params, model_dir: str | Path, train: Optional[Program] = None,
+                 eval_program: Optional[Program] = None, device: str = "cpu",
+                 checkpoint_path: Optional[str] = None):
+        self.params, self.model_dir, self.device = params, Path(model_dir), torch.device(device)
+        self.train_program, self.eval_program = train, eval_program
+        seed = params.runconfig.seed
+        torch.manual_seed(seed)
+        model, _ = build_model(params, seed=seed)
+        self.weights = {k: v.detach().to(self.device) for k, v in model.state_dict().items()}
+        self.trainable = [s.name for s in (train.inputs if train else []) if s.kind == InputKind.PARAM and s.trainable]
+        if checkpoint_path:
+            self._load_initial(checkpoint_path)
+        self.optimizer = Optimizer(params.optimizer, self.weights) if params.optimizer else None
+        self.step = 0
+        self.sampler_state: Optional[dict] = None
+        self.metrics_path = self.model_dir / "metrics.jsonl"
+
+    # -- weights -------------------------------------------------------------------------
+    def _load_initial(self, path: str) -> None:
+        loaded = checkpoint.load_weights(path)
+        missing = [k for k in self.weights if k not in loaded]
+        strict = not self.params.runconfig.disable_strict_checkpoint_loading
+        if missing and strict:
+            raise UserError(Problem(path, None, f"{len(missing)} weights missing, e.g. {missing[0]} "
+                                    "(set runconfig.disable_strict_checkpoint_loading to allow)"))
+        for k, v in loaded.items():
+            if k in self.weights:
+                if tuple(v.shape) != tuple(self.weights[k].shape):
+                    raise UserError(Problem(path, k, f"shape {tuple(v.shape)} does not match the model's "
+                                            f"{tuple(self.weights[k].shape)}"))
+                self.weights[k].copy_(v)
+
+    def resume(self) -> Optional[Path]:
+        """Continue from the latest checkpoint in model_dir, if any."""
+        last = checkpoint.latest(self.model_dir)
+        if last is None:
+            return None
+        weights, opt_state, state = checkpoint.load(last)
+        for k, v in weights.items():
+            self.weights[k].copy_(v)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(opt_state)
+        self.step = state["step"]
+        self.sampler_state = state.get("sampler")
+        return last
+
+    # -- execution -----------------------------------------------------------------------
+    def _inputs(self, program: Program, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        for spec in program.inputs:
+            if spec.kind == InputKind.BATCH and tuple(batch[spec.name].shape) != spec.shape:
+                raise UserError(Problem(None, spec.name, f"batch shape {tuple(batch[spec.name].shape)} does not "
+                                        f"match the compiled program's {spec.shape} (static shapes)"))
+        return [self.weights[s.name] if s.kind == InputKind.PARAM else batch[s.name].to(self.device)
+                for s in program.inputs]
+
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        program = self.train_program
+        outs = ReferenceExecutor(program)(self._inputs(program, batch))
+        grads = {spec.target: g for spec, g in zip(program.outputs, outs) if spec.kind == "grad"}
+        return outs[0], grads
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        start = time.perf_counter()
+        total: dict[str, torch.Tensor] = {}
+        losses = []
+        for batch in micro_batches:
+            loss, grads = self.micro_step(batch)
+            losses.append(loss)
+            for k, g in grads.items():
+                total[k] = total[k].add_(g) if k in total else g.clone()
+        n = len(micro_batches)
+        for g in total.values():
+            g.div_(n)
+        loss = float(torch.stack(losses).mean())
+        if not math.isfinite(loss):
+            last = checkpoint.latest(self.model_dir)
+            raise UserError(Problem(None, f"step {self.step + 1}", f"loss is {loss}; training stopped "
+                                    f"(last good checkpoint: {last or 'none'})"))
+        norm = self.optimizer.clip(total)
+        lr = self.optimizer.step(total)
+        self.step += 1
+        samples = sum(b["labels"].shape[0] for b in micro_batches)
+        tokens = int(sum((1 - b["key_padding_mask"]).sum() for b in micro_batches))
+        return StepResult(self.step, loss, lr, norm, time.perf_counter() - start, samples, tokens)
+
+    def evaluate(self, batches) -> dict:
+        program = self.eval_program
+        total_loss = total_tokens = correct = 0.0
+        for batch in batches:
+            loss, logits = ReferenceExecutor(program)(self._inputs(program, batch))[:2]
+            mask = batch["loss_mask"].to(self.device).bool()
+            n = float(mask.sum())
+            total_loss += float(loss) * n
+            total_tokens += n
+            correct += float(((logits.argmax(-1) == batch["labels"].to(self.device)) & mask).sum())
+        mean = total_loss / max(total_tokens, 1.0)
+        return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)),
+                "token_accuracy": correct / max(total_tokens, 1.0), "eval_tokens": int(total_tokens)}
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def save(self, sampler_state: Optional[dict] = None) -> Path:
+        state = {"step": self.step, "sampler": sampler_state}
+        opt = self.optimizer.state_dict() if self.optimizer else {}
+        return checkpoint.save(self.model_dir, self.step, self.weights, opt, state,
+                               self.params.runconfig.max_checkpoints)
+
+    def log(self, record: dict) -> None:
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def micro_batches(loader_iter: Iterator, n: int) -> list[dict]:
+    return [next(loader_iter) for _ in range(n)]
