@@ -71,6 +71,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mmgraph.run_cmd import run
+
+    return run(args.params, args.model_dir, args.mode, args.device, args.checkpoint_path, args.max_steps,
+               args.target)
+
+
 def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
     if params:
         sub.add_argument("--params", required=True, metavar="FILE", help="params YAML")
@@ -128,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="diff two passes' dumps")
     _common(ins, params=False)
     ins.set_defaults(func=_cmd_inspect)
+
+    runp = sub.add_parser(
+        "run", help="train / evaluate the lowered program on CPU or GPU",
+        description="Compile the params' step (dumps in MODEL_DIR/compile) and execute the lowered "
+                    "program: training with the params' optimizer and schedule, checkpoints every "
+                    "checkpoint_steps (resumes from the latest in MODEL_DIR), metrics.jsonl, and "
+                    "evaluation (loss, perplexity, token accuracy) over eval_input.")
+    runp.add_argument("device", nargs="?", choices=("CPU", "GPU"), help="default: CPU")
+    runp.add_argument("--mode", choices=("train", "eval", "train_and_eval"), default="train")
+    _common(runp)
+    runp.add_argument("--model_dir", default="./model_dir", metavar="DIR")
+    runp.add_argument("--checkpoint_path", metavar="PATH",
+                      help="initial weights (a checkpoint folder or .safetensors) when model_dir has no checkpoint")
+    runp.add_argument("--max_steps", type=int, help="override runconfig.max_steps")
+    runp.add_argument("--target", default="cs2", help="target simulated in the compile report (default cs2)")
+    runp.set_defaults(func=_cmd_run)
 
     pre = sub.add_parser(
         "preprocess", help="LLaVA-format JSON conversations to H5 shards",

@@ -138,18 +138,28 @@ class Runner:
         return StepResult(self.step, loss, lr, norm, time.perf_counter() - start, samples, tokens)
 
     def evaluate(self, batches) -> dict:
+        """Loss (mean cross entropy over supervised tokens), perplexity and token accuracy.
+        A last, smaller batch is padded to the program's static size with unsupervised rows."""
         program = self.eval_program
+        size = next(s.shape[0] for s in program.inputs if s.name == "labels")
         total_loss = total_tokens = correct = 0.0
+        answers = answers_right = 0
         for batch in batches:
-            loss, logits = ReferenceExecutor(program)(self._inputs(program, batch))[:2]
+            batch = _pad_batch(batch, size)
+            logits = ReferenceExecutor(program)(self._inputs(program, batch))[1]
+            labels = batch["labels"].to(self.device)
             mask = batch["loss_mask"].to(self.device).bool()
-            n = float(mask.sum())
-            total_loss += float(loss) * n
-            total_tokens += n
-            correct += float(((logits.argmax(-1) == batch["labels"].to(self.device)) & mask).sum())
+            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+            total_loss += float(ce[mask.flatten()].sum())
+            total_tokens += float(mask.sum())
+            hit = (logits.argmax(-1) == labels) & mask
+            correct += float(hit.sum())
+            a, r = answer_hits(mask.cpu(), hit.cpu())
+            answers, answers_right = answers + a, answers_right + r
         mean = total_loss / max(total_tokens, 1.0)
         return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)),
-                "token_accuracy": correct / max(total_tokens, 1.0), "eval_tokens": int(total_tokens)}
+                "token_accuracy": correct / max(total_tokens, 1.0), "eval_tokens": int(total_tokens),
+                "answer_accuracy": answers_right / max(answers, 1), "answers": answers}
 
     # -- bookkeeping ---------------------------------------------------------------------
     def save(self, sampler_state: Optional[dict] = None) -> Path:
@@ -162,6 +172,39 @@ class Runner:
         self.model_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def answer_hits(mask: torch.Tensor, hit: torch.Tensor) -> tuple[int, int]:
+    """Answers (runs of supervised positions) and how many have every token before their
+    final one (the end-of-turn token) predicted right."""
+    total = right = 0
+    for m, h in zip(mask.tolist(), hit.tolist()):
+        t = 0
+        while t < len(m):
+            if not m[t]:
+                t += 1
+                continue
+            end = t
+            while end < len(m) and m[end]:
+                end += 1
+            span = h[t:end - 1] if end - t > 1 else h[t:end]
+            total += 1
+            right += int(all(span))
+            t = end
+    return total, right
+
+
+def _pad_batch(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    n = batch["labels"].shape[0]
+    if n == size:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        extra = v[:1].expand(size - n, *v.shape[1:]).clone()
+        if k == "loss_mask":
+            extra.zero_()
+        out[k] = torch.cat([v, extra])
+    return out
 
 
 def micro_batches(loader_iter: Iterator, n: int) -> list[dict]:

@@ -118,3 +118,81 @@ def test_schedules_follow_the_model_zoo():
     assert lr[0] == 0.0 and lr[1] == pytest.approx(0.0015) and lr[2] == pytest.approx(0.003)
     assert lr[3] == pytest.approx(0.0003 + (0.003 - 0.0003) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 95 / 190)).item()))
     assert lr[4] == pytest.approx(0.0003) and lr[5] == pytest.approx(0.0003)
+
+
+def test_answer_accuracy_counts_whole_replies():
+    from mmgraph.runtime.runner import answer_hits
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0]])
+    hit = torch.tensor([[0, 1, 0, 0, 1, 0, 1, 0]])   # reply 1: token right, </s> wrong; reply 2: token wrong
+    assert answer_hits(mask, hit) == (2, 1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    import yaml
+    from mmgraph.preprocess import Layout, preprocess
+    from mmgraph.synth import synth
+    root = tmp_path_factory.mktemp("run")
+    synth(root, num_train=48, num_eval=12, seed=3)
+    lay = load_params(TINY2).layout()
+    for split in ("train", "eval"):
+        preprocess(str(root / f"phase2_{split}.json"), str(root / "images"), str(root / "tokenizer"),
+                   str(root / split), 2, Layout(lay.max_sequence_length, lay.num_patches, lay.max_num_img),
+                   progress=False)
+    raw = yaml.safe_load(TINY2.read_text())
+    raw["train_input"].update(data_dir=str(root / "train"), img_data_dir=str(root / "images"))
+    raw["eval_input"].update(data_dir=str(root / "eval"), img_data_dir=str(root / "images"))
+    raw["runconfig"].update(checkpoint_steps=4, log_steps=2, eval_steps=4, max_checkpoints=2)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_cli_run_train_and_eval_then_resume(shards, tmp_path, capsys):
+    import json
+    from mmgraph.cli import main
+    md = tmp_path / "md"
+    assert main(["run", "CPU", "--mode", "train_and_eval", "--params", str(shards), "--model_dir", str(md),
+                 "--max_steps", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "step 6/6" in out and "answer accuracy" in out
+    assert [p.name for p in checkpoint.list_checkpoints(md)] == ["ckpt-000004", "ckpt-000006"]
+    records = [json.loads(line) for line in (md / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert any("answer_accuracy" in r for r in records)
+    assert (md / "compile" / "report.html").is_file()
+    assert main(["run", "--mode", "train", "--params", str(shards), "--model_dir", str(md), "--max_steps", "8"]) == 0
+    assert "resumed from" in capsys.readouterr().out and checkpoint.latest(md).name == "ckpt-000008"
+
+
+def test_missing_data_dir_is_reported_before_compute(tmp_path, capsys):
+    import yaml
+    from mmgraph.cli import main
+    raw = yaml.safe_load(TINY2.read_text())
+    raw["train_input"]["data_dir"] = str(tmp_path / "nowhere")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", "--params", str(path), "--model_dir", str(tmp_path / "md")]) == 2
+    assert capsys.readouterr().err == (f"mmgraph: error: {tmp_path / 'nowhere'}: data_dir does not exist "
+                                       "(run mmgraph preprocess)\n")
+    assert not (tmp_path / "md").exists()
+
+
+def test_a_crash_during_checkpoint_write_loses_nothing(tmp_path, monkeypatch):
+    weights = {"w": torch.ones(3)}
+    checkpoint.save(tmp_path, 1, weights, {"step_count": torch.tensor(1)}, {"step": 1}, max_keep=1)
+    import mmgraph.runtime.checkpoint as ck
+    real = ck.save_file
+    calls = {"n": 0}
+
+    def dying(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:                       # the process dies while writing optimizer state
+            raise KeyboardInterrupt
+        return real(tensors, path)
+    monkeypatch.setattr(ck, "save_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, {"w": torch.zeros(3)}, {"step_count": torch.tensor(2)}, {"step": 2}, max_keep=1)
+    last = checkpoint.latest(tmp_path)
+    assert last.name == "ckpt-000001"
+    assert torch.equal(checkpoint.load_weights(last)["w"], torch.ones(3))
