@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.common import finish
+
 ROOT = Path(__file__).resolve().parent.parent
 BIG = ROOT / "configs" / "params_mm_llava_llama2_7b_phase2.yaml"
 TINY = ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"
@@ -94,11 +96,7 @@ def main(argv=None) -> int:
         result = run(TINY, [2, 4, 8], 1)
     else:
         result = run(BIG, [8, 16, 32], args.repeats)
-    print(format_table(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return finish(result, format_table(result), args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ of that config consumes them.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.common import finish
 from mmgraph.config import load_params
 from mmgraph.preprocess import Layout, preprocess
 from mmgraph.runtime.data import make_loader
@@ -92,11 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     result = run(200 if args.quick else 4000, args.workers, 5 if args.quick else 40)
-    print(format_table(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return finish(result, format_table(result), args.out)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ The host target is re-measured first (`mmgraph calibrate`) unless --target names
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import finish
 from mmgraph.calibrate import host_target, measure
 from mmgraph.config import load_params
 from mmgraph.models import build_model, random_batch
@@ -92,11 +92,7 @@ def main(argv=None) -> int:
     else:
         target = Target.model_validate(host_target(measure(size=512 if args.quick else 1024)))
     result = run(["tiny"] if args.quick else ["tiny", "small"], 2 if args.quick else args.repeats, target)
-    print(format_table(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return finish(result, format_table(result), args.out)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,10 @@ _FILL = {"matmul": "#9ecae1", "attention": "#fdae6b", "reduction": "#a1d99b",
 
 def kernel_graph(program: Program) -> nx.DiGraph:
     """Kernels as nodes, data dependencies as edges (collapsed per layer when large)."""
-    owner = {name: k.id for k in program.kernels for name in k.nodes}
-    g = nx.DiGraph()
+    g = program.kernel_dag()
     for k in program.kernels:
-        g.add_node(k.id, label=f"k{k.id} {k.kind}\\n{k.layer}\\n{len(k.nodes)} ops", kind=k.kind,
-                   phase=k.phase, layer=k.layer, flops=k.flops)
-    for node in program.ops():
-        for a in node.all_input_nodes:
-            if a.name in owner and owner[a.name] != owner[node.name]:
-                g.add_edge(owner[a.name], owner[node.name])
+        g.nodes[k.id].update(label=f"k{k.id} {k.kind}\\n{k.layer}\\n{len(k.nodes)} ops", kind=k.kind,
+                             phase=k.phase, layer=k.layer, flops=k.flops)
     if g.number_of_nodes() <= COLLAPSE_ABOVE:
         return g
     return _collapse(g)

@@ -166,6 +166,19 @@ class Program:
     def flops(self, phase: Optional[Phase] = None) -> int:
         return sum(i.flops for n, i in self.info.items() if phase is None or i.phase == phase)
 
+    def kernel_dag(self):
+        """Kernels as networkx nodes (ids), data dependencies between them as edges."""
+        import networkx as nx
+
+        owner = {name: k.id for k in self.kernels for name in k.nodes}
+        dag = nx.DiGraph()
+        dag.add_nodes_from(k.id for k in self.kernels)
+        for node in self.ops():
+            for a in node.all_input_nodes:
+                if a.name in owner and node.name in owner and owner[a.name] != owner[node.name]:
+                    dag.add_edge(owner[a.name], owner[node.name])
+        return dag
+
     def with_pass_result(self, gm: fx.GraphModule, info: dict[str, NodeInfo],
                          outputs: Optional[tuple[OutputSpec, ...]] = None) -> "Program":
         """A new Program with a pass's graph (history is appended by the pipeline)."""

@@ -59,12 +59,7 @@ def _verify_kernels(program: Program, after: str) -> None:
     missing = [n.name for n in program.ops() if n.name not in owner]
     if missing:
         raise VerificationError(f"after {after}: ops in no kernel: {missing[:5]}")
-    dag = nx.DiGraph()
-    dag.add_nodes_from(k.id for k in program.kernels)
-    for node in program.ops():
-        for a in node.all_input_nodes:
-            if a.name in owner and owner[a.name] != owner[node.name]:
-                dag.add_edge(owner[a.name], owner[node.name])
+    dag = program.kernel_dag()
     if not nx.is_directed_acyclic_graph(dag):
         cycle = nx.find_cycle(dag)
         raise VerificationError(f"after {after}: kernels form a cycle: {cycle[:4]}")

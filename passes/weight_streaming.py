@@ -54,14 +54,7 @@ def _nbytes(node: fx.Node) -> int:
 
 
 def kernel_order(program: Program) -> list[int]:
-    owner = {name: k.id for k in program.kernels for name in k.nodes}
-    g = nx.DiGraph()
-    g.add_nodes_from(k.id for k in program.kernels)
-    for node in program.ops():
-        for a in node.all_input_nodes:
-            if a.name in owner and owner[a.name] != owner[node.name]:
-                g.add_edge(owner[a.name], owner[node.name])
-    return list(nx.lexicographical_topological_sort(g))
+    return list(nx.lexicographical_topological_sort(program.kernel_dag()))
 
 
 def make_weight_streaming(target: Target, precision: Precision):
