@@ -137,11 +137,17 @@ def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] 
     """A DataLoader of micro-batches with the model's batch fields, from the params' input section."""
     data = params.input_for(mode)
     layout = params.layout(mode)
+    problems = []
     if data.img_data_dir and not Path(data.img_data_dir).is_dir():
-        raise UserError(Problem(params.path, f"{'eval_input' if mode == 'eval' else 'train_input'}.img_data_dir",
+        problems.append(Problem(params.path, f"{'eval_input' if mode == 'eval' else 'train_input'}.img_data_dir",
                                 f"{data.img_data_dir} does not exist"))
-    ds = MultimodalH5Dataset(data.data_dir, data.img_data_dir, data.transforms, layout.max_sequence_length,
-                             layout.max_num_img, layout.num_patches, layout.image_data_size)
+    try:
+        ds = MultimodalH5Dataset(data.data_dir, data.img_data_dir, data.transforms, layout.max_sequence_length,
+                                 layout.max_num_img, layout.num_patches, layout.image_data_size)
+    except UserError as err:
+        raise UserError(problems + err.problems) from None
+    if problems:
+        raise UserError(problems)
     mbs = batch_size or (data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size)
     sampler = ResumableSampler(len(ds), mbs, data.shuffle, data.shuffle_seed, data.drop_last)
     workers = data.num_workers if num_workers is None else num_workers

@@ -165,16 +165,22 @@ def test_cli_run_train_and_eval_then_resume(shards, tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out and checkpoint.latest(md).name == "ckpt-000008"
 
 
-def test_missing_data_dir_is_reported_before_compute(tmp_path, capsys):
+def test_missing_data_is_reported_before_compute(tmp_path, capsys):
     import yaml
     from mmgraph.cli import main
     raw = yaml.safe_load(TINY2.read_text())
-    raw["train_input"]["data_dir"] = str(tmp_path / "nowhere")
+    raw["train_input"].update(data_dir=str(tmp_path / "nowhere"), img_data_dir=str(tmp_path))
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", "--params", str(path), "--model_dir", str(tmp_path / "md")]) == 2
     assert capsys.readouterr().err == (f"mmgraph: error: {tmp_path / 'nowhere'}: data_dir does not exist "
                                        "(run mmgraph preprocess)\n")
+    raw["train_input"]["img_data_dir"] = str(tmp_path / "no_images")
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", "--params", str(path), "--model_dir", str(tmp_path / "md")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"mmgraph: error: {path}: train_input.img_data_dir: {tmp_path / 'no_images'} does not exist",
+        f"mmgraph: error: {tmp_path / 'nowhere'}: data_dir does not exist (run mmgraph preprocess)"]
     assert not (tmp_path / "md").exists()
 
 
