@@ -10,7 +10,7 @@ import torch
 from mmgraph.config.load import Params
 from mmgraph.config.model import ModelConfig
 from mmgraph.models.freeze import FreezeReport, apply_freeze
-from mmgraph.models.layers import init_weights
+from mmgraph.models.layers import apply_initializer, init_weights
 from mmgraph.models.multimodal import MultimodalModel
 
 
@@ -38,7 +38,21 @@ def build_model(params: Params | ModelConfig, device: str | torch.device = "cpu"
 def _initialize(model: MultimodalModel, cfg: ModelConfig) -> None:
     """Each encoder with its own ``initializer_range``; projectors and the LLM with the LLM's."""
     init_weights(model, cfg.text_model.initializer_range)
-    for (encoder, _), entry in zip(model.image_model.image_model_list, cfg.image_model_list.image_models):
+    for (encoder, projection), entry in zip(model.image_model.image_model_list, cfg.image_model_list.image_models):
         init_weights(encoder, entry.encoder.initializer_range)
         if encoder.embedding_layer.cls_embedding is not None:
             torch.nn.init.normal_(encoder.embedding_layer.cls_embedding, 0.0, entry.encoder.initializer_range)
+        _ffn_initializers(projection, entry.projection)
+    _ffn_initializers(model.image_model.projection, cfg.image_model_list.global_image_projection)
+
+
+def _ffn_initializers(module: torch.nn.Module, ffn_cfg) -> None:
+    """The FeedForwardNetwork's own ``kernel_initializer`` / ``bias_initializer``, when set."""
+    if ffn_cfg is None:
+        return
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            if ffn_cfg.kernel_initializer is not None:
+                apply_initializer(m.weight, ffn_cfg.kernel_initializer)
+            if ffn_cfg.bias_initializer is not None and m.bias is not None:
+                apply_initializer(m.bias, ffn_cfg.bias_initializer)

@@ -111,3 +111,26 @@ def init_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, RMSNorm):
             nn.init.ones_(m.weight)
+
+
+def apply_initializer(tensor: torch.Tensor, spec) -> None:
+    """A Model Zoo initializer (a name or an ``Initializer``) applied in place."""
+    name = spec if isinstance(spec, str) else spec.name
+    get = (lambda k, d: d) if isinstance(spec, str) else (lambda k, d: getattr(spec, k))
+    if name == "normal":
+        nn.init.normal_(tensor, get("mean", 0.0), get("std", 0.02))
+    elif name == "truncated_normal":
+        std, mean = get("std", 0.02), get("mean", 0.0)
+        lo = get("a", None) if get("a", None) is not None else mean - 2 * std
+        hi = get("b", None) if get("b", None) is not None else mean + 2 * std
+        nn.init.trunc_normal_(tensor, mean, std, lo, hi)
+    elif name == "xavier_uniform":
+        nn.init.xavier_uniform_(tensor, get("gain", 1.0))
+    elif name == "xavier_normal":
+        nn.init.xavier_normal_(tensor, get("gain", 1.0))
+    elif name == "zeros":
+        nn.init.zeros_(tensor)
+    elif name == "constant":
+        nn.init.constant_(tensor, get("value", 0.0))
+    else:
+        raise ValueError(f"unknown initializer {name!r}")

@@ -137,3 +137,18 @@ def test_invalid_freeze_regex(tmp_path):
     r["model"]["freeze"] = ["^text_model(", "^image_model"]
     (msg,) = problems(write(tmp_path, r))
     assert msg.startswith("model.freeze[0]: invalid regular expression '^text_model(':")
+
+
+def test_projector_initializers(tmp_path):
+    from mmgraph.models import build_model
+
+    r = raw()
+    proj = r["model"]["image_model_list"]["global_image_projection"]
+    proj.update(kernel_initializer={"name": "normal", "std": 0.3}, bias_initializer={"name": "constant", "value": 0.5})
+    model, _ = build_model(load_params(write(tmp_path, r)), seed=0)
+    layer = model.image_model.projection.ffn[0].linear_layer
+    assert abs(layer.weight.std().item() - 0.3) < 0.03 and (layer.bias == 0.5).all()
+    proj["kernel_initializer"] = "he_normal"
+    assert problems(write(tmp_path, r)) == [
+        "model.image_model_list.global_image_projection.kernel_initializer: unknown initializer "
+        "'he_normal'; supported: normal, truncated_normal, xavier_uniform, xavier_normal, zeros, constant"]

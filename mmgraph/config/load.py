@@ -188,8 +188,8 @@ def _format_errors(path: str, section: str, schema: type[Section], err: Validati
         elif kind == "union_tag_invalid":
             message = f"unsupported name {e.get('input')!r}, expected one of {e['ctx']['expected_tags']}"
         else:
-            message = e["msg"].replace("Input should be", "must be")
-            if "input" in e and not isinstance(e["input"], (dict, list)):
+            message = e["msg"].replace("Input should be", "must be").removeprefix("Value error, ")
+            if kind != "value_error" and "input" in e and not isinstance(e["input"], (dict, list)):
                 message += f" (got {e['input']!r})"
         problems.append(Problem(path, where, message))
     return problems

@@ -30,6 +30,21 @@ def _pair(value):
     return value
 
 
+INITIALIZERS = ("normal", "truncated_normal", "xavier_uniform", "xavier_normal", "zeros", "constant")
+
+
+class Initializer(Section):
+    """Model Zoo initializer: ``{name: normal, mean: 0, std: 0.02}``, ``{name: constant, value}``..."""
+
+    name: Literal["normal", "truncated_normal", "xavier_uniform", "xavier_normal", "zeros", "constant"]
+    mean: float = 0.0
+    std: Annotated[float, Field(gt=0.0)] = 0.02
+    a: Optional[float] = None
+    b: Optional[float] = None
+    gain: Annotated[float, Field(gt=0.0)] = 1.0
+    value: float = 0.0
+
+
 class FeedForwardNetworkConfig(Section):
     """Model Zoo ``FeedForwardNetwork``: a stack of linear layers, each with its activation.
 
@@ -43,8 +58,16 @@ class FeedForwardNetworkConfig(Section):
     layers_activation: Optional[list[Optional[Activation]]] = None
     layers_dropout_rates: Optional[list[Optional[Rate]]] = None
     use_bias: bool = True
-    kernel_initializer: Optional[Union[str, dict]] = None
-    bias_initializer: Optional[Union[str, dict]] = None
+    kernel_initializer: Optional[Union[str, "Initializer"]] = None
+    bias_initializer: Optional[Union[str, "Initializer"]] = None
+
+    @field_validator("kernel_initializer", "bias_initializer", mode="before")
+    @classmethod
+    def _known(cls, value):
+        name = value if isinstance(value, str) else (value or {}).get("name") if isinstance(value, dict) else None
+        if value is not None and name not in INITIALIZERS:
+            raise ValueError(f"unknown initializer {name!r}; supported: {', '.join(INITIALIZERS)}")
+        return value
 
 
 class ViTModelConfig(Section):
@@ -101,6 +124,8 @@ class ViTModelConfig(Section):
         idx = self.image_layer_idx
         return idx + 1 if idx >= 0 else self.num_hidden_layers + idx + 1
 
+
+FeedForwardNetworkConfig.model_rebuild()
 
 ImageModelPart = Annotated[
     Union[ViTModelConfig, FeedForwardNetworkConfig], Field(discriminator="name")
