@@ -28,7 +28,7 @@ def _position(sampler, loader_batches_per_epoch: int, batches_done: int) -> None
     sampler.consumed = (batches_done % loader_batches_per_epoch) * sampler.batch_size
 
 
-def _batches(loader, sampler, per_epoch: int):
+def _batches(loader):
     """Micro-batches forever, epoch after epoch (the sampler reshuffles per epoch)."""
     while True:
         for batch in loader:
@@ -72,18 +72,13 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
     if train_mode:
         _train(params, runner, train_loader, eval_loader, max_steps or params.runconfig.max_steps, mode)
     if eval_loader is not None:
-        metrics = runner.evaluate(_finite(eval_loader))
+        metrics = runner.evaluate(list(eval_loader[0]))
         runner.log({"step": runner.step, **metrics})
         print(f"eval at step {runner.step}: loss {metrics['eval_loss']:.4f}, perplexity "
               f"{metrics['perplexity']:.2f}, token accuracy {metrics['token_accuracy']:.3f}, answer accuracy "
               f"{metrics['answer_accuracy']:.3f} ({metrics['answers']} answers)")
     print(f"model_dir {model_dir}: compile/ (dumps, report.html), checkpoints/, metrics.jsonl")
     return 0
-
-
-def _finite(loader):
-    loader, _ = loader
-    return list(loader)
 
 
 def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], mode: str) -> None:
@@ -98,7 +93,7 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
         raise UserError(Problem(params.path, "train_input.batch_size", f"fewer samples ({len(sampler)}) "
                                 f"than one micro-batch ({mbs})"))
     _position(sampler, per_epoch, runner.step * n_micro)
-    stream = _batches(loader, sampler, per_epoch)
+    stream = _batches(loader)
     rc = params.runconfig
     tokens_per_sample = params.layout().max_sequence_length
     show_bar = sys.stderr.isatty()
@@ -126,7 +121,7 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
         if rc.checkpoint_steps and result.step % rc.checkpoint_steps == 0:
             runner.save({"batches_done": runner.step * n_micro})
         if eval_loader is not None and rc.eval_steps and result.step % rc.eval_steps == 0 and result.step < max_steps:
-            metrics = runner.evaluate(_finite(eval_loader))
+            metrics = runner.evaluate(list(eval_loader[0]))
             runner.log({"step": result.step, **metrics})
             (bar.write if bar is not None else print)(
                 f"eval at step {result.step}: loss {metrics['eval_loss']:.4f}, answer accuracy {metrics['answer_accuracy']:.3f}")

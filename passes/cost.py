@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from mmgraph.ir import Program, Schedule, SegmentTime
 from mmgraph.passes.fusion import op_class
-from mmgraph.passes.weight_streaming import Precision
+from mmgraph.passes.weight_streaming import Precision, _kernel_io_bytes
 from mmgraph.target import Target
 
 _MATMUL_LIKE = ("matmul", "attention")
@@ -44,35 +44,28 @@ def op_time(flops: int, nbytes: float, matmul: bool, target: Target, precision: 
     return max(flops / rate, nbytes / bandwidth, special) + target.compute.kernel_overhead_s
 
 
-def segment_compute_s(program: Program, seg, target: Target, precision: Precision) -> float:
-    kernels = {k.id: k for k in program.kernels}
-    nodes = {n.name: n for n in program.ops()}
+def segment_compute_s(program: Program, seg, target: Target, precision: Precision,
+                      kernels: dict, nodes: dict) -> float:
+    """``kernels``: id -> Kernel; ``nodes``: name -> fx node (ops and placeholders)."""
     total = 0.0
     for kid in seg.kernels:
         k = kernels[kid]
-        if target.compute.granularity == "op":
-            for name in k.nodes:
-                node = nodes[name]
-                if op_class(node) == "view":   # eager dispatches views too: overhead only
-                    total += target.compute.kernel_overhead_s
-                    continue
-                info = program.info[name]
-                cls = op_class(node)
-                opname = getattr(node.target, "__name__", "").split(".")[0]
-                elements = info.flops if opname in TRANSCENDENTAL else 0
-                total += op_time(info.flops, info.bytes * precision.scale, cls in _MATMUL_LIKE, target,
-                                 precision, attention=cls == "attention", transcendental_elements=elements)
-        else:
-            from mmgraph.passes.weight_streaming import _kernel_io_bytes
-
-            owner = {n: kid for n in k.nodes}
-            io = _kernel_io_bytes(k, nodes | _placeholders(program), owner) * precision.scale
+        if target.compute.granularity == "kernel":
+            io = _kernel_io_bytes(k, nodes) * precision.scale
             total += op_time(k.flops, io, k.kind in _MATMUL_LIKE, target, precision)
+            continue
+        for name in k.nodes:
+            node = nodes[name]
+            cls = op_class(node)
+            if cls == "view":   # eager dispatches views too: overhead only
+                total += target.compute.kernel_overhead_s
+                continue
+            info = program.info[name]
+            opname = getattr(node.target, "__name__", "").split(".")[0]
+            elements = info.flops if opname in TRANSCENDENTAL else 0
+            total += op_time(info.flops, info.bytes * precision.scale, cls in _MATMUL_LIKE, target,
+                             precision, attention=cls == "attention", transcendental_elements=elements)
     return total
-
-
-def _placeholders(program: Program) -> dict:
-    return {n.name: n for n in program.gm.graph.nodes if n.op == "placeholder"}
 
 
 def simulate(segments, compute_s: list[float], target: Target, micro_batch_size: int,
@@ -135,7 +128,9 @@ def simulate(segments, compute_s: list[float], target: Target, micro_batch_size:
 def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_sample: int):
     def cost(program: Program) -> tuple[Program, dict]:
         mbs = next(s.shape[0] for s in program.inputs if s.name == "text_input_ids")
-        compute = [segment_compute_s(program, seg, target, precision) for seg in program.segments]
+        kernels = {k.id: k for k in program.kernels}
+        nodes = {n.name: n for n in program.gm.graph.nodes}
+        compute = [segment_compute_s(program, seg, target, precision, kernels, nodes) for seg in program.segments]
         biggest = max((s.weight_bytes for s in program.segments), default=0)
         resident = sum(int(s.numel * precision.bytes) for s in program.inputs if s.kind.value == "param")
         sched = simulate(program.segments, compute, target, mbs, batch_size, tokens_per_sample,

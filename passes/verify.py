@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 
 from mmgraph.config import Params
 from mmgraph.ir import InputKind, Program
-from mmgraph.models import BATCH_FIELDS, build_model, random_batch
+from mmgraph.models import build_model, random_batch
 
 
 class VerificationError(AssertionError):
@@ -113,7 +112,3 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> flo
     if not err <= rtol:
         raise VerificationError(f"{what} differs from eager PyTorch: relative error {err:.2e} > {rtol:.0e}")
     return err
-
-
-def count_ops(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function")

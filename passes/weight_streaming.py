@@ -147,7 +147,7 @@ def _weight_streaming(program: Program, target: Target, precision: Precision) ->
         w = sorted(weights(run))
         grads = sorted(g for kid in run for g in grad_kernel.get(kid, []))
         layers = tuple(dict.fromkeys(kernels[k].layer for k in run))
-        working = max(_kernel_io_bytes(kernels[k], nodes, owner) for k in run)
+        working = max(_kernel_io_bytes(kernels[k], nodes) for k in run)
         segments.append(Segment(
             id=i, phase=kernels[run[0]].phase, layers=layers, kernels=tuple(run), weights=tuple(w),
             weight_bytes=sum(param_bytes[p] for p in w), grads=tuple(grads),
@@ -179,7 +179,7 @@ def _backward_readers(node: fx.Node, program: Program) -> list[fx.Node]:
     return out
 
 
-def _kernel_io_bytes(kernel, nodes, owner) -> int:
+def _kernel_io_bytes(kernel, nodes) -> int:
     """Bytes a kernel reads from and writes to memory (values crossing its boundary)."""
     members = set(kernel.nodes)
     total = 0

@@ -9,7 +9,6 @@ Exponential, and lists of them run one after another.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

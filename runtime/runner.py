@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -205,7 +205,3 @@ def _pad_batch(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Ten
             extra.zero_()
         out[k] = torch.cat([v, extra])
     return out
-
-
-def micro_batches(loader_iter: Iterator, n: int) -> list[dict]:
-    return [next(loader_iter) for _ in range(n)]

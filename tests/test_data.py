@@ -9,7 +9,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -18,7 +17,7 @@ from mmgraph.config import load_params
 from mmgraph.errors import UserError
 from mmgraph.preprocess import Encoder, Layout, SampleError, preprocess
 from mmgraph.runtime.data import make_loader
-from mmgraph.synth import COLORS, build_tokenizer, synth
+from mmgraph.synth import COLORS, synth
 from tests.conftest import TINY1, TINY2
 
 P = 3  # tokens per image in the golden tests

@@ -67,7 +67,7 @@ def test_logits_and_loss_match_transformers_llava(tmp_path, impl, layer, kv, tie
     state = native_state(vision, text, projector)
     if tie:
         state.setdefault("text_model.lm_head.weight", state["text_model.embedding_layer.word_embeddings.weight"])
-    missing, unexpected = model.load_state_dict(state, strict=True), None
+    model.load_state_dict(state, strict=True)
     model.eval()
 
     ids, attn, loc, pixels = hf_batch(llava)

@@ -84,7 +84,6 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
-    params = load_params(TINY1)
     weights = {"w": torch.ones(3)}
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, step, weights, {"step_count": torch.tensor(step)}, {"step": step}, max_keep=2)
