@@ -8,7 +8,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from mmgraph import __version__
-from mmgraph.errors import EXIT_USER_ERROR, UserError
+from mmgraph.errors import EXIT_USER_ERROR, Problem, UserError
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -75,7 +75,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mmgraph.run_cmd import run
 
     return run(args.params, args.model_dir, args.mode, args.device, args.checkpoint_path, args.max_steps,
-               args.target)
+               args.target, args.executor, args.eval_executor)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from mmgraph.convert.convert import convert, describe_formats
+
+    if args.src == "list" or args.src is None:
+        print("formats (--src-fmt / --tgt-fmt), model mm_simple:\n" + describe_formats())
+        return 0
+    missing = [f for f, v in (("--src-fmt", args.src_fmt), ("--tgt-fmt", args.tgt_fmt),
+                              ("--output-dir", args.output_dir)) if v is None]
+    if missing:
+        raise UserError(Problem(None, missing[0], "required"))
+    out = convert(args.src, args.src_fmt, args.tgt_fmt, args.output_dir, args.config, args.hf_layout,
+                  args.shard_size, args.image_token_id, args.model)
+    print(f"wrote {out} ({args.tgt_fmt})")
+    return 0
 
 
 def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
@@ -150,7 +166,31 @@ def build_parser() -> argparse.ArgumentParser:
                       help="initial weights (a checkpoint folder or .safetensors) when model_dir has no checkpoint")
     runp.add_argument("--max_steps", type=int, help="override runconfig.max_steps")
     runp.add_argument("--target", default="cs2", help="target simulated in the compile report (default cs2)")
+    runp.add_argument("--executor", default="reference", choices=("reference", "compiled"),
+                      help="reference: the program's ATen code (default); compiled: torch.compile/Inductor")
+    runp.add_argument("--eval_executor", choices=("reference", "compiled", "onnxruntime"),
+                      help="executor for eval (default: --executor)")
     runp.set_defaults(func=_cmd_run)
+
+    conv = sub.add_parser(
+        "convert", help="checkpoints between native, Hugging Face and the LLaVA layout",
+        description="Convert a checkpoint (the Model Zoo's convert_checkpoint.py interface), tensor "
+                    "by tensor and bit for bit. `mmgraph convert list` lists the formats. The output "
+                    "folder is written beside its final name and renamed at the end.")
+    conv.add_argument("src", nargs="?", metavar="SRC", help="checkpoint folder or file, or `list`")
+    conv.add_argument("--model", default="mm_simple")
+    conv.add_argument("--src-fmt", dest="src_fmt", metavar="FMT")
+    conv.add_argument("--tgt-fmt", dest="tgt_fmt", metavar="FMT")
+    conv.add_argument("--output-dir", dest="output_dir", metavar="OUT")
+    conv.add_argument("--config", metavar="CFG", help="params YAML of a native source without params.yaml")
+    conv.add_argument("--hf-layout", dest="hf_layout", choices=("llava", "two_folder"),
+                      help="hf output: a LlavaForConditionalGeneration folder (default, unless the source "
+                           "was two-folder) or image_model/ + text_model/")
+    conv.add_argument("--shard-size", dest="shard_size", default="5GB", help="largest output shard (default 5GB)")
+    conv.add_argument("--image-token-id", dest="image_token_id", type=int,
+                      help="hf output: the <image> token id when the source does not say")
+    _common(conv, params=False)
+    conv.set_defaults(func=_cmd_convert)
 
     pre = sub.add_parser(
         "preprocess", help="LLaVA-format JSON conversations to H5 shards",

@@ -154,6 +154,7 @@ class Program:
     outputs: tuple[OutputSpec, ...]
     info: dict[str, NodeInfo]
     mode: str
+    precision: str = "fp32"            # what the trace computes in: fp32, or bf16/fp16 (autocast)
     history: tuple[PassRecord, ...] = ()
     kernels: Optional[tuple[Kernel, ...]] = None
     refusals: tuple[tuple[str, str, str], ...] = ()   # (node, producer, reason) fusion refused

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -38,8 +38,11 @@ def _numel(shape) -> int:
     return int(math.prod(shape)) if shape is not None else 0
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return _numel(t.shape) * t.element_size()
+def _nbytes(t: torch.Tensor, float_bytes: Optional[int] = None) -> int:
+    """Bytes of ``t``; with ``float_bytes``, floating-point values counted at that size (the
+    target's precision, whatever dtype the trace holds)."""
+    size = float_bytes if float_bytes and t.dtype.is_floating_point else t.element_size()
+    return _numel(t.shape) * size
 
 
 def node_val(node: Any) -> list[torch.Tensor]:
@@ -90,9 +93,14 @@ def node_flops(node: fx.Node) -> int:
     return sum(_numel(o.shape) for o in out)
 
 
-def node_bytes(node: fx.Node) -> int:
+def node_bytes(node: fx.Node, float_bytes: Optional[int] = None) -> int:
     """Bytes read and written by the op if it ran alone (views: zero)."""
     if node.op != "call_function" or node.target in VIEW_OPS or node.target is operator.getitem:
         return 0
-    read = sum(_nbytes(v) for a in node.args for v in node_val(a))
-    return read + sum(_nbytes(o) for o in node_val(node))
+    read = sum(_nbytes(v, float_bytes) for a in node.args for v in node_val(a))
+    return read + sum(_nbytes(o, float_bytes) for o in node_val(node))
+
+
+def value_bytes(node: fx.Node, float_bytes: Optional[int] = None) -> int:
+    """Bytes of the values ``node`` produces."""
+    return sum(_nbytes(v, float_bytes) for v in node_val(node))

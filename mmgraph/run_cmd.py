@@ -36,16 +36,21 @@ def _batches(loader):
 
 
 def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
-        checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2") -> int:
+        checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
+        executor: str = "reference", eval_executor: Optional[str] = None) -> int:
     from mmgraph.dump import write_dumps
     from mmgraph.pipeline import compile_step
     from mmgraph.runtime.data import make_loader
     from mmgraph.runtime.runner import Runner
     from mmgraph.target import load_target
+    from mmgraph.trace import autocast_dtype
 
     params = load_params(params_path, mode)
     dev = _device(device)
     train_mode = mode in ("train", "train_and_eval")
+    if train_mode and autocast_dtype(params) == torch.float16:
+        raise UserError(Problem(params.path, "model.fp16_type", "float16 training needs dynamic loss scaling, "
+                                "which the runtime does not have yet; use bfloat16"))
     # Data first: a missing data_dir or image folder is reported before any compute.
     train_loader = make_loader(params, "train") if train_mode else None
     eval_loader = make_loader(params, "eval") if mode in ("eval", "train_and_eval") else None
@@ -61,7 +66,8 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
         eval_program = compile_step(params, "eval")[-1].program
     print(f"compiled in {time.perf_counter() - t0:.1f} s; dumps in {Path(model_dir) / 'compile'}/")
 
-    runner = Runner(params, model_dir, train_program, eval_program, dev)
+    runner = Runner(params, model_dir, train_program, eval_program, dev, executor=executor,
+                    eval_executor=eval_executor)
     resumed = runner.resume()
     if resumed:
         print(f"resumed from {resumed} (step {runner.step})")
@@ -73,11 +79,13 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
         _train(params, runner, train_loader, eval_loader, max_steps or params.runconfig.max_steps, mode)
     if eval_loader is not None:
         metrics = runner.evaluate(list(eval_loader[0]))
-        runner.log({"step": runner.step, **metrics})
+        runner.log({"step": runner.step, **metrics}, "eval")
         print(f"eval at step {runner.step}: loss {metrics['eval_loss']:.4f}, perplexity "
               f"{metrics['perplexity']:.2f}, token accuracy {metrics['token_accuracy']:.3f}, answer accuracy "
               f"{metrics['answer_accuracy']:.3f} ({metrics['answers']} answers)")
-    print(f"model_dir {model_dir}: compile/ (dumps, report.html), checkpoints/, metrics.jsonl")
+    runner.close()
+    print(f"model_dir {model_dir}: compile/ (dumps, report.html), checkpoints/, metrics.jsonl, "
+          f"events/ (tensorboard --logdir {Path(model_dir) / 'events'})")
     return 0
 
 
@@ -122,7 +130,7 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
             runner.save({"batches_done": runner.step * n_micro})
         if eval_loader is not None and rc.eval_steps and result.step % rc.eval_steps == 0 and result.step < max_steps:
             metrics = runner.evaluate(list(eval_loader[0]))
-            runner.log({"step": result.step, **metrics})
+            runner.log({"step": result.step, **metrics}, "eval")
             (bar.write if bar is not None else print)(
                 f"eval at step {result.step}: loss {metrics['eval_loss']:.4f}, answer accuracy {metrics['answer_accuracy']:.3f}")
     if bar is not None:

@@ -9,6 +9,7 @@ pass's business, so the pass, not the tracer, removes frozen work.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 import traceback
@@ -78,6 +79,17 @@ def unused_parameters(model: MultimodalModel) -> set[str]:
     return out
 
 
+def autocast_dtype(params: Params) -> Optional[torch.dtype]:
+    """Mixed precision is decided at compile time: with ``model.mixed_precision`` the step is
+    traced under autocast, so the program itself holds the casts and low-precision matmuls
+    (weights stay fp32 in the store; gradients come out fp32). ``cbfloat16`` (a Cerebras
+    format) is computed as bfloat16."""
+    model = params.model
+    if not model.mixed_precision:
+        return None
+    return torch.float16 if model.fp16_type == "float16" else torch.bfloat16
+
+
 def micro_batch_size(params: Params, mode: str) -> int:
     data = params.input_for(mode)
     if data is None:
@@ -101,8 +113,10 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
     real = random_batch(layout, batch_size, seed=0)
     batch = [fake.from_tensor(real[k]) for k in BATCH_FIELDS]
 
+    amp = autocast_dtype(params)
+    cast = (lambda: torch.autocast("cpu", dtype=amp)) if amp else contextlib.nullcontext
     try:
-        with fake:
+        with fake, cast():
             exported = torch.export.export(_Step(model, mode), tuple(batch))
     except Exception as err:  # noqa: BLE001 - reported to the user with the op and module
         raise UserError(Problem(params.path, None, f"cannot trace the model: {_describe(err)}")) from err
@@ -121,7 +135,7 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
         return (out, *grads)
 
     values = [named[n].detach().requires_grad_(n in names) for n in order]
-    with fake, fx_traceback.preserve_node_meta():
+    with fake, fx_traceback.preserve_node_meta(), cast():
         joint = make_fx(step, pre_dispatch=False)(values, batch)
 
     inputs = [InputSpec(n.removeprefix("m."), InputKind.PARAM,
@@ -131,7 +145,8 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
     outputs = [OutputSpec("loss")] + ([OutputSpec("logits")] if mode == "eval" else [])
     outputs += [OutputSpec("grad", n.removeprefix("m.")) for n in names]
     gm = _rename_placeholders(joint, inputs)
-    return Program(gm, tuple(inputs), tuple(outputs), annotate(gm, inputs, outputs), mode)
+    return Program(gm, tuple(inputs), tuple(outputs), annotate(gm, inputs, outputs), mode,
+                   precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32"))
 
 
 def _describe(err: BaseException) -> str:

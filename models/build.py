@@ -56,3 +56,15 @@ def _ffn_initializers(module: torch.nn.Module, ffn_cfg) -> None:
                 apply_initializer(m.weight, ffn_cfg.kernel_initializer)
             if ffn_cfg.bias_initializer is not None and m.bias is not None:
                 apply_initializer(m.bias, ffn_cfg.bias_initializer)
+
+
+def init_projector(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Freshly initialized global-projector weights (``image_model.projection.*``), as
+    ``build_model`` would make them, without building the rest of the model."""
+    from mmgraph.models.multimodal import _ffn
+
+    torch.manual_seed(seed)
+    module = _ffn(cfg.image_model_list.global_image_projection)
+    init_weights(module, cfg.text_model.initializer_range)
+    _ffn_initializers(module, cfg.image_model_list.global_image_projection)
+    return {f"image_model.projection.{k}": v.detach() for k, v in module.state_dict().items()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mmgraph.ir import Program, Schedule, SegmentTime
+from mmgraph.opcost import node_bytes
 from mmgraph.passes.fusion import op_class
 from mmgraph.passes.weight_streaming import Precision, _kernel_io_bytes
 from mmgraph.target import Target
@@ -51,7 +52,7 @@ def segment_compute_s(program: Program, seg, target: Target, precision: Precisio
     for kid in seg.kernels:
         k = kernels[kid]
         if target.compute.granularity == "kernel":
-            io = _kernel_io_bytes(k, nodes) * precision.scale
+            io = _kernel_io_bytes(k, nodes, precision.bytes)
             total += op_time(k.flops, io, k.kind in _MATMUL_LIKE, target, precision)
             continue
         for name in k.nodes:
@@ -63,7 +64,7 @@ def segment_compute_s(program: Program, seg, target: Target, precision: Precisio
             info = program.info[name]
             opname = getattr(node.target, "__name__", "").split(".")[0]
             elements = info.flops if opname in TRANSCENDENTAL else 0
-            total += op_time(info.flops, info.bytes * precision.scale, cls in _MATMUL_LIKE, target,
+            total += op_time(info.flops, node_bytes(node, precision.bytes), cls in _MATMUL_LIKE, target,
                              precision, attention=cls == "attention", transcendental_elements=elements)
     return total
 

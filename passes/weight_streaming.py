@@ -17,12 +17,13 @@ after the backward segment; the optimizer updates them off the device.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import networkx as nx
 import torch.fx as fx
 
 from mmgraph.ir import InputKind, Phase, Program, Segment
-from mmgraph.opcost import node_val
+from mmgraph.opcost import value_bytes
 from mmgraph.passes.fusion import op_class
 from mmgraph.target import Target
 
@@ -37,20 +38,12 @@ class Precision:
     def bytes(self) -> int:
         return 4 if self.name == "fp32" else 2
 
-    @property
-    def scale(self) -> float:
-        """Traced graphs are fp32: bytes there times this is bytes at this precision."""
-        return self.bytes / 4
 
 
 def precision_of(model_cfg) -> Precision:
     if not model_cfg.mixed_precision:
         return Precision("fp32")
     return Precision("fp16" if model_cfg.fp16_type == "float16" else "bf16")
-
-
-def _nbytes(node: fx.Node) -> int:
-    return sum(v.numel() * v.element_size() for v in node_val(node))
 
 
 def kernel_order(program: Program) -> list[int]:
@@ -64,7 +57,7 @@ def make_weight_streaming(target: Target, precision: Precision):
 
 
 def _weight_streaming(program: Program, target: Target, precision: Precision) -> tuple[Program, dict]:
-    scale = precision.scale
+    fb = precision.bytes          # floating-point values move at the target's precision
     nodes = {n.name: n for n in program.gm.graph.nodes}
     kernels = {k.id: k for k in program.kernels}
     placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
@@ -131,14 +124,17 @@ def _weight_streaming(program: Program, target: Target, precision: Precision) ->
     # 4. activations kept for backward: made in forward, read in backward
     seg_of_kernel = {kid: i for i, run in enumerate(split) for kid in run}
     saved_at, freed_at = [0] * len(split), [0] * len(split)
+    param_nodes = {n for n, s in spec_of.items() if s.kind == InputKind.PARAM}
     for node in program.ops():
         info = program.info[node.name]
         if info.phase != Phase.FORWARD or op_class(node) == "view":
             continue
+        if node.all_input_nodes and set(node.all_input_nodes) <= param_nodes:
+            continue      # a weight's cast (mixed precision): the streamed weight, not an activation
         readers = _backward_readers(node, program)
         if not readers:
             continue
-        size = int(_nbytes(node) * scale)
+        size = value_bytes(node, fb)
         saved_at[seg_of_kernel[owner[node.name]]] += size
         freed_at[max(seg_of_kernel[owner[r.name]] for r in readers)] += size
 
@@ -147,13 +143,13 @@ def _weight_streaming(program: Program, target: Target, precision: Precision) ->
         w = sorted(weights(run))
         grads = sorted(g for kid in run for g in grad_kernel.get(kid, []))
         layers = tuple(dict.fromkeys(kernels[k].layer for k in run))
-        working = max(_kernel_io_bytes(kernels[k], nodes) for k in run)
+        working = max(_kernel_io_bytes(kernels[k], nodes, fb) for k in run)
         segments.append(Segment(
             id=i, phase=kernels[run[0]].phase, layers=layers, kernels=tuple(run), weights=tuple(w),
             weight_bytes=sum(param_bytes[p] for p in w), grads=tuple(grads),
             grad_bytes=sum(param_bytes[g] for g in grads), grad_params=sum(param_numel[g] for g in grads),
             flops=sum(kernels[k].flops for k in run), saved_bytes=saved_at[i], freed_bytes=freed_at[i],
-            working_bytes=int(working * scale)))
+            working_bytes=working))
     notes = {
         "segments": len(segments),
         "split": splits,
@@ -179,7 +175,7 @@ def _backward_readers(node: fx.Node, program: Program) -> list[fx.Node]:
     return out
 
 
-def _kernel_io_bytes(kernel, nodes) -> int:
+def _kernel_io_bytes(kernel, nodes, float_bytes: Optional[int] = None) -> int:
     """Bytes a kernel reads from and writes to memory (values crossing its boundary)."""
     members = set(kernel.nodes)
     total = 0
@@ -189,7 +185,7 @@ def _kernel_io_bytes(kernel, nodes) -> int:
         for a in node.all_input_nodes:
             if a.name not in members and a.name not in seen:
                 seen.add(a.name)
-                total += _nbytes(a)
+                total += value_bytes(a, float_bytes)
         if any(u.name not in members for u in node.users if u.op == "call_function") and op_class(node) != "view":
-            total += _nbytes(node)
+            total += value_bytes(node, float_bytes)
     return total

@@ -59,6 +59,9 @@ def save(model_dir: str | Path, step: int, weights: dict[str, torch.Tensor], opt
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a checkpoint folder or a ``.safetensors`` file."""
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors.index.json").is_file():      # sharded (mmgraph convert)
+        from mmgraph.convert.io import find_weights, read_entries
+        return {k: e.load() for k, e in read_entries(find_weights(path)).items()}
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise UserError(Problem(str(path), None, "no model.safetensors here"))

@@ -22,22 +22,8 @@ from mmgraph.errors import Problem, UserError
 from mmgraph.ir import InputKind, Program
 from mmgraph.models import build_model
 from mmgraph.runtime import checkpoint
+from mmgraph.runtime.executors import Executor, make_executor
 from mmgraph.runtime.optim import Optimizer
-
-
-class ReferenceExecutor:
-    """Runs the program's graph module: ATen ops, the semantics of record. The graph was
-    turned into Python code once (fx codegen), not interpreted node by node."""
-
-    name = "reference"
-
-    def __init__(self, program: Program):
-        self.program = program
-        self.fn = program.gm
-
-    def __call__(self, inputs: list[torch.Tensor]):
-        with torch.no_grad():
-            return self.fn(*inputs)
 
 
 @dataclass
@@ -54,9 +40,13 @@ class StepResult:
 class Runner:
     def __init__(self, params: Params, model_dir: str | Path, train: Optional[Program] = None,
                  eval_program: Optional[Program] = None, device: str = "cpu",
-                 checkpoint_path: Optional[str] = None):
+                 checkpoint_path: Optional[str] = None, executor: str = "reference",
+                 eval_executor: Optional[str] = None):
         self.params, self.model_dir, self.device = params, Path(model_dir), torch.device(device)
         self.train_program, self.eval_program = train, eval_program
+        self.train_exec: Optional[Executor] = make_executor(executor, train, params, self.device) if train else None
+        self.eval_exec: Optional[Executor] = (make_executor(eval_executor or executor, eval_program, params, self.device)
+                                              if eval_program else None)
         seed = params.runconfig.seed
         torch.manual_seed(seed)
         model, _ = build_model(params, seed=seed)
@@ -68,6 +58,7 @@ class Runner:
         self.step = 0
         self.sampler_state: Optional[dict] = None
         self.metrics_path = self.model_dir / "metrics.jsonl"
+        self._events = None
 
     # -- weights -------------------------------------------------------------------------
     def _load_initial(self, path: str) -> None:
@@ -109,7 +100,7 @@ class Runner:
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         program = self.train_program
-        outs = ReferenceExecutor(program)(self._inputs(program, batch))
+        outs = self.train_exec(self._inputs(program, batch))
         grads = {spec.target: g for spec, g in zip(program.outputs, outs) if spec.kind == "grad"}
         return outs[0], grads
 
@@ -146,7 +137,7 @@ class Runner:
         answers = answers_right = 0
         for batch in batches:
             batch = _pad_batch(batch, size)
-            logits = ReferenceExecutor(program)(self._inputs(program, batch))[1]
+            logits = self.eval_exec(self._inputs(program, batch))[1]
             labels = batch["labels"].to(self.device)
             mask = batch["loss_mask"].to(self.device).bool()
             ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
@@ -168,10 +159,24 @@ class Runner:
         return checkpoint.save(self.model_dir, self.step, self.weights, opt, state,
                                self.params.runconfig.max_checkpoints)
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, split: str = "train") -> None:
+        """A record in metrics.jsonl and its scalars as TensorBoard events (MODEL_DIR/events,
+        tags ``train/loss``, ``eval/answer_accuracy``, ...)."""
         self.model_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"split": split, **record}) + "\n")
+        if self._events is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._events = SummaryWriter(str(self.model_dir / "events"))
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._events.add_scalar(f"{split}/{k}", v, record["step"])
+        self._events.flush()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
 
 def answer_hits(mask: torch.Tensor, hit: torch.Tensor) -> tuple[int, int]:

@@ -42,3 +42,42 @@ def make_hf_llava(root: Path, seed: int = 0, vision_feature_layer: int = -2,
             p.normal_(0.0, 0.2)
     projector_state = {k: v.clone() for k, v in llava.model.multi_modal_projector.state_dict().items()}
     return llava, vision_state, text_state, projector_state
+
+
+def make_llava_two_folder(root: Path, llava, projector_state, bin_projector: bool = False) -> Path:
+    """The LLaVA repository's layout of ``llava``'s weights: ``image_model/`` (CLIP vision with
+    preprocessor_config.json) and ``text_model/`` (LLaMA keys + ``model.mm_projector.{0,2}``,
+    the LLaVA ``config.json`` and the LLM's ``config_lmsys.json``). With ``bin_projector`` the
+    projector is a phase-1 ``mm_projector.bin`` instead."""
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = llava.config
+    image_dir, text_dir = root / "image_model", root / "text_model"
+    image_dir.mkdir(parents=True)
+    text_dir.mkdir(parents=True)
+    vision = {k: v.contiguous() for k, v in llava.model.vision_tower.state_dict().items()}
+    save_file(vision, str(image_dir / "model.safetensors"), {"format": "pt"})
+    (image_dir / "config.json").write_text(cfg.vision_config.to_json_string())
+    (image_dir / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+         "crop_size": {"height": 32, "width": 32}, "image_processor_type": "CLIPImageProcessor"}))
+    text = {"model." + k: v for k, v in llava.model.language_model.state_dict().items()}
+    if not cfg.tie_word_embeddings:
+        text["lm_head.weight"] = llava.lm_head.weight.detach()
+    proj = {f"model.mm_projector.{0 if k.startswith('linear_1') else 2}.{k.split('.')[-1]}": v
+            for k, v in projector_state.items()}
+    if bin_projector:
+        torch.save(proj, text_dir / "mm_projector.bin")
+    else:
+        text.update(proj)
+    save_file({k: v.contiguous() for k, v in text.items()}, str(text_dir / "model.safetensors"), {"format": "pt"})
+    lmsys = json.loads(cfg.text_config.to_json_string())
+    (text_dir / "config_lmsys.json").write_text(json.dumps(lmsys))
+    (text_dir / "config.json").write_text(json.dumps({
+        **lmsys, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": cfg.vision_config.hidden_size,
+        "mm_vision_select_layer": cfg.vision_feature_layer, "mm_vision_select_feature": "patch",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "image_aspect_ratio": "pad"}))
+    return root

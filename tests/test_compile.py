@@ -118,8 +118,9 @@ def test_7b_compiles_and_writes_dumps(tmp_path, capsys, path, grads, target):
     assert report["passes"][-1]["gradients"] == grads
     assert report["artifacts"]["eval.onnx"].startswith("not written: ONNX export runs the model on real weights")
     assert all(report["artifacts"][f] == "written" for f in ("program.mlir", "kernels.svg", "kernels.dot"))
-    layers = {str(v) for k, v in report["kernels_per_layer"].items() if k.startswith("text_model.layers")}
-    assert len(layers) == 1  # all 32 layers lower to the same kernels
+    layers = {str(v) for k, v in report["kernels_per_layer"].items()
+              if k.startswith("text_model.layers") and k != "text_model.layers.0"}
+    assert len(layers) == 1  # layers 1-31 lower to the same kernels (layer 0 also casts what all share)
     sim = report["target"]
     assert sim["name"] == target and sim["fits"] and sim["step_s"] > 0 and sim["precision"] == "bf16"
     llm = [s for s in sim["segments"] if s["layers"] == ["text_model.layers.7"]]

@@ -23,7 +23,7 @@ def batches(params, step):
     return [random_batch(layout, 8, seed=1000 * step + m) for m in range(MICRO)]
 
 
-def eager_losses(params, steps):
+def eager_losses(params, steps, autocast=None):
     model, _ = build_model(params, seed=params.runconfig.seed)
     named = dict(model.named_parameters())
     opt = Optimizer(params.optimizer, {k: p.data for k, p in named.items()})
@@ -32,7 +32,8 @@ def eager_losses(params, steps):
         total = {}
         step_losses = []
         for batch in batches(params, step):
-            loss = model(**batch)
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                loss = model(**batch)
             trainable = [k for k, p in named.items() if p.requires_grad]
             grads = torch.autograd.grad(loss, [named[k] for k in trainable])
             for k, g in zip(trainable, grads):
@@ -60,6 +61,26 @@ def test_lowered_program_trains_like_eager_pytorch(path, tmp_path):
     assert frozen
     for name in frozen:
         assert torch.equal(runner.weights[name], initial[name])        # frozen: bit-identical
+    for name in runner.trainable:
+        torch.testing.assert_close(runner.weights[name], ref_weights[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_is_compiled_in_and_trains_like_eager_autocast(tmp_path):
+    import yaml
+    raw = yaml.safe_load(TINY2.read_text())
+    raw["model"].update(mixed_precision=True, fp16_type="bfloat16")
+    path = tmp_path / "bf16.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    params = load_params(path)
+    program = compile_step(params)[-1].program
+    assert program.precision == "bf16"
+    assert any(n.meta["val"].dtype == torch.bfloat16 for n in program.ops() if "mm" in str(n.target))
+    runner = Runner(params, tmp_path / "md", train=program)
+    ours = [runner.train_step(batches(params, step)).loss for step in range(5)]
+    ref, ref_weights = eager_losses(params, 5, autocast=torch.bfloat16)
+    for a, b in zip(ours, ref):
+        assert abs(a - b) <= 1e-5 * abs(b), (ours, ref)
+    assert all(runner.weights[n].dtype == torch.float32 for n in runner.trainable)   # fp32 master weights
     for name in runner.trainable:
         torch.testing.assert_close(runner.weights[name], ref_weights[name], rtol=1e-4, atol=1e-6)
 
@@ -159,6 +180,11 @@ def test_cli_run_train_and_eval_then_resume(shards, tmp_path, capsys):
     records = [json.loads(line) for line in (md / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
     assert any("answer_accuracy" in r for r in records)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(md / "events"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert {"eval/answer_accuracy", "eval/perplexity", "train/samples_per_s"} <= set(events.Tags()["scalars"])
     assert (md / "compile" / "report.html").is_file()
     assert main(["run", "--mode", "train", "--params", str(shards), "--model_dir", str(md), "--max_steps", "8"]) == 0
     assert "resumed from" in capsys.readouterr().out and checkpoint.latest(md).name == "ckpt-000008"
@@ -201,3 +227,41 @@ def test_a_crash_during_checkpoint_write_loses_nothing(tmp_path, monkeypatch):
     last = checkpoint.latest(tmp_path)
     assert last.name == "ckpt-000001"
     assert torch.equal(checkpoint.load_weights(last)["w"], torch.ones(3))
+
+
+def test_compiled_executor_trains_like_the_reference(tmp_path):
+    """torch.compile of the whole step: same training within float tolerance (Inductor
+    reorders reductions, so not bit for bit); frozen weights still untouched."""
+    params = load_params(TINY2)
+    program = compile_step(params)[-1].program
+    ref = Runner(params, tmp_path / "r", train=program)
+    comp = Runner(params, tmp_path / "c", train=program, executor="compiled")
+    initial = {k: v.clone() for k, v in comp.weights.items()}
+    for step in range(4):
+        a, b = ref.train_step(batches(params, step)), comp.train_step(batches(params, step))
+        assert abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), (step, a.loss, b.loss)
+    for name in comp.trainable:
+        torch.testing.assert_close(comp.weights[name], ref.weights[name], rtol=1e-3, atol=1e-5)
+    for spec in program.inputs:
+        if spec.kind.value == "param" and not spec.trainable:
+            assert torch.equal(comp.weights[spec.name], initial[spec.name])
+
+
+def test_onnxruntime_eval_executor_matches_the_reference(tmp_path):
+    params = load_params(TINY2, "eval")
+    program = compile_step(params, "eval")[-1].program
+    batch = [random_batch(params.layout("eval"), 8, seed=s) for s in (5, 6)]
+    ref = Runner(params, tmp_path, eval_program=program).evaluate(batch)
+    ort = Runner(params, tmp_path, eval_program=program, eval_executor="onnxruntime").evaluate(batch)
+    assert ort["answers"] == ref["answers"] and ort["eval_tokens"] == ref["eval_tokens"]
+    assert abs(ort["eval_loss"] - ref["eval_loss"]) <= 1e-5 * ref["eval_loss"]
+    assert ort["token_accuracy"] == pytest.approx(ref["token_accuracy"], abs=1e-6)
+
+
+def test_executors_say_what_they_do_not_support(tmp_path):
+    params = load_params(TINY2)
+    program = compile_step(params)[-1].program
+    with pytest.raises(UserError, match="onnxruntime runs eval programs only, not train"):
+        Runner(params, tmp_path, train=program, executor="onnxruntime")
+    with pytest.raises(UserError, match="unknown executor 'fast'; one of reference, compiled, onnxruntime"):
+        Runner(params, tmp_path, train=program, executor="fast")
