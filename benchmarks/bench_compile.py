@@ -31,13 +31,14 @@ BIG = ROOT / "configs" / "params_mm_llava_llama2_7b_phase2.yaml"
 TINY = ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"
 
 _CHILD = """
-import json, resource, sys, time
+import json, re, sys, time
 t = time.perf_counter()
 from mmgraph.cli import main
 code = main(["compile", "--params", sys.argv[1], "--model_dir", sys.argv[2]])
 seconds = time.perf_counter() - t
 print(json.dumps({"code": code, "seconds": seconds,
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+                  # VmHWM: ru_maxrss would carry the forking parent's peak
+                  "peak_rss_gb": int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1e6}))
 """
 
 

@@ -45,3 +45,25 @@ def test_data_benchmark_quick():
     result = run_data(40, workers=1, batches=2)
     assert result["preprocess_samples_per_s"] > 0 and result["loader_vs_step"] > 0
     assert "samples/s" in format_table(result)
+
+
+def test_runtime_benchmark_quick():
+    from benchmarks.bench_runtime import format_table
+    from benchmarks.bench_runtime import run as run_runtime
+
+    # torch.compile variants are left to `make bench` (first calls take minutes); the compiled
+    # executor itself is tested in test_runtime.
+    result = run_runtime("tiny", 1, memory=True, variants=("eager", "reference"))
+    assert [r["variant"] for r in result["train"]] == ["eager", "reference"]
+    assert all(r["median_s"] > 0 and r["peak_mb"] > 0 for r in result["train"])
+    assert [r["variant"] for r in result["eval"]] == ["eager", "reference", "onnxruntime"]
+    assert "| reference |" in format_table(result)
+
+
+def test_convert_benchmark_quick():
+    from benchmarks.bench_convert import format_table
+    from benchmarks.bench_convert import run as run_convert
+
+    result = run_convert("quick", "200KB")
+    assert result["shards"] > 1 and result["output_shards"] > 1 and result["peak_rss_bytes"] > 0
+    assert "largest tensor" in format_table(result)

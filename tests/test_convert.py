@@ -183,7 +183,7 @@ def _broken(hf, tmp_path, how):
         return src, f"{text / 'config.json'}: mm_projector_type: mm_projector_type 'resampler' is not supported"
     data = (text / "model.safetensors").read_bytes()
     (text / "model.safetensors").write_bytes(data[: len(data) // 2])
-    return src, f"{text / 'model.safetensors'}: cannot read safetensors file"
+    return src, f"{text / 'model.safetensors'}: model.layers.0.self_attn.q_proj.weight: cannot read safetensors file"
 
 
 @pytest.mark.parametrize("how", ["missing", "shape", "projector", "truncated"])

@@ -41,20 +41,49 @@ class Entry:
 
 
 def _safetensors_entries(path: Path) -> list[Entry]:
-    from safetensors import safe_open
+    """Header parsed here, each tensor read with plain file reads when asked for: no memory
+    map, so pages of tensors already converted do not stay in the process's memory."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise UserError(Problem(str(path), None, "cannot read safetensors file (header length past the end "
+                                    "of the file); truncated or not a safetensors file"))
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(Problem(str(path), None, f"cannot read safetensors file (header: {err}); "
+                                    "truncated or not a safetensors file")) from err
+    names = {v: k for k, v in _DTYPES.items()}
+    start = 8 + n
+    out = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = names.get(info.get("dtype"))
+        if dtype is None:
+            raise UserError(Problem(str(path), key, f"unsupported dtype {info.get('dtype')}"))
+        shape = tuple(info["shape"])
+        lo, hi = info["data_offsets"]
+        if start + hi > size:
+            raise UserError(Problem(str(path), key, f"cannot read safetensors file (data ends at byte {start + hi}, "
+                                    f"the file has {size}); truncated"))
+        if hi - lo != _numel(shape) * _itemsize(dtype):
+            raise UserError(Problem(str(path), key, "cannot read safetensors file (size disagrees with shape)"))
+        out.append(Entry(key, path, shape, dtype, lambda o=start + lo, m=hi - lo, d=dtype, s=shape: _read(path, o, m, d, s)))
+    return out
 
-    try:
-        handle = safe_open(str(path), framework="pt")
-        keys = list(handle.keys())
-        out = []
-        for k in keys:
-            sl = handle.get_slice(k)
-            dtype = {v: k2 for k2, v in _DTYPES.items()}.get(sl.get_dtype())
-            out.append(Entry(k, path, tuple(sl.get_shape()), dtype, lambda h=handle, k=k: h.get_tensor(k)))
-        return out
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise UserError(Problem(str(path), None, f"cannot read safetensors file ({_first_line(err)}); "
-                                "truncated or not a safetensors file")) from err
+
+def _read(path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    buf = bytearray(nbytes)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(buf) != nbytes:
+            raise UserError(Problem(str(path), None, "cannot read safetensors file (short read); truncated"))
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def _bin_entries(path: Path) -> list[Entry]:
