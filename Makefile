@@ -18,17 +18,27 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 DATA := model_dir/data
+MM   := OMP_NUM_THREADS=1 $(VENV)/bin/mmgraph
+# The main job on the embedded default: synthetic data -> compile (verified) -> phase 1 -> phase 2
+# with eval on held-back questions -> answers to questions about two held-back images.
+# One thread: the tiny model gains nothing from two, and two threads stall whenever anything else
+# runs on a 2-core machine.
 demo: install
-	$(VENV)/bin/mmgraph data synth --output_dir $(DATA)
-	$(VENV)/bin/mmgraph preprocess --input_json $(DATA)/phase1_train.json --image_dir $(DATA)/images \
+	$(MM) data synth --output_dir $(DATA)
+	$(MM) preprocess --input_json $(DATA)/phase1_train.json --image_dir $(DATA)/images \
 		--tokenizer $(DATA)/tokenizer --output_dir $(DATA)/phase1 --phase 1 \
-		--params configs/params_mm_llava_tiny_phase1.yaml --num_workers 2
-	$(VENV)/bin/mmgraph preprocess --input_json $(DATA)/phase2_train.json --image_dir $(DATA)/images \
+		--params configs/params_mm_llava_demo_phase1.yaml --num_workers 2
+	$(MM) preprocess --input_json $(DATA)/phase2_train.json --image_dir $(DATA)/images \
 		--tokenizer $(DATA)/tokenizer --output_dir $(DATA)/phase2 --phase 2 \
-		--params configs/params_mm_llava_tiny_phase2.yaml --num_workers 2
-	$(VENV)/bin/mmgraph check --params configs/params_mm_llava_tiny_phase1.yaml
-	$(VENV)/bin/mmgraph check --params configs/params_mm_llava_llama2_7b_phase2.yaml
-	$(VENV)/bin/mmgraph compile --params configs/params_mm_llava_tiny_phase1.yaml --model_dir model_dir --verify
+		--params configs/params_mm_llava_demo_phase2.yaml --num_workers 2
+	$(MM) preprocess --input_json $(DATA)/phase2_eval.json --image_dir $(DATA)/images \
+		--tokenizer $(DATA)/tokenizer --output_dir $(DATA)/phase2_eval --phase 2 \
+		--params configs/params_mm_llava_demo_phase2.yaml --num_workers 2
+	$(MM) check --params configs/params_mm_llava_llama2_7b_phase2.yaml
+	$(MM) compile --params configs/params_mm_llava_demo_phase2.yaml --model_dir model_dir/demo_compile --verify
+	$(MM) run CPU --mode train --params configs/params_mm_llava_demo_phase1.yaml --model_dir model_dir/demo_phase1
+	$(MM) run CPU --mode train_and_eval --params configs/params_mm_llava_demo_phase2.yaml --model_dir model_dir/demo_phase2
+	@echo "== done. model_dir/demo_compile/compile/ (dumps, report.html); model_dir/demo_phase{1,2}/: compile/, checkpoints/, metrics.jsonl, events/ (tensorboard --logdir model_dir)"
 
 test: install
 	$(PY) -m pytest -q -n 2

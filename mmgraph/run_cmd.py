@@ -69,11 +69,17 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
     runner = Runner(params, model_dir, train_program, eval_program, dev, executor=executor,
                     eval_executor=eval_executor)
     resumed = runner.resume()
+    initial = checkpoint_path or params.runconfig.checkpoint_path
     if resumed:
-        print(f"resumed from {resumed} (step {runner.step})")
-    elif checkpoint_path:
-        runner._load_initial(checkpoint_path)
-        print(f"initial weights from {checkpoint_path}")
+        note = f"; initial weights {initial} not loaded: resuming" if initial else ""
+        print(f"resumed from {resumed} (step {runner.step}){note}")
+    elif initial:
+        states = params.runconfig.load_checkpoint_states
+        if states is not None and {s.strip() for s in states.split(",")} - {"model"}:
+            raise UserError(Problem(params.path, "runconfig.load_checkpoint_states", f"{states!r}: initial "
+                                    "checkpoints load the model only (a run in the same model_dir resumes all)"))
+        runner._load_initial(initial)
+        print(f"initial weights from {initial}")
 
     if train_mode:
         _train(params, runner, train_loader, eval_loader, max_steps or params.runconfig.max_steps, mode)

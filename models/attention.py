@@ -94,6 +94,40 @@ class Attention(nn.Module):
         return self.proj_output_dense_layer(out)
 
 
+    def forward_cached(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                       cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> torch.Tensor:
+        """Attention of ``x`` (B, s, H), the tokens at positions ``start .. start+s-1``, over every
+        earlier position: their keys and values are written into the caches (B, kv_heads, L, hd)
+        and the attention reads positions ``0 .. start+s-1`` from there."""
+        b, s, _ = x.shape
+        q = self.proj_q_dense_layer(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.proj_k_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.proj_v_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        end = start + s
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+        if self.num_kv_heads != self.num_heads:
+            group = self.num_heads // self.num_kv_heads
+            k = k[:, :, None].expand(b, self.num_kv_heads, group, end, self.head_dim).reshape(b, self.num_heads, end, self.head_dim)
+            v = v[:, :, None].expand(b, self.num_kv_heads, group, end, self.head_dim).reshape(b, self.num_heads, end, self.head_dim)
+        mask = None
+        if s > 1:                         # query i sits at start + i: keys up to there
+            idx = torch.arange(end, device=x.device)
+            allowed = idx[None, :] <= (start + torch.arange(s, device=x.device))[:, None]
+            mask = torch.where(allowed, torch.zeros((), dtype=q.dtype, device=x.device), torch.finfo(q.dtype).min)
+        if self.impl == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            if mask is not None:
+                scores = scores + mask
+            out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return self.proj_output_dense_layer(out)
+
+
 def causal_padding_mask(key_padding_mask: Optional[torch.Tensor], seq_len: int,
                         dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Additive mask (B or 1, 1, S, S): 0 where a query may attend, dtype-min elsewhere.

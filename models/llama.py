@@ -53,6 +53,24 @@ class DecoderLayer(nn.Module):
         return x + f
 
 
+    def forward_cached(self, x: torch.Tensor, rotary, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                       start: int) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.norm1(x), rotary, cache_k, cache_v, start)
+        return x + self.ffn(self.norm3(x))
+
+
+class KVCache:
+    """Keys and values of every layer for up to ``max_len`` positions, allocated once."""
+
+    def __init__(self, cfg: LlamaModelConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.hidden_size // cfg.num_heads)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+
 class TransformerDecoder(nn.Module):
     def __init__(self, cfg: LlamaModelConfig, attention_impl: str):
         super().__init__()
@@ -92,4 +110,21 @@ class LlamaModel(nn.Module):
         for layer in self.transformer_decoder.layers:
             x = layer(x, mask, rotary)
         x = self.transformer_decoder.norm(x)
+        return self.lm_head(x)
+
+    def forward_cached(self, embeddings: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        """The next positions of a cached sequence: embeddings (B, s, H) at positions
+        ``cache.length ..``; returns logits (B, 1 or s, V) and advances the cache."""
+        b, s, _ = embeddings.shape
+        start = cache.length
+        if start + s > cache.max_len:
+            raise ValueError(f"sequence of {start + s} positions exceeds the cache ({cache.max_len})")
+        cfg = self.config
+        positions = torch.arange(start, start + s, device=embeddings.device)[None].expand(b, s)
+        rotary = rotary_cos_sin(positions, cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, embeddings.dtype)
+        x = embeddings
+        for layer, k, v in zip(self.transformer_decoder.layers, cache.k, cache.v):
+            x = layer.forward_cached(x, rotary, k, v, start)
+        cache.length = start + s
+        x = self.transformer_decoder.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)

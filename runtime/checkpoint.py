@@ -16,8 +16,11 @@ from safetensors.torch import load_file, save_file
 from mmgraph.errors import Problem, UserError
 
 
+CHECKPOINTS = "checkpoints"
+
+
 def checkpoint_dir(model_dir: str | Path) -> Path:
-    return Path(model_dir) / "checkpoints"
+    return Path(model_dir) / CHECKPOINTS
 
 
 def list_checkpoints(model_dir: str | Path) -> list[Path]:
@@ -59,6 +62,11 @@ def save(model_dir: str | Path, step: int, weights: dict[str, torch.Tensor], opt
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a checkpoint folder or a ``.safetensors`` file."""
     path = Path(path)
+    if path.is_dir() and (path / CHECKPOINTS).is_dir():                          # a model_dir: its latest
+        last = latest(path)
+        if last is None:
+            raise UserError(Problem(str(path), None, "no finished checkpoint in this model_dir"))
+        path = last
     if path.is_dir() and (path / "model.safetensors.index.json").is_file():      # sharded (mmgraph convert)
         from mmgraph.convert.io import find_weights, read_entries
         return {k: e.load() for k, e in read_entries(find_weights(path)).items()}

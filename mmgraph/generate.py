@@ -1,0 +1,269 @@
+"""``mmgraph generate``: answer questions about images with a trained model.
+
+The prompt is built exactly as training saw it (the preprocessing Encoder: ``vicuna_v1`` or
+``plain``), images go where the prompt's ``<image>`` marks stand (one mark is put first when the
+prompt has none, as LLaVA does) and pass through the params' eval transforms. Decoding keeps a
+key-value cache allocated once for the whole sequence: the prompt is run once (prefill), then
+one token at a time. Greedy by default; ``--temperature`` and ``--top_p`` sample (nucleus).
+
+Batch mode (``--question_file``) reads LLaVA's question JSONL (``question_id``, ``image``,
+``text``) and writes LLaVA's answer JSONL (``question_id``, ``prompt``, ``text``, ``answer_id``,
+``model_id``, ``metadata``), the form its evaluation scripts read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from mmgraph.config import Params, load_params
+from mmgraph.errors import Problem, UserError
+from mmgraph.preprocess import IMAGE, Encoder, Layout
+
+
+class Generator:
+    def __init__(self, params: Params, weights: Optional[str], tokenizer: str, template: str = "vicuna_v1",
+                 device: str = "cpu", seed: int = 0):
+        from mmgraph.models import build_model
+        from mmgraph.runtime.checkpoint import load_weights
+        from mmgraph.runtime.transforms import build_transforms
+
+        self.params = params
+        layout = params.layout("eval" if params.eval_input else "train")
+        self.layout = layout
+        self.encoder = Encoder(tokenizer, 2 if template == "vicuna_v1" else 1,
+                               Layout(layout.max_sequence_length, layout.num_patches, layout.max_num_img),
+                               None, check_images=False)
+        self.model, _ = build_model(params, device=device, seed=seed)
+        if weights:
+            state = load_weights(weights)
+            own = self.model.state_dict()
+            missing = [k for k in own if k not in state]
+            if missing:
+                raise UserError(Problem(weights, missing[0], "missing from the checkpoint"))
+            self.model.load_state_dict({k: state[k] for k in own}, strict=True)
+        self.model.eval()
+        data = params.eval_input or params.train_input
+        self.transform = build_transforms(data.transforms)
+        self.device = torch.device(device)
+        self.context = min(layout.max_sequence_length, params.model.text_model.max_position_embeddings or 1 << 30)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def prompt_inputs(self, prompt: str, images: list[str]) -> tuple[list[int], list[list[int]], torch.Tensor]:
+        marks = prompt.count(IMAGE)
+        if marks == 0 and images:
+            prompt = IMAGE + "\n" + prompt
+            marks = 1 if len(images) == 1 else marks
+        if marks == 0 and len(images) > 1:
+            prompt = (IMAGE + "\n") * len(images) + prompt
+            marks = len(images)
+        if marks != len(images):
+            raise UserError(Problem(None, "--prompt", f"{marks} <image> marks but {len(images)} images"))
+        if marks > self.layout.max_num_img:
+            raise UserError(Problem(None, "--image", f"{marks} images > max_num_img {self.layout.max_num_img} "
+                                    "of the params"))
+        ids, _, locs = self.encoder._tokens([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}])
+        ids = ids[:-1]                                   # the reply's end-of-turn token: generated, not given
+        if self.encoder.phase == 2 and ids and self.encoder.ids(" ASSISTANT:") == ids[-len(self.encoder.ids(" ASSISTANT:")):]:
+            pass
+        return ids, locs, self.load_images(images)
+
+    def load_images(self, images: list[str]) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        n = max(self.layout.max_num_img, 1)
+        c, h, w = (self.params.train_input or self.params.eval_input).image_data_size
+        out = torch.zeros(1, n, c, h, w)
+        for i, name in enumerate(images):
+            try:
+                with Image.open(name) as img:
+                    out[0, i] = self.transform(img.convert("RGB"))
+            except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+                raise UserError(Problem(name, None, f"cannot read the image ({err.__class__.__name__}: "
+                                        f"{str(err).splitlines()[0] if str(err) else 'unreadable'})")) from None
+        return out
+
+    def embeddings(self, ids: list[int], locs: list[list[int]], image_data: torch.Tensor) -> torch.Tensor:
+        n = image_data.shape[1]
+        s = len(ids)
+        loc = torch.full((1, n, self.layout.num_patches), s, dtype=torch.long)
+        for i, positions in enumerate(locs):
+            loc[0, i] = torch.tensor(positions)
+        text = torch.tensor([ids], dtype=torch.long)
+        with torch.no_grad():
+            return self.model.compute_embeddings(image_data.to(self.device), text.to(self.device), loc.to(self.device))
+
+    # -- decoding --------------------------------------------------------------------------
+    def generate(self, prompt: str, images: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, use_cache: bool = True, seed: int = 0,
+                 on_token: Optional[Callable[[int], None]] = None) -> list[int]:
+        ids, locs, image_data = self.prompt_inputs(prompt, images)
+        if len(ids) >= self.context:
+            raise UserError(Problem(None, "--prompt", f"the prompt is {len(ids)} tokens (images included); the "
+                                    f"context is {self.context}"))
+        budget = min(max_new_tokens, self.context - len(ids))
+        gen = torch.Generator().manual_seed(seed)
+        out: list[int] = []
+        for token in (self._cached if use_cache else self._uncached)(ids, locs, image_data, budget, temperature,
+                                                                      top_p, gen):
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token == self.encoder.eos:
+                break
+        return out
+
+    def _pick(self, logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+        logits = logits.float().reshape(-1)
+        if temperature <= 0.0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < top_p            # the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+    @torch.no_grad()
+    def _cached(self, ids, locs, image_data, budget, temperature, top_p, gen) -> Iterator[int]:
+        from mmgraph.models.llama import KVCache
+
+        text = self.model.text_model
+        emb = self.embeddings(ids, locs, image_data)
+        cache = KVCache(text.config, 1, len(ids) + budget, emb.dtype, self.device)
+        logits = text.forward_cached(emb, cache)
+        for _ in range(budget):
+            token = self._pick(logits, temperature, top_p, gen)
+            yield token
+            if token == self.encoder.eos or cache.length >= cache.max_len:
+                return
+            x = text.compute_input_embeddings(torch.tensor([[token]], device=self.device))
+            logits = text.forward_cached(x, cache)
+
+    @torch.no_grad()
+    def _uncached(self, ids, locs, image_data, budget, temperature, top_p, gen) -> Iterator[int]:
+        """The reference: the whole sequence recomputed by the training forward at every step."""
+        seq = list(ids)
+        for _ in range(budget):
+            emb = self.embeddings(seq, locs, image_data)
+            logits = self.model.text_model(emb)[:, -1]
+            token = self._pick(logits, temperature, top_p, gen)
+            yield token
+            if token == self.encoder.eos:
+                return
+            seq.append(token)
+
+    def decode(self, tokens: list[int]) -> str:
+        if tokens and tokens[-1] == self.encoder.eos:
+            tokens = tokens[:-1]
+        return self.encoder.tok.decode(tokens, skip_special_tokens=True).strip()
+
+
+def _tokenizer_for(tokenizer: Optional[str], checkpoint: Optional[str], params: Params) -> str:
+    if tokenizer:
+        return tokenizer
+    candidates = []
+    if checkpoint:
+        p = Path(checkpoint)
+        candidates += [p / "tokenizer", p.parent / "tokenizer", p.parent.parent / "tokenizer"]
+    data = params.train_input or params.eval_input
+    if data is not None and data.data_dir:
+        candidates.append(Path(data.data_dir).parent / "tokenizer")
+    for c in candidates:
+        if (c / "tokenizer.json").is_file() or (c / "tokenizer_config.json").is_file():
+            return str(c)
+    raise UserError(Problem(None, "--tokenizer", "no tokenizer found beside the checkpoint or the data; pass "
+                            "--tokenizer DIR"))
+
+
+def _latest_weights(model_dir_or_ckpt: Optional[str]) -> Optional[str]:
+    """A model_dir means its latest checkpoint."""
+    if model_dir_or_ckpt is None:
+        return None
+    from mmgraph.runtime import checkpoint
+
+    p = Path(model_dir_or_ckpt)
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        last = checkpoint.latest(p)
+        if last is None:
+            raise UserError(Problem(str(p), None, "no checkpoint in this model_dir"))
+        return str(last)
+    if not p.exists():
+        raise UserError(Problem(str(p), None, "does not exist"))
+    return str(p)
+
+
+def run_generate(params_path: str, checkpoint_path: Optional[str], images: list[str], prompt: Optional[str],
+                 max_new_tokens: int, temperature: float, top_p: float, tokenizer: Optional[str],
+                 template: str, question_file: Optional[str], image_folder: Optional[str],
+                 answers_file: Optional[str], seed: int) -> int:
+    params = load_params(params_path, "eval") if _has_eval(params_path) else load_params(params_path)
+    weights = _latest_weights(checkpoint_path)
+    gen = Generator(params, weights, _tokenizer_for(tokenizer, weights, params), template, seed=seed)
+    if question_file:
+        return _batch(gen, question_file, image_folder, answers_file, max_new_tokens, temperature, top_p,
+                      seed, weights)
+    if prompt is None:
+        raise UserError(Problem(None, "--prompt", "required (or --question_file)"))
+    shown = ""
+    out: list[int] = []
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        out.append(token)
+        text = gen.decode(out)
+        if text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    gen.generate(prompt, images, max_new_tokens, temperature, top_p, seed=seed, on_token=stream)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _has_eval(path: str) -> bool:
+    import yaml
+
+    try:
+        return "eval_input" in (yaml.safe_load(Path(path).read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def _batch(gen: Generator, question_file: str, image_folder: Optional[str], answers_file: Optional[str],
+           max_new_tokens: int, temperature: float, top_p: float, seed: int, weights: Optional[str]) -> int:
+    path = Path(question_file)
+    if not path.is_file():
+        raise UserError(Problem(question_file, None, "does not exist"))
+    questions = []
+    text = path.read_text()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    for i, q in enumerate(rows):
+        if not isinstance(q, dict) or "text" not in q:
+            raise UserError(Problem(question_file, f"question {i}", "needs 'text' (and 'question_id', 'image')"))
+        questions.append(q)
+    if answers_file is None:
+        raise UserError(Problem(None, "--answers_file", "required with --question_file"))
+    out_path = Path(answers_file)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    model_id = Path(weights).name if weights else "initialized"
+    with open(tmp, "w") as f:
+        for i, q in enumerate(questions):
+            images = q.get("image") or []
+            images = [images] if isinstance(images, str) else list(images)
+            images = [str(Path(image_folder) / im) if image_folder else im for im in images]
+            tokens = gen.generate(q["text"], images, max_new_tokens, temperature, top_p, seed=seed + i)
+            f.write(json.dumps({"question_id": q.get("question_id", i), "prompt": q["text"],
+                                "text": gen.decode(tokens), "answer_id": uuid.uuid4().hex[:22],
+                                "model_id": model_id, "metadata": {}}) + "\n")
+    os.replace(tmp, out_path)
+    print(f"wrote {len(questions)} answers to {out_path}")
+    return 0
