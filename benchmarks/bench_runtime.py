@@ -11,9 +11,10 @@ params' freeze masks, fp32), the same weights, batch and optimizer for every var
 - ``reference`` / ``compiled``: ``Runner.train_step`` executing the lowered program with that
   executor.
 Variants run interleaved, median of ``--repeats`` after warm-up (compilation is excluded and
-reported separately). Peak memory: each variant in a fresh process; the high-water RSS during
-the measured steps, less the process's RSS before the model was built (so: weights, optimizer
-state, activations and workspace).
+reported separately). Peak memory: each variant in a fresh process that has first compiled the
+step (so every variant carries the same compiler residue: imported toolchain, the program's
+graph; reported beside the table); the high-water RSS during the measured steps less the RSS
+after that (so: weights, optimizer state, gradients, activations and workspace).
 
 Eval forward (loss + logits): the module under ``no_grad`` (peer), the ``reference`` executor on
 the eval program, and ``onnxruntime`` on the ONNX export of the same step.
@@ -147,7 +148,11 @@ def eval_steps(params) -> dict:
 
 def memory_child(path: str, variant: str, steps: int) -> dict:
     """Run in a fresh process: peak RSS of ``variant``'s steps above the pre-model baseline."""
+    from mmgraph.pipeline import compile_step
+
     params = load_params(path)
+    before = _rss_kb("VmRSS")
+    compile_step(params)          # every variant carries the compiler's residue: the baseline is after it
     base = _rss_kb("VmRSS")
     bench = Train(params, [variant])
     fn = bench.steps[variant]
@@ -155,7 +160,7 @@ def memory_child(path: str, variant: str, steps: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")             # reset the high-water mark
     for _ in range(steps):
         fn()
-    return {"peak_mb": (_rss_kb("VmHWM") - base) / 1024}
+    return {"peak_mb": (_rss_kb("VmHWM") - base) / 1024, "compiler_mb": (base - before) / 1024}
 
 
 def measure_memory(path: Path, variants, steps: int) -> dict:
@@ -164,7 +169,7 @@ def measure_memory(path: Path, variants, steps: int) -> dict:
         cmd = [sys.executable, "-m", "benchmarks.bench_runtime", "--memory-child", v, "--params", str(path),
                "--steps", str(steps)]
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-        out[v] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+        out[v] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -176,7 +181,9 @@ def run(size: str, repeats: int, memory: bool = True, variants=TRAIN) -> dict:
         bench = Train(params, variants)
         train = time_steps(bench.steps, repeats)
         ev = time_steps(eval_steps(params), repeats)
-        mem = measure_memory(path, variants, 3 if repeats > 1 else 1) if memory else {}
+        measured = measure_memory(path, variants, 3 if repeats > 1 else 1) if memory else {}
+    mem = {k: v["peak_mb"] for k, v in measured.items()}
+    residue = max((v["compiler_mb"] for v in measured.values()), default=None)
     base = train["eager"]["median_s"]
     rows = [{"variant": k, **v, "ratio": v["median_s"] / base, "first_call_s": bench.compile_s[k],
              "peak_mb": mem.get(k), "memory_ratio": mem[k] / mem["eager"] if mem else None}
@@ -184,7 +191,7 @@ def run(size: str, repeats: int, memory: bool = True, variants=TRAIN) -> dict:
     ebase = ev["eager"]["median_s"]
     erows = [{"variant": k, **v, "ratio": v["median_s"] / ebase} for k, v in ev.items()]
     return {"size": size, "batch": params.train_input.batch_size, "threads": torch.get_num_threads(),
-            "repeats": repeats, "train": rows, "eval": erows,
+            "repeats": repeats, "train": rows, "eval": erows, "compiler_residue_mb": residue,
             "versions": {"torch": torch.__version__}}
 
 
@@ -196,6 +203,9 @@ def format_table(r: dict) -> str:
         mem = f"{row['peak_mb']:.0f} | {row['memory_ratio']:.2f}" if row["peak_mb"] is not None else "- | -"
         lines.append(f"| {row['variant']} | {row['median_s'] * 1e3:.1f} | {row['min_s'] * 1e3:.1f} | "
                      f"{row['max_s'] * 1e3:.1f} | {row['ratio']:.2f} | {row['first_call_s']:.1f} | {mem} |")
+    if r.get("compiler_residue_mb") is not None:
+        lines += ["", f"Compiler residue held by every variant's process (not in the peaks above): "
+                      f"{r['compiler_residue_mb']:.0f} MB."]
     lines += ["", "Eval forward (loss + logits):", "", "| variant | ms (median) | min | max | / eager |",
               "|---|---|---|---|---|"]
     for row in r["eval"]:

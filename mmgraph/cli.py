@@ -94,6 +94,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mmgraph.generate import run_generate
+
+    return run_generate(args.params, args.checkpoint_path, args.image or [], args.prompt, args.max_new_tokens,
+                        args.temperature, args.top_p, args.tokenizer, args.template, args.question_file,
+                        args.image_folder, args.answers_file, args.seed)
+
+
 def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
     if params:
         sub.add_argument("--params", required=True, metavar="FILE", help="params YAML")
@@ -171,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     runp.add_argument("--eval_executor", choices=("reference", "compiled", "onnxruntime"),
                       help="executor for eval (default: --executor)")
     runp.set_defaults(func=_cmd_run)
+
+    gen = sub.add_parser(
+        "generate", help="answer a question about images (streams the tokens)",
+        description="Greedy or sampled decoding with a key-value cache; images are placed where the "
+                    "prompt's <image> marks stand (one is put first when there is none). Batch mode "
+                    "(--question_file) writes LLaVA's answer JSONL.")
+    _common(gen)
+    gen.add_argument("--checkpoint_path", metavar="PATH",
+                     help="a model_dir (its latest checkpoint), a checkpoint folder or .safetensors file")
+    gen.add_argument("--image", action="append", metavar="IMG", help="an image (repeat for several)")
+    gen.add_argument("--prompt", metavar="TEXT")
+    gen.add_argument("--max_new_tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top_p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tokenizer", metavar="DIR", help="default: the tokenizer beside the checkpoint or the data")
+    gen.add_argument("--template", choices=("vicuna_v1", "plain"), default="vicuna_v1",
+                     help="the conversation template training used (phase 2: vicuna_v1, phase 1: plain)")
+    gen.add_argument("--question_file", metavar="FILE", help="LLaVA question JSONL (question_id, image, text)")
+    gen.add_argument("--image_folder", metavar="DIR", help="batch mode: images are relative to it")
+    gen.add_argument("--answers_file", metavar="FILE", help="batch mode: answers JSONL to write")
+    gen.set_defaults(func=_cmd_generate)
 
     conv = sub.add_parser(
         "convert", help="checkpoints between native, Hugging Face and the LLaVA layout",

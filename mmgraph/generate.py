@@ -70,8 +70,6 @@ class Generator:
                                     "of the params"))
         ids, _, locs = self.encoder._tokens([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}])
         ids = ids[:-1]                                   # the reply's end-of-turn token: generated, not given
-        if self.encoder.phase == 2 and ids and self.encoder.ids(" ASSISTANT:") == ids[-len(self.encoder.ids(" ASSISTANT:")):]:
-            pass
         return ids, locs, self.load_images(images)
 
     def load_images(self, images: list[str]) -> torch.Tensor:

@@ -108,11 +108,18 @@ class Runner:
         start = time.perf_counter()
         total: dict[str, torch.Tensor] = {}
         losses = []
+        owned: set[int] = set()
         for batch in micro_batches:
             loss, grads = self.micro_step(batch)
             losses.append(loss)
             for k, g in grads.items():
-                total[k] = total[k].add_(g) if k in total else g.clone()
+                if k in total:
+                    total[k].add_(g)
+                elif g._base is None and g.data_ptr() not in owned:   # a fresh output: accumulate in place
+                    total[k] = g
+                    owned.add(g.data_ptr())
+                else:
+                    total[k] = g.clone()
         n = len(micro_batches)
         for g in total.values():
             g.div_(n)
