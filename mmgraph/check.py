@@ -75,7 +75,9 @@ def format_summary(s: CheckSummary) -> str:
                          f"{' + CLS' if vit.prepend_cls_token else ''}, features after block "
                          f"{vit.num_layers_used} of {vit.num_hidden_layers} (image_layer_idx {vit.image_layer_idx})")
     mode = s.params.model.image_model_list.image_feature_select_mode
-    lines.append(f"  tokens per image: {lay.num_patches} (image_feature_select_mode {mode})")
+    conn = s.params.model.image_model_list.connector
+    how = f"connector {conn.name}" if conn else f"image_feature_select_mode {mode}"
+    lines.append(f"  tokens per image: {lay.num_patches} ({how})")
     lines.append(f"  text tokens at full images: {lay.max_sequence_length - lay.max_num_img * lay.num_patches}")
     data = s.params.input_for(s.mode)
     if data is not None:

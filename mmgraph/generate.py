@@ -135,7 +135,7 @@ class Generator:
         text = self.model.text_model
         emb = self.embeddings(ids, locs, image_data)
         cache = KVCache(text.config, 1, len(ids) + budget, emb.dtype, self.device)
-        logits = text.forward_cached(emb, cache)
+        logits = text.forward_cached(emb, cache, token_modality_idx=self._modality(len(ids), locs))
         for _ in range(budget):
             token = self._pick(logits, temperature, top_p, gen)
             yield token
@@ -150,12 +150,19 @@ class Generator:
         seq = list(ids)
         for _ in range(budget):
             emb = self.embeddings(seq, locs, image_data)
-            logits = self.model.text_model(emb)[:, -1]
+            logits = self.model.text_model(emb, token_modality_idx=self._modality(len(seq), locs))[:, -1]
             token = self._pick(logits, temperature, top_p, gen)
             yield token
             if token == self.encoder.eos:
                 return
             seq.append(token)
+
+    def _modality(self, length: int, locs: list[list[int]]) -> torch.Tensor:
+        """token_modality_idx (1, length): 1 at image positions."""
+        m = torch.zeros(1, length, dtype=torch.long, device=self.device)
+        for positions in locs:
+            m[0, positions] = 1
+        return m
 
     def decode(self, tokens: list[int]) -> str:
         if tokens and tokens[-1] == self.encoder.eos:

@@ -65,13 +65,22 @@ class Attention(nn.Module):
         self.impl = impl
         self.scale = self.head_dim ** -0.5 if scaled else 1.0
 
+    def _proj(self, name: str, x: torch.Tensor, expert: Optional[nn.Module], image: Optional[torch.Tensor]):
+        """The projection ``name``; with a visual expert, its own weights at image positions."""
+        out = getattr(self, name)(x)
+        if expert is not None and image is not None and hasattr(expert, name):
+            out = torch.where(image, getattr(expert, name)(x), out)
+        return out
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """x: (B, S, H); mask: additive, broadcastable to (B, heads, S, S)."""
+                rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                expert: Optional[nn.Module] = None, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, S, H); mask: additive, broadcastable to (B, heads, S, S); ``expert`` (a module
+        with its own ``proj_*`` layers) replaces the projections where ``image`` (B, S, 1) is set."""
         b, s, _ = x.shape
-        q = self.proj_q_dense_layer(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.proj_k_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.proj_v_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self._proj("proj_q_dense_layer", x, expert, image).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self._proj("proj_k_dense_layer", x, expert, image).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self._proj("proj_v_dense_layer", x, expert, image).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # q: (B, nh, S, hd); k, v: (B, nkv, S, hd)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
@@ -91,18 +100,19 @@ class Attention(nn.Module):
                 probs = F.dropout(probs, p, True)
             out = torch.matmul(probs, v)                                   # (B, nh, S, hd)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-        return self.proj_output_dense_layer(out)
+        return self._proj("proj_output_dense_layer", out, expert, image)
 
 
     def forward_cached(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                       cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> torch.Tensor:
+                       cache_k: torch.Tensor, cache_v: torch.Tensor, start: int,
+                       expert: Optional[nn.Module] = None, image: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention of ``x`` (B, s, H), the tokens at positions ``start .. start+s-1``, over every
         earlier position: their keys and values are written into the caches (B, kv_heads, L, hd)
         and the attention reads positions ``0 .. start+s-1`` from there."""
         b, s, _ = x.shape
-        q = self.proj_q_dense_layer(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.proj_k_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.proj_v_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self._proj("proj_q_dense_layer", x, expert, image).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self._proj("proj_k_dense_layer", x, expert, image).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self._proj("proj_v_dense_layer", x, expert, image).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         end = start + s
         cache_k[:, :, start:end] = k
@@ -125,7 +135,7 @@ class Attention(nn.Module):
                 scores = scores + mask
             out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-        return self.proj_output_dense_layer(out)
+        return self._proj("proj_output_dense_layer", out, expert, image)
 
 
 def causal_padding_mask(key_padding_mask: Optional[torch.Tensor], seq_len: int,

@@ -27,6 +27,32 @@ class TextEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
 
 
+class VisualExpert(nn.Module):
+    """CogVLM's visual expert of one decoder layer: weights used at image positions, beside the
+    layer's own (text) weights. ``proj_*_dense_layer`` (attention form) and/or ``ffn``."""
+
+    def __init__(self, cfg: LlamaModelConfig):
+        super().__init__()
+        h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
+        if cfg.extra_attention_params.static_dual_expert:
+            bias, out_bias = cfg.use_projection_bias_in_attention, cfg.use_ffn_bias_in_attention
+            self.proj_q_dense_layer = nn.Linear(h, h, bias=bias)
+            self.proj_k_dense_layer = nn.Linear(h, kv, bias=bias)
+            self.proj_v_dense_layer = nn.Linear(h, kv, bias=bias)
+            self.proj_output_dense_layer = nn.Linear(h, h, bias=out_bias)
+        if cfg.extra_ffn_params.static_dual_expert:
+            self.ffn = FeedForwardNetwork(h, [cfg.filter_size, h], [cfg.nonlinearity, None], cfg.use_ffn_bias)
+
+
+def constant_image_positions(token_modality_idx: torch.Tensor) -> torch.Tensor:
+    """Positions where every token of an image run shares the run's first position and text
+    continues one after it (CogVLM): (B, S) -> (B, S)."""
+    image = token_modality_idx == 1
+    before = F.pad(image[:, :-1], (1, 0), value=False)
+    step = (~image) | (image & ~before)
+    return step.long().cumsum(1) - 1
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaModelConfig, attention_impl: str):
         super().__init__()
@@ -39,24 +65,31 @@ class DecoderLayer(nn.Module):
                                    scaled=cfg.attention_type == "scaled_dot_product")
         self.norm3 = make_norm(cfg.norm_type, h, eps)
         self.ffn = FeedForwardNetwork(h, [cfg.filter_size, h], [cfg.nonlinearity, None], cfg.use_ffn_bias)
+        self.visual_expert = VisualExpert(cfg) if cfg.visual_experts else None
         self.dropout = cfg.dropout_rate
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        a = self.self_attn(self.norm1(x), mask, rotary)
+    def _ffn(self, h: torch.Tensor, image: Optional[torch.Tensor]) -> torch.Tensor:
+        out = self.ffn(h)
+        if image is not None and self.visual_expert is not None and hasattr(self.visual_expert, "ffn"):
+            out = torch.where(image, self.visual_expert.ffn(h), out)
+        return out
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``image`` (B, S, 1) bool: positions that use the visual expert, when there is one."""
+        a = self.self_attn(self.norm1(x), mask, rotary, self.visual_expert, image)
         if self.dropout > 0.0:
             a = F.dropout(a, self.dropout, self.training)
         x = x + a
-        f = self.ffn(self.norm3(x))
+        f = self._ffn(self.norm3(x), image)
         if self.dropout > 0.0:
             f = F.dropout(f, self.dropout, self.training)
         return x + f
 
-
     def forward_cached(self, x: torch.Tensor, rotary, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                       start: int) -> torch.Tensor:
-        x = x + self.self_attn.forward_cached(self.norm1(x), rotary, cache_k, cache_v, start)
-        return x + self.ffn(self.norm3(x))
+                       start: int, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.norm1(x), rotary, cache_k, cache_v, start, self.visual_expert, image)
+        return x + self._ffn(self.norm3(x), image)
 
 
 class KVCache:
@@ -68,7 +101,8 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
-        self.length = 0
+        self.length = 0              # slots filled
+        self.next_position = 0       # rotary position of the next token
 
 
 class TransformerDecoder(nn.Module):
@@ -97,34 +131,51 @@ class LlamaModel(nn.Module):
         p = max(self.config.embd_pdrop, self.config.embedding_dropout_rate)
         return F.dropout(x, p, self.training) if p > 0.0 else x
 
+    def positions(self, b: int, s: int, token_modality_idx: Optional[torch.Tensor], device) -> torch.Tensor:
+        if self.config.constant_image_position and token_modality_idx is not None:
+            return constant_image_positions(token_modality_idx)
+        return torch.arange(s, device=device)[None].expand(b, s)
+
+    def _image(self, token_modality_idx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if not self.config.visual_experts or token_modality_idx is None:
+            return None
+        return (token_modality_idx == 1)[..., None]
+
     def forward(self, embeddings: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """embeddings (B, S, H) -> logits (B, S, V); causal, padding keys masked."""
+                position_ids: Optional[torch.Tensor] = None,
+                token_modality_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """embeddings (B, S, H) -> logits (B, S, V); causal, padding keys masked. With visual
+        experts, ``token_modality_idx`` (1 = image) selects the expert weights per position."""
         b, s, _ = embeddings.shape
         if position_ids is None:
-            position_ids = torch.arange(s, device=embeddings.device)[None].expand(b, s)
+            position_ids = self.positions(b, s, token_modality_idx, embeddings.device)
         cfg = self.config
         rotary = rotary_cos_sin(position_ids, cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, embeddings.dtype)
         mask = causal_padding_mask(key_padding_mask, s, embeddings.dtype, embeddings.device)
+        image = self._image(token_modality_idx)
         x = embeddings
         for layer in self.transformer_decoder.layers:
-            x = layer(x, mask, rotary)
+            x = layer(x, mask, rotary, image)
         x = self.transformer_decoder.norm(x)
         return self.lm_head(x)
 
-    def forward_cached(self, embeddings: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
-        """The next positions of a cached sequence: embeddings (B, s, H) at positions
-        ``cache.length ..``; returns logits (B, 1 or s, V) and advances the cache."""
+    def forward_cached(self, embeddings: torch.Tensor, cache: KVCache, last_only: bool = True,
+                       token_modality_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The next tokens of a cached sequence: embeddings (B, s, H) in cache slots
+        ``cache.length ..``; returns logits (B, 1 or s, V) and advances the cache. Rotary
+        positions continue from the last one (image runs share one with constant_image_position)."""
         b, s, _ = embeddings.shape
         start = cache.length
         if start + s > cache.max_len:
             raise ValueError(f"sequence of {start + s} positions exceeds the cache ({cache.max_len})")
         cfg = self.config
-        positions = torch.arange(start, start + s, device=embeddings.device)[None].expand(b, s)
+        positions = self.positions(b, s, token_modality_idx, embeddings.device) + cache.next_position
         rotary = rotary_cos_sin(positions, cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, embeddings.dtype)
+        image = self._image(token_modality_idx)
         x = embeddings
         for layer, k, v in zip(self.transformer_decoder.layers, cache.k, cache.v):
-            x = layer.forward_cached(x, rotary, k, v, start)
+            x = layer.forward_cached(x, rotary, k, v, start, image)
         cache.length = start + s
+        cache.next_position = int(positions[0, -1]) + 1
         x = self.transformer_decoder.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)

@@ -4,6 +4,7 @@ Parameter names match the Model Zoo's MultimodalSimple, so its freeze regexes wo
 
     image_model.image_model_list[i][0]   encoder i (ViT)
     image_model.image_model_list[i][1]   its optional projection (else Identity)
+    image_model.connector                an optional MM1-style connector (pooling to N tokens)
     image_model.projection               the global projector (LLaVA's mm_projector)
     text_model                           the language model
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from mmgraph.config.model import ModelConfig
+from mmgraph.models.connectors import make_connector
 from mmgraph.models.layers import FeedForwardNetwork
 from mmgraph.models.llama import LlamaModel
 from mmgraph.models.loss import lm_loss
@@ -45,6 +47,9 @@ class ImageEncoders(nn.Module):
             nn.ModuleList([ViTModel(entry.encoder, attention_impl), _ffn(entry.projection)])
             for entry in lst.image_models
         )
+        width = lst.image_models[0].projection.layers_units[-1] if lst.image_models[0].projection else \
+            lst.image_models[0].encoder.hidden_size
+        self.connector = make_connector(lst.connector, width)
         self.projection = _ffn(lst.global_image_projection)
 
     def forward(self, image_data: torch.Tensor) -> torch.Tensor:
@@ -57,7 +62,8 @@ class ImageEncoders(nn.Module):
             if self.select_mode == "patch" and encoder.config.prepend_cls_token:
                 feats = feats[:, 1:]                                       # drop CLS
             out.append(projection(feats))
-        feats = self.projection(torch.cat(out, dim=1))                     # (B*I, P, H_text)
+        feats = self.connector(torch.cat(out, dim=1))                      # (B*I, P, H): P = tokens per image
+        feats = self.projection(feats)                                     # (B*I, P, H_text)
         return feats.reshape(b, i, *feats.shape[1:])
 
 
@@ -88,7 +94,7 @@ class MultimodalModel(nn.Module):
                        token_modality_idx: Optional[torch.Tensor] = None,
                        position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         embeddings = self.compute_embeddings(image_data, text_input_ids, image_data_loc)
-        return self.text_model(embeddings, key_padding_mask, position_ids)
+        return self.text_model(embeddings, key_padding_mask, position_ids, token_modality_idx)
 
     def forward(self, image_data: torch.Tensor, text_input_ids: torch.Tensor,
                 image_data_loc: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,

@@ -28,17 +28,19 @@ VIEW = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand"
         "as_strided", "lift_fresh_copy", "_assert_tensor_metadata", "clone", "getitem"}
 REDUCTION = {"sum", "mean", "amax", "amin", "max", "_softmax", "_log_softmax", "native_layer_norm",
              "native_layer_norm_backward", "_log_softmax_backward_data", "_softmax_backward_data",
-             "nll_loss_forward", "nll_loss_backward", "var_mean", "var"}
+             "nll_loss_forward", "nll_loss_backward", "var_mean", "var", "native_group_norm",
+             "native_group_norm_backward", "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward",
+             "avg_pool2d", "avg_pool2d_backward"}
 MATMUL = {"mm", "addmm", "bmm", "convolution", "convolution_backward", "baddbmm"}
 ATTENTION_PREFIX = "_scaled_dot_product"
-OPAQUE = {"scatter", "gather", "embedding", "embedding_dense_backward", "index", "index_put"}
+OPAQUE = {"scatter", "gather", "embedding", "embedding_dense_backward", "index", "index_put", "cumsum"}
 # Elementwise, broadcast and injective ops (TVM's classes up to injective).
 ELEMENTWISE = {
     "add", "sub", "rsub", "mul", "div", "neg", "pow", "sqrt", "rsqrt", "reciprocal", "exp", "log",
     "abs", "sign", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "where", "eq", "ne",
     "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "bitwise_and",
     "bitwise_or", "bitwise_not", "sin", "cos", "tanh", "sigmoid", "relu", "gelu", "silu", "erf",
-    "_to_copy", "copy", "fill", "masked_fill", "cat", "slice_backward", "select_backward", "tril",
+    "_to_copy", "copy", "fill", "masked_fill", "cat", "constant_pad_nd", "slice_backward", "select_backward", "tril",
     "triu", "gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward",
     "threshold_backward", "native_dropout", "native_dropout_backward", "bernoulli", "rand",
     "randn", "lerp", "addcmul", "addcdiv", "exp2", "log1p", "expm1", "floor", "ceil", "round",

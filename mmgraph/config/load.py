@@ -5,6 +5,7 @@ Every problem is collected and reported at once as ``FILE: section.key: message`
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,8 @@ def num_image_tokens(model: ModelConfig) -> int:
     Per encoder: patches, +1 with a CLS token, -1 in ``patch`` select mode (the CLS is dropped);
     several encoders are concatenated on the patch axis.
     """
+    if model.image_model_list.connector is not None:
+        return model.image_model_list.connector.num_tokens
     total = 0
     drop_cls = model.image_model_list.image_feature_select_mode == "patch"
     for entry in model.image_model_list.image_models:
@@ -249,6 +252,9 @@ def _check_model(model: ModelConfig, bad) -> None:
     if widths and len(set(widths)) > 1:
         bad(f"{base}.image_models", f"encoders concatenated on the patch axis must have one feature "
             f"width, got {widths} (add a per-encoder projection)")
+    conn = model.image_model_list.connector
+    if conn is not None and widths:
+        _check_connector(f"{base}.connector", conn, model, widths[0], bad)
     text = model.text_model
     glob = model.image_model_list.global_image_projection
     if glob is not None and widths:
@@ -266,6 +272,23 @@ def _check_model(model: ModelConfig, bad) -> None:
             re.compile(pattern)
         except re.error as err:
             bad(f"model.freeze[{i}]", f"invalid regular expression {pattern!r}: {err}")
+
+
+def _check_connector(where: str, conn, model: ModelConfig, width: int, bad) -> None:
+    lst = model.image_model_list
+    if conn.name == "attention_pool":
+        if width % conn.num_heads:
+            bad(f"{where}.num_heads", f"feature width {width} is not divisible by num_heads {conn.num_heads}")
+        return
+    side = math.isqrt(conn.num_tokens)
+    if side * side != conn.num_tokens:
+        bad(f"{where}.num_tokens", f"{conn.name} pools a square grid: {conn.num_tokens} is not a square")
+    grids = {e.image_model[0].grid for e in lst.image_models if isinstance(e.image_model[0], ViTModelConfig)}
+    if len(lst.image_models) > 1 or lst.image_feature_select_mode != "patch":
+        bad(f"{where}.name", f"{conn.name} needs one encoder's patch grid (one encoder, image_feature_select_mode "
+            "patch); attention_pool takes any features")
+    elif grids and side > min(min(g) for g in grids):
+        bad(f"{where}.num_tokens", f"a {side}x{side} grid is larger than the encoder's {sorted(grids)[0]}")
 
 
 def _check_vit(where: str, vit: ViTModelConfig, bad) -> None:
@@ -302,8 +325,6 @@ def _check_text(text, bad) -> None:
     if text.num_heads % text.num_kv_heads:
         bad(f"{where}.extra_attention_params.num_kv_groups",
             f"num_heads {text.num_heads} is not a multiple of num_kv_groups {text.num_kv_heads}")
-    if text.extra_ffn_params.static_dual_expert:
-        bad(f"{where}.extra_ffn_params.static_dual_expert", "visual experts are not supported by this version")
 
 
 def _check_input(name: str, data: InputConfig, model: Optional[ModelConfig], bad) -> None:

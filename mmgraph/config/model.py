@@ -146,18 +146,40 @@ class ImageModelEntry(Section):
         return self.image_model[1] if len(self.image_model) > 1 else None  # type: ignore[return-value]
 
 
+class ConnectorConfig(Section):
+    """MM1-style vision-language connector between the encoders and the global projection:
+    reduces each image's features to ``num_tokens`` tokens.
+
+    - ``avg_pool``: average pooling of the patch grid to a sqrt(num_tokens)^2 grid;
+    - ``attention_pool``: ``num_tokens`` learned queries attending over the features;
+    - ``c_abstractor``: ResNet blocks on the patch grid, adaptive average pooling to the
+      sqrt(num_tokens)^2 grid, ResNet blocks again (Honeybee / MM1's C-Abstractor).
+    """
+
+    name: Literal["avg_pool", "attention_pool", "c_abstractor"]
+    num_tokens: PositiveInt
+    num_heads: PositiveInt = 1          # attention_pool
+    num_blocks: PositiveInt = 1         # c_abstractor: ResNet blocks before and after pooling
+
+
 class ImageModelListConfig(Section):
     image_feature_select_mode: Literal["patch", "cls_patch"] = "patch"
     image_models: list[ImageModelEntry] = Field(min_length=1)
+    connector: Optional[ConnectorConfig] = None
     global_image_projection: Optional[FeedForwardNetworkConfig] = None
 
 
 class ExtraFFNParams(Section):
+    # CogVLM-style visual expert in the FFN (the Model Zoo's form): image positions
+    # (token_modality_idx == 1) use their own gate/up/down weights.
     static_dual_expert: bool = False
 
 
 class ExtraAttentionParams(Section):
     num_kv_groups: Optional[PositiveInt] = None
+    # The attention form beside it: image positions use their own QKV and output projections;
+    # attention itself stays shared over the whole sequence.
+    static_dual_expert: bool = False
 
 
 class LlamaModelConfig(Section):
@@ -170,6 +192,8 @@ class LlamaModelConfig(Section):
     rotary_dim: Optional[PositiveInt] = None
     rope_theta: Annotated[float, Field(gt=0.0)] = 10000.0
     pos_scaling_factor: Literal[1.0] = 1.0
+    # CogVLM: every image token takes one rotary position (its image's first), text continues +1.
+    constant_image_position: bool = False
     share_embedding_weights: bool = False
     embedding_layer_norm: Literal[False] = False
     max_position_embeddings: PositiveInt = 2048
@@ -205,6 +229,10 @@ class LlamaModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def visual_experts(self) -> bool:
+        return self.extra_ffn_params.static_dual_expert or self.extra_attention_params.static_dual_expert
 
     @property
     def num_kv_heads(self) -> int:
