@@ -265,3 +265,22 @@ def test_executors_say_what_they_do_not_support(tmp_path):
         Runner(params, tmp_path, train=program, executor="onnxruntime")
     with pytest.raises(UserError, match="unknown executor 'fast'; one of reference, compiled, onnxruntime"):
         Runner(params, tmp_path, train=program, executor="fast")
+
+
+def test_runconfig_checkpoint_path_starts_from_other_weights(shards, tmp_path, capsys):
+    import yaml
+    from mmgraph.cli import main
+    first = tmp_path / "p1"
+    assert main(["run", "--params", str(shards), "--model_dir", str(first), "--max_steps", "2"]) == 0
+    raw = yaml.safe_load(shards.read_text())
+    raw["runconfig"].update(checkpoint_path=str(first), load_checkpoint_states="model")
+    path = tmp_path / "p2.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["run", "--params", str(path), "--model_dir", str(tmp_path / "p2"), "--max_steps", "1"]) == 0
+    assert f"initial weights from {first}" in capsys.readouterr().out
+    raw["runconfig"]["load_checkpoint_states"] = "model,optimizer"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", "--params", str(path), "--model_dir", str(tmp_path / "p3"), "--max_steps", "1"]) == 2
+    assert "runconfig.load_checkpoint_states: 'model,optimizer': initial checkpoints load the model only" in \
+        capsys.readouterr().err
