@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 DATA := model_dir/data
 MM   := OMP_NUM_THREADS=1 $(VENV)/bin/mmgraph
 # The main job on the embedded default: synthetic data -> compile (verified) -> phase 1 -> phase 2
-# with eval on held-back questions -> answers to questions about two held-back images.
+# with eval on held-back questions -> answers to questions about two held-back images
+# (004200.png and 004201.png are eval images: "two" and "top" are right).
 # One thread: the tiny model gains nothing from two, and two threads stall whenever anything else
 # runs on a 2-core machine.
 demo: install
@@ -38,6 +39,10 @@ demo: install
 	$(MM) compile --params configs/params_mm_llava_demo_phase2.yaml --model_dir model_dir/demo_compile --verify
 	$(MM) run CPU --mode train --params configs/params_mm_llava_demo_phase1.yaml --model_dir model_dir/demo_phase1
 	$(MM) run CPU --mode train_and_eval --params configs/params_mm_llava_demo_phase2.yaml --model_dir model_dir/demo_phase2
+	$(MM) generate --params configs/params_mm_llava_demo_phase2.yaml --checkpoint_path model_dir/demo_phase2 \
+		--image $(DATA)/images/004200.png --prompt "how many shapes are there ?"
+	$(MM) generate --params configs/params_mm_llava_demo_phase2.yaml --checkpoint_path model_dir/demo_phase2 \
+		--image $(DATA)/images/004201.png --prompt "where is the shape ?"
 	@echo "== done. model_dir/demo_compile/compile/ (dumps, report.html); model_dir/demo_phase{1,2}/: compile/, checkpoints/, metrics.jsonl, events/ (tensorboard --logdir model_dir)"
 
 test: install
