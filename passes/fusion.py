@@ -52,6 +52,10 @@ SOURCES = {"new_zeros", "zeros", "empty", "full", "arange", "scalar_tensor", "on
            "zeros_like", "full_like", "empty_like", "ones"}
 
 
+def _is_cast(node: fx.Node) -> bool:
+    return getattr(node.target, "__name__", "").split(".")[0] == "_to_copy"
+
+
 def op_class(node: fx.Node) -> str:
     if node.op != "call_function":
         return "input"
@@ -141,12 +145,14 @@ def fusion(program: Program) -> tuple[Program, dict]:
         deps[g.id] = 0
         return g
 
-    free: list[fx.Node] = []   # views of inputs and constant sources: placed with their consumer
+    # Views and casts of inputs (weights in a mixed-precision program arrive at the kernel already
+    # at the target's precision) and constant sources: placed with their consumer.
+    free: list[fx.Node] = []
     for node in program.ops():
         cls = op_class(node)
         me = info[node.name]
         producers = [a for a in node.all_input_nodes if a in group_of]
-        if cls == "source" or (cls == "view" and not producers):
+        if cls == "source" or (not producers and (cls == "view" or _is_cast(node))):
             free.append(node)
             continue
         in_masks = 0
