@@ -52,10 +52,19 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -n 2 -m ''
 
+# Every benchmark at its modest default size, results as JSON, then BENCHMARKS.md and its plots
+# (benchmarks/plots/) rendered from them. About 12 minutes on 2 cores, half of it the compile
+# benchmark (7B at 8/16/32 layers, 5 runs each; torch.compile's cold first call, 3 runs).
+RESULTS := benchmarks/results
 bench: install
-	$(PY) -m benchmarks.bench_compile --out benchmarks/results/compile.json
-	$(PY) -m benchmarks.bench_simulator --repeats 15 --out benchmarks/results/simulator.json
-	$(PY) -m benchmarks.bench_data --out benchmarks/results/data.json
+	$(PY) -m benchmarks.bench_compile --out $(RESULTS)/compile.json
+	$(PY) -m benchmarks.bench_simulator --repeats 15 --out $(RESULTS)/simulator.json
+	$(PY) -m benchmarks.bench_runtime --out $(RESULTS)/runtime.json
+	$(PY) -m benchmarks.bench_freeze --out $(RESULTS)/freeze.json
+	$(PY) -m benchmarks.bench_data --out $(RESULTS)/data.json
+	$(PY) -m benchmarks.bench_convert --out $(RESULTS)/convert.json
+	$(PY) -m benchmarks.bench_generate --out $(RESULTS)/generate.json
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) model_dir .pytest_cache *.egg-info

@@ -1,27 +1,38 @@
 """Simulator fidelity: the step time predicted on the calibrated ``host`` target against the
-measured step of eager PyTorch on the same machine (same module, batch and optimizer).
+measured step on the same machine, two ways, interleaved in the same run:
+
+- ``reference``: the runtime executing the lowered program (``Runner.train_step``, reference
+  executor: the program's forward + loss + backward, gradient clipping, AdamW), the thing the
+  schedule predicts;
+- ``eager``: the nn.Module in eager PyTorch (forward + backward + ``torch.optim.AdamW``), the
+  same weights and batch.
+
+One micro-batch; median of ``--repeats`` after 3 warm-ups, with min and max.
 
     python -m benchmarks.bench_simulator            # tiny and small configs, 7 repeats
     python -m benchmarks.bench_simulator --quick    # tiny config, 2 repeats (tests)
 
-Target (issue: simulated target): |predicted / measured - 1| <= 25% for tiny and small.
-The host target is re-measured first (`mmgraph calibrate`) unless --target names a file.
+Target (issue: simulated target): |predicted / measured - 1| <= 25% for tiny and small, measured
+being the runtime's step (eager is shown beside it). The host target is re-measured first (the
+figures ``mmgraph calibrate`` writes, measured in this process: nothing is written to
+``MMGRAPH_HOME``) unless --target names a file.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from benchmarks.common import finish
+from benchmarks.common import finish, time_interleaved
 from mmgraph.calibrate import host_target, measure
 from mmgraph.config import load_params
 from mmgraph.models import build_model, random_batch
 from mmgraph.pipeline import compile_step
+from mmgraph.runtime.runner import Runner
 from mmgraph.target import Target, load_target
 from mmgraph.trace import micro_batch_size
 
@@ -30,8 +41,8 @@ CONFIGS = {"tiny": ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml",
            "small": ROOT / "configs" / "params_mm_llava_small.yaml"}
 
 
-def eager_step_s(params, repeats: int) -> float:
-    """Median seconds of forward + backward + AdamW step, eager PyTorch, one micro-batch."""
+def eager_step(params):
+    """Forward + backward + AdamW step of the nn.Module, eager PyTorch, one micro-batch."""
     torch.manual_seed(0)
     model, _ = build_model(params, seed=0)
     batch = random_batch(params.layout(), micro_batch_size(params, "train"), seed=1)
@@ -41,42 +52,89 @@ def eager_step_s(params, repeats: int) -> float:
         opt.zero_grad(set_to_none=True)
         model(**batch).backward()
         opt.step()
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), min(times), max(times)
+    return step
 
 
-def predicted_step_s(params, target: Target) -> float:
-    sched = compile_step(params, "train", target=target)[-1].program.schedule
+def reference_steps(params, program, model_dir: str) -> dict:
+    """The lowered program on ``Runner`` with the ``reference`` executor, one micro-batch:
+    ``reference``, the whole training step (``train_step``: the program's forward + loss +
+    backward, gradient clipping, AdamW), and ``reference_program``, the program alone
+    (``micro_step``), which splits the step into what the schedule's micro-step and optimizer
+    predict."""
+    runner = Runner(params, model_dir, train=program, executor="reference")
+    batch = random_batch(params.layout(), micro_batch_size(params, "train"), seed=1)
+    return {"reference": lambda: runner.train_step([batch]), "reference_program": lambda: runner.micro_step(batch)}
+
+
+def predicted_step_s(program) -> float:
+    sched = program.schedule
     return sched.micro_step_s + sched.optimizer_tail_s
 
 
-def run(names: list[str], repeats: int, target: Target) -> dict:
+def run(names: list[str], repeats: int, target: Target, warmup: int = 3) -> dict:
     rows = []
     for name in names:
         params = load_params(CONFIGS[name])
-        measured, lo, hi = eager_step_s(params, repeats)
-        predicted = predicted_step_s(params, target)
-        rows.append({"config": name, "measured_s_median": measured, "measured_s_min": lo, "measured_s_max": hi,
-                     "predicted_s": predicted, "ratio": predicted / measured, "repeats": repeats})
+        program = compile_step(params, "train", target=target)[-1].program
+        predicted = predicted_step_s(program)
+        with tempfile.TemporaryDirectory() as tmp:
+            times = time_interleaved({"eager": eager_step(params), **reference_steps(params, program, tmp)},
+                                     repeats, warmup)
+        sched = program.schedule
+        # what the target charges its per-dispatch overhead for: ops (host) or kernels
+        ops = (len(program.kernels) if target.compute.granularity == "kernel"
+               else sum(len(k.nodes) for k in program.kernels))
+        rows.append({"config": name, "eager": times["eager"], "reference": times["reference"],
+                     "reference_program": times["reference_program"],
+                     "predicted_s": predicted, "ratio_vs_reference": predicted / times["reference"]["median_s"],
+                     "ratio_vs_eager": predicted / times["eager"]["median_s"], "repeats": repeats,
+                     "predicted_micro_step_s": sched.micro_step_s, "predicted_optimizer_s": sched.optimizer_tail_s,
+                     "ops": ops, "predicted_overhead_s": ops * target.compute.kernel_overhead_s,
+                     "gradient_tensors": sum(1 for o in program.outputs if o.kind == "grad")})
     return {"target": target.description, "target_figures": {
         "peak_flops": target.compute.peak_flops.model_dump(), "memory_bandwidth": target.memory.bandwidth,
         "overhead_s": target.compute.kernel_overhead_s,
         "optimizer_update_rate": target.external_memory.optimizer_update_rate}, "rows": rows}
 
 
+def _measured(row: dict, key: str) -> Optional[dict]:
+    """The measured column ``key`` of a row; files from before the reference column hold eager
+    only, as ``measured_s_*``."""
+    if key in row:
+        return row[key]
+    if key == "eager" and "measured_s_median" in row:
+        return {"median_s": row["measured_s_median"], "min_s": row["measured_s_min"], "max_s": row["measured_s_max"]}
+    return None
+
+
 def format_table(result: dict) -> str:
     lines = [f"host target: {result['target']}", "",
-             "| config | measured eager step ms (median) | min | max | predicted ms | predicted / measured |",
-             "|---|---|---|---|---|---|"]
+             "| config | reference step ms (median) | min | max | eager step ms (median) | min | max | "
+             "predicted ms | predicted / reference | predicted / eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['config']} | {r['measured_s_median'] * 1e3:.2f} | {r['measured_s_min'] * 1e3:.2f} | "
-                     f"{r['measured_s_max'] * 1e3:.2f} | {r['predicted_s'] * 1e3:.2f} | {r['ratio']:.2f} |")
+        cells = [r["config"]]
+        for key in ("reference", "eager"):
+            m = _measured(r, key)
+            cells += [f"{m[k] * 1e3:.2f}" for k in ("median_s", "min_s", "max_s")] if m else ["-"] * 3
+        ref, eager = _measured(r, "reference"), _measured(r, "eager")
+        cells += [f"{r['predicted_s'] * 1e3:.2f}",
+                  f"{r['predicted_s'] / ref['median_s']:.2f}" if ref else "-",
+                  f"{r['predicted_s'] / eager['median_s']:.2f}" if eager else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    split = [r for r in result["rows"] if "reference_program" in r]
+    if split:
+        lines += ["", "The runtime's step split as the schedule splits it (medians; the optimizer part measured as "
+                      "the step less the program alone):", "",
+                  "| config | program (fwd + bwd) ms | predicted micro-step ms | predicted / measured | "
+                  "clip + AdamW ms | predicted optimizer ms | predicted per-op overhead ms (ops) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in split:
+            prog = r["reference_program"]["median_s"]
+            opt = r["reference"]["median_s"] - prog
+            lines.append(f"| {r['config']} | {prog * 1e3:.2f} | {r['predicted_micro_step_s'] * 1e3:.2f} | "
+                         f"{r['predicted_micro_step_s'] / prog:.2f} | {opt * 1e3:.2f} | "
+                         f"{r['predicted_optimizer_s'] * 1e3:.2f} | {r['predicted_overhead_s'] * 1e3:.2f} ({r['ops']}) |")
     return "\n".join(lines)
 
 

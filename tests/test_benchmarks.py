@@ -1,15 +1,44 @@
-"""Quick modes of the benchmark scripts, so they never rot (numbers are not asserted)."""
+"""Quick modes of the benchmark scripts and the report renderer, so they never rot (numbers
+are not asserted: tiny sizes on a shared machine measure nothing)."""
 
 from __future__ import annotations
 
-from benchmarks.bench_compile import TINY, format_table, run
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def _svgs_parse(folder: Path) -> list[str]:
+    names = sorted(p.name for p in folder.glob("*.svg"))
+    for name in names:
+        ET.parse(folder / name)                       # well-formed XML
+    return names
 
 
 def test_compile_benchmark_quick():
-    result = run(TINY, [2, 3], repeats=1)
+    from benchmarks.bench_compile import TINY, format_table, mlir_peer, run, torch_compile_peer
+
+    result = run(TINY, [2, 3], repeats=1, warmup=False)
     assert [r["depth"] for r in result["rows"]] == [2, 3]
     assert all(r["seconds_median"] > 0 and r["peak_rss_gb_median"] > 0 for r in result["rows"])
-    assert "| 3 |" in format_table(result)
+    # The peers' plumbing: fresh processes, an empty Inductor cache, the MLIR import. Backend
+    # "eager" (Dynamo only) keeps this to seconds; `make bench` runs Inductor.
+    peer = torch_compile_peer(TINY, 1, 1, backend="eager", warmup=False)
+    assert peer["torch_compile_first_call"]["median_s"] > 0 and peer["mmgraph_compile"]["median_s"] > 0
+    assert peer["ratio"] > 0
+    result["torch_compile"] = peer
+    result["mlir"] = mlir_peer(TINY, 1)
+    assert result["mlir"]["to_mlir"]["median_s"] > 0 and result["mlir"]["mlir_lines"] > 100
+    table = format_table(result)
+    assert "| 3 |" in table and "torch.compile first call" in table and "to_mlir / trace" in table
+    assert "not a measurement" in table                # a non-Inductor backend says so
+    assert set(report.plot_compile(result)) == {"compile_depth", "compile_peers"}
 
 
 def test_simulator_benchmark_quick():
@@ -17,10 +46,14 @@ def test_simulator_benchmark_quick():
     from benchmarks.bench_simulator import run as run_sim
     from mmgraph.target import load_target
 
-    result = run_sim(["tiny"], 1, load_target("cs2"))   # any target runs; fidelity needs host
+    result = run_sim(["tiny"], 1, load_target("cs2"), warmup=1)   # any target runs; fidelity needs host
     (row,) = result["rows"]
-    assert row["measured_s_median"] > 0 and row["predicted_s"] > 0
-    assert "| tiny |" in format_table(result)
+    assert row["eager"]["median_s"] > 0 and row["reference"]["median_s"] > 0 and row["predicted_s"] > 0
+    assert row["ratio_vs_reference"] > 0 and row["ops"] > 0 and row["reference_program"]["median_s"] > 0
+    assert "| tiny |" in format_table(result) and "predicted micro-step" in format_table(result)
+    (tiny, small) = report.simulator_targets(result)
+    assert "reference executor" in tiny.measured and small.status == "not measured yet"
+    report.plot_simulator(result)
 
 
 def test_calibrate_writes_a_valid_host_target(tmp_path, monkeypatch):
@@ -42,9 +75,10 @@ def test_data_benchmark_quick():
     from benchmarks.bench_data import format_table
     from benchmarks.bench_data import run as run_data
 
-    result = run_data(40, workers=1, batches=2)
+    result = run_data(40, workers=1, batches=2, steps=1, warmup=1, pre_repeats=1)
     assert result["preprocess_samples_per_s"] > 0 and result["loader_vs_step"] > 0
     assert "samples/s" in format_table(result)
+    assert [t.status for t in report.data_targets(result)] != ["not measured yet"] * 2
 
 
 def test_runtime_benchmark_quick():
@@ -58,6 +92,23 @@ def test_runtime_benchmark_quick():
     assert all(r["median_s"] > 0 and r["peak_mb"] > 0 for r in result["train"])
     assert [r["variant"] for r in result["eval"]] == ["eager", "reference", "onnxruntime"]
     assert "| reference |" in format_table(result)
+    ref, compiled, _ = report.runtime_targets(result)
+    assert compiled.status == "not measured yet" and "tiny config" in ref.reason
+    report.plot_runtime(result)
+
+
+def test_freeze_benchmark_quick():
+    from benchmarks.bench_freeze import TINY, format_table, run
+
+    result = run(TINY, 1, warmup=1)
+    one, two = result["rows"]
+    assert (one["phase"], two["phase"]) == ("phase1", "phase2")
+    # Phase 1 freezes the LLM too: fewer gradients, less backward work, the same forward.
+    assert one["gradient_outputs"] < two["gradient_outputs"] and one["gradient_bytes"] < two["gradient_bytes"]
+    assert one["flops_backward"] < two["flops_backward"] and one["flops_forward"] == two["flops_forward"]
+    assert one["step"]["median_s"] > 0 and two["program"]["median_s"] > 0
+    assert "analytic total FLOPs" in format_table(result)
+    report.plot_freeze(result)
 
 
 def test_convert_benchmark_quick():
@@ -67,3 +118,115 @@ def test_convert_benchmark_quick():
     result = run_convert("quick", "200KB")
     assert result["shards"] > 1 and result["output_shards"] > 1 and result["peak_rss_bytes"] > 0
     assert "largest tensor" in format_table(result)
+
+
+# -- the report ----------------------------------------------------------------------------------
+NOW = {"date": "2026-01-02T03:04:05+00:00", "cpu": "Test CPU", "cores": 2, "memory_gb": 8.0, "torch_threads": 2,
+       "gpu": None, "python": "3.11.0", "versions": {"torch": "2.13.0+cpu", "torch-mlir": "1", "onnx": "1",
+                                                      "onnxruntime": "1", "transformers": "5"},
+       "git": "abc1234", "argv": []}
+
+
+def test_report_renders_the_results_in_the_repository(tmp_path):
+    results = sorted(p.stem for p in RESULTS.glob("*.json"))
+    if not results:
+        pytest.skip("no results in benchmarks/results")
+    out = tmp_path / "BENCHMARKS.md"
+    text = report.render(RESULTS, out, tmp_path / "plots", now=NOW)
+    assert out.read_text() == text
+    assert "could not format" not in text
+    assert "## Targets" in text
+    for name in results:
+        if name in report.TITLES:
+            assert f"## {report.TITLES[name]}" in text
+    assert "cached generation tokens/s" in text          # listed, measured or not
+    for name in _svgs_parse(tmp_path / "plots"):
+        assert f"plots/{name}" in text
+
+
+def _synthetic() -> dict[str, dict]:
+    meta = {**NOW, "argv": ["--out", "x.json"]}
+    s = {"median_s": 1.0, "min_s": 0.9, "max_s": 1.2, "repeats": 5}
+    rows = [{"depth": d, "seconds_median": t, "seconds_min": t, "seconds_max": t, "peak_rss_gb_median": 0.5,
+             "repeats": 5} for d, t in ((8, 9.0), (16, 11.0), (32, 31.0))]
+    return {
+        "compile": {"params": report.BIG2, "rows": rows, "time_ratio_deepest_vs_shallowest": 31 / 9,
+                    "depth_ratio": 4.0, "meta": meta,
+                    "torch_compile": {"params": "configs/params_mm_llava_small.yaml", "backend": "inductor",
+                                      "mmgraph_compile": {**s, "process_s_median": 2.0, "peak_rss_gb_median": 0.5},
+                                      "torch_compile_first_call": {**s, "median_s": 30.0, "repeats": 3,
+                                                                   "steady_step_s_median": 0.15,
+                                                                   "setup_s_median": 3.0, "peak_rss_gb_median": 0.6},
+                                      "ratio": 1 / 30},
+                    "mlir": {"params": "configs/params_mm_llava_small.yaml", "trace": s, "compile_step": s,
+                             "to_mlir": {**s, "median_s": 0.05}, "ops": 900, "mlir_chars": 1000, "mlir_lines": 2000,
+                             "trace_first_call_s": 2.0, "to_mlir_first_call_s": 0.4, "ratio_vs_trace": 0.05,
+                             "ratio_vs_compile_step": 0.05}},
+        "simulator": {"target": "host", "target_figures": {"overhead_s": 5e-6}, "meta": meta, "rows": [
+            {"config": "tiny", "eager": s, "reference": {**s, "median_s": 0.5}, "predicted_s": 0.7,
+             "reference_program": {**s, "median_s": 0.4},
+             "ratio_vs_reference": 1.4, "ratio_vs_eager": 0.7, "repeats": 5, "predicted_micro_step_s": 0.6,
+             "predicted_optimizer_s": 0.1, "ops": 600, "predicted_overhead_s": 0.003},
+            {"config": "small", "eager": s, "reference": s, "predicted_s": 1.1, "ratio_vs_reference": 1.1,
+             "ratio_vs_eager": 1.1, "repeats": 5, "predicted_micro_step_s": 1.0, "predicted_optimizer_s": 0.1,
+             "ops": 600, "predicted_overhead_s": 0.003}]},
+        "runtime": {"size": "small", "batch": 8, "threads": 2, "repeats": 7, "compiler_residue_mb": 100.0,
+                    "meta": meta, "versions": {}, "eval": [{"variant": "eager", **s, "ratio": 1.0}],
+                    "train": [{"variant": v, **s, "median_s": m, "ratio": m, "first_call_s": 1.0,
+                               "peak_mb": 100.0 * m, "memory_ratio": m}
+                              for v, m in (("eager", 1.0), ("torch.compile", 0.9), ("reference", 1.0),
+                                           ("compiled", 0.92))]},
+        "data": {"samples": 4000, "workers": 2, "preprocess_samples_per_s": 900.0, "loader_batch_s_median": 0.01,
+                 "train_step_s_median": 0.15, "loader_vs_step": 15.0, "meta": {**meta, "argv": ["--quick"]}},
+        "generate": {"config": "small.yaml", "prompt_tokens": 40, "new_tokens": 64, "repeats": 7, "threads": 2,
+                     "tokens_agree": 64, "ratio": 1.3, "meta": meta,
+                     "rows": {"mmgraph": {**s, "tokens_per_s": 64.0}, "transformers": {**s, "tokens_per_s": 49.0}}},
+    }
+
+
+def test_report_renders_synthetic_results(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for name, r in _synthetic().items():
+        (results / f"{name}.json").write_text(json.dumps(r))
+    text = report.render(results, tmp_path / "B.md", tmp_path / "plots", now=NOW)
+    assert "could not format" not in text
+    assert "**Machine**: Test CPU, 2 cores, 8 GB, no GPU" in text and "**Date**: 2026-01-02" in text
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ") and line.count(" | ") >= 5}
+    assert "**missed**" in rows["7B phase-2 compile <= 30 s"] and "31.00 s" in rows["7B phase-2 compile <= 30 s"]
+    assert "| met |" in rows["32 layers <= 4.5x the time of 8"]
+    tiny = rows["tiny: host-target prediction within 25% of the measured step"]
+    assert "1.40: 40% high, against the reference executor" in tiny and "**missed**" in tiny and "700.0 ms" in tiny
+    assert "the program alone (forward + backward) measured 400.0 ms against a predicted micro-step of 600.0" in tiny
+    compiled = rows["`compiled` executor step <= 0.8x eager"]
+    assert "**missed**" in compiled and "0.92x" in compiled and "Inductor" in compiled
+    assert "| met |" in rows["`reference` executor step <= 1.05x eager"]
+    # a quick run is not a measurement; a missing file is not measured
+    assert "not measured yet" in rows["preprocessing >= 1,000 caption samples/s on 2 cores"]
+    assert "not measured yet" in rows["peak memory < 2x the largest tensor above the fixed overhead"]
+    assert "| met |" in rows["cached generation tokens/s >= 1.0x transformers `generate`"]
+    assert "mmgraph compile / torch.compile first call: **0.03x**" in text
+    assert "No GPU was available in this run" in text
+    assert _svgs_parse(tmp_path / "plots") == ["compile_depth.svg", "compile_peers.svg", "generate.svg",
+                                               "runtime.svg", "simulator.svg"]
+    # With a GPU recorded, the no-GPU statement goes.
+    for name in ("compile", "simulator"):
+        r = json.loads((results / f"{name}.json").read_text())
+        r["meta"]["gpu"] = "Some GPU"
+        (results / f"{name}.json").write_text(json.dumps(r))
+    for name in ("runtime", "data", "generate"):
+        (results / f"{name}.json").unlink()
+    text = report.render(results, tmp_path / "B.md", tmp_path / "plots", now=NOW)
+    assert "No GPU was available" not in text and "Some GPU" in text
+    assert _svgs_parse(tmp_path / "plots") == ["compile_depth.svg", "compile_peers.svg", "simulator.svg"]
+    assert "Not measured yet: no `benchmarks/results/generate.json`" in text
+
+
+def test_generate_benchmark_quick():
+    from benchmarks.bench_generate import ROOT, format_table
+    from benchmarks.bench_generate import run as run_generate
+
+    result = run_generate(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml", 4, 1)
+    assert result["tokens_agree"] == 4                 # same weights, greedy: transformers' tokens
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"].values())
+    assert "tokens/s" in format_table(result)
