@@ -31,10 +31,13 @@ SMALL = ROOT / "configs" / "params_mm_llava_small.yaml"
 
 
 def _single_image(path: Path, out: Path) -> Path:
+    """The config with one image per sample (what the HF model takes) and the whole position
+    range as context (so the prompt plus the new tokens fit)."""
     raw = yaml.safe_load(path.read_text())
     for section in ("train_input", "eval_input"):
         if section in raw:
             raw[section]["max_num_img"] = 1
+            raw[section]["max_sequence_length"] = raw["model"]["text_model"]["max_position_embeddings"]
     out.write_text(yaml.safe_dump(raw))
     return out
 
@@ -84,6 +87,8 @@ def run(config: Path, new_tokens: int, repeats: int) -> dict:
             return out[0, input_ids.shape[1]:].tolist()
 
         a, b = ours(), theirs()                                   # warm-up
+        if len(a) != new_tokens or len(b) != new_tokens:
+            raise RuntimeError(f"generated {len(a)} and {len(b)} tokens, not {new_tokens}")
         same = sum(x == y for x, y in zip(a, b))
         times = {"mmgraph": [], "transformers": []}
         for _ in range(repeats):
