@@ -1,0 +1,44 @@
+"""A checkpoint in flight between formats, and the names every format shares."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from mmgraph.convert.io import Entry
+from mmgraph.errors import Problem, UserError
+
+VIT = "image_model.image_model_list.0.0."
+PROJ = "image_model.projection."
+TEXT = "text_model."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja")
+# Keys checkpoints carry that are not weights (recomputed by every loader).
+_BUFFERS = ("position_ids", "rotary_emb.inv_freq")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint in flight: native names -> lazily read tensors, and its configuration."""
+
+    entries: dict[str, Entry]
+    model: dict                                   # the params' model section
+    source: dict = field(default_factory=dict)    # layout facts for writing back the same keys
+    tokenizer: Optional[Path] = None
+    preprocessor: Optional[dict] = None
+    params: Optional[dict] = None                 # a whole params file, when the source had one
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(Problem(str(path), None, "does not exist"))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(Problem(str(path), None, f"not valid JSON ({err})")) from err
+
+
+def _maybe_json(path: Path) -> Optional[dict]:
+    return _json(path) if path.is_file() else None
