@@ -17,224 +17,18 @@ import importlib
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from benchmarks.svg import Bar, Line, hbar
+from benchmarks.targets import BIG2, TARGETS, sim_measured, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
-BIG2 = "configs/params_mm_llava_llama2_7b_phase2.yaml"
 ORDER = ("compile", "simulator", "runtime", "freeze", "data", "convert", "generate")
-BENCH_MINUTES = 12      # `make bench` on 2 cores, estimated from its parts (see the Makefile)
-NOT_ANALYSED = "not analysed yet (no explanation recorded in benchmarks/report.py)"
-
-
-# -- targets ------------------------------------------------------------------------------------
-@dataclass
-class Target:
-    area: str
-    text: str
-    source: str
-    measured: str = "-"
-    status: str = "not measured yet"        # met | missed | not measured yet
-    reason: str = ""
-
-
-def _status(ok: bool) -> str:
-    return "met" if ok else "missed"
-
-
-def compile_targets(r: Optional[dict]) -> list[Target]:
-    src = "issue: compiler"
-    out = [Target("compile", "7B phase-2 compile <= 30 s", src), Target("compile", "peak RSS <= 3 GB", src),
-           Target("compile", "32 layers <= 4.5x the time of 8", src)]
-    if not r:
-        return out
-    if r.get("params") != BIG2:
-        for t in out:
-            t.reason = f"this run compiled {r.get('params')}, not {BIG2}"
-        return out
-    rows = {row["depth"]: row for row in r["rows"]}
-    if 32 in rows:
-        s = rows[32]["seconds_median"]
-        out[0].measured, out[0].status = f"{s:.2f} s (depth 32, median)", _status(s <= 30)
-    peak = max(row.get("peak_rss_gb_max", row["peak_rss_gb_median"]) for row in r["rows"])
-    out[1].measured, out[1].status = f"{peak:.2f} GB (highest run)", _status(peak <= 3)
-    if 8 in rows and 32 in rows:
-        ratio = rows[32]["seconds_median"] / rows[8]["seconds_median"]
-        out[2].measured, out[2].status = f"{ratio:.2f}x", _status(ratio <= 4.5)
-    for t in out:
-        if t.status == "missed":
-            t.reason = NOT_ANALYSED
-    return out
-
-
-def _sim_measured(row: dict, key: str) -> Optional[dict]:
-    """The measured column ``key`` (reference or eager) of a simulator row; files from before
-    the reference column hold eager only, as ``measured_s_*``."""
-    if key in row:
-        return row[key]
-    if key == "eager" and "measured_s_median" in row:
-        return {"median_s": row["measured_s_median"], "min_s": row["measured_s_min"], "max_s": row["measured_s_max"]}
-    return None
-
-
-def _sim_column(row: dict) -> tuple[Optional[dict], str]:
-    """The measured step the simulator target is judged against: the runtime's (reference
-    executor); files from before that column only have eager."""
-    if "reference" in row:
-        return row["reference"], "the reference executor"
-    m = _sim_measured(row, "eager")
-    return (m, "eager PyTorch: this file predates the reference column") if m else (None, "")
-
-
-def simulator_targets(r: Optional[dict]) -> list[Target]:
-    out = []
-    rows = {row["config"]: row for row in r["rows"]} if r else {}
-    for name in ("tiny", "small"):
-        t = Target("simulator", f"{name}: host-target prediction within 25% of the measured step",
-                   "issue: simulated target")
-        row = rows.get(name)
-        measured, against = _sim_column(row) if row else (None, "")
-        if measured:
-            ratio = row["predicted_s"] / measured["median_s"]
-            off = ratio - 1
-            t.measured = f"{ratio:.2f}: {abs(off):.0%} {'high' if off > 0 else 'low'}, against {against}"
-            t.status = _status(abs(off) <= 0.25)
-            if t.status == "missed":
-                t.reason = _simulator_reason(row, measured, r)
-        out.append(t)
-    return out
-
-
-def _simulator_reason(row: dict, measured: dict, r: dict) -> str:
-    parts = [f"predicted {row['predicted_s'] * 1e3:.1f} ms against {measured['median_s'] * 1e3:.1f} ms measured"]
-    if "reference_program" in row:
-        prog = row["reference_program"]["median_s"]
-        opt = row["reference"]["median_s"] - prog
-        parts.append(f"the program alone (forward + backward) measured {prog * 1e3:.1f} ms against a predicted "
-                     f"micro-step of {row['predicted_micro_step_s'] * 1e3:.1f} ms "
-                     f"({row['predicted_micro_step_s'] / prog:.2f}x), clipping + AdamW {opt * 1e3:.1f} ms against "
-                     f"{row['predicted_optimizer_s'] * 1e3:.1f} ms predicted")
-        if opt > 1.5 * row["predicted_optimizer_s"] and "gradient_tensors" in row:
-            parts.append("the optimizer is predicted as the trainable parameter count over an update rate "
-                         "calibrated on one 4M-element tensor, with no per-tensor cost, while the runtime clips "
-                         f"and updates tensor by tensor ({row['gradient_tensors']} gradient tensors)")
-    if "predicted_overhead_s" in row:
-        parts.append(f"of the prediction, {row['predicted_overhead_s'] * 1e3:.1f} ms is per-op dispatch overhead "
-                     f"({row['ops']} ops x {r['target_figures']['overhead_s'] * 1e6:.1f} us, calibrated)")
-    if row["config"] == "tiny" and row["predicted_s"] < measured["median_s"] and "reference" not in row:
-        parts.append("eager PyTorch runs more ops than the lowered program (autograd's accumulation, AdamW's "
-                     "per-tensor ops, module calls), which a step this small pays op by op: see the simulator "
-                     "section")
-    elif "reference_program" not in row:
-        parts.append(NOT_ANALYSED)
-    return "; ".join(parts)
-
-
-def data_targets(r: Optional[dict]) -> list[Target]:
-    src = "issue: data"
-    a = Target("data", "preprocessing >= 1,000 caption samples/s on 2 cores", src)
-    b = Target("data", "loader >= 2x faster than the training step consumes", src)
-    if r:
-        rate = r["preprocess_samples_per_s"]
-        a.measured, a.status = f"{rate:,.0f} samples/s ({r['workers']} workers)", _status(rate >= 1000)
-        v = r["loader_vs_step"]
-        b.measured, b.status = f"{v:.1f}x", _status(v >= 2)
-        for t in (a, b):
-            if t.status == "missed":
-                t.reason = NOT_ANALYSED
-    return [a, b]
-
-
-def runtime_targets(r: Optional[dict]) -> list[Target]:
-    src = "issue: runtime"
-    ref = Target("runtime", "`reference` executor step <= 1.05x eager", src)
-    comp = Target("runtime", "`compiled` executor step <= 0.8x eager", src)
-    mem = Target("runtime", "peak memory of the program's step <= 1.2x eager", src)
-    if not r:
-        return [ref, comp, mem]
-    rows = {row["variant"]: row for row in r["train"]}
-    if "reference" in rows:
-        x = rows["reference"]["ratio"]
-        ref.measured, ref.status = f"{x:.2f}x", _status(x <= 1.05)
-    if "compiled" in rows:
-        x = rows["compiled"]["ratio"]
-        comp.measured, comp.status = f"{x:.2f}x", _status(x <= 0.8)
-    mems = {k: rows[k]["memory_ratio"] for k in ("reference", "compiled") if k in rows and rows[k].get("memory_ratio")}
-    if mems:
-        mem.measured = ", ".join(f"{k} {v:.2f}x" for k, v in mems.items())
-        mem.status = _status(max(mems.values()) <= 1.2)
-    if comp.status == "missed":
-        tc = rows.get("torch.compile")
-        if tc and tc["ratio"] > 0.8:
-            comp.reason = (f"torch.compile (Inductor) of the whole module does no better in the same run "
-                           f"({tc['ratio']:.2f}x): this step is matmul-bound on {r.get('threads', '?')} CPU threads, "
-                           "and what Inductor fuses (elementwise chains) is a small share of it")
-        else:
-            comp.reason = NOT_ANALYSED
-    for t in (ref, mem):
-        if t.status == "missed":
-            t.reason = NOT_ANALYSED
-    if r.get("size") != "small":
-        for t in (ref, comp, mem):
-            t.reason = (t.reason + "; " if t.reason else "") + f"measured on the {r.get('size')} config, not small"
-    return [ref, comp, mem] + gpu_runtime_targets(r)
-
-
-def gpu_runtime_targets(r: dict) -> list[Target]:
-    """The runtime issue's CUDA targets: only measurable where a GPU ran the scripts."""
-    src = "issue: runtime"
-    out = [Target("runtime (GPU)", "the same three ratios on a larger config on a CUDA GPU", src),
-           Target("runtime (GPU)", "`--weight_streaming` within 1.3x of in-memory training at batch >= 8", src)]
-    gpu = ((r or {}).get("meta") or {}).get("gpu")
-    if not gpu:
-        out[0].reason = ("no GPU was available to this run, and bench_runtime measures the CPU only "
-                         "(its CUDA mode is not written)")
-        out[1].reason = "`--weight_streaming` is not built yet, and no GPU was available"
-    return out
-
-
-def convert_targets(r: Optional[dict]) -> list[Target]:
-    t = Target("conversion", "peak memory < 2x the largest tensor above the fixed overhead",
-               "issue: checkpoint conversion")
-    if r:
-        x = r["peak_above_overhead_in_largest_tensors"]
-        t.measured, t.status = f"{x:.2f}x the largest tensor", _status(x < 2)
-        if t.status == "missed":
-            t.reason = NOT_ANALYSED
-    return [t]
-
-
-def generate_targets(r: Optional[dict]) -> list[Target]:
-    t = Target("generation", "cached generation tokens/s >= 1.0x transformers `generate`", "issue: model family")
-    if r:
-        x = r["ratio"]
-        t.measured, t.status = f"{x:.2f}x", _status(x >= 1.0)
-        if t.status == "missed":
-            t.reason = NOT_ANALYSED
-    return [t]
-
-
-TARGETS: dict[str, Callable[[Optional[dict]], list[Target]]] = {
-    "compile": compile_targets, "simulator": simulator_targets, "data": data_targets,
-    "runtime": runtime_targets, "convert": convert_targets, "generate": generate_targets,
-}
-
-
-def targets_table(targets: list[Target], full: bool = True) -> str:
-    """The targets as a table; ``full`` adds the area and where each target was set."""
-    head = "| area | target | from | measured | | reason |" if full else "| target | measured | | reason |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for t in targets:
-        status = {"missed": "**missed**"}.get(t.status, t.status)
-        cells = ([t.area, t.text, t.source] if full else [t.text]) + [t.measured, status, t.reason]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+BENCH_MINUTES = 10      # `make bench` on 2 cores: 9 min 16 s measured on 2026-11-25
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -273,7 +67,7 @@ def plot_simulator(r: dict) -> dict[str, str]:
     bars = []
     for row in r["rows"]:
         for key in ("reference", "eager"):
-            m = _sim_measured(row, key)
+            m = sim_measured(row, key)
             if m:
                 p = row["predicted_s"]
                 bars.append(Bar(f"{row['config']}: predicted / {key}", p / m["median_s"], p / m["max_s"],
