@@ -15,6 +15,9 @@ import torch
 import torch.fx as fx
 
 
+LOSS_SCALE = "loss_scale"      # the gradient-seed input of a float16 training program
+
+
 class InputKind(str, Enum):
     PARAM = "param"
     BATCH = "batch"

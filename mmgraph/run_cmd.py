@@ -43,14 +43,11 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
     from mmgraph.runtime.data import make_loader
     from mmgraph.runtime.runner import Runner
     from mmgraph.target import load_target
-    from mmgraph.trace import autocast_dtype
 
     params = load_params(params_path, mode)
     dev = _device(device)
     train_mode = mode in ("train", "train_and_eval")
-    if train_mode and autocast_dtype(params) == torch.float16:
-        raise UserError(Problem(params.path, "model.fp16_type", "float16 training needs dynamic loss scaling, "
-                                "which the runtime does not have yet; use bfloat16"))
+
     # Data first: a missing data_dir or image folder is reported before any compute.
     train_loader = make_loader(params, "train") if train_mode else None
     eval_loader = make_loader(params, "eval") if mode in ("eval", "train_and_eval") else None

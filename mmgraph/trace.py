@@ -25,7 +25,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from mmgraph.config import Params
 from mmgraph.errors import Problem, UserError
-from mmgraph.ir import InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program, layer_of
+from mmgraph.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program, layer_of
 from mmgraph.models import BATCH_FIELDS, build_model, random_batch
 from mmgraph.models.multimodal import MultimodalModel
 from mmgraph.models.loss import lm_loss
@@ -126,22 +126,31 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
     order = list(named)
     runner = _Interpret(fwd)
 
+    # float16 training scales the loss (the gradient seed is an input: dynamic loss scaling
+    # changes it without recompiling); the loss itself comes out unscaled.
+    scaled = mode == "train" and amp == torch.float16
+
     def step(param_list, batch_list):
         state = {"g." + k: v for k, v in zip(order, param_list)}
-        out = torch.func.functional_call(runner, state, tuple(batch_list))
+        fields = batch_list[:len(BATCH_FIELDS)]
+        out = torch.func.functional_call(runner, state, tuple(fields))
         if mode == "eval":
             return out
-        grads = torch.autograd.grad(out, [state["g." + n] for n in names])
+        seed = batch_list[len(BATCH_FIELDS)] if scaled else None
+        grads = torch.autograd.grad(out, [state["g." + n] for n in names], grad_outputs=seed)
         return (out, *grads)
 
     values = [named[n].detach().requires_grad_(n in names) for n in order]
+    traced_batch = batch + ([fake.from_tensor(torch.ones((), dtype=torch.float32))] if scaled else [])
     with fake, fx_traceback.preserve_node_meta(), cast():
-        joint = make_fx(step, pre_dispatch=False)(values, batch)
+        joint = make_fx(step, pre_dispatch=False)(values, traced_batch)
 
     inputs = [InputSpec(n.removeprefix("m."), InputKind.PARAM,
                         n.removeprefix("m.") not in frozen and n.removeprefix("m.") not in unused,
                         tuple(named[n].shape), named[n].dtype) for n in order]
     inputs += [InputSpec(f, InputKind.BATCH, False, tuple(t.shape), t.dtype) for f, t in zip(BATCH_FIELDS, batch)]
+    if scaled:
+        inputs.append(InputSpec(LOSS_SCALE, InputKind.BATCH, False, (), torch.float32))
     outputs = [OutputSpec("loss")] + ([OutputSpec("logits")] if mode == "eval" else [])
     outputs += [OutputSpec("grad", n.removeprefix("m.")) for n in names]
     gm = _rename_placeholders(joint, inputs)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from mmgraph.config import Params
-from mmgraph.ir import InputKind, Program
+from mmgraph.ir import LOSS_SCALE, InputKind, Program
 from mmgraph.models import build_model, random_batch
 
 
@@ -77,7 +77,9 @@ def reference_inputs(program: Program, params: Params, seed: int = 0):
     batch_size = next(s.shape[0] for s in program.inputs if s.name == "text_input_ids")
     batch = random_batch(params.layout(program.mode), batch_size, seed=seed + 1)
     state = dict(model.named_parameters())
-    flat = [state[s.name] if s.kind == InputKind.PARAM else batch[s.name] for s in program.inputs]
+    seed = torch.ones(())                                 # float16 programs: gradients unscaled
+    flat = [state[s.name] if s.kind == InputKind.PARAM else seed if s.name == LOSS_SCALE else batch[s.name]
+            for s in program.inputs]
     return model, batch, flat
 
 
@@ -90,6 +92,15 @@ def verify_numerics(program: Program, params: Params, after: str, seed: int = 0,
     state = dict(model.named_parameters())
     for name, p in state.items():
         p.requires_grad_(name in grads_wanted)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(program.precision)
+    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        return _compare(program, model, batch, outs, after, rtol)
+
+
+def _compare(program: Program, model, batch, outs, after: str, rtol: float) -> NumericReport:
+    """Eager autograd of the same model (under the program's autocast) against the program."""
+    grads_wanted = [s.target for s in program.outputs if s.kind == "grad"]
+    state = dict(model.named_parameters())
     if program.mode == "train":
         loss = model(**batch)
         ref = torch.autograd.grad(loss, [state[n] for n in grads_wanted]) if grads_wanted else ()

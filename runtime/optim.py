@@ -110,3 +110,48 @@ class Optimizer:
                 continue
             name, _, k = key.rpartition("::")
             self.state.setdefault(name, {})[k] = v.clone()
+
+
+class LossScaler:
+    """Loss scaling for float16 programs (their gradient seed is an input), from the Model Zoo's
+    ``loss_scaling_factor``: a number (static), or ``dynamic``: start at ``initial_loss_scale``;
+    a step whose gradients overflow is skipped and the scale halved (not below
+    ``min_loss_scale``); after ``steps_per_increase`` good steps it doubles (not above
+    ``max_loss_scale``)."""
+
+    def __init__(self, cfg: OptimizerConfig):
+        self.cfg = cfg
+        self.dynamic = cfg.loss_scaling_factor == "dynamic"
+        self.scale = float(cfg.initial_loss_scale if self.dynamic else cfg.loss_scaling_factor)
+        self.good_steps = 0
+
+    def seed(self, device) -> torch.Tensor:
+        return torch.tensor(self.scale, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def unscale(self, grads: dict[str, torch.Tensor]) -> bool:
+        """Divide the gradients by the scale; False when any is inf or NaN (an overflow)."""
+        inv = 1.0 / self.scale
+        for g in grads.values():
+            g.mul_(inv)
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
+
+    def update(self, finite: bool) -> None:
+        if not self.dynamic:
+            return
+        if not finite:
+            self.scale = max(self.scale / 2, self.cfg.min_loss_scale)
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.cfg.steps_per_increase:
+            self.scale = min(self.scale * 2, self.cfg.max_loss_scale)
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])

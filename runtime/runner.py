@@ -19,11 +19,11 @@ import torch
 
 from mmgraph.config import Params
 from mmgraph.errors import Problem, UserError
-from mmgraph.ir import InputKind, Program
+from mmgraph.ir import LOSS_SCALE, InputKind, Program
 from mmgraph.models import build_model
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.executors import Executor, make_executor
-from mmgraph.runtime.optim import Optimizer
+from mmgraph.runtime.optim import LossScaler, Optimizer, learning_rate
 
 
 @dataclass
@@ -55,6 +55,8 @@ class Runner:
         if checkpoint_path:
             self._load_initial(checkpoint_path)
         self.optimizer = Optimizer(params.optimizer, self.weights) if params.optimizer else None
+        scaled = train is not None and any(s.name == LOSS_SCALE for s in train.inputs)
+        self.scaler: Optional[LossScaler] = LossScaler(params.optimizer) if scaled and params.optimizer else None
         self.step = 0
         self.sampler_state: Optional[dict] = None
         self.metrics_path = self.model_dir / "metrics.jsonl"
@@ -87,15 +89,18 @@ class Runner:
             self.optimizer.load_state_dict(opt_state)
         self.step = state["step"]
         self.sampler_state = state.get("sampler")
+        if self.scaler and "loss_scale" in state:
+            self.scaler.load_state_dict(state["loss_scale"])
         return last
 
     # -- execution -----------------------------------------------------------------------
     def _inputs(self, program: Program, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         for spec in program.inputs:
-            if spec.kind == InputKind.BATCH and tuple(batch[spec.name].shape) != spec.shape:
+            if spec.kind == InputKind.BATCH and spec.name != LOSS_SCALE and tuple(batch[spec.name].shape) != spec.shape:
                 raise UserError(Problem(None, spec.name, f"batch shape {tuple(batch[spec.name].shape)} does not "
                                         f"match the compiled program's {spec.shape} (static shapes)"))
-        return [self.weights[s.name] if s.kind == InputKind.PARAM else batch[s.name].to(self.device)
+        return [self.weights[s.name] if s.kind == InputKind.PARAM else
+                self.scaler.seed(self.device) if s.name == LOSS_SCALE else batch[s.name].to(self.device)
                 for s in program.inputs]
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -128,8 +133,14 @@ class Runner:
             last = checkpoint.latest(self.model_dir)
             raise UserError(Problem(None, f"step {self.step + 1}", f"loss is {loss}; training stopped "
                                     f"(last good checkpoint: {last or 'none'})"))
-        norm = self.optimizer.clip(total)
-        lr = self.optimizer.step(total)
+        finite = self.scaler.unscale(total) if self.scaler else True
+        if finite:
+            norm = self.optimizer.clip(total)
+            lr = self.optimizer.step(total)
+        else:                        # float16 overflow: the step is skipped, the scale lowered
+            norm, lr = math.inf, learning_rate(self.optimizer.cfg, self.optimizer.step_count)
+        if self.scaler:
+            self.scaler.update(finite)
         self.step += 1
         samples = sum(b["labels"].shape[0] for b in micro_batches)
         tokens = int(sum((1 - b["key_padding_mask"]).sum() for b in micro_batches))
@@ -162,6 +173,8 @@ class Runner:
     # -- bookkeeping ---------------------------------------------------------------------
     def save(self, sampler_state: Optional[dict] = None) -> Path:
         state = {"step": self.step, "sampler": sampler_state}
+        if self.scaler:
+            state["loss_scale"] = self.scaler.state_dict()
         opt = self.optimizer.state_dict() if self.optimizer else {}
         return checkpoint.save(self.model_dir, self.step, self.weights, opt, state,
                                self.params.runconfig.max_checkpoints)

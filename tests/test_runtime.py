@@ -72,7 +72,7 @@ def test_bf16_mixed_precision_is_compiled_in_and_trains_like_eager_autocast(tmp_
     path = tmp_path / "bf16.yaml"
     path.write_text(yaml.safe_dump(raw))
     params = load_params(path)
-    program = compile_step(params)[-1].program
+    program = compile_step(params, verify=True)[-1].program          # against eager under autocast
     assert program.precision == "bf16"
     assert any(n.meta["val"].dtype == torch.bfloat16 for n in program.ops() if "mm" in str(n.target))
     runner = Runner(params, tmp_path / "md", train=program)
@@ -284,3 +284,57 @@ def test_runconfig_checkpoint_path_starts_from_other_weights(shards, tmp_path, c
     assert main(["run", "--params", str(path), "--model_dir", str(tmp_path / "p3"), "--max_steps", "1"]) == 2
     assert "runconfig.load_checkpoint_states: 'model,optimizer': initial checkpoints load the model only" in \
         capsys.readouterr().err
+
+
+def _fp16_params(tmp_path, **optimizer):
+    import yaml
+    raw = yaml.safe_load(TINY2.read_text())
+    raw["model"].update(mixed_precision=True, fp16_type="float16")
+    raw["optimizer"].update(loss_scaling_factor="dynamic", **optimizer)
+    path = tmp_path / "fp16.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_params(path)
+
+
+def test_fp16_trains_with_dynamic_loss_scaling_like_eager_autocast(tmp_path):
+    params = _fp16_params(tmp_path, initial_loss_scale=1024.0)
+    program = compile_step(params, verify=True)[-1].program
+    assert program.precision == "fp16" and program.inputs[-1].name == "loss_scale"
+    runner = Runner(params, tmp_path / "md", train=program)
+    ours = [runner.train_step(batches(params, step)).loss for step in range(4)]
+    # eager: autocast(float16), loss * scale backward, unscale, same optimizer
+    model, _ = build_model(params, seed=params.runconfig.seed)
+    named = dict(model.named_parameters())
+    trainable = [k for k, p in named.items() if p.requires_grad]
+    opt = Optimizer(params.optimizer, {k: p.data for k, p in named.items()})
+    ref = []
+    for step in range(4):
+        total, losses = {}, []
+        for batch in batches(params, step):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(**batch)
+            grads = torch.autograd.grad(loss * 1024.0, [named[k] for k in trainable])
+            for k, g in zip(trainable, grads):
+                total[k] = total[k] + g if k in total else g.clone()
+            losses.append(loss.detach())
+        for g in total.values():
+            g.div_(MICRO * 1024.0)
+        opt.clip(total)
+        opt.step(total)
+        ref.append(float(torch.stack(losses).mean()))
+    for a, b in zip(ours, ref):
+        assert abs(a - b) <= 1e-3 * abs(b), (ours, ref)
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
+    params = _fp16_params(tmp_path, initial_loss_scale=2.0 ** 40, steps_per_increase=2)
+    program = compile_step(params)[-1].program
+    runner = Runner(params, tmp_path / "md", train=program)
+    before = {k: v.clone() for k, v in runner.weights.items()}
+    first = runner.train_step(batches(params, 0))
+    assert first.grad_norm == float("inf") and runner.scaler.scale == 2.0 ** 39
+    assert all(torch.equal(runner.weights[k], before[k]) for k in before)      # skipped: nothing moved
+    for step in range(1, 40):
+        runner.train_step(batches(params, step))
+    assert runner.scaler.scale < 2.0 ** 39 and runner.optimizer.step_count > 0
+    assert any(not torch.equal(runner.weights[k], before[k]) for k in runner.trainable)
