@@ -37,12 +37,27 @@ class Executor:
         raise NotImplementedError
 
 
+def placed(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+    """The graph with every op that makes a tensor (``arange``, ``full``, ...) making it on
+    ``device``: programs are traced on the CPU's fake tensors, so those ops name the CPU."""
+    if all(n.kwargs.get("device") in (None, device) for n in gm.graph.nodes):
+        return gm
+    graph = torch.fx.Graph()
+    env: dict = {}
+    for node in gm.graph.nodes:
+        new = graph.node_copy(node, lambda n: env[n])
+        if isinstance(new.kwargs.get("device"), torch.device):
+            new.kwargs = {**new.kwargs, "device": device}
+        env[node] = new
+    return torch.fx.GraphModule(gm, graph)
+
+
 class ReferenceExecutor(Executor):
     name = "reference"
 
     def __init__(self, program: Program, params: Params, device: torch.device):
         super().__init__(program, params, device)
-        self.fn = program.gm
+        self.fn = placed(program.gm, device)
 
     def __call__(self, inputs):
         with torch.no_grad():
@@ -56,7 +71,7 @@ class CompiledExecutor(Executor):
 
     def __init__(self, program: Program, params: Params, device: torch.device):
         super().__init__(program, params, device)
-        self.fn = torch.compile(program.gm, dynamic=False, fullgraph=True)
+        self.fn = torch.compile(placed(program.gm, device), dynamic=False, fullgraph=True)
 
     def __call__(self, inputs):
         with torch.no_grad():

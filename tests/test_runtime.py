@@ -338,3 +338,18 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
         runner.train_step(batches(params, step))
     assert runner.scaler.scale < 2.0 ** 39 and runner.optimizer.step_count > 0
     assert any(not torch.equal(runner.weights[k], before[k]) for k in runner.trainable)
+
+
+def test_programs_run_on_other_devices():
+    """Programs are traced on the CPU's fake tensors; the executor places the ops that make
+    tensors on the run device. The meta device stands in for CUDA here."""
+    from mmgraph.runtime.executors import ReferenceExecutor
+    params = load_params(TINY2)
+    program = compile_step(params)[-1].program
+    assert any(n.kwargs.get("device") == torch.device("cpu") for n in program.gm.graph.nodes)
+    meta = torch.device("meta")
+    batch = batches(params, 0)[0]
+    inputs = [torch.empty(s.shape, dtype=s.dtype, device=meta) if s.kind.value == "param" else batch[s.name].to(meta)
+              for s in program.inputs]
+    outs = ReferenceExecutor(program, params, meta)(inputs)
+    assert all(o.device == meta for o in outs) and outs[0].shape == ()
