@@ -57,10 +57,7 @@ class Generator:
     # -- inputs ----------------------------------------------------------------------------
     def prompt_inputs(self, prompt: str, images: list[str]) -> tuple[list[int], list[list[int]], torch.Tensor]:
         marks = prompt.count(IMAGE)
-        if marks == 0 and images:
-            prompt = IMAGE + "\n" + prompt
-            marks = 1 if len(images) == 1 else marks
-        if marks == 0 and len(images) > 1:
+        if marks == 0 and images:          # LLaVA's convention: the images first
             prompt = (IMAGE + "\n") * len(images) + prompt
             marks = len(images)
         if marks != len(images):

@@ -34,7 +34,8 @@ def test_cached_generation_equals_recomputing(world, impl):
     prompts = [("what colour is the shape ?", images[:1]),
                ("<image>\nwhere is the shape ?", images[1:2]),
                ("<image> and <image>: are the shapes the same colour ?", images[2:4]),
-               ("describe", images[3:4])]
+               ("describe", images[3:4]),
+               ("same colour ?", images[:2])]                 # no marks: both images put first
     for text, imgs in prompts:
         fast = gen.generate(text, [str(i) for i in imgs], max_new_tokens=12)
         slow = gen.generate(text, [str(i) for i in imgs], max_new_tokens=12, use_cache=False)
