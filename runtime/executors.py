@@ -90,8 +90,11 @@ class OnnxRuntimeExecutor(Executor):
         super().__init__(program, params, device)
         import onnxruntime as ort
 
-        from mmgraph.formats import export_onnx
+        from mmgraph.formats import export_onnx, onnx_skip_reason
 
+        too_big = onnx_skip_reason(program)
+        if too_big:
+            raise UserError(Problem(None, "--eval_executor", f"onnxruntime cannot serve this model: {too_big.removeprefix('not written: ')}"))
         batch = next(s.shape[0] for s in program.inputs if s.name == "labels")
         if path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mmgraph-ort-")
