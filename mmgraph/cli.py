@@ -75,7 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mmgraph.run_cmd import run
 
     return run(args.params, args.model_dir, args.mode, args.device, args.checkpoint_path, args.max_steps,
-               args.target, args.executor, args.eval_executor)
+               args.target, args.executor, args.eval_executor, args.weight_streaming)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reference: the program's ATen code (default); compiled: torch.compile/Inductor")
     runp.add_argument("--eval_executor", choices=("reference", "compiled", "onnxruntime"),
                       help="executor for eval (default: --executor)")
+    runp.add_argument("--weight_streaming", action="store_true",
+                      help="keep weights and optimizer state in host memory and stream each segment's "
+                           "weights to the device when it runs (the target's partition)")
     runp.set_defaults(func=_cmd_run)
 
     gen = sub.add_parser(

@@ -37,7 +37,7 @@ def _batches(loader):
 
 def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
         checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
-        executor: str = "reference", eval_executor: Optional[str] = None) -> int:
+        executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False) -> int:
     from mmgraph.dump import write_dumps
     from mmgraph.pipeline import compile_step
     from mmgraph.runtime.data import make_loader
@@ -60,11 +60,11 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
         write_dumps(stages, model_dir, params_path, None, tgt)
         train_program = stages[-1].program
     if eval_loader is not None:
-        eval_program = compile_step(params, "eval")[-1].program
+        eval_program = compile_step(params, "eval", target=tgt if weight_streaming else None)[-1].program
     print(f"compiled in {time.perf_counter() - t0:.1f} s; dumps in {Path(model_dir) / 'compile'}/")
 
     runner = Runner(params, model_dir, train_program, eval_program, dev, executor=executor,
-                    eval_executor=eval_executor)
+                    eval_executor=eval_executor, weight_streaming=weight_streaming)
     resumed = runner.resume()
     initial = checkpoint_path or params.runconfig.checkpoint_path
     if resumed:

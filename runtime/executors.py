@@ -120,6 +120,9 @@ EXECUTORS: dict[str, type[Executor]] = {e.name: e for e in (ReferenceExecutor, C
 
 def make_executor(name: str, program: Program, params: Params, device: torch.device) -> Executor:
     """The executor ``name`` for ``program``; an error naming what it does not support."""
+    if name == "streaming":
+        from mmgraph.runtime.streaming import StreamingExecutor
+        return StreamingExecutor(program, params, device)
     cls = EXECUTORS.get(name)
     if cls is None:
         raise UserError(Problem(None, "--executor", f"unknown executor {name!r}; one of {', '.join(EXECUTORS)}"))

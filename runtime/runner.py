@@ -41,16 +41,23 @@ class Runner:
     def __init__(self, params: Params, model_dir: str | Path, train: Optional[Program] = None,
                  eval_program: Optional[Program] = None, device: str = "cpu",
                  checkpoint_path: Optional[str] = None, executor: str = "reference",
-                 eval_executor: Optional[str] = None):
+                 eval_executor: Optional[str] = None, weight_streaming: bool = False):
+        """``weight_streaming``: the parameter store (weights, optimizer state) stays in host
+        memory and each segment's weights are streamed to ``device`` when it runs."""
         self.params, self.model_dir, self.device = params, Path(model_dir), torch.device(device)
+        self.store_device = torch.device("cpu") if weight_streaming else self.device
         self.train_program, self.eval_program = train, eval_program
+        if weight_streaming:
+            executor = eval_executor = "streaming"
         self.train_exec: Optional[Executor] = make_executor(executor, train, params, self.device) if train else None
         self.eval_exec: Optional[Executor] = (make_executor(eval_executor or executor, eval_program, params, self.device)
                                               if eval_program else None)
         seed = params.runconfig.seed
         torch.manual_seed(seed)
         model, _ = build_model(params, seed=seed)
-        self.weights = {k: v.detach().to(self.device) for k, v in model.state_dict().items()}
+        pin = weight_streaming and self.device.type == "cuda"
+        self.weights = {k: (v.detach().pin_memory() if pin else v.detach().to(self.store_device))
+                        for k, v in model.state_dict().items()}
         self.trainable = [s.name for s in (train.inputs if train else []) if s.kind == InputKind.PARAM and s.trainable]
         if checkpoint_path:
             self._load_initial(checkpoint_path)
@@ -106,7 +113,9 @@ class Runner:
     def micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         program = self.train_program
         outs = self.train_exec(self._inputs(program, batch))
-        grads = {spec.target: g for spec, g in zip(program.outputs, outs) if spec.kind == "grad"}
+        store = self.store_device
+        grads = {spec.target: (g if g.device == store else g.to(store))      # back to the store
+                 for spec, g in zip(program.outputs, outs) if spec.kind == "grad"}
         return outs[0], grads
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:

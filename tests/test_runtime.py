@@ -353,3 +353,26 @@ def test_programs_run_on_other_devices():
               for s in program.inputs]
     outs = ReferenceExecutor(program, params, meta)(inputs)
     assert all(o.device == meta for o in outs) and outs[0].shape == ()
+
+
+def test_weight_streaming_runs_segment_by_segment_like_the_reference(tmp_path):
+    from mmgraph.runtime.streaming import StreamingExecutor
+    from mmgraph.target import load_target
+    params = load_params(TINY2)
+    program = compile_step(params, target=load_target("cs2"))[-1].program
+    plain = Runner(params, tmp_path / "a", train=program)
+    streamed = Runner(params, tmp_path / "b", train=program, weight_streaming=True)
+    assert isinstance(streamed.train_exec, StreamingExecutor)
+    assert sum(1 for n in streamed.train_exec.split.graph.nodes if n.op == "call_module") == len(program.segments)
+    for step in range(3):
+        assert plain.train_step(batches(params, step)).loss == streamed.train_step(batches(params, step)).loss
+    assert all(torch.equal(plain.weights[k], streamed.weights[k]) for k in plain.weights)    # bit for bit
+    with pytest.raises(UserError, match="the program has no segments"):
+        Runner(params, tmp_path / "c", train=compile_step(params)[-1].program, weight_streaming=True)
+
+
+def test_cli_run_with_weight_streaming(shards, tmp_path, capsys):
+    from mmgraph.cli import main
+    assert main(["run", "--mode", "train_and_eval", "--weight_streaming", "--params", str(shards),
+                 "--model_dir", str(tmp_path / "md"), "--max_steps", "2"]) == 0
+    assert "answer accuracy" in capsys.readouterr().out
