@@ -72,27 +72,27 @@ class Attention(nn.Module):
             out = torch.where(image, getattr(expert, name)(x), out)
         return out
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                expert: Optional[nn.Module] = None, image: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, S, H); mask: additive, broadcastable to (B, heads, S, S); ``expert`` (a module
-        with its own ``proj_*`` layers) replaces the projections where ``image`` (B, S, 1) is set."""
+    def _qkv(self, x: torch.Tensor, rotary, expert, image):
+        """q (B, nh, S, hd) and k, v (B, nkv, S, hd), rotated."""
         b, s, _ = x.shape
         q = self._proj("proj_q_dense_layer", x, expert, image).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self._proj("proj_k_dense_layer", x, expert, image).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self._proj("proj_v_dense_layer", x, expert, image).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # q: (B, nh, S, hd); k, v: (B, nkv, S, hd)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k, v
+
+    def _attend(self, q, k, v, mask: Optional[torch.Tensor], p: float, expert, image) -> torch.Tensor:
+        """Attention of q over k, v (grouped key/value heads repeated), then the output projection."""
+        b, _, s, _ = q.shape
         if self.num_kv_heads != self.num_heads:
-            group = self.num_heads // self.num_kv_heads
-            k = k[:, :, None].expand(b, self.num_kv_heads, group, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
-            v = v[:, :, None].expand(b, self.num_kv_heads, group, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
-        p = self.dropout if self.training else 0.0
+            group, n = self.num_heads // self.num_kv_heads, k.shape[2]
+            k = k[:, :, None].expand(b, self.num_kv_heads, group, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
+            v = v[:, :, None].expand(b, self.num_kv_heads, group, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
         if self.impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale     # (B, nh, S, S)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale     # (B, nh, S, S_k)
             if mask is not None:
                 scores = scores + mask
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
@@ -102,6 +102,13 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return self._proj("proj_output_dense_layer", out, expert, image)
 
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                expert: Optional[nn.Module] = None, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, S, H); mask: additive, broadcastable to (B, heads, S, S); ``expert`` (a module
+        with its own ``proj_*`` layers) replaces the projections where ``image`` (B, S, 1) is set."""
+        q, k, v = self._qkv(x, rotary, expert, image)
+        return self._attend(q, k, v, mask, self.dropout if self.training else 0.0, expert, image)
 
     def forward_cached(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                        cache_k: torch.Tensor, cache_v: torch.Tensor, start: int,
@@ -109,33 +116,17 @@ class Attention(nn.Module):
         """Attention of ``x`` (B, s, H), the tokens at positions ``start .. start+s-1``, over every
         earlier position: their keys and values are written into the caches (B, kv_heads, L, hd)
         and the attention reads positions ``0 .. start+s-1`` from there."""
-        b, s, _ = x.shape
-        q = self._proj("proj_q_dense_layer", x, expert, image).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self._proj("proj_k_dense_layer", x, expert, image).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self._proj("proj_v_dense_layer", x, expert, image).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        s = x.shape[1]
+        q, k, v = self._qkv(x, rotary, expert, image)
         end = start + s
         cache_k[:, :, start:end] = k
         cache_v[:, :, start:end] = v
-        k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-        if self.num_kv_heads != self.num_heads:
-            group = self.num_heads // self.num_kv_heads
-            k = k[:, :, None].expand(b, self.num_kv_heads, group, end, self.head_dim).reshape(b, self.num_heads, end, self.head_dim)
-            v = v[:, :, None].expand(b, self.num_kv_heads, group, end, self.head_dim).reshape(b, self.num_heads, end, self.head_dim)
         mask = None
         if s > 1:                         # query i sits at start + i: keys up to there
             idx = torch.arange(end, device=x.device)
             allowed = idx[None, :] <= (start + torch.arange(s, device=x.device))[:, None]
             mask = torch.where(allowed, torch.zeros((), dtype=q.dtype, device=x.device), torch.finfo(q.dtype).min)
-        if self.impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-            if mask is not None:
-                scores = scores + mask
-            out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
-        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-        return self._proj("proj_output_dense_layer", out, expert, image)
+        return self._attend(q, cache_k[:, :, :end], cache_v[:, :, :end], mask, 0.0, expert, image)
 
 
 def causal_padding_mask(key_padding_mask: Optional[torch.Tensor], seq_len: int,
