@@ -49,8 +49,8 @@ class Generator:
                 raise UserError(Problem(weights, missing[0], "missing from the checkpoint"))
             self.model.load_state_dict({k: state[k] for k in own}, strict=True)
         self.model.eval()
-        data = params.eval_input or params.train_input
-        self.transform = build_transforms(data.transforms)
+        self.data = params.eval_input or params.train_input
+        self.transform = build_transforms(self.data.transforms)
         self.device = torch.device(device)
         self.context = min(layout.max_sequence_length, params.model.text_model.max_position_embeddings or 1 << 30)
 
@@ -73,7 +73,7 @@ class Generator:
         from PIL import Image, UnidentifiedImageError
 
         n = max(self.layout.max_num_img, 1)
-        c, h, w = (self.params.train_input or self.params.eval_input).image_data_size
+        c, h, w = self.data.image_data_size
         out = torch.zeros(1, n, c, h, w)
         for i, name in enumerate(images):
             try:

@@ -75,7 +75,7 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
         if states is not None and {s.strip() for s in states.split(",")} - {"model"}:
             raise UserError(Problem(params.path, "runconfig.load_checkpoint_states", f"{states!r}: initial "
                                     "checkpoints load the model only (a run in the same model_dir resumes all)"))
-        runner._load_initial(initial)
+        runner.load_initial(initial)
         print(f"initial weights from {initial}")
 
     if train_mode:

@@ -7,6 +7,11 @@
   ``reference`` (Inductor reorders reductions); checked within tolerance.
 - ``onnxruntime``: eval only, CPU. Runs the ONNX export of the eval step (the same loss and
   logits, checked against the reference in the tests) with the store's weights as inputs.
+- ``streaming`` (``--weight_streaming``): the program run segment by segment (the target's
+  partition, split once with ``torch.fx``'s ``split_module``), each segment getting its weights
+  from the parameter store when it runs. The store may live in host memory while the program
+  runs on a GPU: each segment's weights are copied in just before it runs, the next segment's
+  are prefetched on a side stream. With the store on the run device nothing is copied.
 
 All take the program's inputs in order (parameters from the store, then batch fields) and return
 its outputs in order.
@@ -14,11 +19,13 @@ its outputs in order.
 
 from __future__ import annotations
 
+import operator
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.fx.passes.split_module import split_module
 
 from mmgraph.config import Params
 from mmgraph.errors import Problem, UserError
@@ -115,14 +122,83 @@ class OnnxRuntimeExecutor(Executor):
         return tuple(torch.from_numpy(x) for x in self.session.run(None, feeds))
 
 
-EXECUTORS: dict[str, type[Executor]] = {e.name: e for e in (ReferenceExecutor, CompiledExecutor, OnnxRuntimeExecutor)}
+class StreamingExecutor(Executor):
+    """The program segment by segment, weights fetched from the store per segment."""
+
+    name = "streaming"
+
+    def __init__(self, program: Program, params: Params, device: torch.device):
+        super().__init__(program, params, device)
+        if not program.segments:
+            raise UserError(Problem(None, "--weight_streaming", "the program has no segments: compile it for a "
+                                    "target (mmgraph run does)"))
+        kernels = {k.id: k for k in program.kernels}
+        segment_of = {n: s.id for s in program.segments for k in s.kernels for n in kernels[k].nodes}
+        gm = placed(program.gm, device)
+        self.split = split_module(gm, None, lambda n: segment_of[n.name], keep_original_order=True)
+        self.device = device
+        self.nodes = list(self.split.graph.nodes)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.param_nodes = {n for n, s in zip(placeholders, program.inputs) if s.kind == InputKind.PARAM}
+        self.calls = [n for n in self.nodes if n.op == "call_module"]
+        last = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last[a] = i
+        self.last_use = last
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _weights(self, call, env) -> dict:
+        """The segment's weights on the run device (copied from the store when it is elsewhere)."""
+        out = {}
+        for a in call.all_input_nodes:
+            if a in self.param_nodes:
+                t = env[a]
+                out[a] = t if t.device == self.device else t.to(self.device, non_blocking=True)
+        return out
+
+    def __call__(self, inputs):
+        env: dict = {}
+        it = iter(inputs)
+        with torch.no_grad():
+            for node in self.nodes:
+                if node.op == "placeholder":
+                    t = next(it)
+                    env[node] = t if node in self.param_nodes or t.device == self.device else t.to(self.device)
+            prefetched: Optional[dict] = None
+            k = 0
+            for i, node in enumerate(self.nodes):
+                if node.op == "call_module":
+                    if prefetched is not None and self.side is not None:
+                        torch.cuda.current_stream(self.device).wait_stream(self.side)
+                    weights = prefetched if prefetched is not None else self._weights(node, env)
+                    k += 1
+                    prefetched = None
+                    if k < len(self.calls):                     # start the next segment's copies
+                        if self.side is not None:
+                            with torch.cuda.stream(self.side):
+                                prefetched = self._weights(self.calls[k], env)
+                        else:
+                            prefetched = self._weights(self.calls[k], env)
+                    args = [weights[a] if a in weights else env[a] if isinstance(a, torch.fx.Node) else a
+                            for a in node.args]
+                    env[node] = getattr(self.split, node.target)(*args)
+                elif node.op == "call_function" and node.target is operator.getitem:
+                    env[node] = env[node.args[0]][node.args[1]]
+                elif node.op == "output":
+                    return tuple(env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[0])
+                for a in node.all_input_nodes:                  # drop what no later node reads
+                    if self.last_use.get(a) == i and a not in self.param_nodes:
+                        env.pop(a, None)
+        raise RuntimeError("the split program has no output")
+
+
+EXECUTORS: dict[str, type[Executor]] = {e.name: e for e in (ReferenceExecutor, CompiledExecutor, OnnxRuntimeExecutor,
+                                                                   StreamingExecutor)}
 
 
 def make_executor(name: str, program: Program, params: Params, device: torch.device) -> Executor:
     """The executor ``name`` for ``program``; an error naming what it does not support."""
-    if name == "streaming":
-        from mmgraph.runtime.streaming import StreamingExecutor
-        return StreamingExecutor(program, params, device)
     cls = EXECUTORS.get(name)
     if cls is None:
         raise UserError(Problem(None, "--executor", f"unknown executor {name!r}; one of {', '.join(EXECUTORS)}"))

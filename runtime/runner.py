@@ -39,8 +39,7 @@ class StepResult:
 
 class Runner:
     def __init__(self, params: Params, model_dir: str | Path, train: Optional[Program] = None,
-                 eval_program: Optional[Program] = None, device: str = "cpu",
-                 checkpoint_path: Optional[str] = None, executor: str = "reference",
+                 eval_program: Optional[Program] = None, device: str = "cpu", executor: str = "reference",
                  eval_executor: Optional[str] = None, weight_streaming: bool = False):
         """``weight_streaming``: the parameter store (weights, optimizer state) stays in host
         memory and each segment's weights are streamed to ``device`` when it runs."""
@@ -59,8 +58,6 @@ class Runner:
         self.weights = {k: (v.detach().pin_memory() if pin else v.detach().to(self.store_device))
                         for k, v in model.state_dict().items()}
         self.trainable = [s.name for s in (train.inputs if train else []) if s.kind == InputKind.PARAM and s.trainable]
-        if checkpoint_path:
-            self._load_initial(checkpoint_path)
         self.optimizer = Optimizer(params.optimizer, self.weights) if params.optimizer else None
         scaled = train is not None and any(s.name == LOSS_SCALE for s in train.inputs)
         self.scaler: Optional[LossScaler] = LossScaler(params.optimizer) if scaled and params.optimizer else None
@@ -70,7 +67,8 @@ class Runner:
         self._events = None
 
     # -- weights -------------------------------------------------------------------------
-    def _load_initial(self, path: str) -> None:
+    def load_initial(self, path: str) -> None:
+        """Initial weights (the model only) from a checkpoint, model_dir or converted folder."""
         loaded = checkpoint.load_weights(path)
         missing = [k for k in self.weights if k not in loaded]
         strict = not self.params.runconfig.disable_strict_checkpoint_loading

@@ -356,7 +356,7 @@ def test_programs_run_on_other_devices():
 
 
 def test_weight_streaming_runs_segment_by_segment_like_the_reference(tmp_path):
-    from mmgraph.runtime.streaming import StreamingExecutor
+    from mmgraph.runtime.executors import StreamingExecutor
     from mmgraph.target import load_target
     params = load_params(TINY2)
     program = compile_step(params, target=load_target("cs2"))[-1].program

@@ -15,10 +15,9 @@ from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
 from mmgraph.errors import Problem, UserError
 
 
-def _rename(entries: dict[str, Entry], fn: Callable[[str], Optional[str]], into: dict[str, Entry],
-            skip_buffers: bool = True) -> None:
+def _rename(entries: dict[str, Entry], fn: Callable[[str], Optional[str]], into: dict[str, Entry]) -> None:
     for key, e in entries.items():
-        if skip_buffers and key.endswith(_BUFFERS):
+        if key.endswith(_BUFFERS):
             continue
         new = fn(key)
         if new is None:
