@@ -1,26 +1,37 @@
 """Runtime speed and memory: the lowered program's training step against eager PyTorch.
 
-    python -m benchmarks.bench_runtime                  # small config (the issue's), CPU
-    python -m benchmarks.bench_runtime --size medium    # a wider, deeper one
-    python -m benchmarks.bench_runtime --quick          # tiny config, one repeat (tests)
+On the CPU and, where there is one, on a CUDA GPU:
+
+    python -m benchmarks.bench_runtime                  # small and medium on the CPU (and on CUDA)
+    python -m benchmarks.bench_runtime --size medium    # one run (device: cuda when available, else cpu)
+    python -m benchmarks.bench_runtime --device cpu --size small
+    python -m benchmarks.bench_runtime --quick          # tiny config on the CPU, one repeat (tests)
 
 Training step (one micro-batch, forward + loss + backward + gradient clipping + AdamW, the
 params' freeze masks, fp32), the same weights, batch and optimizer for every variant:
 - ``eager``: the nn.Module, ``torch.autograd.grad`` over the trainable parameters (the peer);
 - ``torch.compile``: the same module under ``torch.compile`` (Inductor), same autograd;
 - ``reference`` / ``compiled``: ``Runner.train_step`` executing the lowered program with that
-  executor.
+  executor;
+- ``streaming``: ``Runner(..., weight_streaming=True)``: the program (compiled for cs2, as
+  ``mmgraph run`` does, for its segments) run segment by segment from a parameter store in host
+  memory (pinned on CUDA: each segment's weights copied in, the next prefetched on a side
+  stream; gradients back to the store, where clipping and AdamW run). On the CPU nothing is
+  copied: the figure is the split's overhead. Compared with ``reference`` (in memory).
 Variants run interleaved, median of ``--repeats`` after warm-up (compilation is excluded and
-reported separately). Peak memory: each variant in a fresh process that has first compiled the
-step (so every variant carries the same compiler residue: imported toolchain, the program's
-graph; reported beside the table); the high-water RSS during the measured steps less the RSS
-after that (so: weights, optimizer state, gradients, activations and workspace).
+reported separately); on CUDA each timed call is bracketed by ``torch.cuda.synchronize()``.
+Peak memory: each variant in a fresh process that has first compiled the step, so every
+variant carries the same compiler residue. On the CPU: the high-water RSS during the measured
+steps less the RSS after compiling (so: weights, optimizer state, gradients, activations and
+workspace; the residue is reported beside). On CUDA: ``torch.cuda.max_memory_allocated`` during
+the measured steps less the allocated memory after compiling (the same parts, on the device;
+``streaming`` keeps its store in host memory, so only what it streams in counts).
 
 Eval forward (loss + logits): the module under ``no_grad`` (peer), the ``reference`` executor on
-the eval program, and ``onnxruntime`` on the ONNX export of the same step.
+the eval program, and (CPU only) ``onnxruntime`` on the ONNX export of the same step.
 
 Targets (issue: runtime): reference <= 1.05x eager, compiled <= 0.8x eager, peak memory
-<= 1.2x eager.
+<= 1.2x eager; on a GPU the same on a larger config, and streaming <= 1.3x in-memory at batch >= 8.
 """
 
 from __future__ import annotations
@@ -39,17 +50,18 @@ import torch
 import yaml
 
 from benchmarks.common import finish
+from benchmarks.targets import runtime_runs
 from mmgraph.config import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ROOT / "configs" / "params_mm_llava_small.yaml"
 TINY = ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"
-TRAIN = ("eager", "torch.compile", "reference", "compiled")
-EVAL = ("eager", "reference", "onnxruntime")
+TRAIN = ("eager", "torch.compile", "reference", "compiled", "streaming")
+SIZES = ("small", "medium")
 
 
 def config_path(size: str, workdir: Path) -> Path:
-    """The params file for ``size``: tiny and small are in configs/; medium widens small."""
+    """The params file for ``size``: tiny and small are in configs/; medium widens small (batch 8)."""
     if size == "tiny":
         return TINY
     if size == "small":
@@ -66,38 +78,64 @@ def config_path(size: str, workdir: Path) -> Path:
     return path
 
 
+def resolve_device(name: str | None) -> str:
+    """``cpu`` or ``cuda``; ``auto`` (or none) is cuda when available."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def synchronizer(device: torch.device):
+    """Waits for the device's queued work (CUDA); nothing on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def lowered(params, streaming: bool):
+    """The lowered training step; for weight streaming compiled for cs2 (as `mmgraph run` does),
+    whose segments the streaming executor runs (the graph is the same)."""
+    from mmgraph.pipeline import compile_step
+    from mmgraph.target import load_target
+
+    return compile_step(params, target=load_target("cs2") if streaming else None)[-1].program
+
+
 def _rss_kb(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 class Train:
-    """One training step per variant on the same weights, batch and optimizer settings."""
+    """One training step per variant on the same weights, batch and optimizer settings, on ``device``."""
 
-    def __init__(self, params, variants):
+    def __init__(self, params, variants, device: torch.device):
         from mmgraph.models import build_model, random_batch
-        from mmgraph.pipeline import compile_step
         from mmgraph.runtime.optim import Optimizer
         from mmgraph.runtime.runner import Runner
 
-        self.batch = random_batch(params.layout(), params.train_input.batch_size, seed=1)
+        batch = random_batch(params.layout(), params.train_input.batch_size, seed=1)
+        self.batch = {k: v.to(device) for k, v in batch.items()}
         self.steps, self.compile_s = {}, {}
+        sync = synchronizer(device)
         seed = params.runconfig.seed
-        program = None
+        programs = {}
         for name in variants:
             start = time.perf_counter()
             if name in ("eager", "torch.compile"):
                 model, _ = build_model(params, seed=seed)
+                model.to(device)
                 named = dict(model.named_parameters())
                 train = [k for k, p in named.items() if p.requires_grad]
                 opt = Optimizer(params.optimizer, {k: p.data for k, p in named.items()})
                 fn = torch.compile(model) if name == "torch.compile" else model
                 self.steps[name] = self._eager_step(fn, named, train, opt)
             else:
-                if program is None:
-                    program = compile_step(params)[-1].program
-                runner = Runner(params, tempfile.mkdtemp(prefix="mmgraph-bench-"), train=program, executor=name)
+                streaming = name == "streaming"
+                if streaming not in programs:
+                    programs[streaming] = lowered(params, streaming)
+                runner = Runner(params, tempfile.mkdtemp(prefix="mmgraph-bench-"), train=programs[streaming],
+                                device=str(device), executor=name, weight_streaming=streaming)
                 self.steps[name] = lambda r=runner: r.train_step([self.batch])
             self.steps[name]()                               # first call: compiles where it does
+            sync()
             self.compile_s[name] = time.perf_counter() - start
 
     def _eager_step(self, fn, named, train, opt):
@@ -109,29 +147,33 @@ class Train:
         return step
 
 
-def time_steps(steps: dict, repeats: int, warmup: int = 2) -> dict:
+def time_steps(steps: dict, repeats: int, sync=lambda: None, warmup: int = 2) -> dict:
+    """Interleaved rounds after ``warmup``; each call timed between ``sync()`` calls."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
     times = {k: [] for k in steps}
     for _ in range(repeats):
         for k, fn in steps.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[k].append(time.perf_counter() - start)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)} for k, v in times.items()}
 
 
-def eval_steps(params) -> dict:
+def eval_steps(params, device: torch.device) -> dict:
     from mmgraph.models import build_model, random_batch
     from mmgraph.pipeline import compile_step
     from mmgraph.runtime.runner import Runner
 
     eval_params = load_params(params.path, "eval")
     batch = random_batch(eval_params.layout("eval"), eval_params.eval_input.batch_size, seed=2)
+    batch = {k: v.to(device) for k, v in batch.items()}
     program = compile_step(eval_params, "eval")[-1].program
     model, _ = build_model(eval_params, seed=eval_params.runconfig.seed)
-    model.eval()
+    model.to(device).eval()
     out = {}
 
     def eager():
@@ -139,84 +181,127 @@ def eval_steps(params) -> dict:
             return model.compute_logits(batch["image_data"], batch["text_input_ids"], batch["image_data_loc"],
                                         batch["key_padding_mask"], batch["token_modality_idx"])
     out["eager"] = eager
-    for name in ("reference", "onnxruntime"):
+    for name in ("reference", "onnxruntime") if device.type == "cpu" else ("reference",):
         runner = Runner(eval_params, tempfile.mkdtemp(prefix="mmgraph-bench-"), eval_program=program,
-                        eval_executor=name)
+                        device=str(device), eval_executor=name)
         out[name] = lambda r=runner: r.eval_exec(r._inputs(program, batch))
     return out
 
 
-def memory_child(path: str, variant: str, steps: int) -> dict:
-    """Run in a fresh process: peak RSS of ``variant``'s steps above the pre-model baseline."""
-    from mmgraph.pipeline import compile_step
-
+def memory_child(path: str, variant: str, steps: int, device: str) -> dict:
+    """Run in a fresh process: the peak memory of ``variant``'s steps above the baseline taken
+    after compiling the step: high-water RSS on the CPU, CUDA's peak allocated memory on a GPU
+    (where the compiler's residue, host memory, is not reported)."""
     params = load_params(path)
+    cuda = device == "cuda"
     before = _rss_kb("VmRSS")
-    compile_step(params)          # every variant carries the compiler's residue: the baseline is after it
-    base = _rss_kb("VmRSS")
-    bench = Train(params, [variant])
-    fn = bench.steps[variant]
+    lowered(params, variant == "streaming")   # every variant carries the compiler's residue: the baseline is after it
+    base = torch.cuda.memory_allocated() if cuda else _rss_kb("VmRSS")
+    fn = Train(params, [variant], torch.device(device)).steps[variant]
     fn()
-    Path("/proc/self/clear_refs").write_text("5")             # reset the high-water mark
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")         # reset the high-water mark
     for _ in range(steps):
         fn()
+    if cuda:
+        torch.cuda.synchronize()
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "compiler_mb": None}
     return {"peak_mb": (_rss_kb("VmHWM") - base) / 1024, "compiler_mb": (base - before) / 1024}
 
 
-def measure_memory(path: Path, variants, steps: int) -> dict:
+def measure_memory(path: Path, variants, steps: int, device: str) -> dict:
     out = {}
     for v in variants:
         cmd = [sys.executable, "-m", "benchmarks.bench_runtime", "--memory-child", v, "--params", str(path),
-               "--steps", str(steps)]
+               "--steps", str(steps), "--device", device]
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         out[v] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 
 
-def run(size: str, repeats: int, memory: bool = True, variants=TRAIN) -> dict:
+def run(size: str, repeats: int, memory: bool = True, variants=TRAIN, device: str = "cpu") -> dict:
+    """One (device, size) run: the training step of every variant, the eval forward, peak memory."""
+    start = time.perf_counter()
+    dev = torch.device(device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = config_path(size, Path(tmp))
         params = load_params(path)
-        bench = Train(params, variants)
-        train = time_steps(bench.steps, repeats)
-        ev = time_steps(eval_steps(params), repeats)
-        measured = measure_memory(path, variants, 3 if repeats > 1 else 1) if memory else {}
+        bench = Train(params, variants, dev)
+        train = time_steps(bench.steps, repeats, synchronizer(dev))
+        ev = time_steps(eval_steps(params, dev), repeats, synchronizer(dev))
+        measured = measure_memory(path, variants, 3 if repeats > 1 else 1, device) if memory else {}
     mem = {k: v["peak_mb"] for k, v in measured.items()}
-    residue = max((v["compiler_mb"] for v in measured.values()), default=None)
+    residue = max((v["compiler_mb"] for v in measured.values() if v["compiler_mb"] is not None), default=None)
     base = train["eager"]["median_s"]
     rows = [{"variant": k, **v, "ratio": v["median_s"] / base, "first_call_s": bench.compile_s[k],
              "peak_mb": mem.get(k), "memory_ratio": mem[k] / mem["eager"] if mem else None}
             for k, v in train.items()]
     ebase = ev["eager"]["median_s"]
     erows = [{"variant": k, **v, "ratio": v["median_s"] / ebase} for k, v in ev.items()]
-    return {"size": size, "batch": params.train_input.batch_size, "threads": torch.get_num_threads(),
-            "repeats": repeats, "train": rows, "eval": erows, "compiler_residue_mb": residue,
-            "versions": {"torch": torch.__version__}}
+    streaming = (train["streaming"]["median_s"] / train["reference"]["median_s"]
+                 if {"streaming", "reference"} <= set(train) else None)
+    return {"device": device, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "size": size, "batch": params.train_input.batch_size, "threads": torch.get_num_threads(),
+            "repeats": repeats, "train": rows, "eval": erows, "streaming_vs_in_memory": streaming,
+            "compiler_residue_mb": residue, "wall_s": time.perf_counter() - start}
 
 
-def format_table(r: dict) -> str:
-    lines = [f"Training step, {r['size']} config, batch {r['batch']}, {r['threads']} threads, median of {r['repeats']}:",
-             "", "| variant | ms (median) | min | max | / eager | first call s | peak MB | memory / eager |",
+def cases(size: str | None, device: str | None, quick: bool) -> list[tuple[str, str]]:
+    """The (device, size) runs: tiny on the CPU when quick; one when either is named; else small
+    and medium on the CPU, and on CUDA as well where there is a GPU."""
+    if quick:
+        return [(resolve_device(device) if device else "cpu", "tiny")]
+    if size or device:
+        return [(resolve_device(device), size or "small")]
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return [(d, s) for d in devices for s in SIZES]
+
+
+def _run_table(r: dict) -> str:
+    cuda = r.get("device") == "cuda"
+    where = f"CUDA ({r.get('gpu')})" if cuda else "CPU"
+    peak = "peak: CUDA memory allocated" if cuda else "peak: RSS"
+    head = (f"Training step, {r['size']} config, {where}, batch {r['batch']}, {r['threads']} threads, "
+            f"median of {r['repeats']} ({peak}):")
+    lines = [head, "",
+             "| variant | ms (median) | min | max | / eager | first call s | peak MB | memory / eager |",
              "|---|---|---|---|---|---|---|---|"]
     for row in r["train"]:
         mem = f"{row['peak_mb']:.0f} | {row['memory_ratio']:.2f}" if row["peak_mb"] is not None else "- | -"
         lines.append(f"| {row['variant']} | {row['median_s'] * 1e3:.1f} | {row['min_s'] * 1e3:.1f} | "
                      f"{row['max_s'] * 1e3:.1f} | {row['ratio']:.2f} | {row['first_call_s']:.1f} | {mem} |")
+    if r.get("streaming_vs_in_memory") is not None:
+        how = ("store in pinned host memory: weights copied in per segment, gradients copied back, clipping "
+               "and AdamW on the CPU; its peak is the device memory only" if cuda else
+               "nothing is copied on the CPU: the cost of running the program segment by segment")
+        lines += ["", (f"Weight streaming / in-memory (`reference`), batch {r['batch']}: "
+                       f"**{r['streaming_vs_in_memory']:.2f}x** ({how}).")]
     if r.get("compiler_residue_mb") is not None:
-        lines += ["", f"Compiler residue held by every variant's process (not in the peaks above): "
-                      f"{r['compiler_residue_mb']:.0f} MB."]
-    lines += ["", "Eval forward (loss + logits):", "", "| variant | ms (median) | min | max | / eager |",
-              "|---|---|---|---|---|"]
+        lines += ["", (f"Compiler residue held by every variant's process (not in the peaks above): "
+                       f"{r['compiler_residue_mb']:.0f} MB.")]
+    lines += ["", f"Eval forward (loss + logits), {r['size']} config, {where}:", "",
+              "| variant | ms (median) | min | max | / eager |", "|---|---|---|---|---|"]
     for row in r["eval"]:
         lines.append(f"| {row['variant']} | {row['median_s'] * 1e3:.1f} | {row['min_s'] * 1e3:.1f} | "
                      f"{row['max_s'] * 1e3:.1f} | {row['ratio']:.2f} |")
     return "\n".join(lines)
 
 
+def format_table(r: dict) -> str:
+    """Every run of a results file (or one run), one after the other."""
+    return "\n\n".join(_run_table(x) for x in runtime_runs(r))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=("tiny", "small", "medium"), default="small")
+    ap.add_argument("--size", choices=("tiny", "small", "medium"),
+                    help="one size (default, with neither --size nor --device: small and medium)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                    help="one device (auto: cuda when available; default, with neither: the CPU and CUDA if any)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path)
@@ -225,9 +310,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
-        print(json.dumps(memory_child(args.params, args.memory_child, args.steps)))
+        print(json.dumps(memory_child(args.params, args.memory_child, args.steps, args.device)))
         return 0
-    result = run("tiny", 1) if args.quick else run(args.size, args.repeats)
+    runs = []
+    for device, size in cases(args.size, args.device, args.quick):
+        runs.append(run(size, 1 if args.quick else args.repeats, device=device))
+        print(f"{device} {size}: {runs[-1]['wall_s']:.0f} s", file=sys.stderr)
+    result = {"runs": runs, "versions": {"torch": torch.__version__}}
     return finish(result, format_table(result), args.out)
 
 

@@ -93,8 +93,9 @@ def run(names: list[str], repeats: int, target: Target, warmup: int = 3) -> dict
                      "gradient_tensors": sum(1 for o in program.outputs if o.kind == "grad")})
     return {"target": target.description, "target_figures": {
         "peak_flops": target.compute.peak_flops.model_dump(), "memory_bandwidth": target.memory.bandwidth,
-        "overhead_s": target.compute.kernel_overhead_s,
-        "optimizer_update_rate": target.external_memory.optimizer_update_rate}, "rows": rows}
+        "overhead_s": target.compute.kernel_overhead_s, "op_efficiency": target.compute.op_efficiency,
+        "optimizer_update_rate": target.external_memory.optimizer_update_rate,
+        "optimizer_tensor_overhead_s": target.external_memory.optimizer_tensor_overhead_s}, "rows": rows}
 
 
 def _measured(row: dict, key: str) -> Optional[dict]:

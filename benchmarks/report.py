@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from benchmarks.svg import Bar, Line, hbar
-from benchmarks.targets import BIG2, TARGETS, sim_measured, targets_table
+from benchmarks.targets import BIG2, TARGETS, runtime_runs, sim_measured, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -79,19 +79,25 @@ def plot_simulator(r: dict) -> dict[str, str]:
 
 
 def plot_runtime(r: dict) -> dict[str, str]:
-    base = next(row for row in r["train"] if row["variant"] == "eager")["median_s"]
-    bars = [Bar(f"train: {row['variant']}", row["ratio"], row["min_s"] / base, row["max_s"] / base, "train step")
-            for row in r["train"]]
-    ebase = next(row for row in r["eval"] if row["variant"] == "eager")["median_s"]
-    bars += [Bar(f"eval: {row['variant']}", row["ratio"], row["min_s"] / ebase, row["max_s"] / ebase, "eval forward")
-             for row in r["eval"]]
-    bars += [Bar(f"memory: {row['variant']}", row["memory_ratio"], series="train peak memory")
-             for row in r["train"] if row.get("memory_ratio") is not None]
-    return {"runtime": hbar(f"Runtime, {r['size']} config: time and memory / eager PyTorch",
-                            bars, "ratio to eager (lower is better)",
-                            (Line(1.0, "eager (the peer)"), Line(1.05, "target: reference <= 1.05x", "#c00000"),
-                             Line(0.8, "target: compiled <= 0.8x", "#c06000"),
-                             Line(1.2, "target: memory <= 1.2x", "#800080")))}
+    """One chart per (device, size) run: ``runtime`` for the small CPU run, ``runtime_DEVICE_SIZE`` else."""
+    out = {}
+    for x in runtime_runs(r):
+        base = next(row for row in x["train"] if row["variant"] == "eager")["median_s"]
+        bars = [Bar(f"train: {row['variant']}", row["ratio"], row["min_s"] / base, row["max_s"] / base,
+                    "train step") for row in x["train"]]
+        ebase = next(row for row in x["eval"] if row["variant"] == "eager")["median_s"]
+        bars += [Bar(f"eval: {row['variant']}", row["ratio"], row["min_s"] / ebase, row["max_s"] / ebase,
+                     "eval forward") for row in x["eval"]]
+        bars += [Bar(f"memory: {row['variant']}", row["memory_ratio"], series="train peak memory")
+                 for row in x["train"] if row.get("memory_ratio") is not None]
+        where = "CUDA" if x["device"] == "cuda" else "CPU"
+        stem = "runtime" if (x["device"], x["size"]) == ("cpu", "small") else f"runtime_{x['device']}_{x['size']}"
+        out[stem] = hbar(f"Runtime, {x['size']} config, {where}: time and memory / eager PyTorch",
+                         bars, "ratio to eager (lower is better)",
+                         (Line(1.0, "eager (the peer)"), Line(1.05, "target: reference <= 1.05x", "#c00000"),
+                          Line(0.8, "target: compiled <= 0.8x", "#c06000"),
+                          Line(1.2, "target: memory <= 1.2x", "#800080")))
+    return out
 
 
 def plot_freeze(r: dict) -> dict[str, str]:
@@ -166,14 +172,22 @@ The runtime's step is also split as the schedule splits it: the program alone
 Training step (one micro-batch, forward + loss + backward + gradient clipping + AdamW, the
 params' freeze masks, fp32), the same weights, batch and optimizer for every variant: `eager`
 (the nn.Module, `torch.autograd.grad` over the trainable parameters: the peer),
-`torch.compile` (the same module under Inductor), and `Runner.train_step` executing the lowered
-program with the `reference` and `compiled` executors. Variants interleaved, median after
-warm-up; the first call (compilation where there is one) is reported separately, with
-Inductor's default on-disk cache, which an earlier run may have filled (the cold compile is
-measured in the compile section). Peak memory: each variant in a fresh process that has first
-compiled the step (so every variant carries the same compiler residue, reported beside); the
-high-water RSS during the measured steps less the RSS after that. Eval forward (loss + logits): the module under `no_grad` (the peer), the
-`reference` executor on the eval program, and onnxruntime on the ONNX export of the same step.""",
+`torch.compile` (the same module under Inductor), `Runner.train_step` executing the lowered
+program with the `reference` and `compiled` executors, and `streaming` (`--weight_streaming`:
+the program, compiled for cs2's segments, run segment by segment from a parameter store in host
+memory, pinned on CUDA, with each segment's weights copied in and the next prefetched on a side
+stream; on the CPU nothing is copied), compared with `reference` (in memory) at the same batch.
+Each (device, size) is one run: small and medium on the CPU, and on CUDA where there is a GPU.
+Variants interleaved, median after warm-up (on CUDA each timed call is bracketed by
+`torch.cuda.synchronize()`); the first call (compilation where there is one) is reported
+separately, with Inductor's default on-disk cache, which an earlier run may have filled (the cold
+compile is measured in the compile section). Peak memory: each variant in a fresh process that has
+first compiled the step (so every variant carries the same compiler residue); on the CPU the
+high-water RSS during the measured steps less the RSS after compiling (the residue reported
+beside), on CUDA `torch.cuda.max_memory_allocated()` less the allocated memory after compiling
+(`streaming`'s store is in host memory: only what it streams in counts). Eval forward (loss +
+logits): the module under `no_grad` (the peer), the `reference` executor on the eval program,
+and, on the CPU, onnxruntime on the ONNX export of the same step.""",
     "freeze": """\
 The small config with `model.freeze` set to phase 1 (`^image_model.image_model_list`,
 `^text_model`: only the projector trains) and to phase 2 (`^image_model.image_model_list`), each
@@ -235,7 +249,7 @@ def notes(name: str, r: dict) -> list[str]:
             f"{ra['flops_backward']:.2f}x, gradient bytes {ra['gradient_bytes']:.3f}x of phase 2. Measured: "
             f"the program takes {ra['program_time']:.2f}x and the whole step {ra['step_time']:.2f}x phase 2's "
             f"time; the step also saves the optimizer's update of the frozen LLM.")
-    if name == "runtime" and r.get("compiler_residue_mb") is None:
+    if name == "runtime" and any(row["peak_mb"] is None for x in runtime_runs(r) for row in x["train"]):
         out.append("Peak memory was not measured in this run.")
     return out
 

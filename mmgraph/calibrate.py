@@ -5,11 +5,15 @@ Measured with PyTorch on the CPU (or a GPU with ``--device cuda``), median of re
   that smaller square matmuls reach;
 - memory bandwidth (a large out-of-place add: two reads and one write), and the cache's
   bandwidth with the largest traffic that keeps most of it;
-- per-op overhead (a generic network of tiny Linear/GELU/LayerNorm blocks, forward and
-  backward, divided by the ATen ops it dispatches);
 - fused attention's share of the peak at generic shapes, and the rate of ``exp`` (elements/s);
-- optimizer update rate (AdamW steps over a 4M-parameter tensor).
-The host runs eager PyTorch op by op with weights in memory: ``granularity: op``, no streaming.
+- per-op overhead and the share of the roofline ops reach inside a step (``op_efficiency``):
+  two generic transformer-encoder training steps (``torch.nn.TransformerEncoder``, one of tiny
+  ops, one of larger ones) traced to ATen (forward + backward) and run from their generated code
+  the way the runtime's reference executor runs a program; ``time = roofline / op_efficiency +
+  ops x overhead`` solved for the two unknowns from the two steps;
+- the optimizer: the runtime's own AdamW with gradient clipping, over 16 tensors of 256K elements
+  and over 256 of 1K: the update rate and the cost per gradient tensor.
+The host runs ATen op by op with weights in memory: ``granularity: op``, no streaming.
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmgraph.target import Target, user_target_dir
 
 
-def _median_time(fn, repeats: int, sync=lambda: None) -> float:
+def _median_time(fn, repeats: int, sync=lambda: None, min_seconds: float = 0.2) -> float:
+    """Median seconds of ``fn`` after a warm-up call: at least ``repeats`` calls, and more
+    (up to 2,000) until ``min_seconds`` have been spent, so short ops are not judged on a few
+    noisy samples."""
     fn()
     sync()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < 2000):
         t = time.perf_counter()
         fn()
         sync()
@@ -71,14 +77,13 @@ def measure(device: str = "cpu", size: int = 1024, repeats: int = 7) -> dict:
             cache_bytes = mb * 1e6
     if cache_bw < 1.5 * bandwidth:
         cache_bytes, cache_bw = 0.0, bandwidth
-    overhead = _op_overhead(device, repeats, sync)
-    param = torch.nn.Parameter(torch.randn(4 * 1024 * 1024, device=device))
-    param.grad = torch.randn_like(param)
-    opt = torch.optim.AdamW([param], lr=1e-3)
-    update_rate = param.numel() / _median_time(opt.step, repeats, sync)
-    return {"peak_flops": flops, "matmul_efficiency": curve, "attention_efficiency": attention,
-            "transcendental_rate": transcendental, "bandwidth": bandwidth, "cache_bandwidth": cache_bw, "cache_bytes": cache_bytes,
-            "overhead": overhead, "update_rate": update_rate}
+    m = {"peak_flops": flops, "matmul_efficiency": curve, "attention_efficiency": attention,
+         "transcendental_rate": transcendental, "bandwidth": bandwidth, "cache_bandwidth": cache_bw,
+         "cache_bytes": cache_bytes, "overhead": 0.0, "op_efficiency": 1.0, "update_rate": 1.0}
+    m["overhead"], m["op_efficiency"] = _step_figures(Target.model_validate(host_target(m, device)), device,
+                                                      repeats, sync)
+    m["update_rate"], m["tensor_overhead"] = _optimizer_figures(device, repeats, sync)
+    return m
 
 
 def _attention_curve(device: str, repeats: int, sync, peak: float) -> list:
@@ -95,35 +100,71 @@ def _attention_curve(device: str, repeats: int, sync, peak: float) -> list:
     return curve
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
+def _generic_step(device: str, width: int, seq: int, batch: int, layers: int):
+    """A generic transformer encoder's training step (forward, a mean-square loss, backward)
+    traced to ATen ops under fake tensors: the graph and real inputs to run it on."""
+    from torch.fx.experimental.proxy_tensor import make_fx
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _op_overhead(device: str, repeats: int, sync) -> float:
-    """Seconds per ATen op of a training step whose ops are all tiny: a generic 40-block
-    network (Linear, GELU, LayerNorm, residual) at width 8, forward + backward, timed and
-    divided by the ops it dispatches."""
     torch.manual_seed(0)
-    blocks = [torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8), torch.nn.GELU())
-              for _ in range(40)]
-    net = torch.nn.ModuleList(blocks).to(device)
-    x = torch.randn(4, 8, device=device)
+    layer = torch.nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+    net = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).to(device)
+    names = [k for k, _ in net.named_parameters()]
+    weights = [p.detach() for p in net.parameters()]
+    x = torch.randn(batch, seq, width, device=device)
 
-    def step():
-        h = x
-        for block in net:
-            h = h + block(h)
-        h.sum().backward()
-    counter = _CountOps()
-    with counter:
-        step()
-    return _median_time(step, repeats, sync) / counter.count
+    def step(x, *ws):
+        out = torch.func.functional_call(net, dict(zip(names, ws)), (x,))
+        loss = out.square().mean()
+        return (loss, *torch.autograd.grad(loss, ws))
+    gm = make_fx(step, tracing_mode="fake")(x, *[w.clone().requires_grad_() for w in weights])
+    return gm, [x, *weights]
+
+
+def _step_figures(partial: Target, device: str, repeats: int, sync) -> tuple[float, float]:
+    """Per-op overhead (s) and ``op_efficiency``, from two generic steps run as the runtime runs a
+    program (generated code, ATen ops, no autograd): each step's time is ``roofline /
+    op_efficiency + ops x overhead``, the roofline summed over its ops with the figures measured
+    so far (``partial``: no overhead, efficiency 1)."""
+    from mmgraph.passes.cost import node_time
+    from mmgraph.passes.weight_streaming import Precision
+
+    rows = []
+    for shape in ((32, 32, 4, 4), (128, 128, 8, 2)):          # tiny ops; larger ops
+        gm, inputs = _generic_step(device, *shape)
+        ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+        roofline = sum(node_time(n, partial, Precision("fp32")) for n in ops)
+        with torch.no_grad():
+            rows.append((roofline, len(ops), _median_time(lambda: gm(*inputs), repeats, sync)))
+    (r_a, n_a, t_a), (r_b, n_b, t_b) = rows
+    overhead = (t_a * r_b - t_b * r_a) / (n_a * r_b - n_b * r_a)
+    inverse = (t_a - n_a * overhead) / r_a
+    if overhead < 0 or inverse < 1:         # no consistent fit: overhead only, from the tiny ops
+        return max(0.0, (t_a - r_a) / n_a), 1.0
+    return overhead, 1.0 / inverse
+
+
+def _optimizer_figures(device: str, repeats: int, sync) -> tuple[float, float]:
+    """The runtime's AdamW with clipping by global norm: elements per second and seconds per
+    gradient tensor, from 16 tensors of 256K elements and 256 tensors of 1K (both: elements /
+    rate + tensors x per-tensor seconds)."""
+    from mmgraph.config.optim import OptimizerConfig
+    from mmgraph.runtime.optim import Optimizer
+
+    cfg = OptimizerConfig(optimizer_type="AdamW", learning_rate=1e-4, weight_decay=0.01, max_gradient_norm=1.0)
+
+    def seconds(n: int, count: int) -> float:
+        params = {f"w{i}": torch.randn(n, device=device) for i in range(count)}
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        opt = Optimizer(cfg, params)
+        return _median_time(lambda: (opt.clip(grads), opt.step(grads)), repeats, sync)
+
+    (a1, b1), (a2, b2) = (16 * 256 * 1024, 16), (256 * 1024, 256)     # (elements, tensors)
+    t1, t2 = seconds(256 * 1024, 16), seconds(1024, 256)
+    det = a1 * b2 - a2 * b1
+    per_element, per_tensor = (t1 * b2 - t2 * b1) / det, (a1 * t2 - a2 * t1) / det
+    if per_element <= 0 or per_tensor < 0:      # no consistent fit: the bulk rate only
+        return a1 / t1, 0.0
+    return 1.0 / per_element, per_tensor
 
 
 def host_target(m: dict, device: str = "cpu") -> dict:
@@ -143,6 +184,7 @@ def host_target(m: dict, device: str = "cpu") -> dict:
             "attention_efficiency": [[f, float(f"{e:.3g}")] for f, e in m["attention_efficiency"]],
             "transcendental_rate": float(f"{m['transcendental_rate']:.4g}"),
             "kernel_overhead_s": float(f"{m['overhead']:.4g}"),
+            "op_efficiency": float(f"{m.get('op_efficiency', 1.0):.3g}"),
             "granularity": "op",
         },
         "memory": {"bytes": float(total_memory), "bandwidth": float(f"{m['bandwidth']:.4g}"),
@@ -151,7 +193,8 @@ def host_target(m: dict, device: str = "cpu") -> dict:
         "stream": {"enabled": False, "bandwidth": float(f"{m['bandwidth']:.4g}"), "weight_share": 1.0,
                    "latency_s": 0.0},
         "external_memory": {"bytes": float(total_memory),
-                            "optimizer_update_rate": float(f"{m['update_rate']:.4g}")},
+                            "optimizer_update_rate": float(f"{m['update_rate']:.4g}"),
+                            "optimizer_tensor_overhead_s": float(f"{m.get('tensor_overhead', 0.0):.4g}")},
         "sources": [f"measured by mmgraph calibrate on {when} with torch {torch.__version__}"],
         "assumptions": [
             "peak FLOP/s = measured square-matmul rate per dtype; smaller matmuls reach the share of it "
@@ -160,8 +203,11 @@ def host_target(m: dict, device: str = "cpu") -> dict:
             "same add moving 3 MB, applied to ops that move at most cache_bytes",
             "fused attention reaches the share of peak measured on generic masked attention shapes "
             "(attention_efficiency); exp/log/sigmoid-class ops run at most at the measured exp rate",
-            "every op pays the per-op overhead measured on a generic tiny network; views cost only that",
-            "weights stay in memory (no streaming); the optimizer runs after the backward",
+            "every op pays the per-op overhead and reaches op_efficiency of its roofline, both fitted on two "
+            "generic transformer-encoder training steps run as the runtime runs programs; views cost only "
+            "the overhead",
+            "weights stay in memory (no streaming); the optimizer (the runtime's, clipping included) runs "
+            "after the backward: elements / update rate + gradient tensors x optimizer_tensor_overhead_s",
         ],
     }
 
@@ -178,7 +224,8 @@ def run_calibrate(output: str | None, device: str, size: int) -> int:
     pf = data["compute"]["peak_flops"]
     print(f"matmul: fp32 {pf['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {pf['bf16'] / 1e9:,.1f}, fp16 {pf['fp16'] / 1e9:,.1f}; "
           f"memory {data['memory']['bandwidth'] / 1e9:,.1f} GB/s (cache {data['memory']['cache_bandwidth'] / 1e9:,.1f} GB/s "
-          f"up to {data['memory']['cache_bytes'] / 1e6:,.0f} MB); overhead {data['compute']['kernel_overhead_s'] * 1e6:.1f} us/op; "
-          f"AdamW {data['external_memory']['optimizer_update_rate'] / 1e6:,.0f} M params/s")
+          f"up to {data['memory']['cache_bytes'] / 1e6:,.0f} MB); overhead {data['compute']['kernel_overhead_s'] * 1e6:.1f} us/op, "
+          f"op efficiency {data['compute']['op_efficiency']:.2f}; AdamW {data['external_memory']['optimizer_update_rate'] / 1e6:,.0f} "
+          f"M params/s + {data['external_memory']['optimizer_tensor_overhead_s'] * 1e6:.0f} us/tensor")
     print(f"wrote {path} (use --target host)")
     return 0

@@ -37,6 +37,10 @@ class Compute(Section):
     attention_efficiency: list[tuple[Positive, Share]] = []   # same, for fused attention
     transcendental_rate: Optional[Positive] = None           # exp/log/sigmoid elements per second
     kernel_overhead_s: Annotated[float, Field(ge=0)] = 0.0   # per kernel (launch, dispatch)
+    # Share of its roofline time (the largest of compute, memory and transcendental time) an op
+    # reaches inside a whole step, where operands come from other ops: cold caches, strided and
+    # skinny operands unlike the calibration's. Host targets measure it on a generic step.
+    op_efficiency: Share = 1.0
     granularity: Literal["kernel", "op"] = "kernel"          # what runs as one unit
 
 
@@ -62,6 +66,7 @@ class Stream(Section):
 class ExternalMemory(Section):
     bytes: Positive
     optimizer_update_rate: Positive           # parameters updated per second, off device
+    optimizer_tensor_overhead_s: Annotated[float, Field(ge=0)] = 0.0   # per gradient tensor clipped + updated
 
 
 class Target(Section):

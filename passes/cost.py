@@ -1,8 +1,9 @@
 """cost: time every kernel on the target and simulate the step's schedule.
 
 Per kernel (or per op on targets that run op by op, like a CPU host running eager PyTorch):
-``time = max(FLOPs / (peak x efficiency), bytes moved / bandwidth) + overhead``, where the
-bandwidth is the cache's for ops that move at most ``cache_bytes`` (targets with a cache).
+``time = max(FLOPs / (peak x efficiency), bytes moved / bandwidth) / op_efficiency + overhead``,
+where the bandwidth is the cache's for ops that move at most ``cache_bytes`` (targets with a
+cache). Run op by op, views cost the overhead only and copies (``clone``) their bytes.
 
 Per segment, with two weight buffers (double buffering), in execution order:
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mmgraph.ir import Program, Schedule, SegmentTime
-from mmgraph.opcost import node_bytes
+from mmgraph.opcost import VIEW_OPS, node_bytes, node_flops
 from mmgraph.passes.fusion import op_class
 from mmgraph.passes.weight_streaming import Precision, _kernel_io_bytes
 from mmgraph.target import Target
@@ -42,7 +43,19 @@ def op_time(flops: int, nbytes: float, matmul: bool, target: Target, precision: 
     mem = target.memory
     bandwidth = mem.cache_bandwidth if mem.cache_bandwidth and nbytes <= mem.cache_bytes else mem.bandwidth
     special = transcendental_elements / target.compute.transcendental_rate if target.compute.transcendental_rate else 0.0
-    return max(flops / rate, nbytes / bandwidth, special) + target.compute.kernel_overhead_s
+    roofline = max(flops / rate, nbytes / bandwidth, special)
+    return roofline / target.compute.op_efficiency + target.compute.kernel_overhead_s
+
+
+def node_time(node, target: Target, precision: Precision, flops: int | None = None) -> float:
+    """One ATen op run on its own (targets that run op by op): views pay the overhead only."""
+    if node.op != "call_function" or node.target in VIEW_OPS:
+        return target.compute.kernel_overhead_s
+    flops = node_flops(node) if flops is None else flops
+    cls = op_class(node)
+    opname = getattr(node.target, "__name__", "").split(".")[0]
+    return op_time(flops, node_bytes(node, precision.bytes), cls in _MATMUL_LIKE, target, precision,
+                   attention=cls == "attention", transcendental_elements=flops if opname in TRANSCENDENTAL else 0)
 
 
 def segment_compute_s(program: Program, seg, target: Target, precision: Precision,
@@ -55,17 +68,7 @@ def segment_compute_s(program: Program, seg, target: Target, precision: Precisio
             io = _kernel_io_bytes(k, nodes, precision.bytes)
             total += op_time(k.flops, io, k.kind in _MATMUL_LIKE, target, precision)
             continue
-        for name in k.nodes:
-            node = nodes[name]
-            cls = op_class(node)
-            if cls == "view":   # eager dispatches views too: overhead only
-                total += target.compute.kernel_overhead_s
-                continue
-            info = program.info[name]
-            opname = getattr(node.target, "__name__", "").split(".")[0]
-            elements = info.flops if opname in TRANSCENDENTAL else 0
-            total += op_time(info.flops, node_bytes(node, precision.bytes), cls in _MATMUL_LIKE, target,
-                             precision, attention=cls == "attention", transcendental_elements=elements)
+        total += sum(node_time(nodes[name], target, precision, program.info[name].flops) for name in k.nodes)
     return total
 
 
@@ -84,7 +87,9 @@ def simulate(segments, compute_s: list[float], target: Target, micro_batch_size:
     for i, (seg, comp) in enumerate(zip(segments, compute_s)):
         s_in = (seg.weight_bytes / bw + lat) if streaming and seg.weight_bytes else 0.0
         s_out = (seg.grad_bytes / bw + lat) if streaming and seg.grad_bytes else 0.0
-        opt = seg.grad_params / target.external_memory.optimizer_update_rate if seg.grad_params else 0.0
+        ext = target.external_memory
+        opt = (seg.grad_params / ext.optimizer_update_rate + len(seg.grads) * ext.optimizer_tensor_overhead_s
+               if seg.grad_params else 0.0)
         buffer_free = ends[i - 2] if i >= 2 else 0.0
         in_start = max(in_end, buffer_free)
         in_end = in_start + s_in

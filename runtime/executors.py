@@ -170,7 +170,10 @@ class StreamingExecutor(Executor):
             for i, node in enumerate(self.nodes):
                 if node.op == "call_module":
                     if prefetched is not None and self.side is not None:
-                        torch.cuda.current_stream(self.device).wait_stream(self.side)
+                        main = torch.cuda.current_stream(self.device)
+                        main.wait_stream(self.side)
+                        for t in prefetched.values():       # made on the side stream, read on main:
+                            t.record_stream(main)           # not reused before main is done with it
                     weights = prefetched if prefetched is not None else self._weights(node, env)
                     k += 1
                     prefetched = None

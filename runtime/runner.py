@@ -133,8 +133,9 @@ class Runner:
                 else:
                     total[k] = g.clone()
         n = len(micro_batches)
-        for g in total.values():
-            g.div_(n)
+        if n > 1:
+            for g in total.values():
+                g.div_(n)
         loss = float(torch.stack(losses).mean())
         if not math.isfinite(loss):
             last = checkpoint.latest(self.model_dir)

@@ -65,6 +65,8 @@ def test_calibrate_writes_a_valid_host_target(tmp_path, monkeypatch):
     target = Target.model_validate(host_target(figures))
     assert target.compute.granularity == "op" and not target.stream.enabled
     assert 0 < target.matmul_share(1e3) <= 1 and target.compute.transcendental_rate > 0
+    assert 0 < target.compute.op_efficiency <= 1 and target.compute.kernel_overhead_s > 0
+    assert target.external_memory.optimizer_tensor_overhead_s >= 0
     monkeypatch.setenv("MMGRAPH_HOME", str(tmp_path))
     monkeypatch.setattr("mmgraph.calibrate.measure", lambda device, size: figures)
     assert main(["calibrate"]) == 0
@@ -82,19 +84,32 @@ def test_data_benchmark_quick():
 
 
 def test_runtime_benchmark_quick():
-    from benchmarks.bench_runtime import format_table
+    from benchmarks.bench_runtime import cases, format_table
     from benchmarks.bench_runtime import run as run_runtime
 
     # torch.compile variants are left to `make bench` (first calls take minutes); the compiled
-    # executor itself is tested in test_runtime.
-    result = run_runtime("tiny", 1, memory=True, variants=("eager", "reference"))
-    assert [r["variant"] for r in result["train"]] == ["eager", "reference"]
+    # executor itself is tested in test_runtime. Streaming on the CPU: the split, nothing copied.
+    result = run_runtime("tiny", 1, memory=True, variants=("eager", "reference", "streaming"))
+    assert result["device"] == "cpu" and result["batch"] >= 1
+    assert [r["variant"] for r in result["train"]] == ["eager", "reference", "streaming"]
     assert all(r["median_s"] > 0 and r["peak_mb"] > 0 for r in result["train"])
+    assert result["streaming_vs_in_memory"] > 0
     assert [r["variant"] for r in result["eval"]] == ["eager", "reference", "onnxruntime"]
-    assert "| reference |" in format_table(result)
-    ref, compiled, _ = targets.runtime_targets(result)[:3]
+    assert "| streaming |" in format_table(result) and "Weight streaming / in-memory" in format_table(result)
+    ref, compiled, _, stream, gpu, gpu_stream = targets.runtime_targets(result)
     assert compiled.status == "not measured yet" and "tiny config" in ref.reason
-    report.plot_runtime(result)
+    assert stream.status != "not measured yet" and "no GPU was available in this run" in gpu.reason
+    assert gpu_stream.status == "not measured yet"
+    assert set(report.plot_runtime(result)) == {"runtime_cpu_tiny"}
+    # A file of several runs: the CPU targets from the small CPU run, the GPU ones from CUDA's.
+    small, cuda = ({**result, "size": "small", "batch": 8}, {**result, "device": "cuda", "size": "medium", "batch": 8})
+    ref, *_, gpu, gpu_stream = targets.runtime_targets({"runs": [small, cuda]})
+    assert ref.status != "not measured yet" and not ref.reason
+    assert gpu.measured.startswith("medium config") and gpu_stream.status in ("met", "missed")
+    assert set(report.plot_runtime({"runs": [small, cuda]})) == {"runtime", "runtime_cuda_medium"}
+    assert "CUDA" in format_table({"runs": [small, cuda]})
+    assert cases(None, None, True) == [("cpu", "tiny")] and cases("medium", "cpu", False) == [("cpu", "medium")]
+    assert ("cpu", "small") in cases(None, None, False) and ("cpu", "medium") in cases(None, None, False)
 
 
 def test_freeze_benchmark_quick():

@@ -51,6 +51,33 @@ def test_op_time_is_the_roofline_plus_overhead():
     assert op_time(10, 10**11, False, t, BF16) == pytest.approx(1.0 + 1e-6)    # memory-bound
 
 
+def test_op_efficiency_stretches_the_roofline_not_the_overhead():
+    t = hand_target(compute__kernel_overhead_s=1e-6, compute__op_efficiency=0.5)
+    assert op_time(10, 10**11, False, t, BF16) == pytest.approx(2.0 + 1e-6)
+
+
+def test_op_by_op_views_cost_the_overhead_and_copies_their_bytes():
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mmgraph.passes.cost import node_time
+
+    gm = make_fx(lambda x: x.t().clone(), tracing_mode="fake")(torch.zeros(1000, 250))
+    t = hand_target(compute__kernel_overhead_s=1e-6)
+    times = {n.target.__name__.split(".")[0]: node_time(n, t, Precision("fp32")) for n in gm.graph.nodes
+             if n.op == "call_function"}
+    assert times["t"] == pytest.approx(1e-6)
+    assert times["clone"] == pytest.approx(2 * 4 * 250_000 / 1e11 + 1e-6)      # read + write at 1e11 B/s
+
+
+def test_optimizer_pays_per_gradient_tensor():
+    # 1e3 params at 1e6/s = 1 ms, plus one gradient tensor at 0.5 ms: on a host (no streaming)
+    # the whole update is the tail after the micro-step.
+    t = hand_target(external_memory__optimizer_tensor_overhead_s=5e-4, stream__enabled=False)
+    sch = run([seg(0, grad=4000, grad_params=1000, phase="backward")], [0.001], t)
+    assert sch.optimizer_tail_s == pytest.approx(0.0015)
+
+
 def test_stream_bound_segments():
     # stream-in = 1e6 B / (1e9 x 0.5) + 1 ms = 3 ms; compute 1 ms: the link sets the pace.
     t = hand_target()
