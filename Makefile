@@ -53,12 +53,13 @@ test-all: install
 	$(PY) -m pytest -q -n 2 -m ''
 
 # Every benchmark at its modest default size, results as JSON, then BENCHMARKS.md and its plots
-# (benchmarks/plots/) rendered from them. About 12 minutes on 2 cores, half of it the compile
-# benchmark (7B at 8/16/32 layers, 5 runs each; torch.compile's cold first call, 3 runs).
+# (benchmarks/plots/) rendered from them. About 13 minutes on 2 cores: the compile benchmark
+# (7B at 8/16/32 layers, 5 runs each; torch.compile's cold first call, 3 runs) about 5, the
+# runtime's small and medium configs (and both on CUDA where there is a GPU) about 4.
 RESULTS := benchmarks/results
 bench: install
 	$(PY) -m benchmarks.bench_compile --out $(RESULTS)/compile.json
-	$(PY) -m benchmarks.bench_simulator --repeats 15 --out $(RESULTS)/simulator.json
+	$(PY) -m benchmarks.bench_simulator --rounds 3 --repeats 9 --out $(RESULTS)/simulator.json
 	$(PY) -m benchmarks.bench_runtime --out $(RESULTS)/runtime.json
 	$(PY) -m benchmarks.bench_freeze --out $(RESULTS)/freeze.json
 	$(PY) -m benchmarks.bench_data --out $(RESULTS)/data.json

@@ -10,6 +10,7 @@ measured step on the same machine, two ways, interleaved in the same run:
 One micro-batch; median of ``--repeats`` after 3 warm-ups, with min and max.
 
     python -m benchmarks.bench_simulator            # tiny and small configs, 7 repeats
+    python -m benchmarks.bench_simulator --rounds 3 # calibrate + measure 3 times, report the median
     python -m benchmarks.bench_simulator --quick    # tiny config, 2 repeats (tests)
 
 Target (issue: simulated target): |predicted / measured - 1| <= 25% for tiny and small, measured
@@ -91,11 +92,27 @@ def run(names: list[str], repeats: int, target: Target, warmup: int = 3) -> dict
                      "predicted_micro_step_s": sched.micro_step_s, "predicted_optimizer_s": sched.optimizer_tail_s,
                      "ops": ops, "predicted_overhead_s": ops * target.compute.kernel_overhead_s,
                      "gradient_tensors": sum(1 for o in program.outputs if o.kind == "grad")})
-    return {"target": target.description, "target_figures": {
+    return {"target": target.description, "rounds": 1, "target_figures": {
         "peak_flops": target.compute.peak_flops.model_dump(), "memory_bandwidth": target.memory.bandwidth,
         "overhead_s": target.compute.kernel_overhead_s, "op_efficiency": target.compute.op_efficiency,
         "optimizer_update_rate": target.external_memory.optimizer_update_rate,
         "optimizer_tensor_overhead_s": target.external_memory.optimizer_tensor_overhead_s}, "rows": rows}
+
+
+def run_rounds(names: list[str], repeats: int, rounds: int, calibrate) -> dict:
+    """``rounds`` times: calibrate the host target (``calibrate()``), then predict and measure.
+    Calibration and measurement are each a few seconds of a shared machine, so one round can
+    land in a slow spell; the result is the round with the median ratio for each config (the
+    target's figures of the tiny config's median round), with every round's ratio beside it."""
+    results = [run(names, repeats, calibrate()) for _ in range(rounds)]
+    rows, spread = [], {}
+    for i, name in enumerate(names):
+        ranked = sorted(results, key=lambda r: r["rows"][i]["ratio_vs_reference"])
+        rows.append(ranked[len(ranked) // 2]["rows"][i])
+        spread[name] = [r["rows"][i]["ratio_vs_reference"] for r in results]
+    first = sorted(results, key=lambda r: r["rows"][0]["ratio_vs_reference"])[len(results) // 2]
+    return {**first, "rows": rows, "rounds": rounds, "ratio_rounds": spread,
+            "round_figures": [r["target_figures"] for r in results]}
 
 
 def _measured(row: dict, key: str) -> Optional[dict]:
@@ -109,7 +126,12 @@ def _measured(row: dict, key: str) -> Optional[dict]:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"host target: {result['target']}", "",
+    fig = result["target_figures"]
+    fitted = (f"; fitted on generic transformer-encoder steps: {fig['overhead_s'] * 1e6:.1f} us per op, op efficiency "
+              f"{fig['op_efficiency']:.2f}; the runtime's AdamW + clipping {fig['optimizer_update_rate'] / 1e6:,.0f} M "
+              f"elements/s + {fig['optimizer_tensor_overhead_s'] * 1e6:.1f} us per gradient tensor"
+              if "op_efficiency" in fig else "")
+    lines = [f"host target: {result['target']}{fitted}", "",
              "| config | reference step ms (median) | min | max | eager step ms (median) | min | max | "
              "predicted ms | predicted / reference | predicted / eager |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -123,6 +145,11 @@ def format_table(result: dict) -> str:
                   f"{r['predicted_s'] / ref['median_s']:.2f}" if ref else "-",
                   f"{r['predicted_s'] / eager['median_s']:.2f}" if eager else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    if result.get("rounds", 1) > 1:
+        lines += ["", f"Median of {result['rounds']} rounds (each: calibrate the host target, then predict and "
+                      "measure); predicted / reference in every round: " + "; ".join(
+                          f"{name} " + ", ".join(f"{x:.2f}" for x in ratios)
+                          for name, ratios in result["ratio_rounds"].items()) + "."]
     split = [r for r in result["rows"] if "reference_program" in r]
     if split:
         lines += ["", "The runtime's step split as the schedule splits it (medians; the optimizer part measured as "
@@ -144,13 +171,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--target", help="a host target YAML (default: measure now)")
+    ap.add_argument("--rounds", type=int, default=1, help="calibrate + measure this many times; report the median")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.target:
-        target = load_target(args.target)
+        def calibrate():
+            return load_target(args.target)
     else:
-        target = Target.model_validate(host_target(measure(size=512 if args.quick else 1024)))
-    result = run(["tiny"] if args.quick else ["tiny", "small"], 2 if args.quick else args.repeats, target)
+        def calibrate():
+            return Target.model_validate(host_target(measure(size=512 if args.quick else 1024)))
+    names = ["tiny"] if args.quick else ["tiny", "small"]
+    repeats = 2 if args.quick else args.repeats
+    result = run_rounds(names, repeats, 1 if args.quick else args.rounds, calibrate)
     return finish(result, format_table(result), args.out)
 
 

@@ -134,7 +134,7 @@ def _step_figures(partial: Target, device: str, repeats: int, sync) -> tuple[flo
         ops = [n for n in gm.graph.nodes if n.op == "call_function"]
         roofline = sum(node_time(n, partial, Precision("fp32")) for n in ops)
         with torch.no_grad():
-            rows.append((roofline, len(ops), _median_time(lambda: gm(*inputs), repeats, sync)))
+            rows.append((roofline, len(ops), _median_time(lambda: gm(*inputs), repeats, sync, min_seconds=1.0)))
     (r_a, n_a, t_a), (r_b, n_b, t_b) = rows
     overhead = (t_a * r_b - t_b * r_a) / (n_a * r_b - n_b * r_a)
     inverse = (t_a - n_a * overhead) / r_a
