@@ -1,6 +1,6 @@
 """Generation speed: cached greedy decoding against transformers' ``generate`` on the same model.
 
-    python -m benchmarks.bench_generate            # small config, 64 new tokens
+    python -m benchmarks.bench_generate            # small config, 64 new tokens (CPU; and CUDA if present)
     python -m benchmarks.bench_generate --quick    # tiny config, 8 new tokens (tests)
 
 The small config's model (seeded weights) is converted with ``mmgraph convert`` to a
@@ -8,7 +8,9 @@ The small config's model (seeded weights) is converted with ``mmgraph convert`` 
 (one image, the same token ids): ``mmgraph.generate.Generator`` (KV cache allocated once) and
 ``LlavaForConditionalGeneration.generate`` (greedy, its default cache), both for exactly N new
 tokens (end-of-sequence ignored), interleaved, median of the repeats after a warm-up. The tokens
-are compared too (same weights, greedy: they should agree).
+are compared too (same weights, greedy: they should agree). Where CUDA is present the same
+comparison runs again on the GPU (both models and inputs there, each call timed between
+``torch.cuda.synchronize()``), stored under ``cuda`` in the results.
 
 Target (issue: model family): tokens/s of cached generation >= 1.0x transformers generate.
 """
@@ -42,7 +44,7 @@ def _single_image(path: Path, out: Path) -> Path:
     return out
 
 
-def run(config: Path, new_tokens: int, repeats: int) -> dict:
+def run(config: Path, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
     from transformers import LlavaForConditionalGeneration
 
     from mmgraph.config import load_params
@@ -65,9 +67,9 @@ def run(config: Path, new_tokens: int, repeats: int) -> dict:
         (native / "params.yaml").write_text(path.read_text())
         vocab = params.model.text_model.vocab_size
         convert(str(native), "native", "hf", str(root / "hf"), image_token_id=vocab - 1)
-        hf = LlavaForConditionalGeneration.from_pretrained(root / "hf").eval()
+        hf = LlavaForConditionalGeneration.from_pretrained(root / "hf").eval().to(device)
 
-        gen = Generator(params, str(native / "model.safetensors"), str(root / "data" / "tokenizer"))
+        gen = Generator(params, str(native / "model.safetensors"), str(root / "data" / "tokenizer"), device=device)
         gen.encoder.eos = -1                                      # exactly new_tokens tokens
         image = str(sorted((root / "data" / "images").glob("*.png"))[0])
         prompt = "what colour is the shape ?"
@@ -75,7 +77,9 @@ def run(config: Path, new_tokens: int, repeats: int) -> dict:
         input_ids = torch.tensor([ids])
         for positions in locs:
             input_ids[0, positions] = vocab - 1
-        hf_inputs = dict(input_ids=input_ids, pixel_values=pixels[:, 0], attention_mask=torch.ones_like(input_ids))
+        hf_inputs = {k: v.to(device) for k, v in dict(input_ids=input_ids, pixel_values=pixels[:, 0],
+                                                        attention_mask=torch.ones_like(input_ids)).items()}
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
         def ours():
             return gen.generate(prompt, [image], new_tokens)
@@ -93,25 +97,31 @@ def run(config: Path, new_tokens: int, repeats: int) -> dict:
         times = {"mmgraph": [], "transformers": []}
         for _ in range(repeats):
             for name, fn in (("mmgraph", ours), ("transformers", theirs)):
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - start)
     rows = {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
                 "tokens_per_s": new_tokens / statistics.median(v)} for k, v in times.items()}
     return {"config": config.name, "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
             "rows": rows, "ratio": rows["mmgraph"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"],
-            "tokens_agree": same, "threads": torch.get_num_threads()}
+            "tokens_agree": same, "threads": torch.get_num_threads(), "device": device,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
 
 
 def format_table(r: dict) -> str:
+    where = f"CUDA ({r['gpu']})" if r.get("device") == "cuda" else f"CPU, {r['threads']} threads"
     lines = [f"Greedy generation, {r['config']}, one image, prompt {r['prompt_tokens']} tokens, "
-             f"{r['new_tokens']} new tokens, {r['threads']} threads, median of {r['repeats']}:", "",
+             f"{r['new_tokens']} new tokens, {where}, median of {r['repeats']}:", "",
              "| generator | tokens/s | s (median) | min | max |", "|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['median_s']:.3f} | {row['min_s']:.3f} | "
                      f"{row['max_s']:.3f} |")
     lines += ["", f"mmgraph / transformers tokens/s: {r['ratio']:.2f} (target >= 1.0); "
                   f"{r['tokens_agree']} of {r['new_tokens']} greedy tokens identical"]
+    if r.get("cuda"):
+        lines += ["", format_table(r["cuda"])]
     return "\n".join(lines)
 
 
@@ -124,6 +134,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     tiny = ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"
     result = run(tiny, 8, 1) if args.quick else run(SMALL, args.new_tokens, args.repeats)
+    if torch.cuda.is_available() and not args.quick:
+        result["cuda"] = run(SMALL, args.new_tokens, args.repeats, device="cuda")
     return finish(result, format_table(result), args.out)
 
 

@@ -245,4 +245,8 @@ def test_generate_benchmark_quick():
     result = run_generate(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml", 4, 1)
     assert result["tokens_agree"] == 4                 # same weights, greedy: transformers' tokens
     assert all(r["tokens_per_s"] > 0 for r in result["rows"].values())
-    assert "tokens/s" in format_table(result)
+    assert "tokens/s" in format_table(result) and result["device"] == "cpu"
+    # Where CUDA is present the GPU run sits under "cuda": its table and target row follow.
+    both = {**result, "cuda": {**result, "device": "cuda", "gpu": "a GPU"}}
+    assert "CUDA (a GPU)" in format_table(both)
+    assert [t.area for t in targets.generate_targets(both)] == ["generation", "generation (GPU)"]
