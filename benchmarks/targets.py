@@ -240,12 +240,7 @@ def convert_targets(r: Optional[dict]) -> list[Target]:
         t.measured, t.status = f"{x:.2f}x the largest tensor", _status(x < 2)
         if t.status == "missed":
             t.reason = NOT_ANALYSED
-    out = [t]
-    if r and r.get("cuda"):
-        x = r["cuda"]["ratio"]
-        out.append(Target("generation (GPU)", "the same on a CUDA GPU", "issue: model family", f"{x:.2f}x",
-                          _status(x >= 1.0), "" if x >= 1.0 else NOT_ANALYSED))
-    return out
+    return [t]
 
 
 def generate_targets(r: Optional[dict]) -> list[Target]:
