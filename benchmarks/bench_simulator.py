@@ -105,13 +105,11 @@ def run_rounds(names: list[str], repeats: int, rounds: int, calibrate) -> dict:
     land in a slow spell; the result is the round with the median ratio for each config (the
     target's figures of the tiny config's median round), with every round's ratio beside it."""
     results = [run(names, repeats, calibrate()) for _ in range(rounds)]
-    rows, spread = [], {}
-    for i, name in enumerate(names):
-        ranked = sorted(results, key=lambda r: r["rows"][i]["ratio_vs_reference"])
-        rows.append(ranked[len(ranked) // 2]["rows"][i])
-        spread[name] = [r["rows"][i]["ratio_vs_reference"] for r in results]
-    first = sorted(results, key=lambda r: r["rows"][0]["ratio_vs_reference"])[len(results) // 2]
-    return {**first, "rows": rows, "rounds": rounds, "ratio_rounds": spread,
+    median = [sorted(results, key=lambda r: r["rows"][i]["ratio_vs_reference"])[rounds // 2]
+              for i in range(len(names))]
+    return {**median[0], "rows": [m["rows"][i] for i, m in enumerate(median)], "rounds": rounds,
+            "ratio_rounds": {name: [r["rows"][i]["ratio_vs_reference"] for r in results]
+                             for i, name in enumerate(names)},
             "round_figures": [r["target_figures"] for r in results]}
 
 

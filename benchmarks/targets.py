@@ -150,6 +150,19 @@ def runtime_targets(r: dict | None) -> list[Target]:
     return cpu_runtime_targets(run) + gpu_runtime_targets(runs)
 
 
+def _step_ratios(rows: dict) -> dict[str, tuple[str, bool]]:
+    """The runtime issue's three step ratios of one run's rows, where measured: name ->
+    (measured text, within its limit)."""
+    out = {}
+    for k, limit in (("reference", 1.05), ("compiled", 0.8)):
+        if k in rows:
+            out[k] = (f"{rows[k]['ratio']:.2f}x", rows[k]["ratio"] <= limit)
+    mems = {k: rows[k]["memory_ratio"] for k in ("reference", "compiled") if k in rows and rows[k].get("memory_ratio")}
+    if mems:
+        out["memory"] = (", ".join(f"{k} {v:.2f}x" for k, v in mems.items()), max(mems.values()) <= 1.2)
+    return out
+
+
 def cpu_runtime_targets(r: dict | None) -> list[Target]:
     src = "issue: runtime"
     ref = Target("runtime", "`reference` executor step <= 1.05x eager", src)
@@ -161,16 +174,10 @@ def cpu_runtime_targets(r: dict | None) -> list[Target]:
     if not r:
         return out
     rows = {row["variant"]: row for row in r["train"]}
-    if "reference" in rows:
-        x = rows["reference"]["ratio"]
-        ref.measured, ref.status = f"{x:.2f}x", _status(x <= 1.05)
-    if "compiled" in rows:
-        x = rows["compiled"]["ratio"]
-        comp.measured, comp.status = f"{x:.2f}x", _status(x <= 0.8)
-    mems = {k: rows[k]["memory_ratio"] for k in ("reference", "compiled") if k in rows and rows[k].get("memory_ratio")}
-    if mems:
-        mem.measured = ", ".join(f"{k} {v:.2f}x" for k, v in mems.items())
-        mem.status = _status(max(mems.values()) <= 1.2)
+    ratios = _step_ratios(rows)
+    for t, k in ((ref, "reference"), (comp, "compiled"), (mem, "memory")):
+        if k in ratios:
+            t.measured, t.status = ratios[k][0], _status(ratios[k][1])
     x = r.get("streaming_vs_in_memory")
     if x is not None:
         stream.measured, stream.status = f"{x:.2f}x (batch {r['batch']})", _status(x <= 1.3)
@@ -204,11 +211,7 @@ def gpu_runtime_targets(runs: list[dict]) -> list[Target]:
         return [three, stream]
     big = cuda[-1]
     rows = {row["variant"]: row for row in big["train"]}
-    checks = [(f"{k} {rows[k]['ratio']:.2f}x", rows[k]["ratio"] <= limit)
-              for k, limit in (("reference", 1.05), ("compiled", 0.8)) if k in rows]
-    mems = {k: rows[k]["memory_ratio"] for k in ("reference", "compiled") if k in rows and rows[k].get("memory_ratio")}
-    if mems:
-        checks.append(("memory " + ", ".join(f"{k} {v:.2f}x" for k, v in mems.items()), max(mems.values()) <= 1.2))
+    checks = [(f"{k} {measured}", ok) for k, (measured, ok) in _step_ratios(rows).items()]
     if checks:
         three.measured = f"{big['size']} config, {big.get('gpu') or 'CUDA'}: " + "; ".join(c for c, _ in checks)
         missed = [c for c, ok in checks if not ok]
