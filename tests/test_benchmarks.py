@@ -105,7 +105,8 @@ def test_runtime_benchmark_quick():
     # A file of several runs: the CPU targets from the small CPU run, the GPU ones from CUDA's.
     small, cuda = ({**result, "size": "small", "batch": 8}, {**result, "device": "cuda", "size": "medium", "batch": 8})
     ref, *_, gpu, gpu_stream = targets.runtime_targets({"runs": [small, cuda]})
-    assert ref.status != "not measured yet" and not ref.reason
+    # judged from the small run (met or missed depends on one timed step: not asserted)
+    assert ref.status in ("met", "missed") and "not small" not in ref.reason
     assert gpu.measured.startswith("medium config") and gpu_stream.status in ("met", "missed")
     assert set(report.plot_runtime({"runs": [small, cuda]})) == {"runtime", "runtime_cuda_medium"}
     assert "CUDA" in format_table({"runs": [small, cuda]})
