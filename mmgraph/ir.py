@@ -151,6 +151,44 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class RematLayer:
+    """What the remat pass decided for one layer: the forward values its backward keeps and
+    the ones it recomputes (names of the original forward nodes), with their sizes."""
+
+    layer: str
+    policy: str                   # none | selective | full
+    kept: tuple[str, ...]
+    recomputed: tuple[str, ...]
+    kept_bytes: int               # activations of this layer kept across forward/backward
+    recomputed_bytes: int         # made again in the backward (one layer's extra working set)
+    saved_bytes: int              # kept_bytes of policy none minus kept_bytes here
+    extra_flops: int
+
+
+@dataclass(frozen=True)
+class RematPlan:
+    """The remat pass's result: per layer, and the peak-memory arithmetic behind the choice."""
+
+    policy: str                   # as requested: none | selective | full | auto
+    layers: tuple[RematLayer, ...]
+    clones: tuple[str, ...]       # backward nodes that recompute a forward value
+    kept_bytes: int               # every activation crossing the forward/backward boundary
+    layer_work_bytes: int         # largest one layer's recomputed values
+    attention_scores_bytes: int   # largest attention score tensor a layer materializes
+    kernel_work_bytes: int        # largest kernel working set (inputs + outputs)
+    weight_buffer_bytes: int      # two weight buffers (0 when weights stay on the device)
+    estimated_peak_bytes: int
+    memory_bytes: int             # the target's memory (0: no target)
+
+    @property
+    def extra_flops(self) -> int:
+        return sum(layer.extra_flops for layer in self.layers)
+
+    def policy_of(self, layer: str) -> str:
+        return next((x.policy for x in self.layers if x.layer == layer), "none")
+
+
+@dataclass(frozen=True)
 class Program:
     gm: fx.GraphModule
     inputs: tuple[InputSpec, ...]
@@ -163,6 +201,7 @@ class Program:
     refusals: tuple[tuple[str, str, str], ...] = ()   # (node, producer, reason) fusion refused
     segments: Optional[tuple[Segment, ...]] = None
     schedule: Optional[Schedule] = None
+    remat: Optional[RematPlan] = None
 
     def ops(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function"]

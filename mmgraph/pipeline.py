@@ -19,6 +19,7 @@ from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
 from mmgraph.passes.cost import make_cost
+from mmgraph.passes.remat import make_remat
 from mmgraph.passes.verify import verify_numerics, verify_structure
 from mmgraph.passes.weight_streaming import make_weight_streaming, precision_of
 from mmgraph.target import Target
@@ -47,9 +48,10 @@ def run_pass(name: str, fn: Pass, program: Program) -> Program:
 
 def compile_step(params: Params, mode: str = "train", verify: bool = False,
                  on_stage: Optional[Callable[[Stage], None]] = None, target: Optional[Target] = None,
-                 micro_batch_size: Optional[int] = None) -> list[Stage]:
+                 micro_batch_size: Optional[int] = None, remat: Optional[str] = None) -> list[Stage]:
     """Trace the step of ``params`` and lower it (for ``target``, when given: segments and a
-    simulated schedule); returns every stage, first to last."""
+    simulated schedule); returns every stage, first to last. ``remat`` overrides the params'
+    ``model.activation_checkpointing``."""
     start = time.perf_counter()
     program = trace_step(params, mode, micro_batch_size)     # 00: one static ATen graph
     program = program.recorded(PassRecord("trace", time.perf_counter() - start, 0, len(program.ops())))
@@ -59,13 +61,16 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
         ("cleanup", cleanup),                                # 02: no-ops, CSE, dead code
         ("fusion", fusion),                                  # 03: ops -> kernels (op classes)
     ]
+    precision = precision_of(params.model)
+    policy = remat or params.model.activation_checkpointing
+    if target is not None or policy not in ("none", "auto"):     # auto without a target: none
+        passes.append(("remat", make_remat(policy, target, precision)))   # 04: kept vs recomputed
     if target is not None:
-        precision = precision_of(params.model)
         data = params.input_for(mode)
         batch = data.batch_size if data else 1
         passes += [
-            ("weight_streaming", make_weight_streaming(target, precision)),   # 04: segments
-            ("cost", make_cost(target, precision, batch,                       # 05: schedule
+            ("weight_streaming", make_weight_streaming(target, precision)),   # 05: segments
+            ("cost", make_cost(target, precision, batch,                       # 06: schedule
                                params.layout(mode).max_sequence_length)),
         ]
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT

@@ -254,6 +254,9 @@ class ModelConfig(Section):
     mixed_precision: bool = False
     fp16_type: Literal["bfloat16", "float16", "cbfloat16"] = "bfloat16"
     boundary_casting: bool = False
+    # Activation recomputation (mmgraph's; the Model Zoo has no params key for it): none |
+    # selective | full | auto (the least recompute that fits the target's memory).
+    activation_checkpointing: Literal["none", "selective", "full", "auto"] = "auto"
 
     @field_validator("freeze", mode="before")
     @classmethod

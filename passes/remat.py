@@ -1,0 +1,326 @@
+"""remat: decide per layer which forward values the backward keeps and which it recomputes.
+
+Policies (``model.activation_checkpointing`` or ``--remat``):
+
+- ``none``: the backward reads every forward value it needs (what the trace made).
+- ``full``: each transformer layer keeps its input only (the values other layers hand it) and
+  recomputes the rest of its forward in its backward.
+- ``selective``: a layer keeps the outputs of its matmuls with weights (the expensive values)
+  and recomputes the cheap, memory-heavy rest: attention's core (scores, softmax, dropout,
+  attention over values), elementwise ops and norms (Korthikanti et al. 2022).
+- ``auto``: the least recompute whose estimated peak fits the target's memory: starting from
+  ``none``, greedily upgrade the layer (to selective or full) that saves the most bytes per
+  extra FLOP until the estimate fits; ``full`` everywhere when nothing fits (the cost pass then
+  reports it).
+
+The rewrite: a forward value chosen for recomputation is duplicated (``rc_<name>``) into the
+backward, right before its first backward reader, with the recomputed values it depends on; so
+the forward values the backward reads afterwards (the kept set) are exactly what crosses the
+forward/backward boundary. Values that come from random ops (dropout masks) are always kept.
+Recomputed ops run the same ATen ops on the same inputs, so the gradients are unchanged. The
+program is fused again so the recomputed ops join the backward's kernels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch.fx as fx
+
+from mmgraph.ir import InputKind, Phase, Program, RematLayer, RematPlan
+from mmgraph.opcost import value_bytes
+from mmgraph.passes.fusion import fusion, op_class
+from mmgraph.passes.util import copy_program, drop_dead
+from mmgraph.passes.weight_streaming import Precision, _kernel_io_bytes
+from mmgraph.target import Target
+
+POLICIES = ("none", "selective", "full", "auto")
+LEVELS = ("none", "selective", "full")            # from least to most recompute
+_RANDOM = {"native_dropout", "bernoulli", "rand", "randn", "rand_like", "randn_like", "randint"}
+_REMAT_LAYER = re.compile(r"layers\.\d+$")
+CLONE_PREFIX = "rc_"
+
+
+def _opname(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+@dataclass
+class _Graph:
+    """What the decision needs to know of the program, computed once."""
+
+    program: Program
+    fb: int                                   # bytes of a floating-point value
+    param_like: set                           # parameters and views / casts of them only
+    layers: list                              # rematerializable layers, in graph order
+    boundary: set                             # forward values a forward op of another layer reads
+    weight_mm: set                            # matmuls that read a weight
+
+    def layer(self, node: fx.Node) -> str:
+        return self.program.info[node.name].layer
+
+    def phase(self, node: fx.Node) -> Phase:
+        return self.program.info[node.name].phase
+
+
+def _analyse(program: Program, fb: int) -> _Graph:
+    info = program.info
+    placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+    param_like = {n for n, s in zip(placeholders, program.inputs) if s.kind == InputKind.PARAM}
+    layers: dict[str, None] = {}
+    boundary, weight_mm = set(), set()
+    for node in program.ops():
+        ins = node.all_input_nodes
+        if ins and all(a in param_like for a in ins) and (op_class(node) == "view" or _opname(node) == "_to_copy"):
+            param_like.add(node)
+        me = info[node.name]
+        if me.phase != Phase.FORWARD:
+            continue
+        if _REMAT_LAYER.search(me.layer):
+            layers.setdefault(me.layer)
+        for a in ins:
+            if a.op == "call_function" and info[a.name].layer != me.layer:
+                boundary.add(a)
+        if op_class(node) == "matmul" and any(a in param_like for a in ins):
+            weight_mm.add(node)
+    outs = list(program.gm.graph.nodes)[-1].args[0]
+    boundary |= {o for o in outs if isinstance(o, fx.Node) and o.op == "call_function"}
+    return _Graph(program, fb, param_like, list(layers), boundary, weight_mm)
+
+
+def _anchor(g: _Graph, node: fx.Node, policy_of: dict) -> bool:
+    """Whether ``node`` is kept when the backward needs it (else it is recomputed)."""
+    if node.op != "call_function" or node in g.param_like or g.phase(node) != Phase.FORWARD:
+        return True
+    policy = policy_of.get(g.layer(node), "none")
+    if policy == "none" or node in g.boundary or _opname(node) in _RANDOM:
+        return True
+    if op_class(node) == "source":
+        return False
+    if any(_opname(a) in _RANDOM for a in node.all_input_nodes) and op_class(node) == "view":
+        return True                                   # the mask of a dropout
+    return policy == "selective" and node in g.weight_mm
+
+
+def _storage(g: _Graph, node: fx.Node) -> Optional[fx.Node]:
+    """The value that holds the memory of ``node`` (views: their source), None for inputs."""
+    while node.op == "call_function" and op_class(node) == "view" and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    if node.op != "call_function" or node in g.param_like:
+        return None
+    return node
+
+
+@dataclass
+class _Split:
+    kept: set            # forward values the backward reads (views included)
+    recompute: set       # forward values made again in the backward
+
+
+def _split(g: _Graph, policy_of: dict) -> _Split:
+    kept, recompute = set(), set()
+    todo = []
+    for node in g.program.ops():
+        if g.phase(node) == Phase.BACKWARD:
+            todo.extend(a for a in node.all_input_nodes if a.op == "placeholder" or g.phase(a) == Phase.FORWARD)
+    while todo:
+        a = todo.pop()
+        if a in kept or a in recompute:
+            continue
+        if _anchor(g, a, policy_of):
+            kept.add(a)
+        else:
+            recompute.add(a)
+            todo.extend(a.all_input_nodes)
+    return _Split(kept, recompute)
+
+
+@dataclass
+class _Tally:
+    kept_bytes: dict      # layer ('' for values outside rematerialized layers) -> bytes
+    kept: dict            # layer -> storage node names
+    work: dict            # layer -> bytes recomputed
+    flops: dict           # layer -> FLOPs recomputed
+    recomputed: dict      # layer -> node names
+
+
+def _tally(g: _Graph, split: _Split) -> _Tally:
+    t = _Tally({}, {}, {}, {}, {})
+    roots = {s for s in (_storage(g, a) for a in split.kept) if s is not None}
+    remat_layers = set(g.layers)
+    for s in sorted(roots, key=lambda n: n.name):
+        layer = g.layer(s) if g.layer(s) in remat_layers else ""
+        t.kept_bytes[layer] = t.kept_bytes.get(layer, 0) + value_bytes(s, g.fb)
+        t.kept.setdefault(layer, []).append(s.name)
+    for n in split.recompute:
+        layer = g.layer(n)
+        if op_class(n) != "view":
+            t.work[layer] = t.work.get(layer, 0) + value_bytes(n, g.fb)
+        t.flops[layer] = t.flops.get(layer, 0) + g.program.info[n.name].flops
+        t.recomputed.setdefault(layer, []).append(n.name)
+    return t
+
+
+@dataclass
+class _Fixed:
+    """Peak-memory terms that no policy changes."""
+
+    outside_kept: int     # kept values outside rematerializable layers (masks, rotary tables, ...)
+    kernel_work: int      # largest kernel working set
+    buffers: int          # weight buffers (streaming) or every weight (resident)
+    memory: int           # the target's memory; 0 without a target
+    scores: int           # largest attention-score tensor a layer makes
+
+
+def _fixed(g: _Graph, tallies: dict, target: Optional[Target], precision: Precision) -> _Fixed:
+    program = g.program
+    nodes = {n.name: n for n in program.gm.graph.nodes}
+    work = max((_kernel_io_bytes(k, nodes, g.fb) for k in program.kernels or ()), default=0)
+    scores = 0
+    for node in program.ops():
+        shape = program.info[node.name].shape
+        if (op_class(node) != "view" and len(shape) >= 3 and shape[-1] == shape[-2] > 1
+                and program.info[node.name].layer in g.layers):
+            scores = max(scores, value_bytes(node, g.fb))
+    buffers, memory = 0, 0
+    if target is not None:
+        memory = int(target.memory.bytes)
+        params = [s for s in program.inputs if s.kind == InputKind.PARAM]
+        if target.stream_enabled:
+            by_layer: dict[str, int] = {}
+            placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+            spec = dict(zip(placeholders, program.inputs))
+            for p, s in spec.items():
+                if s.kind == InputKind.PARAM and p.users:
+                    layer = program.info[next(iter(p.users)).name].layer
+                    by_layer[layer] = by_layer.get(layer, 0) + int(s.numel * precision.bytes)
+            cap = target.memory.bytes * target.memory.weight_buffer_share / 2
+            buffers = 2 * int(min(max(by_layer.values(), default=0), cap))
+        else:
+            buffers = sum(int(s.numel * precision.bytes) for s in params)
+    outside = max(t.kept_bytes.get("", 0) for t in tallies.values())
+    return _Fixed(outside, work, buffers, memory, scores)
+
+
+def _estimate(choice: dict, tallies: dict, fixed: _Fixed) -> tuple[int, int, int]:
+    """(peak, kept activations, largest layer's recomputed values) for a per-layer choice."""
+    kept = fixed.outside_kept + sum(tallies[p].kept_bytes.get(layer, 0) for layer, p in choice.items())
+    work = max((tallies[p].work.get(layer, 0) for layer, p in choice.items()), default=0)
+    return kept + work + fixed.kernel_work + fixed.buffers, kept, work
+
+
+def _auto(layers: list, tallies: dict, fixed: _Fixed) -> dict:
+    """Greedy: upgrade the layer that saves the most peak bytes per extra FLOP until it fits."""
+    choice = {layer: "none" for layer in layers}
+    if not fixed.memory:
+        return choice
+    peak = _estimate(choice, tallies, fixed)[0]
+    while peak > fixed.memory:
+        best = None
+        for layer, now in choice.items():
+            for up in LEVELS[LEVELS.index(now) + 1:]:
+                trial = {**choice, layer: up}
+                saved = peak - _estimate(trial, tallies, fixed)[0]
+                if saved <= 0:
+                    continue
+                extra = tallies[up].flops.get(layer, 0) - tallies[now].flops.get(layer, 0)
+                score = (saved / max(extra, 1), saved)
+                if best is None or score > best[0]:
+                    best = (score, trial)
+        if best is None:                  # nothing helps any more: the least memory there is
+            return {layer: "full" for layer in layers}
+        choice = best[1]
+        peak = _estimate(choice, tallies, fixed)[0]
+    return choice
+
+
+def _rewrite(program: Program, recompute: set) -> tuple[Program, list[str]]:
+    """Duplicate the recomputed forward values into the backward before their first reader."""
+    gm, info = copy_program(program)
+    graph = gm.graph
+    names = {n.name for n in recompute}
+    by_name = {n.name: n for n in graph.nodes}
+    clones: dict[fx.Node, fx.Node] = {}
+
+    def make(a: fx.Node, before: fx.Node) -> fx.Node:
+        if a in clones:
+            return clones[a]
+        for i in a.all_input_nodes:
+            if i.name in names:
+                make(i, before)
+        args = fx.map_arg(a.args, lambda n: clones.get(n, n))
+        kwargs = fx.map_arg(a.kwargs, lambda n: clones.get(n, n))
+        with graph.inserting_before(before):
+            new = graph.create_node("call_function", a.target, args, kwargs, name=CLONE_PREFIX + a.name)
+        new.meta = dict(a.meta)
+        info[new.name] = replace(info[a.name], phase=Phase.BACKWARD, layer=info[before.name].layer)
+        clones[a] = new
+        return new
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or info[node.name].phase != Phase.BACKWARD or node.name.startswith(CLONE_PREFIX):
+            continue
+        for a in list(node.all_input_nodes):
+            if a.name in names and a.op == "call_function":
+                node.replace_input_with(a, make(by_name[a.name], node))
+    drop_dead(gm, info, keep_impure=True)
+    rewritten = program.with_pass_result(gm, info)
+    fused, _ = fusion(replace(rewritten, kernels=None, refusals=()))
+    return fused, [c.name for c in clones.values() if c.name in info]
+
+
+def _layer_records(g: _Graph, choice: dict, tallies: dict) -> tuple[RematLayer, ...]:
+    out = []
+    for layer in g.layers:
+        p = choice[layer]
+        t, base = tallies[p], tallies["none"]
+        kept = t.kept_bytes.get(layer, 0)
+        out.append(RematLayer(
+            layer=layer, policy=p, kept=tuple(t.kept.get(layer, ())),
+            recomputed=tuple(sorted(t.recomputed.get(layer, ()))) if p != "none" else (),
+            kept_bytes=kept, recomputed_bytes=t.work.get(layer, 0) if p != "none" else 0,
+            saved_bytes=base.kept_bytes.get(layer, 0) - kept,
+            extra_flops=t.flops.get(layer, 0) if p != "none" else 0))
+    return tuple(out)
+
+
+def plan_remat(program: Program, policy: str, target: Optional[Target], precision: Precision):
+    """The per-layer choice for ``policy`` and the memory arithmetic (no rewrite)."""
+    g = _analyse(program, precision.bytes)
+    tallies = {p: _tally(g, _split(g, {layer: p for layer in g.layers})) for p in LEVELS}
+    fixed = _fixed(g, tallies, target, precision)
+    if policy == "auto":
+        choice = _auto(g.layers, tallies, fixed)
+    else:
+        choice = {layer: policy for layer in g.layers}
+    peak, kept, work = _estimate(choice, tallies, fixed)
+    plan = RematPlan(policy=policy, layers=_layer_records(g, choice, tallies), clones=(),
+                     kept_bytes=kept, layer_work_bytes=work, attention_scores_bytes=fixed.scores,
+                     kernel_work_bytes=fixed.kernel_work, weight_buffer_bytes=fixed.buffers,
+                     estimated_peak_bytes=peak, memory_bytes=fixed.memory)
+    return g, choice, plan
+
+
+def make_remat(policy: str, target: Optional[Target], precision: Precision):
+    if policy not in POLICIES:
+        raise ValueError(f"remat policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+
+    def remat(program: Program) -> tuple[Program, dict]:
+        if program.mode != "train":
+            return program, {"policy": "none (no backward)"}
+        g, choice, plan = plan_remat(program, policy, target, precision)
+        clones: list[str] = []
+        if any(p != "none" for p in choice.values()):
+            split = _split(g, choice)
+            program, clones = _rewrite(program, split.recompute)
+        plan = replace(plan, clones=tuple(clones))
+        counts = {p: sum(1 for c in choice.values() if c == p) for p in LEVELS}
+        notes = {
+            "policy": policy, "layers": {p: n for p, n in counts.items() if n},
+            "recomputed_ops": len(clones), "extra_flops": plan.extra_flops,
+            "kept_activation_bytes": plan.kept_bytes, "estimated_peak_bytes": plan.estimated_peak_bytes,
+        }
+        return replace(program, remat=plan), notes
+    return remat
