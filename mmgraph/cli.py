@@ -21,7 +21,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from mmgraph.compile_cmd import run_compile
 
-    return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify, args.target)
+    return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify, args.target,
+                       remat=args.remat)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -75,7 +76,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mmgraph.run_cmd import run
 
     return run(args.params, args.model_dir, args.mode, args.device, args.checkpoint_path, args.max_steps,
-               args.target, args.executor, args.eval_executor, args.weight_streaming)
+               args.target, args.executor, args.eval_executor, args.weight_streaming, remat=args.remat)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--verify", action="store_true",
                       help="check every pass: structure always; loss and gradients against eager "
                            "PyTorch when the model is small enough to run")
+    comp.add_argument("--remat", choices=("none", "selective", "full", "auto"), metavar="POLICY",
+                      help="activation recomputation: none, selective, full or auto (default: the "
+                           "params' model.activation_checkpointing, auto)")
     comp.set_defaults(func=_cmd_compile)
 
     ins = sub.add_parser(
@@ -181,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     runp.add_argument("--weight_streaming", action="store_true",
                       help="keep weights and optimizer state in host memory and stream each segment's "
                            "weights to the device when it runs (the target's partition)")
+    runp.add_argument("--remat", choices=("none", "selective", "full", "auto"), metavar="POLICY",
+                      help="activation recomputation: none, selective, full or auto (default: the "
+                           "params' model.activation_checkpointing, auto)")
     runp.set_defaults(func=_cmd_run)
 
     gen = sub.add_parser(

@@ -8,6 +8,7 @@ from mmgraph.config import load_params
 from mmgraph.errors import Problem, UserError
 from mmgraph.dump import write_dumps
 from mmgraph.ir import Phase
+from mmgraph.passes.cost import bottleneck_words
 
 
 def _human(n: int) -> str:
@@ -17,18 +18,21 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def choose_micro_batch(params, mode: str, target) -> int:
-    """``micro_batch_size: auto``: the largest divisor of batch_size whose activations fit."""
-    from mmgraph.pipeline import compile_step
+def choose_micro_batch(params, mode: str, target, remat=None) -> tuple[int, str]:
+    """``micro_batch_size: auto``: the (micro-batch, remat policy) with the best predicted
+    throughput that fits (mmgraph.pipeline.choose_micro_batch)."""
+    from mmgraph.pipeline import choose_micro_batch as choose
 
-    data = params.input_for(mode)
-    probe = compile_step(params, mode, target=target, micro_batch_size=1)[-1].program.schedule
-    fitting = [m for m in range(1, data.batch_size + 1)
-               if data.batch_size % m == 0 and m <= probe.max_micro_batch_size]
-    if not fitting:
+    choice = choose(params, mode, target, remat)
+    if choice is None:
         raise UserError(Problem(params.path, f"{_section(mode)}.micro_batch_size",
-                                f"auto: not even one sample fits on {target.name} ({_fit_numbers(probe)})"))
-    return fitting[-1]
+                                f"auto: not even one sample fits on {target.name} with any recompute policy "
+                                f"(compile with micro_batch_size: 1 for the arithmetic)"))
+    tried = ", ".join(f"{m} ({p}{'' if ok else ', does not fit'}): {sps:,.1f} samples/s"
+                      for m, p, sps, ok in choice.candidates)
+    print(f"micro_batch_size auto: {choice.micro_batch_size} with remat {choice.policy} "
+          f"(best predicted throughput on {target.name} of {tried})")
+    return choice.micro_batch_size, choice.policy
 
 
 def _section(mode: str) -> str:
@@ -39,6 +43,10 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _size(n: float) -> str:
+    return _gb(n) if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
 def _fit_numbers(s) -> str:
     return (f"activations and working set {_gb(s.peak_memory_bytes - 2 * s.weight_buffer_bytes)} + "
             f"weight buffers {_gb(2 * s.weight_buffer_bytes)} = {_gb(s.peak_memory_bytes)} "
@@ -46,7 +54,7 @@ def _fit_numbers(s) -> str:
 
 
 def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool, verify: bool,
-                target_name: str = "cs2") -> int:
+                target_name: str = "cs2", remat=None) -> int:
     from mmgraph.pipeline import compile_step
     from mmgraph.target import load_target
     from mmgraph.trace import trace_step
@@ -57,14 +65,13 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
     data = params.input_for(mode)
     mbs = None
     if data is not None and data.micro_batch_size in ("auto", "explore"):
-        mbs = choose_micro_batch(params, mode, target)
-        print(f"micro_batch_size auto: {mbs} (largest divisor of batch_size {data.batch_size} that fits on {target.name})")
+        mbs, remat = choose_micro_batch(params, mode, target, remat)
     if validate_only:
         program = trace_step(params, mode, mbs)
         print(f"{params_path}: valid; {mode} step traced to {len(program.ops())} ops "
               f"in {time.perf_counter() - start:.1f} s (nothing written)")
         return 0
-    stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs)
+    stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat)
     where = write_dumps(stages, model_dir, params_path, params, target)
     print(f"{'pass':<17} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:
@@ -78,11 +85,47 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
           f"step {sched.step_s * 1e3:,.1f} ms, {sched.samples_per_s:,.1f} samples/s, "
           f"{sched.tokens_per_s:,.0f} tokens/s, utilization {sched.utilization:.1%}, "
           f"peak memory {_gb(sched.peak_memory_bytes)} of {_gb(sched.memory_bytes)}")
+    print(remat_summary(stages[-1].program))
     checked = " (verified after every pass)" if verify else ""
     print(f"compiled in {time.perf_counter() - start:.1f} s{checked}; dumps in {where}/ (report.html)")
     if not sched.fits:
+        plan = stages[-1].program.remat
+        if plan is not None and all(layer.policy == "full" for layer in plan.layers):
+            raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
+                                    f"{sched.micro_batch_size} does not fit on {target.name} with any recompute "
+                                    f"policy: {no_fit_arithmetic(sched, plan)}; the largest micro_batch_size "
+                                    f"that fits is {sched.max_micro_batch_size}"))
+        hint = "" if plan is None else "; or model.activation_checkpointing / --remat: auto or full"
         raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
                                 f"{sched.micro_batch_size} does not fit on {target.name}: {_fit_numbers(sched)}; "
                                 f"the largest micro_batch_size that fits is {sched.max_micro_batch_size} "
-                                f"(or set micro_batch_size: auto)"))
+                                f"(or set micro_batch_size: auto{hint})"))
     return 0
+
+
+def remat_summary(program) -> str:
+    """Which recompute policy the step uses, per layer counts, memory kept and extra FLOPs."""
+    plan, sched = program.remat, program.schedule
+    if plan is None:
+        return "activation recomputation: none (no backward or no target)"
+    counts = {}
+    for layer in plan.layers:
+        counts[layer.policy] = counts.get(layer.policy, 0) + 1
+    layers = ", ".join(f"{n} layers {p}" for p, n in counts.items())
+    model = program.flops() - (sched.recompute_flops if sched else plan.extra_flops)
+    share = plan.extra_flops / model if model else 0.0
+    fit = ""
+    if sched is not None:
+        fit = (f"; it {'fits' if sched.fits else 'does not fit'}: peak {_size(sched.peak_memory_bytes)} of "
+               f"{_size(sched.memory_bytes)}; step {bottleneck_words(sched)}")
+    saved = sum(layer.saved_bytes for layer in plan.layers)
+    return (f"activation recomputation {plan.policy}: {layers}; activations kept {_size(plan.kept_bytes)} "
+            f"(saves {_size(saved)}), recomputed {_human(plan.extra_flops)}FLOPs (+{share:.1%}){fit}")
+
+
+def no_fit_arithmetic(sched, plan) -> str:
+    """The smallest peak (everything recomputed) and what it is made of."""
+    return (f"the smallest peak any policy reaches (full) is {_size(sched.peak_memory_bytes)}: kept activations "
+            f"{_size(plan.kept_bytes)} + one layer's working set {_size(plan.layer_work_bytes + plan.kernel_work_bytes)} "
+            f"(of which attention scores {_size(plan.attention_scores_bytes)}) + weight buffers "
+            f"{_size(2 * sched.weight_buffer_bytes)} > {_size(sched.memory_bytes)} of device memory")

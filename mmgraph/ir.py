@@ -148,6 +148,12 @@ class Schedule:
     memory_bytes: int
     fits: bool
     max_micro_batch_size: int
+    recompute_flops: int = 0      # per micro-step, made again in the backward (remat)
+    recompute_s: float = 0.0      # their share of the micro-step's compute time
+    compute_s: float = 0.0        # per micro-step, summed over segments
+    stream_in_s: float = 0.0
+    stream_out_s: float = 0.0
+    bottleneck: str = ""          # compute | stream-in | stream-out: the largest of the three
 
 
 @dataclass(frozen=True)

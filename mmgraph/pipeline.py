@@ -19,7 +19,7 @@ from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
 from mmgraph.passes.cost import make_cost
-from mmgraph.passes.remat import make_remat
+from mmgraph.passes.remat import LEVELS, make_remat
 from mmgraph.passes.verify import verify_numerics, verify_structure
 from mmgraph.passes.weight_streaming import make_weight_streaming, precision_of
 from mmgraph.target import Target
@@ -92,3 +92,38 @@ def _check(stage: Stage, params: Params, verify: bool, numeric: bool, on_stage) 
             verify_numerics(stage.program, params, stage.name)
     if on_stage is not None:
         on_stage(stage)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """``micro_batch_size: auto``: the micro-batch and remat policy with the best predicted
+    throughput that fits, and the candidates it was chosen from."""
+
+    micro_batch_size: int
+    policy: str
+    candidates: tuple[tuple[int, str, float, bool], ...]   # (micro-batch, policy, samples/s, fits)
+
+
+def choose_micro_batch(params: Params, mode: str, target: Target, remat: Optional[str] = None) -> Optional[Choice]:
+    """Per policy (``remat`` if given, else none, selective and full), the largest divisor of
+    batch_size whose peak fits (memory grows linearly with the micro-batch, so one probe at 1
+    tells); each such micro-batch is compiled with ``auto`` (the least recompute that fits it,
+    or the policy asked for) and the best samples/s wins. None when not even one sample fits."""
+    batch = params.input_for(mode).batch_size
+    policies = [remat] if remat not in (None, "auto") else list(LEVELS)
+    sizes: dict[int, None] = {}
+    for policy in policies:
+        probe = compile_step(params, mode, target=target, micro_batch_size=1, remat=policy)[-1].program.schedule
+        fitting = [m for m in range(1, batch + 1) if batch % m == 0 and m <= probe.max_micro_batch_size]
+        if fitting:
+            sizes.setdefault(fitting[-1])
+    candidates = []
+    for mbs in sizes:
+        policy = remat if remat not in (None, "auto") else "auto"
+        sched = compile_step(params, mode, target=target, micro_batch_size=mbs, remat=policy)[-1].program.schedule
+        candidates.append((mbs, policy, sched.samples_per_s, sched.fits))
+    fits = [c for c in candidates if c[3]]
+    if not fits:
+        return None
+    best = max(fits, key=lambda c: (c[2], c[0]))
+    return Choice(best[0], best[1], tuple(candidates))

@@ -37,7 +37,8 @@ def _batches(loader):
 
 def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
         checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
-        executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False) -> int:
+        executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False,
+        remat: Optional[str] = None) -> int:
     from mmgraph.dump import write_dumps
     from mmgraph.pipeline import compile_step
     from mmgraph.runtime.data import make_loader
@@ -56,7 +57,7 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
     tgt = load_target(target)
     train_program = eval_program = None
     if train_mode:
-        stages = compile_step(params, "train", target=tgt)
+        stages = compile_step(params, "train", target=tgt, remat=remat)
         write_dumps(stages, model_dir, params_path, None, tgt)
         train_program = stages[-1].program
     if eval_loader is not None:

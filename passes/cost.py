@@ -20,9 +20,10 @@ enabled: false``, such as the host) stream nothing.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Optional
 
 from mmgraph.ir import Program, Schedule, SegmentTime
-from mmgraph.opcost import VIEW_OPS, node_bytes, node_flops
+from mmgraph.opcost import VIEW_OPS, node_bytes, node_flops, value_bytes
 from mmgraph.passes.fusion import op_class
 from mmgraph.passes.weight_streaming import Precision, _kernel_io_bytes
 from mmgraph.target import Target
@@ -74,9 +75,11 @@ def segment_compute_s(program: Program, seg, target: Target, precision: Precisio
 
 def simulate(segments, compute_s: list[float], target: Target, micro_batch_size: int,
              batch_size: int, tokens_per_sample: int, model_flops: int, precision: Precision,
-             weight_buffer_bytes: int, resident_weight_bytes: int) -> Schedule:
-    """The schedule of one step. Memory: kept activations and the working set of the running
-    segment, plus two weight buffers when streaming, or every weight when resident."""
+             weight_buffer_bytes: int, resident_weight_bytes: int,
+             recompute_bytes: Optional[list[int]] = None) -> Schedule:
+    """The schedule of one step. Memory: kept activations, the values a backward segment
+    recomputes (``recompute_bytes``) and the working set of the running segment, plus two
+    weight buffers when streaming, or every weight when resident."""
     streaming = target.stream_enabled
     bw, lat = target.stream.effective, target.stream.latency_s
     times: list[SegmentTime] = []
@@ -99,7 +102,7 @@ def simulate(segments, compute_s: list[float], target: Target, micro_batch_size:
         opt_end = max(out_end, opt_end) + opt
         ends.append(end)
         live += seg.saved_bytes
-        here = live + seg.working_bytes
+        here = live + seg.working_bytes + (recompute_bytes[i] if recompute_bytes else 0)
         peak_live = max(peak_live, here)
         live -= seg.freed_bytes
         stream = max(s_in, s_out)
@@ -128,7 +131,38 @@ def simulate(segments, compute_s: list[float], target: Target, micro_batch_size:
         grad_bytes_out=sum(s.grad_bytes for s in segments) if streaming else 0,
         peak_memory_bytes=int(peak_memory), weight_buffer_bytes=int(weight_buffer_bytes),
         memory_bytes=int(target.memory.bytes), fits=peak_memory <= target.memory.bytes,
-        max_micro_batch_size=max(0, max_mbs))
+        max_micro_batch_size=max(0, max_mbs), **_totals(times))
+
+
+def _totals(times) -> dict:
+    """Per micro-step sums and the step's bottleneck: the largest of compute, stream-in, stream-out."""
+    sums = {"compute_s": sum(t.compute_s for t in times), "stream_in_s": sum(t.stream_in_s for t in times),
+            "stream_out_s": sum(t.stream_out_s for t in times)}
+    names = {"compute_s": "compute", "stream_in_s": "stream-in", "stream_out_s": "stream-out"}
+    return {**sums, "bottleneck": names[max(sums, key=sums.__getitem__)] if times else ""}
+
+
+def bottleneck_words(s: Schedule) -> str:
+    """The step's bottleneck in a sentence, with the three per-micro-step totals."""
+    if not s.bottleneck:
+        return "no segments"
+    what = {"compute": "bound by compute", "stream-in": "bound by streaming weights in",
+            "stream-out": "bound by streaming gradients out"}[s.bottleneck]
+    return (f"{what}: per micro-step compute {s.compute_s * 1e3:,.1f} ms, weights in "
+            f"{s.stream_in_s * 1e3:,.1f} ms, gradients out {s.stream_out_s * 1e3:,.1f} ms")
+
+
+def _recompute_per_segment(program: Program, precision: Precision) -> tuple[list[int], int, list[int]]:
+    """Per segment: bytes and FLOPs of the values the remat pass recomputes there."""
+    clones = set(program.remat.clones) if program.remat else set()
+    kernels = {k.id: k for k in program.kernels}
+    nodes = {n.name: n for n in program.gm.graph.nodes}
+    mem, flops = [], []
+    for seg in program.segments:
+        names = [n for kid in seg.kernels for n in kernels[kid].nodes if n in clones]
+        mem.append(sum(value_bytes(nodes[n], precision.bytes) for n in names if op_class(nodes[n]) != "view"))
+        flops.append(sum(program.info[n].flops for n in names))
+    return mem, sum(flops), flops
 
 
 def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_sample: int):
@@ -139,13 +173,18 @@ def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_
         compute = [segment_compute_s(program, seg, target, precision, kernels, nodes) for seg in program.segments]
         biggest = max((s.weight_bytes for s in program.segments), default=0)
         resident = sum(int(s.numel * precision.bytes) for s in program.inputs if s.kind.value == "param")
+        recompute_mem, recompute_flops, per_seg = _recompute_per_segment(program, precision)
+        # Model FLOPs (utilization) leave the recomputation out; the time includes it.
         sched = simulate(program.segments, compute, target, mbs, batch_size, tokens_per_sample,
-                         program.flops(), precision, biggest, resident)
+                         program.flops() - recompute_flops, precision, biggest, resident, recompute_mem)
+        recompute_s = sum(c * f / seg.flops for c, f, seg in zip(compute, per_seg, program.segments) if seg.flops)
+        sched = replace(sched, recompute_flops=recompute_flops, recompute_s=recompute_s)
         notes = {
             "target": target.name, "step_s": round(sched.step_s, 6), "micro_step_s": round(sched.micro_step_s, 6),
             "samples_per_s": round(sched.samples_per_s, 3), "utilization": round(sched.utilization, 4),
             "peak_memory_bytes": sched.peak_memory_bytes, "fits": sched.fits,
             "max_micro_batch_size": sched.max_micro_batch_size,
+            "recompute_flops": recompute_flops, "bottleneck": sched.bottleneck,
         }
         return replace(program, schedule=sched), notes
     return cost

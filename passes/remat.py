@@ -212,27 +212,45 @@ def _estimate(choice: dict, tallies: dict, fixed: _Fixed) -> tuple[int, int, int
 
 
 def _auto(layers: list, tallies: dict, fixed: _Fixed) -> dict:
-    """Greedy: upgrade the layer that saves the most peak bytes per extra FLOP until it fits."""
+    """The least recompute (FLOPs) whose estimated peak fits. The peak holds every layer's kept
+    values plus the largest one layer recomputes, so for each cap on that largest value the
+    layers are upgraded greedily (most kept bytes saved per extra FLOP first) until the kept
+    values fit beside it; the cheapest fitting choice over all caps wins; ``full``
+    everywhere when none fits (the least memory there is)."""
+    none = {layer: "none" for layer in layers}
+    if not fixed.memory or _estimate(none, tallies, fixed)[0] <= fixed.memory:
+        return none
+    best, best_flops = None, None
+    for cap in sorted({tallies[p].work.get(layer, 0) for layer in layers for p in LEVELS}):
+        choice = _fill(layers, tallies, fixed, cap)
+        if choice is None:
+            continue
+        flops = sum(tallies[p].flops.get(layer, 0) for layer, p in choice.items())
+        if best_flops is None or flops < best_flops:
+            best, best_flops = choice, flops
+    return best or {layer: "full" for layer in layers}
+
+
+def _fill(layers: list, tallies: dict, fixed: _Fixed, cap: int) -> Optional[dict]:
+    """Greedy upgrades among the policies whose recomputed values stay under ``cap``."""
     choice = {layer: "none" for layer in layers}
-    if not fixed.memory:
-        return choice
-    peak = _estimate(choice, tallies, fixed)[0]
-    while peak > fixed.memory:
+    budget = fixed.memory - fixed.outside_kept - cap - fixed.kernel_work - fixed.buffers
+    kept = sum(tallies["none"].kept_bytes.get(layer, 0) for layer in layers)
+    while kept > budget:
         best = None
         for layer, now in choice.items():
             for up in LEVELS[LEVELS.index(now) + 1:]:
-                trial = {**choice, layer: up}
-                saved = peak - _estimate(trial, tallies, fixed)[0]
-                if saved <= 0:
+                if tallies[up].work.get(layer, 0) > cap:
                     continue
+                saved = tallies[now].kept_bytes.get(layer, 0) - tallies[up].kept_bytes.get(layer, 0)
                 extra = tallies[up].flops.get(layer, 0) - tallies[now].flops.get(layer, 0)
-                score = (saved / max(extra, 1), saved)
-                if best is None or score > best[0]:
-                    best = (score, trial)
-        if best is None:                  # nothing helps any more: the least memory there is
-            return {layer: "full" for layer in layers}
-        choice = best[1]
-        peak = _estimate(choice, tallies, fixed)[0]
+                if saved > 0 and (best is None or (saved / max(extra, 1), saved) > best[0]):
+                    best = ((saved / max(extra, 1), saved), layer, up, saved)
+        if best is None:
+            return None
+        _, layer, up, saved = best
+        choice[layer] = up
+        kept -= saved
     return choice
 
 
@@ -291,6 +309,9 @@ def plan_remat(program: Program, policy: str, target: Optional[Target], precisio
     g = _analyse(program, precision.bytes)
     tallies = {p: _tally(g, _split(g, {layer: p for layer in g.layers})) for p in LEVELS}
     fixed = _fixed(g, tallies, target, precision)
+    # Layers whose backward reads nothing of their forward (frozen and no gradient through them).
+    g.layers = [layer for layer in g.layers
+                if tallies["none"].kept_bytes.get(layer, 0) or tallies["full"].flops.get(layer, 0)]
     if policy == "auto":
         choice = _auto(g.layers, tallies, fixed)
     else:
@@ -324,3 +345,18 @@ def make_remat(policy: str, target: Optional[Target], precision: Precision):
         }
         return replace(program, remat=plan), notes
     return remat
+
+
+def crossing_values(program: Program) -> dict[str, set[str]]:
+    """Per layer: the forward values (their storage) that backward ops read in ``program``,
+    which after this pass must be exactly the kept set the plan names."""
+    g = _analyse(program, 4)
+    out: dict[str, set[str]] = {}
+    for node in program.ops():
+        if g.phase(node) != Phase.BACKWARD:
+            continue
+        for a in node.all_input_nodes:
+            s = _storage(g, a) if a.op == "call_function" and g.phase(a) == Phase.FORWARD else None
+            if s is not None:
+                out.setdefault(g.layer(s), set()).add(s.name)
+    return out
