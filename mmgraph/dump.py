@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from mmgraph import __version__
 from mmgraph.ir import InputKind, Phase, Program
+from mmgraph.passes.cost import bottleneck_words
 
 _DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64",
           torch.int32: "i32", torch.bool: "b8", torch.float64: "f64"}
@@ -56,6 +57,8 @@ def format_program(program: Program, title: str) -> str:
         role = "batch" if spec.kind == InputKind.BATCH else ("trainable" if spec.trainable else "frozen")
         lines.append(f"%{node.name}: {_type(spec.shape, spec.dtype)}  # input {role} {spec.name}")
     lines.append("")
+    if program.remat is not None and program.segments is None:
+        lines += format_remat(program) + [""]
     if program.schedule is not None:
         lines += format_schedule(program)
     elif program.segments is not None:
@@ -124,6 +127,35 @@ def format_schedule(program: Program) -> list[str]:
     return lines
 
 
+def format_remat(program: Program) -> list[str]:
+    """Per layer: the policy, what the backward keeps and what it recomputes."""
+    plan = program.remat
+    lines = [f"# remat {plan.policy}: kept {plan.kept_bytes:,} bytes, extra {plan.extra_flops:,} FLOPs, "
+             f"estimated peak {plan.estimated_peak_bytes:,} of {plan.memory_bytes:,} bytes",
+             f"{'layer':<36} {'policy':<10} {'kept MB':>9} {'recomputed MB':>14} {'saved MB':>9} {'extra GFLOP':>12}"]
+    for x in plan.layers:
+        lines.append(f"{x.layer:<36} {x.policy:<10} {x.kept_bytes / 1e6:>9.2f} {x.recomputed_bytes / 1e6:>14.2f} "
+                     f"{x.saved_bytes / 1e6:>9.2f} {x.extra_flops / 1e9:>12.3f}")
+    for x in plan.layers:
+        lines.append(f"# {x.layer}: keeps {', '.join('%' + n for n in x.kept) or 'nothing'}"
+                     + (f"; recomputes {', '.join('%' + n for n in x.recomputed)}" if x.recomputed else ""))
+    return lines
+
+
+def remat_report(program: Program) -> dict:
+    plan = program.remat
+    return {
+        "policy": plan.policy, "kept_bytes": plan.kept_bytes, "extra_flops": plan.extra_flops,
+        "saved_bytes": sum(x.saved_bytes for x in plan.layers), "layer_work_bytes": plan.layer_work_bytes,
+        "attention_scores_bytes": plan.attention_scores_bytes, "kernel_work_bytes": plan.kernel_work_bytes,
+        "weight_buffer_bytes": plan.weight_buffer_bytes, "estimated_peak_bytes": plan.estimated_peak_bytes,
+        "recomputed_ops": len(plan.clones),
+        "layers": [{"layer": x.layer, "policy": x.policy, "kept": list(x.kept), "recomputed": list(x.recomputed),
+                    "kept_bytes": x.kept_bytes, "recomputed_bytes": x.recomputed_bytes,
+                    "saved_bytes": x.saved_bytes, "extra_flops": x.extra_flops} for x in plan.layers],
+    }
+
+
 def schedule_report(program: Program, target) -> dict:
     sch = program.schedule
     segs = []
@@ -144,6 +176,10 @@ def schedule_report(program: Program, target) -> dict:
         "weight_buffer_bytes": sch.weight_buffer_bytes, "fits": sch.fits,
         "max_micro_batch_size": sch.max_micro_batch_size,
         "bottlenecks": {b: sum(1 for t in sch.times if t.bottleneck == b) for b in ("compute", "stream-in", "stream-out")},
+        "bottleneck": sch.bottleneck, "bottleneck_words": bottleneck_words(sch),
+        "compute_s_per_micro_step": sch.compute_s, "stream_in_s_per_micro_step": sch.stream_in_s,
+        "stream_out_s_per_micro_step": sch.stream_out_s,
+        "recompute_flops_per_micro_step": sch.recompute_flops, "recompute_s_per_micro_step": sch.recompute_s,
         "segments": segs, "sources": target.sources, "assumptions": target.assumptions,
     }
 
@@ -212,6 +248,7 @@ def report(stages, params_path: str) -> dict:
         ],
         "kernels_per_layer": kernels_per_layer(last),
         "intermediate_bytes_in_kernels": sum(k.internal_bytes for k in last.kernels or ()),
+        **({"remat": remat_report(last)} if last.remat is not None else {}),
         "versions": _versions(),
     }
 

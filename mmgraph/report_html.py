@@ -51,6 +51,26 @@ def _memory(segs: list[dict], capacity: float, buffers: float, width: int = 1100
     return "\n".join(out + ["</svg>"])
 
 
+def _remat(plan, t: dict) -> str:
+    """Activation recomputation per layer: policy, kept and recomputed values, memory saved."""
+    if not plan:
+        return ""
+    mb = lambda n: f"{n / 1e6:,.1f}"  # noqa: E731
+    rows = "\n".join(
+        f"<tr><td>{escape(x['layer'])}</td><td>{x['policy']}</td>"
+        f"<td title=\"{escape(' '.join(x['kept']))}\">{len(x['kept'])} values, {mb(x['kept_bytes'])} MB</td>"
+        f"<td title=\"{escape(' '.join(x['recomputed']))}\">{len(x['recomputed'])} ops, {mb(x['recomputed_bytes'])} MB</td>"
+        f"<td>{mb(x['saved_bytes'])}</td><td>{x['extra_flops'] / 1e9:,.2f}</td></tr>" for x in plan["layers"])
+    flops = t.get("recompute_flops_per_micro_step", plan["extra_flops"])
+    return f"""<h2>Activation recomputation: {escape(plan['policy'])}</h2>
+<p>Kept across forward/backward: {plan['kept_bytes'] / 1e9:,.2f} GB (saves {plan['saved_bytes'] / 1e9:,.2f} GB);
+recomputed {flops / 1e12:,.3f} TFLOP per micro-batch ({t.get('recompute_s_per_micro_step', 0.0) * 1e3:,.3f} ms);
+largest layer's recomputed values {plan['layer_work_bytes'] / 1e9:,.3f} GB, attention scores
+{plan['attention_scores_bytes'] / 1e9:,.3f} GB. Hover a cell for the values' names.</p>
+<table><tr><th>layer</th><th>policy</th><th>kept</th><th>recomputed</th><th>saved MB</th><th>extra GFLOP</th></tr>
+{rows}</table>"""
+
+
 def render_html(report: dict) -> str:
     t = report["target"]
     segs = t["segments"]
@@ -72,7 +92,8 @@ def render_html(report: dict) -> str:
         ("streamed per micro-batch", f"weights in {t['weight_bytes_in_per_micro_step'] / 1e9:,.2f} GB, "
                                      f"gradients out {t['gradient_bytes_out_per_micro_step'] / 1e9:,.2f} GB"),
         ("memory", f"peak {t['peak_memory_bytes'] / 1e9:,.2f} GB of {t['memory_bytes'] / 1e9:,.1f} GB: {fit}"),
-        ("bottlenecks", ", ".join(f"{k} {v}" for k, v in t["bottlenecks"].items())),
+        ("bottlenecks", ", ".join(f"{k} segments {v}" for k, v in t["bottlenecks"].items())),
+        ("the step is", t.get("bottleneck_words", "")),
     ]
     fact_rows = "\n".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in facts)
     notes = "".join(f"<li>{escape(x)}</li>" for x in t["sources"] + t["assumptions"])
@@ -98,6 +119,7 @@ th {{ background: #f3f3f3; text-align: left; }}
 <table><tr><th>#</th><th>segment</th><th>kernels</th><th>weights MB</th><th>grads MB</th><th>GFLOP</th>
 <th>compute ms</th><th>in ms</th><th>out ms</th><th>live GB</th><th>bottleneck</th></tr>
 {rows}</table>
+{_remat(report.get("remat"), t)}
 <h2>Sources and assumptions</h2><ul>{notes}</ul>
 </body></html>
 """

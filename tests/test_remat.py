@@ -1,0 +1,187 @@
+"""Activation recomputation (the remat pass): the rewritten program computes the same loss and
+gradients (bit for bit against the plain program on the CPU, and like eager PyTorch), the kept
+set is what crosses the forward/backward boundary, and memory drops by policy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from mmgraph.cli import main
+from mmgraph.config import load_params
+from mmgraph.ir import Phase
+from mmgraph.passes.remat import CLONE_PREFIX, crossing_values
+from mmgraph.passes.verify import VerificationError, reference_inputs, verify_numerics, verify_structure
+from mmgraph.pipeline import compile_step
+from mmgraph.runtime.runner import Runner
+from mmgraph.target import load_target
+from tests.conftest import CONFIGS, ROOT, TINY1, TINY2
+
+COGVLM = CONFIGS / "params_cogvlm_tiny.yaml"
+ZOO_7B = ROOT / "tests" / "data" / "modelzoo" / "Release_2.3.1" / "params_mm_llava_llama2_7b_phase2.yaml"
+
+
+def _outputs(program, params):
+    _, _, flat = reference_inputs(program, params)
+    with torch.no_grad():
+        return program.gm(*[t.detach() for t in flat])
+
+
+@pytest.mark.parametrize("path", [TINY1, TINY2, COGVLM], ids=["phase1", "phase2", "cogvlm"])
+def test_recomputed_program_equals_plain_program_and_eager(path):
+    params = load_params(path)
+    plain = compile_step(params, remat="none")[-1].program
+    want = _outputs(plain, params)
+    for policy in ("selective", "full"):
+        program = compile_step(params, remat=policy)[-1].program
+        assert program.history[-1].name == "remat" and program.remat.clones
+        got = _outputs(program, params)
+        assert len(got) == len(want)
+        for spec, a, b in zip(program.outputs, got, want):       # loss and every gradient
+            assert torch.equal(a, b), (policy, spec)
+        verify_structure(program, "remat")
+        verify_numerics(program, params, "remat", rtol=1e-5)
+
+
+def test_recomputed_ops_run_in_the_backward_and_full_keeps_layer_boundaries():
+    program = compile_step(load_params(TINY2), remat="full")[-1].program
+    clones = [n for n in program.ops() if n.name.startswith(CLONE_PREFIX)]
+    assert clones and {n.name for n in clones} == set(program.remat.clones)
+    assert all(program.info[n.name].phase == Phase.BACKWARD for n in clones)
+    nodes = {n.name: n for n in program.gm.graph.nodes}
+    crossing = crossing_values(program)
+    for layer in program.remat.layers:
+        assert layer.policy == "full" and set(layer.kept) == crossing.get(layer.layer, set())
+        for name in layer.kept:     # full: only what a forward op of another layer reads stays
+            users = [u for u in nodes[name].users if u.op == "call_function"]
+            assert any(program.info[u.name].phase == Phase.FORWARD and program.info[u.name].layer != layer.layer
+                       for u in users), name
+    # Each clone sits before its first backward reader (the graph is in topological order).
+    order = {n: i for i, n in enumerate(program.gm.graph.nodes)}
+    for c in clones:
+        assert all(order[u] > order[c] for u in c.users)
+
+
+def test_verify_catches_a_kept_set_that_does_not_match():
+    program = compile_step(load_params(TINY2), remat="full")[-1].program
+    layer = program.remat.layers[-1]
+    wrong = program.remat.__class__(**{**program.remat.__dict__,
+                                       "layers": program.remat.layers[:-1] + (layer.__class__(
+                                           **{**layer.__dict__, "kept": layer.kept[1:]}),)})
+    bad = program.__class__(**{**program.__dict__, "remat": wrong})
+    with pytest.raises(VerificationError, match="kept set"):
+        verify_structure(bad, "remat")
+
+
+def test_memory_and_flops_by_policy_on_the_target():
+    params = load_params(TINY2)
+    cs2 = load_target("cs2")
+    runs = {p: compile_step(params, target=cs2, remat=p)[-1].program for p in ("none", "selective", "full")}
+    peak = {p: r.schedule.peak_memory_bytes for p, r in runs.items()}
+    extra = {p: r.schedule.recompute_flops for p, r in runs.items()}
+    kept = {p: r.remat.kept_bytes for p, r in runs.items()}
+    assert peak["full"] < peak["selective"] < peak["none"]
+    assert kept["full"] < kept["selective"] < kept["none"]
+    assert 0 == extra["none"] < extra["selective"] < extra["full"]
+    assert extra["full"] == runs["full"].remat.extra_flops
+    # Model FLOPs stay those of the plain step: utilization does not count recomputation.
+    base = runs["none"].flops()
+    assert runs["full"].flops() - extra["full"] == base
+    assert all(r.schedule.bottleneck in ("compute", "stream-in", "stream-out") for r in runs.values())
+
+
+def test_runtime_trains_the_rewritten_program_like_the_plain_one(tmp_path):
+    params = load_params(TINY2)
+    plain = compile_step(params, remat="none")[-1].program
+    full = compile_step(params, remat="full")[-1].program
+    a, b = Runner(params, tmp_path / "a", train=plain), Runner(params, tmp_path / "b", train=full)
+    from tests.test_runtime import batches
+
+    for step in range(2):
+        ra, rb = a.train_step(batches(params, step)), b.train_step(batches(params, step))
+        assert ra.loss == rb.loss
+    for name in a.trainable:
+        assert torch.equal(a.weights[name], b.weights[name]), name
+
+
+def _with(tmp_path, path, **model):
+    raw = yaml.safe_load(path.read_text())
+    raw["model"].update(model)
+    out = tmp_path / path.name
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
+def test_params_key_and_cli_flag(tmp_path, capsys):
+    params = _with(tmp_path, TINY2, activation_checkpointing="selective")
+    assert main(["compile", "--params", str(params), "--model_dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "activation recomputation selective: 2 layers selective" in out
+    report = json.loads((tmp_path / "a" / "compile" / "report.json").read_text())
+    assert report["remat"]["policy"] == "selective" and report["remat"]["layers"][0]["recomputed"]
+    assert main(["compile", "--params", str(params), "--model_dir", str(tmp_path / "b"), "--remat", "none"]) == 0
+    assert "activation recomputation none: 2 layers none" in capsys.readouterr().out
+    bad = _with(tmp_path, TINY2, activation_checkpointing="everything")
+    assert main(["compile", "--params", str(bad), "--model_dir", str(tmp_path / "c")]) == 2
+    assert "model.activation_checkpointing" in capsys.readouterr().err
+
+
+def _small_target(tmp_path, memory_bytes):
+    raw = yaml.safe_load((CONFIGS / "targets" / "cs2.yaml").read_text())
+    raw["memory"]["bytes"] = memory_bytes
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_auto_recomputes_only_when_it_must(tmp_path):
+    params = load_params(TINY2)
+    roomy = compile_step(params, target=load_target("cs2"))[-1].program
+    assert roomy.remat.policy == "auto" and all(x.policy == "none" for x in roomy.remat.layers)
+    assert not roomy.remat.clones and roomy.schedule.recompute_flops == 0
+    none_peak = roomy.schedule.peak_memory_bytes
+    full = compile_step(params, target=load_target("cs2"), remat="full")[-1].program
+    tight = load_target(str(_small_target(tmp_path, (none_peak + full.schedule.peak_memory_bytes) // 2)))
+    auto = compile_step(params, target=tight)[-1].program
+    assert auto.schedule.fits and auto.remat.clones
+    assert auto.schedule.recompute_flops <= full.schedule.recompute_flops
+
+
+def test_no_policy_fits_names_the_smallest_peak_and_its_parts(tmp_path, capsys):
+    target = _small_target(tmp_path, 4e6)
+    assert main(["compile", "--params", str(TINY2), "--model_dir", str(tmp_path), "--target", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit on cs2 with any recompute policy: the smallest peak any policy reaches (full) is" in err
+    for part in ("kept activations", "one layer's working set", "attention scores", "weight buffers"):
+        assert part in err
+
+
+def test_micro_batch_auto_picks_micro_batch_and_policy(tmp_path, capsys):
+    raw = yaml.safe_load(TINY2.read_text())
+    raw["train_input"]["micro_batch_size"] = "auto"
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    none = compile_step(load_params(TINY2), target=load_target("cs2"), micro_batch_size=8, remat="none")
+    target = _small_target(tmp_path, none[-1].program.schedule.peak_memory_bytes * 0.8)
+    assert main(["compile", "--params", str(params), "--model_dir", str(tmp_path), "--target", str(target)]) == 0
+    out = capsys.readouterr().out
+    line = out.split("micro_batch_size auto: ")[1].splitlines()[0]
+    chosen, policy = int(line.split()[0]), line.split()[3]
+    report = json.loads((tmp_path / "compile" / "report.json").read_text())["target"]
+    assert report["fits"] and report["micro_batch_size"] == chosen and policy == "auto"
+    assert "samples/s" in line
+
+
+@pytest.mark.slow
+def test_model_zoo_7b_phase2_fits_on_cs2_at_its_shipped_micro_batch(tmp_path, capsys):
+    assert main(["compile", "--params", str(ZOO_7B), "--model_dir", str(tmp_path), "--target", "cs2"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 24 of 216" in out and "activation recomputation auto:" in out and "it fits" in out
+    report = json.loads((tmp_path / "compile" / "report.json").read_text())
+    assert report["target"]["fits"] and report["target"]["micro_batch_size"] == 24
+    assert report["target"]["bottleneck"] in ("compute", "stream-in", "stream-out")
+    assert any(x["policy"] != "none" for x in report["remat"]["layers"])
