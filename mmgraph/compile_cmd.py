@@ -92,8 +92,8 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         plan = stages[-1].program.remat
         if plan is not None and all(layer.policy == "full" for layer in plan.layers):
             raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
-                                    f"{sched.micro_batch_size} does not fit on {target.name} with any recompute "
-                                    f"policy: {no_fit_arithmetic(sched, plan)}; the largest micro_batch_size "
+                                    f"{sched.micro_batch_size} does not fit on {target.name}: not with any "
+                                    f"recompute policy: {no_fit_arithmetic(sched, plan)}; the largest micro_batch_size "
                                     f"that fits is {sched.max_micro_batch_size}"))
         hint = "" if plan is None else "; or model.activation_checkpointing / --remat: auto or full"
         raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
