@@ -62,6 +62,7 @@ bench: install
 	$(PY) -m benchmarks.bench_simulator --rounds 3 --repeats 9 --out $(RESULTS)/simulator.json
 	$(PY) -m benchmarks.bench_runtime --out $(RESULTS)/runtime.json
 	$(PY) -m benchmarks.bench_freeze --out $(RESULTS)/freeze.json
+	$(PY) -m benchmarks.bench_remat --out $(RESULTS)/remat.json
 	$(PY) -m benchmarks.bench_data --out $(RESULTS)/data.json
 	$(PY) -m benchmarks.bench_convert --out $(RESULTS)/convert.json
 	$(PY) -m benchmarks.bench_generate --out $(RESULTS)/generate.json

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
-ORDER = ("compile", "simulator", "runtime", "freeze", "data", "convert", "generate")
+ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate")
 BENCH_MINUTES = 13      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s)
 
 
@@ -129,6 +129,7 @@ TITLES = {
     "data": "Data (`benchmarks/bench_data.py`)",
     "convert": "Checkpoint conversion memory (`benchmarks/bench_convert.py`)",
     "generate": "Generation (`benchmarks/bench_generate.py`)",
+    "remat": "Activation recomputation (`benchmarks/bench_remat.py`)",
 }
 
 INTRO = {
@@ -203,6 +204,16 @@ the same seeded weights and batch. Measured, interleaved across the phases, medi
 warm-up: the program alone (forward + loss + backward, `Runner.micro_step`) and the whole
 training step (`Runner.train_step`: program, clipping, AdamW). Analytic, from the lowered
 programs: forward and backward FLOPs, gradient outputs and their bytes. Phase 2 is the peer.""",
+    "remat": """\
+Predicted by the cost pass (no measurement): the Model Zoo's own
+`params_mm_llava_llama2_7b_phase2.yaml` (Release_2.3.1, copied verbatim to `tests/data/modelzoo/`:
+micro-batch 24 of 216, sequence 2048, bf16) compiled for cs2 and cs3 with each remat policy at
+micro-batch 24, and without recomputation at the largest micro-batch that fits; extra FLOPs are
+the recomputed FLOPs over the step's model FLOPs. Measured on the CPU: the small config at batch 8
+(fp32), the lowered program of each policy (forward + loss + backward) against the eager module
+plainly and with `torch.utils.checkpoint` around every transformer layer, the same weights and
+batch; time interleaved, median after warm-up; peak = bytes the CPU allocator holds above the
+step's start (`torch.profiler` memory events in time order).""",
     "data": """\
 4,000 synthetic caption samples (`mmgraph data synth`) preprocessed with the small config's
 layout (every image opened and verified), 2 workers, median of 5 runs after a warm-up run; then

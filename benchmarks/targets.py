@@ -261,9 +261,58 @@ def generate_targets(r: Optional[dict]) -> list[Target]:
     return out
 
 
+REMAT_FULL_FLOPS_REASON = (
+    "the Model Zoo's phase-2 file as shipped freezes the LLM too (`freeze: ['^image_model.image_model_list', "
+    "'^text_model']`): the backward has no weight-gradient matmuls, so one recomputed forward is a larger share "
+    "of the step than the 1/3 of a step that trains its weights (the 35% budget assumes forward:backward = 1:2)")
+
+
+def remat_targets(r: Optional[dict]) -> list[Target]:
+    """Issue 21: 7B phase 2 at micro-batch 24 on cs2 and cs3; the CPU small config at batch 8."""
+    src = "issue 21: activation recomputation"
+    out = []
+    for t in (r or {}).get("predicted", []) or [{"target": "cs2"}, {"target": "cs3"}]:
+        name = t["target"]
+        rows = {row["policy"]: row for row in t.get("rows", [])}
+        fits = Target("remat", f"7B phase 2 at micro-batch 24 fits on {name}", src)
+        full = Target("remat", f"{name}: full recompute <= 35% extra FLOPs", src)
+        sel = Target("remat", f"{name}: selective <= 5% extra FLOPs whenever it fits", src)
+        speed = Target("remat", f"{name}: samples/s at 24 >= 2x the largest micro-batch fitting without recompute", src)
+        if rows:
+            auto = rows["auto"]
+            fits.measured, fits.status = (f"{'fits' if auto['fits'] else 'does not fit'}: peak "
+                                          f"{auto['peak_bytes'] / 1e9:.2f} GB (auto: {auto['layers']})"), _status(auto["fits"])
+            x = rows["full"]["extra_flops_share"]
+            full.measured, full.status = f"{x:.1%}", _status(x <= 0.35)
+            full.reason = "" if x <= 0.35 else REMAT_FULL_FLOPS_REASON
+            y = rows["selective"]["extra_flops_share"]
+            sel.measured = f"{y:.1%} ({'fits' if rows['selective']['fits'] else 'does not fit at 24'})"
+            sel.status = _status(y <= 0.05 or not rows["selective"]["fits"])
+            sel.reason = "" if sel.status == "met" else NOT_ANALYSED
+            if t.get("speedup") is not None:
+                base = t["no_recompute"]["micro_batch_size"]
+                speed.measured, speed.status = f"{t['speedup']:.2f}x (vs {base}; {auto['bottleneck']}-bound)", \
+                    _status(t["speedup"] >= 2)
+                speed.reason = "" if speed.status == "met" else NOT_ANALYSED
+        out += [fits, full, sel, speed]
+    m = (r or {}).get("measured", {}).get("ratios", {})
+    limits = (("full / none peak", 0.5), ("full / none time", 1.35), ("selective / none peak", 0.75),
+              ("selective / none time", 1.10))
+    for key, limit in limits:
+        t = Target("remat", f"CPU small, batch 8: {key} <= {limit}x", src)
+        if key in m:
+            peer = m.get("eager+checkpoint / eager " + key.split()[-1])
+            t.measured = f"{m[key]:.2f}x" + (f" (torch.utils.checkpoint: {peer:.2f}x)" if peer else "")
+            t.status = _status(m[key] <= limit)
+            t.reason = "" if t.status == "met" else NOT_ANALYSED
+        out.append(t)
+    return out
+
+
 TARGETS: dict[str, Callable[[Optional[dict]], list[Target]]] = {
     "compile": compile_targets, "simulator": simulator_targets, "data": data_targets,
     "runtime": runtime_targets, "convert": convert_targets, "generate": generate_targets,
+    "remat": remat_targets,
 }
 
 

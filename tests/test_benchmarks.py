@@ -144,6 +144,19 @@ NOW = {"date": "2026-01-02T03:04:05+00:00", "cpu": "Test CPU", "cores": 2, "memo
        "git": "abc1234", "argv": []}
 
 
+def test_remat_benchmark_quick():
+    from benchmarks.bench_remat import TINY, format_table, run
+
+    result = run(TINY, TINY, 2, 1, 1, targets=("cs2",))
+    rows = {row["policy"]: row for row in result["predicted"][0]["rows"]}
+    assert rows["none"]["extra_flops_share"] == 0 < rows["selective"]["extra_flops_share"] < rows["full"]["extra_flops_share"]
+    assert rows["full"]["peak_bytes"] < rows["none"]["peak_bytes"] and rows["auto"]["fits"]
+    peaks = {row["variant"]: row["peak_bytes"] for row in result["measured"]["rows"]}
+    assert peaks["full"] < peaks["none"] and peaks["eager+checkpoint"] < peaks["eager"]
+    assert "full / none peak" in format_table(result)
+    assert [t.status for t in targets.remat_targets(result)].count("not measured yet") == 0
+
+
 def test_report_renders_the_results_in_the_repository(tmp_path):
     results = sorted(p.stem for p in RESULTS.glob("*.json"))
     if not results:
