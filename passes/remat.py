@@ -38,13 +38,25 @@ from mmgraph.target import Target
 
 POLICIES = ("none", "selective", "full", "auto")
 LEVELS = ("none", "selective", "full")            # from least to most recompute
-_RANDOM = {"native_dropout", "bernoulli", "rand", "randn", "rand_like", "randn_like", "randint"}
+_RANDOM = {"native_dropout", "bernoulli", "bernoulli_", "rand", "randn", "rand_like", "randn_like", "randint"}
 _REMAT_LAYER = re.compile(r"layers\.\d+$")
 CLONE_PREFIX = "rc_"
 
 
 def _opname(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def _random(node: fx.Node) -> bool:
+    """Ops that draw random numbers (dropout, and attention with dropout): never recomputed."""
+    if _opname(node) in _RANDOM:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    for i, arg in enumerate(schema.arguments if schema is not None else ()):
+        if arg.name == "dropout_p":
+            p = node.args[i] if i < len(node.args) else node.kwargs.get("dropout_p", arg.default_value)
+            return bool(p)
+    return False
 
 
 @dataclass
@@ -95,12 +107,12 @@ def _anchor(g: _Graph, node: fx.Node, policy_of: dict) -> bool:
     if node.op != "call_function" or node in g.param_like or g.phase(node) != Phase.FORWARD:
         return True
     policy = policy_of.get(g.layer(node), "none")
-    if policy == "none" or node in g.boundary or _opname(node) in _RANDOM:
+    if policy == "none" or node in g.boundary or _random(node):
         return True
     if op_class(node) == "source":
         return False
-    if any(_opname(a) in _RANDOM for a in node.all_input_nodes) and op_class(node) == "view":
-        return True                                   # the mask of a dropout
+    if op_class(node) == "view" and any(_random(a) for a in node.all_input_nodes):
+        return True                                   # an output of a random op (a dropout's mask)
     return policy == "selective" and node in g.weight_mm
 
 
