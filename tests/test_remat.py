@@ -185,3 +185,20 @@ def test_model_zoo_7b_phase2_fits_on_cs2_at_its_shipped_micro_batch(tmp_path, ca
     assert report["target"]["fits"] and report["target"]["micro_batch_size"] == 24
     assert report["target"]["bottleneck"] in ("compute", "stream-in", "stream-out")
     assert any(x["policy"] != "none" for x in report["remat"]["layers"])
+
+
+from tests.test_runtime import shards  # noqa: E402,F401 - the synthetic data set fixture
+
+
+def test_cli_run_with_remat_trains_like_without(shards, tmp_path, capsys):  # noqa: F811
+    losses = {}
+    for policy in ("none", "full"):
+        md = tmp_path / policy
+        assert main(["run", "--mode", "train", "--params", str(shards), "--model_dir", str(md),
+                     "--max_steps", "2", "--remat", policy]) == 0
+        records = [json.loads(line) for line in (md / "metrics.jsonl").read_text().splitlines()]
+        losses[policy] = [r["loss"] for r in records if "loss" in r]
+        report = json.loads((md / "compile" / "report.json").read_text())
+        assert report["remat"]["policy"] == policy
+    capsys.readouterr()
+    assert losses["none"] and losses["none"] == losses["full"]
