@@ -28,7 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
 ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate")
-BENCH_MINUTES = 13      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s)
+BENCH_MINUTES = 17      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s) and bench_remat (+4 min, 2026-11-28)
 
 
 # -- plots ---------------------------------------------------------------------------------------

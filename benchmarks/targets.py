@@ -281,7 +281,8 @@ def remat_targets(r: Optional[dict]) -> list[Target]:
         if rows:
             auto = rows["auto"]
             fits.measured, fits.status = (f"{'fits' if auto['fits'] else 'does not fit'}: peak "
-                                          f"{auto['peak_bytes'] / 1e9:.2f} GB (auto: {auto['layers']})"), _status(auto["fits"])
+                                          f"{auto['peak_bytes'] / 1e9:.2f} GB (auto: "
+                                          f"{', '.join(f'{n} {p}' for p, n in auto['layers'].items() if n)})"), _status(auto["fits"])
             x = rows["full"]["extra_flops_share"]
             full.measured, full.status = f"{x:.1%}", _status(x <= 0.35)
             full.reason = "" if x <= 0.35 else REMAT_FULL_FLOPS_REASON
