@@ -94,11 +94,14 @@ def test_memory_and_flops_by_policy_on_the_target():
     assert all(r.schedule.bottleneck in ("compute", "stream-in", "stream-out") for r in runs.values())
 
 
-def test_runtime_trains_the_rewritten_program_like_the_plain_one(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "weight-streaming"])
+def test_runtime_trains_the_rewritten_program_like_the_plain_one(tmp_path, streaming):
     params = load_params(TINY2)
-    plain = compile_step(params, remat="none")[-1].program
-    full = compile_step(params, remat="full")[-1].program
-    a, b = Runner(params, tmp_path / "a", train=plain), Runner(params, tmp_path / "b", train=full)
+    target = load_target("cs2") if streaming else None     # the streaming executor runs segments
+    plain = compile_step(params, target=target, remat="none")[-1].program
+    full = compile_step(params, target=target, remat="full")[-1].program
+    a = Runner(params, tmp_path / "a", train=plain, weight_streaming=streaming)
+    b = Runner(params, tmp_path / "b", train=full, weight_streaming=streaming)
     from tests.test_runtime import batches
 
     for step in range(2):
