@@ -193,7 +193,8 @@ def _fixed(g: _Graph, tallies: dict, target: Optional[Target], precision: Precis
     scores = 0
     for node in program.ops():
         shape = program.info[node.name].shape
-        if (op_class(node) != "view" and len(shape) >= 3 and shape[-1] == shape[-2] > 1
+        # [batch, heads, queries, keys] (masks have one head and are made outside the layers)
+        if (op_class(node) != "view" and len(shape) >= 4 and shape[-1] == shape[-2] > 1 and shape[-3] > 1
                 and program.info[node.name].layer in g.layers):
             scores = max(scores, value_bytes(node, g.fb))
     buffers, memory = 0, 0
