@@ -94,7 +94,7 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
             raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
                                     f"{sched.micro_batch_size} does not fit on {target.name}: not with any "
                                     f"recompute policy: {no_fit_arithmetic(sched, plan)}; the largest micro_batch_size "
-                                    f"that fits is {sched.max_micro_batch_size}"))
+                                    f"that fits is {sched.max_micro_batch_size}{_memory_source(target)}"))
         hint = "" if plan is None else "; or model.activation_checkpointing / --remat: auto or full"
         raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
                                 f"{sched.micro_batch_size} does not fit on {target.name}: {_fit_numbers(sched)}; "
@@ -121,6 +121,12 @@ def remat_summary(program) -> str:
     saved = sum(layer.saved_bytes for layer in plan.layers)
     return (f"activation recomputation {plan.policy}: {layers}; activations kept {_size(plan.kept_bytes)} "
             f"(saves {_size(saved)}), recomputed {_human(plan.extra_flops)}FLOPs (+{share:.1%}){fit}")
+
+
+def _memory_source(target) -> str:
+    """The target's sourced figure for its memory, as a closing note."""
+    source = next((s for s in target.sources if "GB" in s or "memory" in s.lower()), None)
+    return f" ({target.name}'s memory, from its sources: {source})" if source else ""
 
 
 def no_fit_arithmetic(sched, plan) -> str:

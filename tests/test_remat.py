@@ -47,6 +47,11 @@ def test_recomputed_program_equals_plain_program_and_eager(path):
         verify_numerics(program, params, "remat", rtol=1e-5)
 
 
+def test_verify_checks_the_rewritten_program():
+    stages = compile_step(load_params(TINY1), remat="selective", verify=True)
+    assert [s.name for s in stages][-1] == "remat" and stages[-1].program.remat.clones
+
+
 def test_recomputed_ops_run_in_the_backward_and_full_keeps_layer_boundaries():
     program = compile_step(load_params(TINY2), remat="full")[-1].program
     clones = [n for n in program.ops() if n.name.startswith(CLONE_PREFIX)]
@@ -159,7 +164,8 @@ def test_no_policy_fits_names_the_smallest_peak_and_its_parts(tmp_path, capsys):
     assert main(["compile", "--params", str(TINY2), "--model_dir", str(tmp_path), "--target", str(target)]) == 2
     err = capsys.readouterr().err
     assert "8 does not fit on cs2: not with any recompute policy: the smallest peak any policy reaches (full) is" in err
-    for part in ("kept activations", "one layer's working set", "attention scores", "weight buffers"):
+    for part in ("kept activations", "one layer's working set", "attention scores", "weight buffers",
+                 "cs2's memory, from its sources: Cerebras CS-2 product page"):
         assert part in err
 
 
