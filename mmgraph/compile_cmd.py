@@ -93,7 +93,7 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         if plan is not None and all(layer.policy == "full" for layer in plan.layers):
             raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
                                     f"{sched.micro_batch_size} does not fit on {target.name}: not with any "
-                                    f"recompute policy: {no_fit_arithmetic(sched, plan)}; the largest micro_batch_size "
+                                    f"recompute policy: {no_fit_arithmetic(stages[-1].program, params)}; the largest micro_batch_size "
                                     f"that fits is {sched.max_micro_batch_size}{_memory_source(target)}"))
         hint = "" if plan is None else "; or model.activation_checkpointing / --remat: auto or full"
         raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
@@ -129,9 +129,15 @@ def _memory_source(target) -> str:
     return f" ({target.name}'s memory, from its sources: {source})" if source else ""
 
 
-def no_fit_arithmetic(sched, plan) -> str:
-    """The smallest peak (everything recomputed) and what it is made of."""
-    return (f"the smallest peak any policy reaches (full) is {_size(sched.peak_memory_bytes)}: kept activations "
-            f"{_size(plan.kept_bytes)} + one layer's working set {_size(plan.layer_work_bytes + plan.kernel_work_bytes)} "
-            f"(of which attention scores {_size(plan.attention_scores_bytes)}) + weight buffers "
-            f"{_size(2 * sched.weight_buffer_bytes)} > {_size(sched.memory_bytes)} of device memory")
+def no_fit_arithmetic(program, params) -> str:
+    """The smallest peak (everything recomputed), what it is made of, where it occurs."""
+    from mmgraph.passes.cost import peak_breakdown
+    from mmgraph.passes.weight_streaming import precision_of
+
+    sched, plan = program.schedule, program.remat
+    b = peak_breakdown(program, precision_of(params.model))
+    return (f"the smallest peak any policy reaches (full) is {_size(sched.peak_memory_bytes)}, in segment "
+            f"'{b['segment']}': kept activations {_size(b['kept'])} + one layer's working set "
+            f"{_size(b['recomputed'] + b['working'])} (recomputed values {_size(b['recomputed'])}, largest kernel "
+            f"{_size(b['working'])}; attention scores {_size(plan.attention_scores_bytes)}) + weight buffers "
+            f"{_size(b['buffers'])} > {_size(sched.memory_bytes)} of device memory")

@@ -152,7 +152,7 @@ def bottleneck_words(s: Schedule) -> str:
             f"{s.stream_in_s * 1e3:,.1f} ms, gradients out {s.stream_out_s * 1e3:,.1f} ms")
 
 
-def _recompute_per_segment(program: Program, precision: Precision) -> tuple[list[int], int, list[int]]:
+def recompute_per_segment(program: Program, precision: Precision) -> tuple[list[int], int, list[int]]:
     """Per segment: bytes and FLOPs of the values the remat pass recomputes there."""
     clones = set(program.remat.clones) if program.remat else set()
     kernels = {k.id: k for k in program.kernels}
@@ -165,6 +165,18 @@ def _recompute_per_segment(program: Program, precision: Precision) -> tuple[list
     return mem, sum(flops), flops
 
 
+def peak_breakdown(program: Program, precision: Precision) -> dict:
+    """The parts of the simulated peak, at the segment where it occurs: activations kept for the
+    backward, the values that segment recomputes, its working set, and the weight buffers."""
+    sched = program.schedule
+    recompute = recompute_per_segment(program, precision)[0]
+    i = max(range(len(sched.times)), key=lambda j: sched.times[j].live_bytes)
+    seg = program.segments[i]
+    kept = sched.times[i].live_bytes - seg.working_bytes - recompute[i]
+    return {"segment": seg.name, "kept": kept, "recomputed": recompute[i], "working": seg.working_bytes,
+            "buffers": sched.peak_memory_bytes - sched.times[i].live_bytes}
+
+
 def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_sample: int):
     def cost(program: Program) -> tuple[Program, dict]:
         mbs = next(s.shape[0] for s in program.inputs if s.name == "text_input_ids")
@@ -173,7 +185,7 @@ def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_
         compute = [segment_compute_s(program, seg, target, precision, kernels, nodes) for seg in program.segments]
         biggest = max((s.weight_bytes for s in program.segments), default=0)
         resident = sum(int(s.numel * precision.bytes) for s in program.inputs if s.kind.value == "param")
-        recompute_mem, recompute_flops, per_seg = _recompute_per_segment(program, precision)
+        recompute_mem, recompute_flops, per_seg = recompute_per_segment(program, precision)
         # Model FLOPs (utilization) leave the recomputation out; the time includes it.
         sched = simulate(program.segments, compute, target, mbs, batch_size, tokens_per_sample,
                          program.flops() - recompute_flops, precision, biggest, resident, recompute_mem)
