@@ -90,6 +90,28 @@ def predicted(path: Path, targets: tuple[str, ...]) -> list[dict]:
     return out
 
 
+def trained_llm(path: Path, target: str = "cs2") -> dict:
+    """Context for the FLOPs budget: the same file with the LLM trained too (``freeze`` of the
+    image model only, as LLaVA's phase 2 usually is), full and selective at its micro-batch."""
+    import tempfile
+
+    import yaml
+
+    from mmgraph.config import load_params
+    from mmgraph.target import load_target
+    from mmgraph.trace import micro_batch_size
+
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["freeze"] = ["^image_model.image_model_list"]
+    with tempfile.TemporaryDirectory() as tmp:
+        variant = Path(tmp) / path.name
+        variant.write_text(yaml.safe_dump(raw, sort_keys=False))
+        params = load_params(variant)
+        mbs = micro_batch_size(params, "train")
+        rows = [_predicted_row(params, load_target(target), mbs, p) for p in ("selective", "full")]
+    return {"target": target, "freeze": raw["model"]["freeze"], "rows": rows}
+
+
 def _checkpointed(model):
     """The module with ``torch.utils.checkpoint`` around every transformer layer."""
     from torch.utils.checkpoint import checkpoint
@@ -150,7 +172,7 @@ def _run_eager(model, batch, weights):
 
 
 def run(big: Path, small: Path, batch: int, repeats: int, warmup: int, targets=("cs2", "cs3")) -> dict:
-    return {"big": rel(big), "predicted": predicted(big, targets),
+    return {"big": rel(big), "predicted": predicted(big, targets), "trained_llm": trained_llm(big, targets[0]),
             "measured": measured(small, batch, repeats, warmup)}
 
 
@@ -171,6 +193,12 @@ def format_table(r: dict) -> str:
         if t["speedup"] is not None:
             lines.append(f"| {t['target']} | auto at {t['micro_batch_size']} / none at "
                          f"{t['no_recompute']['micro_batch_size']} | | | | | **{t['speedup']:.2f}x** | | |")
+    ctx = r.get("trained_llm")
+    if ctx:
+        lines += ["", f"The same file with the LLM trained too (`freeze: {ctx['freeze']}`), on {ctx['target']}: "
+                  + ", ".join(f"{row['policy']} {_pct(row['extra_flops_share'])} extra FLOPs "
+                              f"({'fits' if row['fits'] else 'does not fit'}, peak {row['peak_bytes'] / 1e9:.2f} GB)"
+                              for row in ctx["rows"]) + "."]
     m = r["measured"]
     lines += ["", f"Measured on the CPU: {m['params']}, batch {m['batch']}, {m['threads']} threads, median of "
               f"{m['repeats']} (interleaved); peak = allocator bytes above the step's start:", "",

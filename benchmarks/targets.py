@@ -267,6 +267,12 @@ REMAT_FULL_FLOPS_REASON = (
     "of the step than the 1/3 of a step that trains its weights (the 35% budget assumes forward:backward = 1:2)")
 
 
+def _trained_llm_note(r: dict) -> str:
+    ctx = r.get("trained_llm")
+    row = next((x for x in ctx["rows"] if x["policy"] == "full"), None) if ctx else None
+    return f"; with the LLM trained too (same file and micro-batch), full costs {row['extra_flops_share']:.1%}" if row else ""
+
+
 def remat_targets(r: Optional[dict]) -> list[Target]:
     """Issue 21: 7B phase 2 at micro-batch 24 on cs2 and cs3; the CPU small config at batch 8."""
     src = "issue 21: activation recomputation"
@@ -285,7 +291,7 @@ def remat_targets(r: Optional[dict]) -> list[Target]:
                                           f"{', '.join(f'{n} {p}' for p, n in auto['layers'].items() if n)})"), _status(auto["fits"])
             x = rows["full"]["extra_flops_share"]
             full.measured, full.status = f"{x:.1%}", _status(x <= 0.35)
-            full.reason = "" if x <= 0.35 else REMAT_FULL_FLOPS_REASON
+            full.reason = "" if x <= 0.35 else REMAT_FULL_FLOPS_REASON + _trained_llm_note(r)
             y = rows["selective"]["extra_flops_share"]
             sel.measured = f"{y:.1%} ({'fits' if rows['selective']['fits'] else 'does not fit at 24'})"
             sel.status = _status(y <= 0.05 or not rows["selective"]["fits"])
