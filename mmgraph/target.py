@@ -13,13 +13,16 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, ValidationError
 
+import mmgraph.configs as _shipped_configs
 from mmgraph.config.base import Section
 from mmgraph.config.load import _format_errors, _read_yaml
 from mmgraph.errors import Problem, UserError, did_you_mean
 
 Positive = Annotated[float, Field(gt=0)]
 Share = Annotated[float, Field(gt=0, le=1)]
-TARGET_DIR = Path(__file__).resolve().parent.parent / "configs" / "targets"
+# The shipped targets are package data (mmgraph.configs, folder targets/): found through the package,
+# so an installed wheel finds them as the source tree does.
+TARGET_DIR = Path(_shipped_configs.__file__).resolve().parent / "targets"
 
 
 class PeakFlops(Section):
