@@ -163,6 +163,8 @@ class Program:
     refusals: tuple[tuple[str, str, str], ...] = ()   # (node, producer, reason) fusion refused
     segments: Optional[tuple[Segment, ...]] = None
     schedule: Optional[Schedule] = None
+    world_size: int = 1                # ranks the data_parallel pass compiled the program for
+    collectives: tuple = ()            # data_parallel's buckets (passes.data_parallel.Bucket)
 
     def ops(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function"]

@@ -1,0 +1,57 @@
+"""Run by torchrun in tests (not collected): one rank of a data-parallel check.
+
+``dist_worker.py program OUT``: every rank runs the tiny phase-2 program compiled for 2 ranks on
+its half of one batch; the gradients it outputs (sums over ranks) are written to OUT/rank{r}.pt,
+with rank 0 also writing the plain program's gradients on each half (OUT/plain.pt).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mmgraph.config import load_params
+from mmgraph.models import build_model, random_batch
+from mmgraph.ir import InputKind
+from mmgraph.pipeline import compile_step, run_pass
+from mmgraph.passes.data_parallel import make_data_parallel
+from mmgraph.runtime.distributed import bind_group, from_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def program_check(out: Path) -> None:
+    ranks = from_env("cpu")
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    share = 2
+    plain = compile_step(params, "train", micro_batch_size=share)[-1].program
+    dp = run_pass("data_parallel", make_data_parallel(ranks.world_size, bucket_bytes=20_000), plain)
+    bind_group(dp.gm, ranks.group)
+    model, _ = build_model(params, seed=0)
+    weights = dict(model.named_parameters())
+    batch = random_batch(params.layout("train"), share * ranks.world_size, seed=1)
+
+    def inputs(program, lo):
+        return [weights[s.name].detach() if s.kind == InputKind.PARAM else batch[s.name][lo:lo + share]
+                for s in program.inputs]
+
+    with torch.no_grad():
+        outs = dp.gm(*inputs(dp, ranks.rank * share))
+    names = [s.target for s in dp.outputs if s.kind == "grad"]
+    grads = dict(zip(names, outs[1:]))
+    torch.save({"loss": outs[0], "grads": grads}, out / f"rank{ranks.rank}.pt")
+    if ranks.main:
+        with torch.no_grad():
+            halves = [plain.gm(*inputs(plain, r * share)) for r in range(ranks.world_size)]
+        summed = {n: sum(h[1 + i] for h in halves) for i, n in enumerate(names)}
+        torch.save({"grads": summed}, out / "plain.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    {"program": program_check}[sys.argv[1]](Path(sys.argv[2]))

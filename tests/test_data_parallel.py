@@ -1,0 +1,145 @@
+"""The data_parallel pass: collectives as graph nodes, bucketed, issued early, waited late; two
+gloo ranks reduce to exactly the sum of the plain program's gradients."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+
+from mmgraph.config import load_params
+from mmgraph.ir import InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.passes.data_parallel import ALL_REDUCE, WAIT, make_data_parallel, plan_buckets
+from mmgraph.passes.verify import verify_structure
+from mmgraph.pipeline import compile_step, run_pass
+from mmgraph.runtime.data import ResumableSampler
+from mmgraph.runtime.distributed import Ranks, RankSampler, bind_group
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_train():
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    return compile_step(params, "train")[-1].program
+
+
+def _collectives(program: Program, target) -> list[fx.Node]:
+    return [n for n in program.gm.graph.nodes if n.target == target]
+
+
+def test_one_bucket_by_default_and_structure_holds(tiny_train):
+    dp = run_pass("data_parallel", make_data_parallel(2), tiny_train)
+    verify_structure(dp, "data_parallel")
+    assert len(dp.collectives) == 1 and len(_collectives(dp, ALL_REDUCE)) == 1
+    assert dp.world_size == 2
+    assert set(dp.collectives[0].targets) == {s.target for s in tiny_train.outputs if s.kind == "grad"}
+    assert [k.kind for k in dp.kernels].count("collective") == 2     # issue + wait
+
+
+def test_buckets_capped_issued_after_last_gradient_and_waited_before_output(tiny_train):
+    cap = 20_000
+    dp = run_pass("data_parallel", make_data_parallel(2, bucket_bytes=cap), tiny_train)
+    verify_structure(dp, "data_parallel")
+    nodes = list(dp.gm.graph.nodes)
+    order = {n.name: i for i, n in enumerate(nodes)}
+    grads_in = [s.target for s in tiny_train.outputs if s.kind == "grad"]
+    assert sorted(t for b in dp.collectives for t in b.targets) == sorted(grads_in)
+    for b in dp.collectives:
+        assert b.bytes <= cap or len(b.targets) == 1
+        # issued right after the bucket's last gradient: only its flatten ops in between
+        between = nodes[order[b.issue_after] + 1:order[b.collective]]
+        assert all(n.target in (torch.ops.aten.reshape.default, torch.ops.aten.cat.default) for n in between)
+    waits = _collectives(dp, WAIT)
+    first_wait = min(order[w.name] for w in waits)
+    last_issue = max(order[b.collective] for b in dp.collectives)
+    assert first_wait > last_issue                      # every collective in flight before any wait
+    assert all(n.op != "call_function" or n.target in (WAIT, torch.ops.aten.split_with_sizes.default,
+                                                        torch.ops.aten.view.default) or "getitem" in str(n.target)
+               for n in nodes[first_wait:])             # nothing but waits and splits after them
+    # the bucket order follows the backward: issue points ascend
+    issue_at = [order[b.collective] for b in dp.collectives]
+    assert issue_at == sorted(issue_at) and len(issue_at) > 3
+
+
+def test_world_size_one_and_eval_programs_unchanged(tiny_train):
+    same = run_pass("data_parallel", make_data_parallel(1), tiny_train)
+    assert not _collectives(same, ALL_REDUCE) and same.world_size == 1
+
+
+def _toy_program(dtypes: list[torch.dtype]) -> Program:
+    """A graph whose outputs are gradients of the given dtypes, 1000 elements each."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    graph = fx.Graph()
+    outs, inputs, info = [], [], {}
+    for i, dt in enumerate(dtypes):
+        x = graph.placeholder(f"w{i}")
+        with mode:
+            x.meta["val"] = torch.empty(1000, dtype=dt)
+        g = graph.call_function(torch.ops.aten.neg.default, (x,))
+        g.meta["val"] = x.meta["val"]
+        outs.append(g)
+        inputs.append(InputSpec(f"w{i}", InputKind.PARAM, True, (1000,), dt))
+        for n in (x, g):
+            info[n.name] = NodeInfo((1000,), dt, "", f"layers.{i}", Phase.BACKWARD, 0, 0)
+    loss = graph.call_function(torch.ops.aten.sum.default, (outs[0],))
+    loss.meta["val"] = outs[0].meta["val"].sum()
+    info[loss.name] = NodeInfo((), dtypes[0], "", "top", Phase.FORWARD, 0, 0)
+    graph.output((loss, *outs))
+    specs = (OutputSpec("loss"),) + tuple(OutputSpec("grad", f"w{i}") for i in range(len(dtypes)))
+    return Program(fx.GraphModule(torch.nn.Module(), graph), tuple(inputs), specs, info, "train")
+
+
+def test_buckets_never_mix_dtypes():
+    program = _toy_program([torch.float32, torch.bfloat16, torch.float32, torch.bfloat16])
+    buckets = plan_buckets(program, bucket_bytes=1 << 20)
+    kinds = [{program.outputs[i].target for i in b} for b in buckets]
+    assert sorted(map(sorted, kinds)) == [["w0", "w2"], ["w1", "w3"]]
+    dp = run_pass("data_parallel", make_data_parallel(4, bucket_bytes=1 << 20), program)
+    assert {b.dtype for b in dp.collectives} == {torch.float32, torch.bfloat16}
+
+
+def test_bind_group_renames_the_collectives(tiny_train):
+    dp = run_pass("data_parallel", make_data_parallel(2), tiny_train)
+    gm = bind_group(dp.gm, "7")
+    assert all(n.args[-1] == "7" for n in _collectives(dp, ALL_REDUCE))
+    assert "'7'" in gm.code
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rank_samplers_split_every_global_batch(world):
+    n, global_batch = 37, 8
+    parts = []
+    for rank in range(world):
+        base = ResumableSampler(n, global_batch // world, shuffle=True, seed=3, drop_last=False)
+        parts.append(list(RankSampler(base, global_batch, Ranks(rank, world, rank, "0"))))
+        assert len(parts[-1]) == len(RankSampler(ResumableSampler(n, 2, True, 3, False), global_batch,
+                                                 Ranks(rank, world, rank, "0")))
+    order = list(ResumableSampler(n, 1, shuffle=True, seed=3, drop_last=False))
+    flat = sorted(i for p in parts for i in p)
+    assert flat == sorted(order)                         # every sample once, on exactly one rank
+    share = global_batch // world
+    for k in range(n // global_batch):                   # each global batch is the ranks' parts together
+        together = [i for p in parts for i in p[k * share:(k + 1) * share]]
+        assert together == order[k * global_batch:(k + 1) * global_batch]
+
+
+def test_two_gloo_ranks_reduce_to_the_sum_of_the_plain_program(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_worker.py"), "program", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain = torch.load(tmp_path / "plain.pt")["grads"]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt")["grads"] for r in range(2)]
+    assert len(plain) == 25
+    for name, want in plain.items():
+        for got in ranks:
+            assert torch.equal(got[name], want), name    # the same additions in the same order
