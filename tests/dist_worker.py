@@ -52,6 +52,34 @@ def program_check(out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
+def zero_check(out: Path) -> None:
+    """Three AdamW steps on random gradients: the ZeRO-1 optimizer on every rank against the
+    plain one; weights, gathered state and the state each rank holds."""
+    from mmgraph.runtime.optim import Optimizer
+    from mmgraph.runtime.zero import ShardedOptimizer
+
+    ranks = from_env("cpu")
+    cfg = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train").optimizer
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": (32, 32), "b": (30, 32), "c": (16, 4), "d": (64,), "e": (5,)}
+    start = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    steps = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(3)]
+    plain_w = {n: t.clone() for n, t in start.items()}
+    shard_w = {n: t.clone() for n, t in start.items()}
+    plain = Optimizer(cfg, plain_w)
+    sharded = ShardedOptimizer(cfg, shard_w, list(shapes), ranks.rank, ranks.world_size)
+    for grads in steps:
+        plain.step({n: g.clone() for n, g in grads.items()})
+        sharded.step({n: g.clone() for n, g in grads.items()})
+    whole = sharded.state_dict()
+    torch.save({"weights": shard_w, "plain_weights": plain_w, "state": whole, "plain_state": plain.state_dict(),
+                "state_bytes": sharded.state_bytes(),
+                "plain_bytes": sum(t.numel() * t.element_size() for st in plain.state.values() for t in st.values())},
+               out / f"zero{ranks.rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"program": program_check}[sys.argv[1]](Path(sys.argv[2]))
+    {"program": program_check, "zero": zero_check}[sys.argv[1]](Path(sys.argv[2]))

@@ -143,3 +143,32 @@ def test_two_gloo_ranks_reduce_to_the_sum_of_the_plain_program(tmp_path):
     for name, want in plain.items():
         for got in ranks:
             assert torch.equal(got[name], want), name    # the same additions in the same order
+
+
+def test_zero1_partition_is_balanced_and_covers_every_parameter():
+    from mmgraph.runtime.zero import partition
+
+    sizes = {"a": 100, "b": 60, "c": 50, "d": 10, "e": 1}
+    owner = partition(sizes, 2)
+    assert set(owner) == set(sizes)
+    load = [sum(sizes[n] for n, r in owner.items() if r == k) for k in range(2)]
+    assert max(load) - min(load) <= max(sizes.values())
+    assert partition(sizes, 2) == owner                  # the same on every rank
+
+
+def test_zero1_two_ranks_update_like_one_optimizer_with_half_the_state(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_worker.py"), "zero", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [torch.load(tmp_path / f"zero{r}.pt") for r in range(2)]
+    for res in results:
+        for name, want in res["plain_weights"].items():
+            assert torch.equal(res["weights"][name], want), name
+        assert res["state"].keys() == res["plain_state"].keys()
+        for key, want in res["plain_state"].items():
+            assert torch.equal(res["state"][key], want), key
+    held = [r["state_bytes"] for r in results]
+    assert sum(held) == results[0]["plain_bytes"]
+    assert max(held) <= 0.55 * results[0]["plain_bytes"]    # the ZeRO-1 memory target
