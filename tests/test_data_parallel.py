@@ -172,3 +172,29 @@ def test_zero1_two_ranks_update_like_one_optimizer_with_half_the_state(tmp_path)
     held = [r["state_bytes"] for r in results]
     assert sum(held) == results[0]["plain_bytes"]
     assert max(held) <= 0.55 * results[0]["plain_bytes"]    # the ZeRO-1 memory target
+
+
+@pytest.mark.parametrize("target_name", ["cs2", "h100"])
+def test_simulated_systems_scale_with_the_interconnect(target_name):
+    from mmgraph.passes.scaling import scaling
+    from mmgraph.target import load_target
+
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    target = load_target(target_name)
+    program = compile_step(params, "train", target=target, micro_batch_size=1)[-1].program
+    points = scaling(program, target, systems=(1, 2, 4))
+    one = points[0]
+    assert one.efficiency == pytest.approx(1.0) and one.comm_s == 0.0
+    assert [p.micro_steps for p in points] == [params.train_input.batch_size // n for n in (1, 2, 4)]
+    link = target.interconnect
+    for p in points[1:]:
+        assert 0 < p.efficiency <= 1.0
+        want_step = p.micro_steps * program.schedule.micro_step_s + program.schedule.optimizer_tail_s + p.comm_s
+        assert p.step_s == pytest.approx(want_step)
+        if link.topology == "swarmx":          # tree latency per streamed segment and micro-step
+            hops = {2: 1, 4: 2}[p.systems]
+            assert p.comm_s == pytest.approx(p.micro_steps * len(program.schedule.times) * hops * link.latency_s)
+        else:                                  # ring all-reduce: exposed + hidden is the whole ring
+            grads = sum(s.numel * 4 for s in program.inputs if s.trainable)
+            ring = 2 * (p.systems - 1) / p.systems * grads / link.bandwidth + 2 * (p.systems - 1) * link.latency_s
+            assert p.comm_s + p.hidden_s == pytest.approx(ring)
