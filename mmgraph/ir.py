@@ -21,6 +21,7 @@ LOSS_SCALE = "loss_scale"      # the gradient-seed input of a float16 training p
 class InputKind(str, Enum):
     PARAM = "param"
     BATCH = "batch"
+    GRAD = "grad"      # a gradient accumulated over earlier micro-batches (data_parallel's last micro-step)
 
 
 class Phase(str, Enum):

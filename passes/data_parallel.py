@@ -15,6 +15,11 @@ micro-batches in the global batch, exactly as it does for gradient accumulation 
 so N ranks train like one. ZeRO-1 (optimizer state sharded across ranks) needs nothing more of
 the program: it is the runtime's optimizer that updates a shard and all-gathers the weights.
 
+Gradient accumulation: micro-steps before the last run the plain program and communicate
+nothing; the last runs the ``accumulate`` variant, whose extra inputs (kind ``grad``) are the
+gradients summed so far: each is added to the new gradient right where it is made, and the
+bucket reduces the sum, once per step.
+
 Compiling needs no process group: the group is a name (``group``), bound when the program runs.
 The pass is a pure ``Program -> Program`` function; the new ops form ``collective`` kernels so the
 kernel graph, the weight-streaming segments and the dumps show them.
@@ -23,12 +28,13 @@ kernel graph, the weight-streaming segments and the dumps show them.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
 
-from mmgraph.ir import Kernel, NodeInfo, Phase, Program
+from mmgraph.ir import InputKind, InputSpec, Kernel, NodeInfo, Phase, Program
 from mmgraph.passes.util import copy_program
 
 aten = torch.ops.aten
@@ -76,8 +82,10 @@ def plan_buckets(program: Program, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> 
     return buckets
 
 
-def make_data_parallel(world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES, group: str = WORLD):
-    """The pass for ``world_size`` ranks."""
+def make_data_parallel(world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES, group: str = WORLD,
+                       accumulate: bool = False):
+    """The pass for ``world_size`` ranks; ``accumulate``: the last micro-step's variant, taking the
+    gradients accumulated so far as inputs."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
 
@@ -85,20 +93,60 @@ def make_data_parallel(world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES
         if program.mode != "train" or world_size == 1:
             return program, {"world_size": world_size, "buckets": 0, "note": "nothing to reduce"}
         gm, info = copy_program(program)
-        plan = plan_buckets(program, bucket_bytes)
+        inputs, adds = program.inputs, []
+        if accumulate:
+            specs, adds = _add_accumulators(gm, info, program)
+            inputs = inputs + specs
+        plan = plan_buckets(replace(program, gm=gm), bucket_bytes)
         rewriter = _Rewriter(gm, info, program, world_size, group)
+        for node in adds:                              # each addition a kernel of its layer
+            rewriter.kernels.append(Kernel(rewriter.next_kernel, "elementwise", info[node.name].layer,
+                                           Phase.BACKWARD.value, (node.name,), info[node.name].flops, 0))
+            rewriter.next_kernel += 1
         buckets = [rewriter.bucket(k, members) for k, members in enumerate(plan)]
         gm.graph.lint()
         gm.recompile()
         kernels = (program.kernels or ()) + tuple(rewriter.kernels)
         new = replace(program.with_pass_result(gm, info), kernels=kernels if program.kernels is not None else None,
-                      collectives=tuple(buckets), world_size=world_size)
-        notes = {"world_size": world_size, "buckets": len(buckets),
+                      collectives=tuple(buckets), world_size=world_size, inputs=inputs)
+        notes = {"world_size": world_size, "buckets": len(buckets), "accumulate": accumulate,
                  "bucket_bytes": [b.bytes for b in buckets],
                  "reduced_bytes": sum(b.bytes for b in buckets)}
         return new, notes
 
     return data_parallel
+
+
+def _add_accumulators(gm: fx.GraphModule, info: dict[str, NodeInfo],
+                      program: Program) -> tuple[tuple[InputSpec, ...], list[fx.Node]]:
+    """A ``grad`` input per gradient output, added to it right after it is made."""
+    graph = gm.graph
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    output = graph.output_node()
+    outs = list(output.args[0])
+    specs, adds = [], []
+    cursor = last_input
+    for i, spec in enumerate(program.outputs):
+        if spec.kind != "grad":
+            continue
+        grad = outs[i]
+        val = grad.meta["val"]
+        with graph.inserting_after(cursor):
+            acc = graph.placeholder("acc_" + re.sub(r"[^0-9a-zA-Z_]", "_", spec.target))
+        acc.meta["val"] = val
+        cursor = acc
+        with graph.inserting_after(grad):
+            total = graph.call_function(aten.add.Tensor, (grad, acc))
+        total.meta["val"] = val
+        layer = info[grad.name].layer if grad.name in info else "top"
+        info[acc.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, 0, 0)
+        info[total.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, val.numel(),
+                                    3 * val.numel() * val.element_size())
+        outs[i] = total
+        adds.append(total)
+        specs.append(InputSpec(spec.target, InputKind.GRAD, False, tuple(val.shape), val.dtype))
+    output.args = (tuple(outs),)
+    return tuple(specs), adds
 
 
 class _Rewriter:

@@ -52,6 +52,37 @@ def program_check(out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
+def accumulate_check(out: Path) -> None:
+    """Two micro-batches a rank: the first through the plain program (no communication), the
+    second through the accumulate variant; against the plain program's gradients on all four."""
+    ranks = from_env("cpu")
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    share = 1
+    plain = compile_step(params, "train", micro_batch_size=share)[-1].program
+    acc = run_pass("data_parallel", make_data_parallel(ranks.world_size, bucket_bytes=20_000, accumulate=True), plain)
+    bind_group(acc.gm, ranks.group)
+    model, _ = build_model(params, seed=0)
+    weights = dict(model.named_parameters())
+    batch = random_batch(params.layout("train"), 2 * share * ranks.world_size, seed=1)
+    names = [s.target for s in plain.outputs if s.kind == "grad"]
+
+    def inputs(program, lo, grads=None):
+        return [weights[s.name].detach() if s.kind == InputKind.PARAM else grads[s.name] if s.kind == InputKind.GRAD
+                else batch[s.name][lo:lo + share] for s in program.inputs]
+
+    rows = [2 * ranks.rank, 2 * ranks.rank + 1]          # this rank's two micro-batches
+    with torch.no_grad():
+        first = dict(zip(names, plain.gm(*inputs(plain, rows[0]))[1:]))
+        outs = acc.gm(*inputs(acc, rows[1], first))
+    torch.save({"grads": dict(zip(names, outs[1:]))}, out / f"acc{ranks.rank}.pt")
+    if ranks.main:
+        with torch.no_grad():
+            each = [plain.gm(*inputs(plain, r))[1:] for r in range(2 * ranks.world_size)]
+        torch.save({"grads": {n: sum(e[i] for e in each) for i, n in enumerate(names)}}, out / "plain_acc.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def zero_check(out: Path) -> None:
     """Three AdamW steps on random gradients: the ZeRO-1 optimizer on every rank against the
     plain one; weights, gathered state and the state each rank holds."""
@@ -82,4 +113,4 @@ def zero_check(out: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"program": program_check, "zero": zero_check}[sys.argv[1]](Path(sys.argv[2]))
+    {"program": program_check, "zero": zero_check, "accumulate": accumulate_check}[sys.argv[1]](Path(sys.argv[2]))
