@@ -13,7 +13,10 @@ each bucket, torch's traceable functional collectives as graph nodes:
 The gradient outputs become sums over ranks; the runtime divides them by the number of
 micro-batches in the global batch, exactly as it does for gradient accumulation in one process,
 so N ranks train like one. ZeRO-1 (optimizer state sharded across ranks) needs nothing more of
-the program: it is the runtime's optimizer that updates a shard and all-gathers the weights.
+the program: the runtime's optimizer updates what a rank owns and broadcasts it. ZeRO-2
+(``shard_gradients``) reduce-scatters each bucket instead (padded to a multiple of the world
+size): the program outputs, per bucket, this rank's shard of the summed flat bucket
+(``grad_shard`` outputs), and never holds the whole reduced gradient.
 
 Gradient accumulation: micro-steps before the last run the plain program and communicate
 nothing; the last runs the ``accumulate`` variant, whose extra inputs (kind ``grad``) are the
@@ -34,14 +37,15 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from mmgraph.ir import InputKind, InputSpec, Kernel, NodeInfo, Phase, Program
+from mmgraph.ir import InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.passes.util import copy_program
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 ALL_REDUCE = c10d.all_reduce.default
+REDUCE_SCATTER = c10d.reduce_scatter_tensor.default
 WAIT = c10d.wait_tensor.default
-COLLECTIVES = (ALL_REDUCE, c10d.reduce_scatter_tensor.default, c10d.all_gather_into_tensor.default)
+COLLECTIVES = (ALL_REDUCE, REDUCE_SCATTER, c10d.all_gather_into_tensor.default)
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024     # DDP's default bucket_cap_mb
 WORLD = "0"                                 # the default group's name; the runtime rebinds it
 
@@ -54,10 +58,11 @@ class Bucket:
     outputs: tuple[int, ...]     # positions in the program's outputs
     targets: tuple[str, ...]     # the parameters whose gradients these are
     dtype: torch.dtype
-    numel: int                   # elements of the flat bucket
+    numel: int                   # elements of the flat bucket (padded to the world size when sharded)
     bytes: int
     issue_after: str             # the node after which the collective is issued
     collective: str              # node name of the collective
+    shapes: tuple[tuple[int, ...], ...] = ()   # of the gradients, in bucket order
 
 
 def plan_buckets(program: Program, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[int]]:
@@ -83,9 +88,9 @@ def plan_buckets(program: Program, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> 
 
 
 def make_data_parallel(world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES, group: str = WORLD,
-                       accumulate: bool = False):
+                       accumulate: bool = False, shard_gradients: bool = False):
     """The pass for ``world_size`` ranks; ``accumulate``: the last micro-step's variant, taking the
-    gradients accumulated so far as inputs."""
+    gradients accumulated so far as inputs; ``shard_gradients``: ZeRO-2 (reduce-scatter)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
 
@@ -98,18 +103,21 @@ def make_data_parallel(world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES
             specs, adds = _add_accumulators(gm, info, program)
             inputs = inputs + specs
         plan = plan_buckets(replace(program, gm=gm), bucket_bytes)
-        rewriter = _Rewriter(gm, info, program, world_size, group)
+        rewriter = _Rewriter(gm, info, program, world_size, group, shard_gradients)
         for node in adds:                              # each addition a kernel of its layer
             rewriter.kernels.append(Kernel(rewriter.next_kernel, "elementwise", info[node.name].layer,
                                            Phase.BACKWARD.value, (node.name,), info[node.name].flops, 0))
             rewriter.next_kernel += 1
         buckets = [rewriter.bucket(k, members) for k, members in enumerate(plan)]
+        outputs = rewriter.shard_outputs(buckets) if shard_gradients else program.outputs
         gm.graph.lint()
         gm.recompile()
         kernels = (program.kernels or ()) + tuple(rewriter.kernels)
-        new = replace(program.with_pass_result(gm, info), kernels=kernels if program.kernels is not None else None,
+        new = replace(program.with_pass_result(gm, info, outputs),
+                      kernels=kernels if program.kernels is not None else None,
                       collectives=tuple(buckets), world_size=world_size, inputs=inputs)
         notes = {"world_size": world_size, "buckets": len(buckets), "accumulate": accumulate,
+                 "collective": "reduce_scatter" if shard_gradients else "all_reduce",
                  "bucket_bytes": [b.bytes for b in buckets],
                  "reduced_bytes": sum(b.bytes for b in buckets)}
         return new, notes
@@ -154,9 +162,10 @@ class _Rewriter:
     the output."""
 
     def __init__(self, gm: fx.GraphModule, info: dict[str, NodeInfo], program: Program,
-                 world_size: int, group: str):
+                 world_size: int, group: str, shard: bool = False):
         self.gm, self.info, self.program = gm, info, program
-        self.world, self.group = world_size, group
+        self.world, self.group, self.shard = world_size, group, shard
+        self.shards: list[fx.Node] = []
         self.graph = gm.graph
         self.output = self.graph.output_node()
         self.kernels: list[Kernel] = []
@@ -200,8 +209,16 @@ class _Rewriter:
             if len(flat_parts) > 1:
                 flat = self._add(aten.cat.default, (flat_parts,), empty(total), layer)
                 issue.append(flat)
-            nbytes = total * vals[0].element_size()
-            coll = self._add(ALL_REDUCE, (flat, "sum", self.group), empty(total), layer, nbytes)
+            pad = (-total) % self.world if self.shard else 0
+            if pad:
+                flat = self._add(aten.constant_pad_nd.default, (flat, [0, pad]), empty(total + pad), layer)
+                issue.append(flat)
+            nbytes = (total + pad) * vals[0].element_size()
+            if self.shard:
+                coll = self._add(REDUCE_SCATTER, (flat, "sum", self.world, self.group),
+                                 empty((total + pad) // self.world), layer, nbytes)
+            else:
+                coll = self._add(ALL_REDUCE, (flat, "sum", self.group), empty(total), layer, nbytes)
             issue.append(coll)
         # Re-order the issue nodes right after `last` (inserting_after places each after `last`).
         cursor = last
@@ -212,13 +229,22 @@ class _Rewriter:
         with self.graph.inserting_before(self.output):
             done = self._add(WAIT, (coll,), coll.meta["val"], "data_parallel")
             waited = [done]
-            new_outs = self._split(done, vals, sizes, waited)
+            new_outs = [] if self.shard else self._split(done, vals, sizes, waited)
         self._kernel(waited + new_outs, "data_parallel")
+        self.shards.append(done)
         for i, node in zip(members, new_outs):
             outs[i] = node
         self.output.args = (tuple(outs),)
         return Bucket(index, tuple(members), tuple(self.program.outputs[i].target for i in members), dtype,
-                      total, nbytes, last.name, coll.name)
+                      total + pad, nbytes, last.name, coll.name, tuple(tuple(v.shape) for v in vals))
+
+    def shard_outputs(self, buckets: list[Bucket]) -> tuple[OutputSpec, ...]:
+        """ZeRO-2: the gradient outputs replaced by one ``grad_shard`` output per bucket."""
+        outs = list(self.output.args[0])
+        keep = [i for i, spec in enumerate(self.program.outputs) if spec.kind != "grad"]
+        self.output.args = (tuple(outs[i] for i in keep) + tuple(self.shards),)
+        return (tuple(self.program.outputs[i] for i in keep)
+                + tuple(OutputSpec("grad_shard", f"bucket{b.index}") for b in buckets))
 
     def _split(self, done: fx.Node, vals: list, sizes: list[int], waited: list[fx.Node]) -> list[fx.Node]:
         if len(vals) == 1:

@@ -84,3 +84,87 @@ class ShardedOptimizer(Optimizer):
         """Keep this rank's part of a whole state (saved with any world size)."""
         super().load_state_dict(state)
         self.state = {n: st for n, st in self.state.items() if self.owner.get(n) == self.rank}
+
+
+class GradShardOptimizer:
+    """ZeRO-2: the program hands each rank its shard of every reduced gradient bucket
+    (``grad_shard`` outputs, see passes/data_parallel.py); the rank keeps the matching shard of
+    the flattened weights and of the optimizer state, updates it, and all-gathers the bucket's
+    weights back. The update is element by element the same as the whole optimizer's; the
+    gradient norm for clipping is summed across ranks."""
+
+    def __init__(self, cfg: OptimizerConfig, params: dict[str, torch.Tensor], buckets, rank: int,
+                 world_size: int, group: Optional[dist.ProcessGroup] = None):
+        self.cfg, self.params, self.buckets = cfg, params, list(buckets)
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.shards = {f"bucket{b.index}": self._flat(b)[self._range(b)].clone() for b in self.buckets}
+        self.inner = Optimizer(cfg, self.shards)
+
+    @property
+    def step_count(self) -> int:
+        return self.inner.step_count
+
+    def _range(self, bucket) -> slice:
+        size = bucket.numel // self.world_size
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def _flat(self, bucket) -> torch.Tensor:
+        flat = torch.cat([self.params[t].reshape(-1) for t in bucket.targets])
+        return torch.nn.functional.pad(flat, (0, bucket.numel - flat.numel()))
+
+    def clip(self, grads: dict[str, torch.Tensor]) -> float:
+        local = sum((g.double() ** 2).sum() for g in grads.values()) if grads else torch.zeros((), dtype=torch.float64)
+        total = torch.as_tensor(local, dtype=torch.float64).clone()
+        dist.all_reduce(total, group=self.group)
+        norm = torch.sqrt(total)
+        limit = self.cfg.max_gradient_norm
+        if limit is not None and norm > limit:
+            scale = limit / (norm + 1e-6)
+            for g in grads.values():
+                g.mul_(scale.to(g.dtype))
+        return float(norm)
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor]) -> float:
+        lr = self.inner.step(grads)
+        for b in self.buckets:
+            shard = self.shards[f"bucket{b.index}"]
+            whole = torch.empty(b.numel, dtype=shard.dtype, device=shard.device)
+            dist.all_gather_into_tensor(whole, shard, group=self.group)
+            offset = 0
+            for name in b.targets:
+                p = self.params[name]
+                p.copy_(whole[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        return lr
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.inner.state.values() for t in st.values())
+
+    def state_dict(self) -> dict:
+        """The whole state under the parameters' names, as the plain optimizer saves it."""
+        out: dict = {"step_count": torch.tensor(self.inner.step_count)}
+        for b in self.buckets:
+            for key, shard in sorted(self.inner.state.get(f"bucket{b.index}", {}).items()):
+                whole = torch.empty(b.numel, dtype=shard.dtype, device=shard.device)
+                dist.all_gather_into_tensor(whole, shard.contiguous(), group=self.group)
+                offset = 0
+                for name, shape in zip(b.targets, b.shapes):
+                    n = self.params[name].numel()
+                    out[f"{name}::{key}"] = whole[offset:offset + n].view(shape).cpu().clone()
+                    offset += n
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """This rank's shards of a whole state (saved with any world size or none)."""
+        self.inner.step_count = int(state["step_count"])
+        self.inner.state = {}
+        keys = {k.rpartition("::")[2] for k in state if k != "step_count"}
+        for b in self.buckets:
+            for key in sorted(keys):
+                parts = [state.get(f"{name}::{key}") for name in b.targets]
+                if any(p is None for p in parts):
+                    continue
+                flat = torch.cat([p.reshape(-1) for p in parts])
+                flat = torch.nn.functional.pad(flat, (0, b.numel - flat.numel()))
+                self.inner.state.setdefault(f"bucket{b.index}", {})[key] = flat[self._range(b)].clone()

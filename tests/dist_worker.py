@@ -83,6 +83,50 @@ def accumulate_check(out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
+def zero2_check(out: Path) -> None:
+    """Two steps of the tiny phase-2 program with reduce-scattered gradients and the ZeRO-2
+    optimizer, against one process: the plain program on both halves, averaged, AdamW."""
+    from mmgraph.runtime.optim import Optimizer
+    from mmgraph.runtime.zero import GradShardOptimizer
+
+    ranks = from_env("cpu")
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    share = 2
+    plain = compile_step(params, "train", micro_batch_size=share)[-1].program
+    dp = run_pass("data_parallel", make_data_parallel(ranks.world_size, bucket_bytes=20_000,
+                                                      shard_gradients=True), plain)
+    bind_group(dp.gm, ranks.group)
+    model, _ = build_model(params, seed=0)
+    mine = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = GradShardOptimizer(params.optimizer, mine, dp.collectives, ranks.rank, ranks.world_size)
+    ref_opt = Optimizer(params.optimizer, ref)
+    names = [s.target for s in plain.outputs if s.kind == "grad"]
+    for step in range(2):
+        batch = random_batch(params.layout("train"), share * ranks.world_size, seed=10 + step)
+
+        def inputs(program, weights, lo):
+            return [weights[s.name] if s.kind == InputKind.PARAM else batch[s.name][lo:lo + share]
+                    for s in program.inputs]
+
+        with torch.no_grad():
+            shards = dict(zip([s.target for s in dp.outputs[1:]], dp.gm(*inputs(dp, mine, ranks.rank * share))[1:]))
+            halves = [plain.gm(*inputs(plain, ref, r * share))[1:] for r in range(ranks.world_size)]
+        for g in shards.values():
+            g.div_(ranks.world_size)
+        opt.clip(shards)
+        opt.step(shards)
+        grads = {n: sum(h[i] for h in halves) / ranks.world_size for i, n in enumerate(names)}
+        ref_opt.clip(grads)
+        ref_opt.step(grads)
+    torch.save({"weights": mine, "ref": ref, "state": opt.state_dict(), "ref_state": ref_opt.state_dict(),
+                "state_bytes": opt.state_bytes(),
+                "ref_bytes": sum(t.numel() * t.element_size() for st in ref_opt.state.values() for t in st.values())},
+               out / f"zero2_{ranks.rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def zero_check(out: Path) -> None:
     """Three AdamW steps on random gradients: the ZeRO-1 optimizer on every rank against the
     plain one; weights, gathered state and the state each rank holds."""
@@ -113,4 +157,4 @@ def zero_check(out: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"program": program_check, "zero": zero_check, "accumulate": accumulate_check}[sys.argv[1]](Path(sys.argv[2]))
+    {"program": program_check, "zero": zero_check, "accumulate": accumulate_check, "zero2": zero2_check}[sys.argv[1]](Path(sys.argv[2]))

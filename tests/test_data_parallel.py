@@ -221,3 +221,32 @@ def test_two_ranks_two_micro_batches_communicate_once_and_equal_the_plain_sum(tm
         got = torch.load(tmp_path / f"acc{r}.pt")["grads"]
         for name, w in want.items():    # the same sums in another order: relative to the tensor's scale
             assert float((got[name] - w).abs().max() / w.abs().max().clamp(min=1e-12)) <= 1e-6, name
+
+
+def test_zero2_program_outputs_one_gradient_shard_per_bucket(tiny_train):
+    from mmgraph.passes.data_parallel import REDUCE_SCATTER
+
+    dp = run_pass("data_parallel", make_data_parallel(4, bucket_bytes=20_000, shard_gradients=True), tiny_train)
+    verify_structure(dp, "data_parallel")
+    assert [s.kind for s in dp.outputs] == ["loss"] + ["grad_shard"] * len(dp.collectives)
+    assert len(_collectives(dp, REDUCE_SCATTER)) == len(dp.collectives)
+    for b, node in zip(dp.collectives, list(dp.gm.graph.output_node().args[0])[1:]):
+        assert b.numel % 4 == 0 and node.meta["val"].numel() == b.numel // 4
+
+
+def test_zero2_two_ranks_train_like_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_worker.py"), "zero2", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for r in range(2):
+        res = torch.load(tmp_path / f"zero2_{r}.pt")
+        for name, want in res["ref"].items():
+            got = res["weights"][name]
+            assert float((got - want).abs().max() / want.abs().max().clamp(min=1e-12)) <= 1e-5, name
+        assert res["state"].keys() == res["ref_state"].keys()
+        for key, want in res["ref_state"].items():
+            assert float((res["state"][key].float() - want.float()).abs().max()
+                         / want.float().abs().max().clamp(min=1e-12)) <= 1e-5, key
+        assert res["state_bytes"] <= 0.55 * res["ref_bytes"]
