@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from mmgraph.config import OptimizerConfig
-from mmgraph.runtime.optim import Optimizer
+from mmgraph.runtime.optim import Optimizer, clip_to_norm, squared_norm
 
 
 def partition(sizes: dict[str, int], world_size: int) -> dict[str, int]:
@@ -113,16 +113,10 @@ class GradShardOptimizer:
         return torch.nn.functional.pad(flat, (0, bucket.numel - flat.numel()))
 
     def clip(self, grads: dict[str, torch.Tensor]) -> float:
-        local = sum((g.double() ** 2).sum() for g in grads.values()) if grads else torch.zeros((), dtype=torch.float64)
-        total = torch.as_tensor(local, dtype=torch.float64).clone()
+        """Clip by the global norm: each rank's shards' squares, summed across ranks."""
+        total = squared_norm(grads).clone()
         dist.all_reduce(total, group=self.group)
-        norm = torch.sqrt(total)
-        limit = self.cfg.max_gradient_norm
-        if limit is not None and norm > limit:
-            scale = limit / (norm + 1e-6)
-            for g in grads.values():
-                g.mul_(scale.to(g.dtype))
-        return float(norm)
+        return clip_to_norm(grads, torch.sqrt(total), self.cfg.max_gradient_norm)
 
     @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor]) -> float:

@@ -23,6 +23,15 @@ from mmgraph.runtime.distributed import Ranks, RankSampler, bind_group
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _torchrun(check: str, out: Path, ranks: int = 2) -> None:
+    """``tests/dist_worker.py CHECK OUT`` on ``ranks`` gloo ranks (one thread each, free port)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           str(ROOT / "tests" / "dist_worker.py"), check, str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def tiny_train():
     params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
@@ -132,11 +141,7 @@ def test_rank_samplers_split_every_global_batch(world):
 
 
 def test_two_gloo_ranks_reduce_to_the_sum_of_the_plain_program(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_worker.py"), "program", str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun("program", tmp_path)
     plain = torch.load(tmp_path / "plain.pt")["grads"]
     ranks = [torch.load(tmp_path / f"rank{r}.pt")["grads"] for r in range(2)]
     assert len(plain) == 25
@@ -157,11 +162,7 @@ def test_zero1_partition_is_balanced_and_covers_every_parameter():
 
 
 def test_zero1_two_ranks_update_like_one_optimizer_with_half_the_state(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_worker.py"), "zero", str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun("zero", tmp_path)
     results = [torch.load(tmp_path / f"zero{r}.pt") for r in range(2)]
     for res in results:
         for name, want in res["plain_weights"].items():
@@ -211,11 +212,7 @@ def test_accumulate_variant_takes_the_summed_gradients_as_inputs(tiny_train):
 
 
 def test_two_ranks_two_micro_batches_communicate_once_and_equal_the_plain_sum(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_worker.py"), "accumulate", str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun("accumulate", tmp_path)
     want = torch.load(tmp_path / "plain_acc.pt")["grads"]
     for r in range(2):
         got = torch.load(tmp_path / f"acc{r}.pt")["grads"]
@@ -235,11 +232,7 @@ def test_zero2_program_outputs_one_gradient_shard_per_bucket(tiny_train):
 
 
 def test_zero2_two_ranks_train_like_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_worker.py"), "zero2", str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun("zero2", tmp_path)
     for r in range(2):
         res = torch.load(tmp_path / f"zero2_{r}.pt")
         for name, want in res["ref"].items():
