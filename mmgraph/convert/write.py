@@ -188,7 +188,8 @@ def write_two_folder(ck: Checkpoint, out: Path, shard_bytes: int, text_name: str
     image_dir, text_dir = out / "image_model", out / text_name
     image_dir.mkdir()
     text_dir.mkdir()
-    vprefix = ck.source.get("vision_prefix", "")
+    # The source's key prefix when known, else the Model Zoo's (CLIPVisionModel's "vision_model.").
+    vprefix = ck.source.get("vision_prefix", "vision_model.")
     ShardWriter(image_dir, shard_bytes).write(
         _items([(vprefix + CLIP_VISION.to_hf(k[len(VIT):]), k) for k in vit], ck), {"format": "pt"})
     kind = _projector_type(ck)
