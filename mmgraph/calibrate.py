@@ -150,7 +150,8 @@ def fit_steps(rows: list[tuple[float, int, float]]) -> tuple[float, float]:
     inverse = (t_a - n_a * overhead) / r_a
     efficiency = 1.0 / inverse if inverse > 0 else math.inf
     if not OVERHEAD_RANGE[0] < overhead < OVERHEAD_RANGE[1]:
-        raise DegenerateFit(f"per-op overhead {overhead:.3g} s is outside {OVERHEAD_RANGE[0]:g}..{OVERHEAD_RANGE[1]:g} s")
+        raise DegenerateFit(f"per-op overhead {overhead:.3g} s is outside "
+                            f"{OVERHEAD_RANGE[0]:g}..{OVERHEAD_RANGE[1]:g} s")
     if not EFFICIENCY_RANGE[0] < efficiency < EFFICIENCY_RANGE[1]:
         raise DegenerateFit(f"op_efficiency {efficiency:.3g} is not strictly between {EFFICIENCY_RANGE[0]:g} and "
                             f"{EFFICIENCY_RANGE[1]:g}")
@@ -273,7 +274,8 @@ def check_figures(m: dict) -> None:
     """The fitted figures ``measure`` returns, checked once more before anything is written."""
     problems = []
     if not OVERHEAD_RANGE[0] < m.get("overhead", 0.0) < OVERHEAD_RANGE[1]:
-        problems.append(f"per-op overhead {m.get('overhead')!r} s is outside {OVERHEAD_RANGE[0]:g}..{OVERHEAD_RANGE[1]:g} s")
+        problems.append(f"per-op overhead {m.get('overhead')!r} s is outside "
+                        f"{OVERHEAD_RANGE[0]:g}..{OVERHEAD_RANGE[1]:g} s")
     if not EFFICIENCY_RANGE[0] < m.get("op_efficiency", 1.0) < EFFICIENCY_RANGE[1]:
         problems.append(f"op_efficiency {m.get('op_efficiency')!r} is not strictly between {EFFICIENCY_RANGE[0]:g} "
                         f"and {EFFICIENCY_RANGE[1]:g}")

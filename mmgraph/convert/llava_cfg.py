@@ -61,12 +61,12 @@ class LlavaSettings:
     freeze: list[str]
 
 
-def read_llava_config(cfg: dict, vision_hidden: int, where: str) -> LlavaSettings:
+def read_llava_config(cfg: dict, vision_hidden: Optional[int], where: str) -> LlavaSettings:
     """The Model Zoo's reading of a LLaVA config.json; every problem at once."""
     get = {**READ_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}.get
     problems = []
     mm_hidden = cfg.get("mm_hidden_size")
-    if mm_hidden is not None and mm_hidden != vision_hidden:
+    if mm_hidden is not None and vision_hidden is not None and mm_hidden != vision_hidden:
         problems.append(Problem(where, "mm_hidden_size", f"{mm_hidden} is not the vision tower's hidden_size "
                                 f"({vision_hidden}): the projector takes the vision features"))
     for key in ("mm_use_im_start_end", "mm_use_im_patch_token"):

@@ -209,8 +209,9 @@ def _complete_from_weights(model: dict, entries: dict[str, Entry], where: str) -
                          f"use_conv_patchified_embedding: not set; {vit['use_conv_patchified_embedding']} "
                          f"from the weights (patch embedding of shape {w.shape})")
     proj = (model.get("image_model_list") or {}).get("global_image_projection")
-    if isinstance(proj, dict) and "use_bias" not in proj and "image_model.projection.ffn.0.linear_layer.weight" in entries:
-        proj["use_bias"] = "image_model.projection.ffn.0.linear_layer.bias" in entries
+    first = "image_model.projection.ffn.0.linear_layer."
+    if isinstance(proj, dict) and "use_bias" not in proj and first + "weight" in entries:
+        proj["use_bias"] = first + "bias" in entries
         notes.append(f"{where}: model.image_model_list.global_image_projection.use_bias: not set; "
                      f"{proj['use_bias']} from the weights")
     return notes
