@@ -248,6 +248,9 @@ def test_errors_name_the_config_file_given(zoo, tmp_path, capsys):
     assert run("--src-fmt", "cs-2.3", "--tgt-fmt", "hf", "--config", tmp_path / "cs_config.yaml", "--output-dir",
                tmp_path / "h", tmp_path / "n" / "model.safetensors") == 2
     assert capsys.readouterr().err.startswith(f"mmgraph: error: {tmp_path / 'cs_config.yaml'}: model:")
+    assert run("--src-fmt", "hf", "--tgt-fmt", "cs-2.3", "--config", tmp_path / "cs_config.yaml", "--output-dir",
+               tmp_path / "h", root / "two") == 2
+    assert "cs_config.yaml: --config for an image_model/ + text_model/ source is the folder" in capsys.readouterr().err
     (tmp_path / "checkpoint_1.mdl").write_bytes(b"\x89HDF")
     assert run("--src-fmt", "cs-2.3", "--tgt-fmt", "hf", "--config", tmp_path / "n" / "params.yaml", "--output-dir",
                tmp_path / "h", tmp_path / "checkpoint_1.mdl") == 2

@@ -34,7 +34,10 @@ def read_hf(src: Path, config: Optional[Path] = None) -> Checkpoint:
     if config is not None and not config.exists():
         raise UserError(Problem(str(config), None, "does not exist (--config)"))
     if (src / "image_model").is_dir() and _text_folder(src) is not None:
-        return read_two_folder(src, config if config is not None and config.is_dir() else None)
+        if config is not None and not config.is_dir():
+            raise UserError(Problem(str(config), None, "--config for an image_model/ + text_model/ source is the "
+                                    "folder holding their configs (usually the source itself)"))
+        return read_two_folder(src, config)
     cfg_path = config if config is not None and config.is_file() else (config or src) / "config.json"
     if cfg_path.is_file() and _json(cfg_path).get("model_type") in ("llava", "llava_next"):
         return read_transformers(src, cfg_path)
