@@ -103,17 +103,17 @@ def read_transformers(src: Path, cfg_path: Optional[Path] = None) -> Checkpoint:
     cfg = _json(cfg_path)
     vision_cfg, text_cfg = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
     if vision_cfg.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
-        raise UserError(Problem(str(src / "config.json"), "vision_config.model_type",
+        raise UserError(Problem(str(cfg_path), "vision_config.model_type",
                                 f"{vision_cfg.get('model_type')!r}: only CLIP vision towers convert"))
     if text_cfg.get("model_type", "llama") != "llama":
-        raise UserError(Problem(str(src / "config.json"), "text_config.model_type",
+        raise UserError(Problem(str(cfg_path), "text_config.model_type",
                                 f"{text_cfg.get('model_type')!r}: only LLaMA language models convert"))
     act = cfg.get("projector_hidden_act", "gelu")
     if act != "gelu":
-        raise UserError(Problem(str(src / "config.json"), "projector_hidden_act", f"{act!r}: only gelu converts"))
+        raise UserError(Problem(str(cfg_path), "projector_hidden_act", f"{act!r}: only gelu converts"))
     layer = cfg.get("vision_feature_layer", -2)
     if isinstance(layer, list):
-        raise UserError(Problem(str(src / "config.json"), "vision_feature_layer",
+        raise UserError(Problem(str(cfg_path), "vision_feature_layer",
                                 "several feature layers have no mmgraph equivalent"))
     select = "patch" if cfg.get("vision_feature_select_strategy", "default") == "default" else "cls_patch"
     if "tie_word_embeddings" in cfg:
