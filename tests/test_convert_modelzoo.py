@@ -4,6 +4,7 @@ configs, LLaVA-NeXT configs, explicit params keys, and outputs never written thr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -277,3 +278,46 @@ def test_output_through_a_symlink_is_refused(zoo, tmp_path, capsys, how):
     assert ("is a symlink" in err) if how != "link_inside" else ("exists and is not empty" in err)
     assert not target.exists() or not any(target.iterdir())
     assert not list(tmp_path.glob(".out.*"))
+
+
+@contextlib.contextmanager
+def model_zoo_defaults():
+    """mmgraph's config classes with the Model Zoo's defaults for the keys another change moves
+    to them (Linear patch embedding, FFN without bias, mixed precision, loss_weight 0.0)."""
+    from mmgraph.config import model as m
+
+    flips = [(m.ViTModelConfig, "use_conv_patchified_embedding", False),
+             (m.FeedForwardNetworkConfig, "use_bias", False),
+             (m.ModelConfig, "mixed_precision", True), (m.ModelConfig, "loss_weight", 0.0)]
+    chain = (m.ViTModelConfig, m.FeedForwardNetworkConfig, m.ImageModelEntry, m.ImageModelListConfig, m.ModelConfig)
+    saved = [(cls.model_fields[key], cls.model_fields[key].default) for cls, key, _ in flips]
+    try:
+        for cls, key, value in flips:
+            cls.model_fields[key].default = value
+        for cls in chain:
+            cls.model_rebuild(force=True)
+        yield
+    finally:
+        for field, default in saved:
+            field.default = default
+        for cls in chain:
+            cls.model_rebuild(force=True)
+
+
+def test_converted_params_mean_the_same_model_under_either_defaults(zoo, tmp_path):
+    from mmgraph.config import ModelConfig
+
+    root, _ = zoo
+    assert run("--src-fmt", "hf", "--tgt-fmt", "native", "--output-dir", tmp_path / "n", root / "two") == 0
+    model = yaml.safe_load((tmp_path / "n" / "params.yaml").read_text())["model"]
+    ours = ModelConfig.model_validate(model).model_dump()
+    with model_zoo_defaults():
+        theirs = ModelConfig.model_validate(model).model_dump()
+        # ... and the flip is real: without the explicit keys the model would differ.
+        bare = copy.deepcopy(model)
+        del bare["image_model_list"]["global_image_projection"]["use_bias"], bare["mixed_precision"]
+        assert ModelConfig.model_validate(bare).model_dump() != ours
+        # Reading those params back for conversion still works (and round-trips bit for bit).
+        assert run("--src-fmt", "native", "--tgt-fmt", "hf", "--output-dir", tmp_path / "h", tmp_path / "n") == 0
+    assert ours == theirs
+    same_tensors(tensors(root / "two"), tensors(tmp_path / "h"))
