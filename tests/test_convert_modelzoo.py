@@ -86,6 +86,7 @@ def test_seed_commands_as_printed(zoo, tmp_path, capsys):
     assert cfg["mm_projector_type"] == "mlp2x_gelu" and cfg["mm_hidden_size"] == 32
     assert cfg["mm_use_im_start_end"] is False and cfg["mm_use_im_patch_token"] is False
     assert cfg["tune_mm_mlp_adapter"] is False and "image_grid_pinpoints" not in cfg
+    assert cfg["mm_vision_tower"] == str((hf / "image_model").resolve())   # the seed: "automatically added"
     from transformers import CLIPImageProcessor, CLIPVisionModel
     processor = json.loads((hf / "image_model" / "preprocessor_config.json").read_text())
     assert processor["crop_size"] == {"height": 32, "width": 32} and processor["size"] == 32

@@ -12,7 +12,7 @@ Formats (``mmgraph convert list``):
   older key layout). Written as a ``LlavaForConditionalGeneration`` folder, or in the two-folder
   layout with ``--hf-layout two_folder`` (or when the source was).
 - ``llava``: the LLaVA repository layout: ``image_model/`` and ``text_model_llava/`` (the loader
-  requires "llava" in the folder name; ``mm_vision_tower`` points at ``image_model``).
+  requires "llava" in the folder name; ``mm_vision_tower`` is the written ``image_model``'s path).
 - ``cs-X.Y`` (``cs-2.3``, ...): the Model Zoo's name for its own format, here mmgraph's native
   format, so the Model Zoo's commands work as written; converted to ``hf`` without a remembered
   source layout, it writes the Model Zoo's ``image_model/`` + ``text_model/``.
@@ -155,9 +155,9 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
         if tgt_kind == "native":
             write_native(ck, tmp, shard_bytes)
         elif tgt_kind == "llava":
-            write_two_folder(ck, tmp, shard_bytes, "text_model_llava")
+            write_two_folder(ck, tmp, shard_bytes, "text_model_llava", out)
         elif layout == "two_folder":
-            write_two_folder(ck, tmp, shard_bytes, ck.source.get("text_folder", "text_model"))
+            write_two_folder(ck, tmp, shard_bytes, ck.source.get("text_folder", "text_model"), out)
         else:
             write_transformers(ck, tmp, shard_bytes, image_token_id)
         _check_output(out, output_dir)                  # nothing appeared there meanwhile

@@ -183,7 +183,9 @@ def _image_token_from_tokenizer(folder: Optional[Path]) -> Optional[int]:
     return vocab.get("model", {}).get("vocab", {}).get("<image>") if isinstance(vocab.get("model", {}).get("vocab"), dict) else None
 
 
-def write_two_folder(ck: Checkpoint, out: Path, shard_bytes: int, text_name: str) -> None:
+def write_two_folder(ck: Checkpoint, out: Path, shard_bytes: int, text_name: str, final: Path) -> None:
+    """``image_model/`` + ``text_name/`` in ``out`` (a temporary folder renamed to ``final`` later:
+    the LLaVA config's ``mm_vision_tower`` names ``final/image_model``, as the Model Zoo writes it)."""
     vit, proj, text = _split_keys(ck)
     image_dir, text_dir = out / "image_model", out / text_name
     image_dir.mkdir()
@@ -208,21 +210,20 @@ def write_two_folder(ck: Checkpoint, out: Path, shard_bytes: int, text_name: str
     text_cfg = _text_config(ck)
     (text_dir / "config_lmsys.json").write_text(json.dumps({**text_cfg, "architectures": ["LlamaForCausalLM"]},
                                                            indent=2) + "\n")
-    (text_dir / "config.json").write_text(json.dumps(_llava_config(ck, text_cfg, text_name, kind), indent=2) + "\n")
+    tower = str(final.resolve() / "image_model")
+    (text_dir / "config.json").write_text(json.dumps(_llava_config(ck, text_cfg, tower, kind), indent=2) + "\n")
     if ck.tokenizer is not None:
         _copy_tokenizer(ck.tokenizer, text_dir)
 
 
-def _llava_config(ck: Checkpoint, text_cfg: dict, text_name: str, kind: str) -> dict:
+def _llava_config(ck: Checkpoint, text_cfg: dict, tower: str, kind: str) -> dict:
     """The LLaVA config.json: the source's (when known) with the model's values over it and the
-    Model Zoo's defaults where neither says (``model_type: llava``, ``image_aspect_ratio: pad``)."""
+    Model Zoo's defaults where neither says (``model_type: llava``, ``image_aspect_ratio: pad``);
+    ``mm_vision_tower`` is always the written ``image_model`` (the tower may have trained)."""
     source = dict(ck.source.get("llava_config") or {})
     base = {**source, **{k: v for k, v in text_cfg.items() if k not in ("model_type", "architectures")}}
     select = ck.cfg.image_model_list.image_feature_select_mode
-    default_tower = str(Path("..") / "image_model")
     base.update(mm_hidden_size=ck.cfg.image_model_list.image_models[0].encoder.hidden_size,
                 mm_projector_type=kind, mm_vision_select_layer=_hf_layer(ck),
-                mm_vision_select_feature="patch" if select == "patch" else "cls_patch",
-                mm_vision_tower=default_tower if text_name != "text_model" else
-                source.get("mm_vision_tower", default_tower))
+                mm_vision_select_feature="patch" if select == "patch" else "cls_patch", mm_vision_tower=tower)
     return llava_config_for_hf(base, ck.cfg.freeze)
