@@ -79,10 +79,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from mmgraph.convert.convert import convert, describe_formats
+    from mmgraph.convert.convert import convert, describe
 
     if args.src == "list" or args.src is None:
-        print("formats (--src-fmt / --tgt-fmt), model mm_simple:\n" + describe_formats())
+        print(describe())
         return 0
     missing = [f for f, v in (("--src-fmt", args.src_fmt), ("--tgt-fmt", args.tgt_fmt),
                               ("--output-dir", args.output_dir)) if v is None]
@@ -211,11 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "by tensor and bit for bit. `mmgraph convert list` lists the formats. The output "
                     "folder is written beside its final name and renamed at the end.")
     conv.add_argument("src", nargs="?", metavar="SRC", help="checkpoint folder or file, or `list`")
-    conv.add_argument("--model", default="mm_simple")
-    conv.add_argument("--src-fmt", dest="src_fmt", metavar="FMT")
-    conv.add_argument("--tgt-fmt", dest="tgt_fmt", metavar="FMT")
+    conv.add_argument("--model", default="mm_simple", help="mm_simple (default) or mmsimple-llava: the same")
+    conv.add_argument("--src-fmt", dest="src_fmt", metavar="FMT", help="native, hf, llava or cs-X.Y (= native)")
+    conv.add_argument("--tgt-fmt", dest="tgt_fmt", metavar="FMT", help="native, hf, llava or cs-X.Y (= native)")
     conv.add_argument("--output-dir", dest="output_dir", metavar="OUT")
-    conv.add_argument("--config", metavar="CFG", help="params YAML of a native source without params.yaml")
+    conv.add_argument("--config", metavar="CFG", help="native source: its params YAML (default: params.yaml "
+                                                      "beside it); hf source: the folder holding its configs")
     conv.add_argument("--hf-layout", dest="hf_layout", choices=("llava", "two_folder"),
                       help="hf output: a LlavaForConditionalGeneration folder (default, unless the source "
                            "was two-folder) or image_model/ + text_model/")
