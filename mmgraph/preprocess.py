@@ -59,7 +59,7 @@ class Style:
     chat_template: Optional[str] = None  # Jinja text overriding the tokenizer's
     image_token: str = IMAGE             # the token standing for an image in formatted text
     mark: str = IMAGE                    # the mark in the LLaVA JSON
-    sep_token: str = ""                  # prompt_completion: between prompt and completion
+    sep_token: Optional[str] = None      # prompt_completion: after the prompt (None: tokenizer's, else <|sep|>)
     end_of_turn: Optional[str] = None    # chat: the token closing a supervised reply (default eos)
     pad_placeholders: bool = False       # image positions hold pad_id (the Model Zoo) or the image token
     one_image_per_turn: bool = False     # the Model Zoo's hooks refuse two marks in one turn
@@ -206,7 +206,8 @@ class Encoder:
                 text, spans = cf.chat_text(self.tok, turns, st.image_token, st.chat_template, st.end_of_turn)
                 add_special = False
             else:
-                text, spans = cf.prompt_completion_text(turns, st.image_token, st.sep_token, self.tok.eos_token,
+                sep = st.sep_token if st.sep_token is not None else (self.tok.sep_token or "<|sep|>")
+                text, spans = cf.prompt_completion_text(turns, st.image_token, sep, self.tok.eos_token,
                                                         keep_prompt_text=self.phase != 1)
                 add_special = True
         except Exception as err:    # a template is user code in Jinja: any failure is the template's
