@@ -86,14 +86,18 @@ def read_config(path: str) -> Job:
                                 "read; use --phase 1 (plain) or --phase 2 (vicuna_v1) with --params"))
     setup, proc, data = (_section(raw, k, path) for k in ("setup", "processing", "dataset"))
     notes = _unused(raw, path)
+    unknown = [Problem(path, None, n) for n in notes if ": unknown" in n or "not a section" in n]
     hook = str(proc.get("read_hook", "")).rsplit(":", 1)[-1]
-    if hook not in HOOKS:
-        raise UserError(Problem(path, "processing.read_hook", f"{proc.get('read_hook')!r}: mmgraph reads the LLaVA "
-                                f"hooks ({', '.join(HOOKS)})"))
     kw = dict(proc.get("read_hook_kwargs") or {})
     kw.update(kw.pop("data_keys", None) or {})               # 2.3 nests the data keys
+    problems = []
+    if hook not in HOOKS:
+        problems.append(Problem(path, "processing.read_hook", f"{proc.get('read_hook')!r}: mmgraph reads the LLaVA "
+                                f"hooks ({', '.join(HOOKS)})"))
     if kw.get("phase") not in (1, 2):
-        raise UserError(Problem(path, "processing.read_hook_kwargs.phase", "must be 1 or 2"))
+        problems.append(Problem(path, "processing.read_hook_kwargs.phase", "must be 1 or 2"))
+    if problems:
+        raise UserError(problems + unknown)
     tokenizer = proc.get("huggingface_tokenizer") or (proc.get("tokenizer_params") or {}).get(
         "pretrained_model_name_or_path")
     if proc.get("custom_tokenizer"):
@@ -109,8 +113,9 @@ def read_config(path: str) -> Job:
                   pad_placeholders=True, one_image_per_turn=True,
                   conversations_key=kw.get("multi_turn_key", "conversations"), image_key=kw.get("image_key", "image"),
                   content_key=kw.get("multi_turn_content_key", "value"), role_key=kw.get("multi_turn_role_key", "from"))
-    layout = Layout(int(proc.get("max_seq_length", 2048)), int(data.get("num_patches", 1)),
-                    int(data.get("max_num_img", 1)))
+    layout = Layout(_count(path, "processing.max_seq_length", proc.get("max_seq_length", 2048)),
+                    _count(path, "dataset.num_patches", data.get("num_patches", 1)),
+                    _count(path, "dataset.max_num_img", data.get("max_num_img", 1)))
     seed = int(proc.get("shuffle_seed", 0)) if proc.get("shuffle") else None
     source = (setup.get("data") or {}).get("source") if isinstance(setup.get("data"), dict) else None
     if isinstance(setup.get("data"), dict) and setup["data"].get("type", "local") != "local":
@@ -118,6 +123,12 @@ def read_config(path: str) -> Job:
         source = None
     return Job(raw, [] if source is None else [source], setup.get("output_dir"),
                setup.get("image_dir") or data.get("image_dir"), tokenizer, kw["phase"], layout, style, seed, notes)
+
+
+def _count(path: str, where: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(Problem(path, where, f"must be a positive integer, not {value!r}"))
+    return value
 
 
 def _unused(raw: dict, path: str) -> list[str]:
