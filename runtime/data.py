@@ -97,6 +97,26 @@ def shard_files(dirs) -> list[Path]:
     return files
 
 
+class NamedErrorsLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' data errors arrive as the worker raised them (``FILE: sample N:
+    what``), not wrapped in the worker's traceback text."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UserError as err:
+                text = str(err)
+                if "Traceback" not in text:
+                    raise
+                lines = [line.split("UserError: ", 1)[1] for line in text.splitlines() if "UserError: " in line]
+                raise UserError(Problem(None, None, lines[-1] if lines else text.splitlines()[0])) from None
+            yield batch
+
+
 class ResumableSampler(torch.utils.data.Sampler):
     """Shuffled (or sequential) indices per epoch, seeded; ``state_dict`` is the position."""
 
@@ -149,7 +169,7 @@ def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] 
     mbs = batch_size or (data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size)
     sampler = ResumableSampler(len(ds), mbs, data.shuffle, data.shuffle_seed, data.drop_last)
     workers = data.num_workers if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(ds, batch_size=mbs, sampler=sampler, num_workers=workers,
+    loader = NamedErrorsLoader(ds, batch_size=mbs, sampler=sampler, num_workers=workers,
                                          drop_last=data.drop_last, persistent_workers=False)
     return loader, sampler
 

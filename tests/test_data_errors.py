@@ -196,3 +196,14 @@ def test_check_reports_every_data_problem_at_once(world, tmp_path, capsys):
     assert f"mmgraph: error: {out / 'data_params.json'}: dataset.num_patches: 9, but the params give 16" in err
     assert any("data-00000.h5: img_data_loc: dataset missing" in line for line in err)
     assert sum("data-00001.h5: sample" in line and "not found" in line for line in err) == 6
+
+
+def test_worker_errors_arrive_without_the_worker_traceback(world, tmp_path):
+    out = shards(world, tmp_path / "out")
+    _damage_row(out / "data-00000.h5", 2)
+    loader, _ = make_loader(load_params(params_for(tmp_path, out, world / "images")), num_workers=1)
+    with pytest.raises(UserError) as info:
+        for _ in loader:
+            pass
+    assert str(info.value).startswith(f"{out / 'data-00000.h5'}: sample 2: cannot be read (OSError")
+    assert "Traceback" not in str(info.value)
