@@ -207,3 +207,14 @@ def test_worker_errors_arrive_without_the_worker_traceback(world, tmp_path):
             pass
     assert str(info.value).startswith(f"{out / 'data-00000.h5'}: sample 2: cannot be read (OSError")
     assert "Traceback" not in str(info.value)
+
+
+def test_an_output_folder_with_other_files_is_refused(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps(samples(world)[:2]))
+    assert main(args(world, data, out)) == 2
+    assert f"mmgraph: error: {out}: holds files preprocess did not write (notes.txt, ...)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
