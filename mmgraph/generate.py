@@ -263,9 +263,8 @@ def _has_eval(path: str) -> bool:
 
 def _batch(gen: Generator, question_file: str, image_folder: Optional[str], answers_file: Optional[str],
            max_new_tokens: int, temperature: float, top_p: float, seed: int, weights: Optional[str]) -> int:
-    path = Path(question_file)
     questions = _read_questions(question_file)
-    folder = image_folder or str(path.parent)       # images never leave their folder
+    folder = image_folder or "."                    # images never leave their folder
     if answers_file is None:
         raise UserError(Problem(None, "--answers_file", "required with --question_file"))
     out_path = Path(answers_file)

@@ -27,7 +27,8 @@ class OutputFolder:
         if self.out.exists() and not self.out.is_dir():
             raise UserError(Problem(output_dir, None, "exists and is not a folder"))
         if self.out.is_dir():
-            foreign = [p.name for p in self.out.iterdir() if p.suffix != ".h5" and p.name not in OURS]
+            foreign = [p.name for p in self.out.iterdir()
+                       if p.suffix != ".h5" and p.name not in OURS and p.name != ".preprocess.tmp"]
             if foreign:
                 raise UserError(Problem(output_dir, None, f"holds files preprocess did not write ({foreign[0]}, ...): "
                                         "choose an empty or new --output_dir"))

@@ -235,14 +235,22 @@ def _check_rows(path: Path, n: int, want: Expect, img_dir: Optional[str], limit:
 
 def describe_data(params: Params, mode: str = "train") -> Optional[str]:
     """``mmgraph check``'s data line: None when the params' data_dir does not exist (yet);
-    otherwise the sample count, or a ``UserError`` listing every problem of the data."""
-    data = params.input_for(mode)
-    if data is None or not data.data_dir:
-        return None
-    dirs = [data.data_dir] if isinstance(data.data_dir, (str, Path)) else list(data.data_dir)
-    if not all(Path(d).is_dir() for d in dirs):
-        return None
-    count, problems = check_data(params, mode)
+    otherwise the sample count, or a ``UserError`` listing every problem of the data.
+    ``train_and_eval`` checks both sections."""
+    lines, problems, seen = [], [], set()
+    for m in (("train", "eval") if mode == "train_and_eval" else (mode,)):
+        data = params.input_for(m)
+        if data is None or not data.data_dir:
+            continue
+        dirs = [data.data_dir] if isinstance(data.data_dir, (str, Path)) else list(data.data_dir)
+        key = (tuple(map(str, dirs)), data.img_data_dir)
+        if key in seen or not all(Path(d).is_dir() for d in dirs):
+            continue
+        seen.add(key)
+        count, found = check_data(params, m)
+        problems += found
+        lines.append(f"data ({m}): {count:,} samples in {', '.join(map(str, dirs))} (shards, layout and images "
+                     "checked)")
     if problems:
         raise UserError(problems)
-    return f"data: {count:,} samples in {', '.join(map(str, dirs))} (shards, layout and images checked)"
+    return "\n".join(lines) or None

@@ -79,7 +79,7 @@ def test_modelzoo_shards_load_check_and_train(world, tmp_path, capsys):
     batches = list(loader)
     assert sum(b["labels"].shape[0] for b in batches) == 8            # drop_last: 2 of 4
     assert main(["check", "--params", str(params)]) == 0
-    assert f"data: {n} samples in {folder}" in capsys.readouterr().out
+    assert f"data (train): {n} samples in {folder}" in capsys.readouterr().out
     md = tmp_path / "md"
     assert main(["run", "CPU", "--mode", "train", "--params", str(params), "--model_dir", str(md),
                  "--max_steps", "2"]) == 0
@@ -227,3 +227,39 @@ def test_config_errors_are_named(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "processing.max_seq_lenght: unknown, not used (did you mean 'max_seq_length'?)" in err
     assert f"mmgraph: error: {bad}: processing.read_hook: 'my.module:my_hook': mmgraph reads the LLaVA hooks" in err
+
+
+def test_chatml_fallback_and_workers_give_the_same_shards(world, tmp_path):
+    """Without a chat template the tokenizer falls back to ChatML (the Model Zoo's default): the
+    replies are supervised (no eos follows them there); two workers write the same shards as one."""
+    style = Style(template="chat")
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        preprocess(str(world / "phase2_train.json"), str(world / "images"), str(world / "tokenizer"), str(out), 2,
+                   tiny_layout(), samples_per_file=7, num_workers=workers, progress=False, style=style)
+        with h5py.File(out / "data-00000.h5") as f:
+            outs.append((f["data"][:], f["img_path"][:], f["img_data_loc"][:]))
+    for a, b in zip(*outs):
+        assert np.array_equal(a, b)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(world / "tokenizer"))
+    sample = json.loads((world / "phase2_train.json").read_text())[0]
+    rows = outs[0][0][0]
+    replies = [i for t in sample["conversations"][1::2] for i in tok(t["value"], add_special_tokens=False).input_ids]
+    assert rows[2][rows[1] == 1].tolist() == replies
+
+
+def test_check_train_and_eval_checks_both_data_sections(world, tmp_path, capsys):
+    train, evl = tmp_path / "train", tmp_path / "eval"
+    for split, out in (("train", train), ("eval", evl)):
+        preprocess(str(world / f"phase2_{split}.json"), str(world / "images"), str(world / "tokenizer"), str(out),
+                   2, tiny_layout(), progress=False)
+    raw = yaml.safe_load(TINY2.read_text())
+    raw["train_input"].update(data_dir=str(train), img_data_dir=str(world / "images"))
+    raw["eval_input"].update(data_dir=str(evl), img_data_dir=str(world / "images"))
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    assert main(["check", "--params", str(params), "--mode", "train_and_eval"]) == 0
+    out = capsys.readouterr().out
+    assert f"data (train): 24 samples in {train}" in out and f"data (eval): 4 samples in {evl}" in out
