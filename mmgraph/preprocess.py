@@ -1,18 +1,22 @@
-"""``mmgraph preprocess``: LLaVA-format conversations to H5 shards (Model Zoo 2.3 layout).
+"""``mmgraph preprocess``: LLaVA-format conversations to H5 shards (the Model Zoo's layout).
 
 Per sample, one row of ``max_seq_length`` tokens; every ``<image>`` mark becomes
-``num_patches`` placeholder tokens where it stands. Templates:
+``num_patches`` placeholder tokens. Placement: ``turn_start`` (the Model Zoo's, default) moves a
+turn's images before its text; ``inline`` keeps them where they stand. Templates:
 
-- phase 1, ``plain``: ``<s> [image tokens] caption </s>``; the human prompt is dropped, the
+- ``plain`` (phase 1): ``<s> [image tokens] caption </s>``; the human prompt is dropped, the
   caption and ``</s>`` are supervised;
-- phase 2, ``vicuna_v1``: ``<s> SYSTEM USER: question ASSISTANT: answer </s> USER: ...``; only the
-  assistant replies and their ``</s>`` are supervised.
+- ``vicuna_v1`` (phase 2): ``<s> SYSTEM USER: question ASSISTANT: answer </s> USER: ...``; only
+  the assistant replies and their ``</s>`` are supervised;
+- ``chat`` / ``prompt_completion``: the tokenizer's chat template, or the Model Zoo's phase-1
+  prompt + sep_token + completion (``mmgraph.chat_format``).
 
-H5 datasets per shard: ``data`` (N x 5 x S int32: input_ids, loss_mask, labels,
+Shards (``mmgraph.shard_writer``): ``data`` (N x 5 x S int32: input_ids, loss_mask, labels,
 key_padding_mask, token_modality_idx), ``img_path`` (N x max_num_img utf-8, relative to the
-image folder, empty for padding), ``has_img`` (N x 1 bool), ``img_data_loc`` (N x max_num_img x
-num_patches int32, padding = S); attribute ``n_examples``. Labels are input ids shifted by one;
-``loss_mask[t]`` says whether ``labels[t]`` is supervised.
+image folder, ``"None"`` for an empty slot), ``has_img`` (N x 1 bool), ``img_data_loc``
+(N x max_num_img x num_patches int32, padding = S); attribute ``n_examples``; ``stats.json`` and
+``data_params.json`` beside them. Labels are input ids shifted by one; ``loss_mask[t]`` says
+whether ``labels[t]`` is supervised.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class SampleError(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+
+    def __reduce__(self):                     # crosses from a worker process intact
+        return SampleError, (self.reason, str(self))
 
 
 @dataclass(frozen=True)

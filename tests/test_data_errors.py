@@ -218,3 +218,14 @@ def test_an_output_folder_with_other_files_is_refused(world, tmp_path, capsys):
     assert main(args(world, data, out)) == 2
     assert f"mmgraph: error: {out}: holds files preprocess did not write (notes.txt, ...)" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_bad_samples_cross_from_workers(world, tmp_path, capsys):
+    data = tmp_path / "in.json"
+    rows = samples(world)[:6]
+    rows[4] = dict(rows[4], conversations=rows[4]["conversations"][::-1])
+    data.write_text(json.dumps(rows))
+    assert main(args(world, data, tmp_path / "out", "--num_workers", "2")) == 2
+    assert f"{data}: sample 4 (id {rows[4]['id']}): conversations[0] is from 'gpt'" in capsys.readouterr().err
+    assert main(args(world, data, tmp_path / "out", "--num_workers", "2", "--on_error", "skip")) == 0
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["samples_skipped"] == {"not_alternating": 1}
