@@ -17,7 +17,9 @@ token_modality_idx), ``img_path`` N x max_num_img strings (relative to the image
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,21 +47,30 @@ def confined(folder: Optional[str | Path], name: str) -> Path:
         raise UnsafePath(f"image path {name!r} is not a non-empty string")
     if Path(name).is_absolute() or "\x00" in name:
         raise UnsafePath(f"image path {name!r} is absolute; paths are relative to the image folder")
-    base = Path(folder if folder is not None else ".").resolve()
+    base = _resolved(os.path.abspath(folder if folder is not None else "."))
     path = (base / name).resolve()
     if path != base and base not in path.parents:
         raise UnsafePath(f"image path {name!r} leaves the image folder {base}")
     return path
 
 
-def open_image(path: Path):
-    """The image at ``path`` as RGB, fully decoded; a decompression bomb is an error."""
+@functools.lru_cache(maxsize=64)
+def _resolved(folder: str) -> Path:
+    return Path(folder).resolve()
+
+
+def open_image(path: Path, decode: bool = True):
+    """The image at ``path`` as RGB, fully decoded; a decompression bomb is an error (PIL checks
+    the size when it opens the file). ``decode=False`` only verifies the file (preprocess)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if not decode:
+                    img.verify()
+                    return None
                 img.load()
                 return img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
