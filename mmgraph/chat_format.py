@@ -68,6 +68,13 @@ def chat_text(tok, turns: list[Turn], image_token: str, template: Optional[str],
     return formatted, _with_end_of_turn(formatted, spans, eot, image_token)
 
 
+def chat_prompt(tok, turn: Turn, image_token: str, template: Optional[str]) -> str:
+    """One user turn formatted for generation (the template's assistant header appended)."""
+    chosen = template or getattr(tok, "chat_template", None) or CHATML
+    return tok.apply_chat_template([{"role": "user", "content": _content(turn, image_token)}], tokenize=False,
+                                   add_generation_prompt=True, chat_template=chosen)
+
+
 def _with_end_of_turn(text: str, spans, eot: Optional[str], image_token: str) -> list[tuple[int, int]]:
     """Extend each span over the end-of-turn token that follows it before the next span."""
     if not eot:

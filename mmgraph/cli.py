@@ -85,7 +85,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     return run_generate(args.params, args.checkpoint_path, args.image or [], args.prompt, args.max_new_tokens,
                         args.temperature, args.top_p, args.tokenizer, args.template, args.question_file,
-                        args.image_folder, args.answers_file, args.seed)
+                        args.image_folder, args.answers_file, args.seed, args.chat_template)
 
 
 def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
@@ -184,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tokenizer", metavar="DIR", help="default: the tokenizer beside the checkpoint or the data")
-    gen.add_argument("--template", choices=("vicuna_v1", "plain"), default="vicuna_v1",
-                     help="the conversation template training used (phase 2: vicuna_v1, phase 1: plain)")
+    gen.add_argument("--template", choices=("vicuna_v1", "plain", "chat"), default="vicuna_v1",
+                     help="the conversation template training used (phase 2: vicuna_v1, phase 1: plain; chat: "
+                          "the tokenizer's chat template)")
+    gen.add_argument("--chat_template", metavar="FILE", help="a Jinja chat template (implies --template chat)")
     gen.add_argument("--question_file", metavar="FILE", help="LLaVA question JSONL (question_id, image, text)")
     gen.add_argument("--image_folder", metavar="DIR", help="batch mode: images are relative to it")
     gen.add_argument("--answers_file", metavar="FILE", help="batch mode: answers JSONL to write")

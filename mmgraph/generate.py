@@ -24,12 +24,12 @@ import torch
 
 from mmgraph.config import Params, load_params
 from mmgraph.errors import Problem, UserError
-from mmgraph.preprocess import IMAGE, Encoder, Layout
+from mmgraph.preprocess import IMAGE, Encoder, Layout, Style
 
 
 class Generator:
     def __init__(self, params: Params, weights: Optional[str], tokenizer: str, template: str = "vicuna_v1",
-                 device: str = "cpu", seed: int = 0):
+                 device: str = "cpu", seed: int = 0, chat_template: Optional[str] = None):
         from mmgraph.models import build_model
         from mmgraph.runtime.checkpoint import load_weights
         from mmgraph.runtime.transforms import build_transforms
@@ -37,9 +37,9 @@ class Generator:
         self.params = params
         layout = params.layout("eval" if params.eval_input else "train")
         self.layout = layout
-        self.encoder = Encoder(tokenizer, 2 if template == "vicuna_v1" else 1,
+        self.encoder = Encoder(tokenizer, 1 if template == "plain" else 2,
                                Layout(layout.max_sequence_length, layout.num_patches, layout.max_num_img),
-                               None, check_images=False)
+                               None, check_images=False, style=Style(template=template, chat_template=chat_template))
         self.model, _ = build_model(params, device=device, seed=seed)
         if weights:
             self._load(weights, load_weights(weights))
@@ -71,9 +71,25 @@ class Generator:
         if marks > self.layout.max_num_img:
             raise UserError(Problem(None, "--image", f"{marks} images > max_num_img {self.layout.max_num_img} "
                                     "of the params"))
-        ids, _, locs = self.encoder._tokens([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}])
-        ids = ids[:-1]                                   # the reply's end-of-turn token: generated, not given
+        ids, locs = self._prompt_tokens(prompt)
         return ids, locs, self.load_images(images)
+
+    def _prompt_tokens(self, prompt: str) -> tuple[list[int], list[list[int]]]:
+        """The prompt as training saw it, up to where the reply starts."""
+        enc = self.encoder
+        if enc.template in ("plain", "vicuna_v1"):
+            ids, _, locs = enc._tokens([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}])
+            return ids[:-1], locs                        # the reply's end-of-turn token: generated, not given
+        from mmgraph import chat_format as cf
+
+        turn = cf.Turn("user", prompt.replace(IMAGE, "").strip(), prompt.count(IMAGE))
+        try:
+            text = cf.chat_prompt(enc.tok, turn, enc.style.image_token, enc.style.chat_template)
+        except Exception as err:   # a template is user code in Jinja: any failure is the template's
+            raise UserError(Problem(None, "--chat_template", f"the chat template failed: {err}")) from None
+        ids, _, locs = cf.tokens_from_text(enc.tok, text, [], False, enc.image_token_id, enc.placeholder,
+                                           self.layout.num_patches)
+        return ids, locs
 
     def load_images(self, images: list[str]) -> torch.Tensor:
         from mmgraph.runtime.shards import BadImage, open_image
@@ -225,11 +241,17 @@ def _latest_weights(model_dir_or_ckpt: Optional[str]) -> Optional[str]:
 def run_generate(params_path: str, checkpoint_path: Optional[str], images: list[str], prompt: Optional[str],
                  max_new_tokens: int, temperature: float, top_p: float, tokenizer: Optional[str],
                  template: str, question_file: Optional[str], image_folder: Optional[str],
-                 answers_file: Optional[str], seed: int) -> int:
+                 answers_file: Optional[str], seed: int, chat_template: Optional[str] = None) -> int:
     _check_decoding(max_new_tokens, temperature, top_p)
     params = load_params(params_path, "eval") if _has_eval(params_path) else load_params(params_path)
     weights = _latest_weights(checkpoint_path)
-    gen = Generator(params, weights, _tokenizer_for(tokenizer, weights, params), template, seed=seed)
+    if chat_template:
+        try:
+            chat_template, template = Path(chat_template).read_text(encoding="utf-8"), "chat"
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(Problem(chat_template, None, f"cannot read the chat template: {err}")) from None
+    gen = Generator(params, weights, _tokenizer_for(tokenizer, weights, params), template, seed=seed,
+                    chat_template=chat_template)
     if question_file:
         return _batch(gen, question_file, image_folder, answers_file, max_new_tokens, temperature, top_p,
                       seed, weights)

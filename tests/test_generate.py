@@ -143,3 +143,20 @@ def test_batch_mode_keeps_images_inside_the_image_folder(world, tmp_path, capsys
     assert main(["generate", "--params", str(TINY2), "--tokenizer", str(root / "tokenizer"), "--question_file",
                  str(questions), "--answers_file", str(out)]) == 2
     assert f"{questions}: byte 13: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_chat_template_prompts_like_training(world, tmp_path):
+    """--template chat: the prompt goes through the chat template with the generation prompt; a
+    template spelling vicuna_v1 gives the vicuna_v1 prompt tokens and image positions."""
+    root, images, params = world
+    from tests.test_data_modelzoo import VICUNA_JINJA
+    jinja = VICUNA_JINJA + "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    vicuna = Generator(params, None, str(root / "tokenizer"), seed=3)
+    chat = Generator(params, None, str(root / "tokenizer"), "chat", seed=3, chat_template=jinja)
+    for prompt in ("<image>\nwhat color is the shape ?", "where is <image> the shape ?"):
+        image = [str(images[0])]
+        assert chat.prompt_inputs(prompt, image)[:2] == vicuna.prompt_inputs(prompt, image)[:2]
+    path = tmp_path / "t.jinja"
+    path.write_text(jinja)
+    assert main(["generate", "--params", str(TINY2), "--tokenizer", str(root / "tokenizer"), "--chat_template",
+                 str(path), "--image", str(images[0]), "--prompt", "what ?", "--max_new_tokens", "2"]) == 0
