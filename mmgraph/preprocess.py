@@ -419,7 +419,7 @@ def _results(args, items, num_workers: int, progress: bool):
 def _data_params(config, tokenizer, output_dir, image_dir, phase, layout, style, stats, encoder) -> dict:
     """The Model Zoo's ``data_params.json``: its setup / processing / dataset sections and counts."""
     tok = encoder
-    base = json.loads(json.dumps(config)) if config else {}
+    base = json.loads(json.dumps(config, default=str)) if config else {}
     base.setdefault("setup", {}).update(output_dir=output_dir, image_dir=image_dir, mode="finetuning")
     base.setdefault("processing", {}).update(
         max_seq_length=layout.max_seq_length, huggingface_tokenizer=tokenizer,

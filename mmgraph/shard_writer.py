@@ -59,7 +59,7 @@ class OutputFolder:
             os.fsync(f.fileno())
 
     def write_json(self, name: str, value: dict) -> None:
-        self._write(name, (json.dumps(value, indent=4, sort_keys=True) + "\n").encode())
+        self._write(name, (json.dumps(value, indent=4, sort_keys=True, default=str) + "\n").encode())
 
     def write_shard(self, rows: np.ndarray, paths: list[list[str]], locs: np.ndarray, attrs: dict) -> None:
         """One shard in the Model Zoo's layout: ``"None"`` for empty image slots."""
@@ -83,7 +83,13 @@ class OutputFolder:
     def commit(self) -> None:
         """Swap the finished folder in place of the output (the old one goes only after)."""
         old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-        if self.out.exists():
+        had = self.out.exists()
+        if had:
             os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        try:
+            os.replace(self.tmp, self.out)
+        except OSError:
+            if had:
+                os.replace(old, self.out)               # the earlier output back in place
+            raise
         shutil.rmtree(old, ignore_errors=True)
