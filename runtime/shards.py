@@ -175,6 +175,8 @@ def read_sample(f, path: Path, row: int, want: Expect) -> tuple[np.ndarray, list
     for j, n in enumerate(names):
         if n and (loc[j] >= S).any():
             raise ValueError(f"image slot {j} ({n}) has no position in the sequence (img_data_loc {S} = padding)")
+        if not n and (loc[j] < S).any():
+            raise ValueError(f"image slot {j} is empty but img_data_loc places it in the sequence (padding is {S})")
     return data, names, loc
 
 

@@ -166,6 +166,7 @@ def test_out_of_range_values_and_escaping_paths_are_named(world, tmp_path):
         f["img_data_loc"][...] = loc
         paths = f["img_path"][:]
         paths[4, 0] = b"../outside.png"
+        paths[5, 0] = b"None"                                           # its positions stay
         f["img_path"][...] = paths
     params = load_params(params_for(tmp_path, out, world / "images"))
     loader, _ = make_loader(params, num_workers=0, batch_size=1)
@@ -176,10 +177,11 @@ def test_out_of_range_values_and_escaping_paths_are_named(world, tmp_path):
     count, problems = check_data(params)
     text = [str(p) for p in problems]
     name = str(out / "data-00000.h5")
-    assert count == 12 and len(problems) == 3
+    assert count == 12 and len(problems) == 4
     assert f"{name}: sample 1: token id 10000 is outside the vocabulary (vocab_size" in text[0]
     assert text[1] == f"{name}: sample 2: img_data_loc 97 is outside 0..96"
     assert text[2].startswith(f"{name}: sample 4: image path '../outside.png' leaves the image folder")
+    assert text[3] == f"{name}: sample 5: image slot 0 is empty but img_data_loc places it in the sequence (padding is 96)"
 
 
 def test_check_reports_every_data_problem_at_once(world, tmp_path, capsys):
