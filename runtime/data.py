@@ -26,12 +26,12 @@ FIELDS = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "token_mo
 class MultimodalH5Dataset(torch.utils.data.Dataset):
     def __init__(self, data_dir, img_data_dir: Optional[str], transforms, max_seq_length: int,
                  max_num_img: int, num_patches: int, image_size: tuple[int, int, int],
-                 vocab_size: Optional[int] = None):
+                 vocab_size: Optional[int] = None, image_start_idx: int = 1):
         dirs = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
         self.files = shard_files(dirs)
         self.img_dir = Path(img_data_dir) if img_data_dir else None
         self.S, self.I, self.P = max_seq_length, max_num_img, num_patches
-        self.want = Expect(max_seq_length, max_num_img, num_patches, vocab_size)
+        self.want = Expect(max_seq_length, max_num_img, num_patches, vocab_size, image_start_idx)
         self.image_size = tuple(image_size)
         self.transform = build_transforms(transforms)
         self.index: list[tuple[int, int]] = []
@@ -83,6 +83,17 @@ class MultimodalH5Dataset(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+def image_start_idx(params: Params) -> int:
+    """The older ``llava`` model's ``model.image_start_idx`` (2.3 layout or ``trainer.init.model``)."""
+    raw = params.raw if isinstance(params.raw, dict) else {}
+    trainer = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
+    init = trainer.get("init") if isinstance(trainer.get("init"), dict) else {}
+    for model in (raw.get("model"), init.get("model")):
+        if isinstance(model, dict) and isinstance(model.get("image_start_idx"), int):
+            return model["image_start_idx"]
+    return 1
 
 
 def shard_files(dirs) -> list[Path]:
@@ -161,7 +172,8 @@ def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] 
                                 f"{data.img_data_dir} does not exist"))
     try:
         ds = MultimodalH5Dataset(data.data_dir, data.img_data_dir, data.transforms, layout.max_sequence_length,
-                                 layout.max_num_img, layout.num_patches, layout.image_data_size, layout.vocab_size)
+                                 layout.max_num_img, layout.num_patches, layout.image_data_size, layout.vocab_size,
+                                 image_start_idx(params))
     except UserError as err:
         raise UserError(problems + err.problems) from None
     if problems:
@@ -185,7 +197,8 @@ def check_data(params: Params, mode: str = "train") -> tuple[int, list[Problem]]
         return 0, []
     layout = params.layout(mode)
     section = "eval_input" if mode == "eval" and params.eval_input else "train_input"
-    want = Expect(layout.max_sequence_length, layout.max_num_img, layout.num_patches, layout.vocab_size)
+    want = Expect(layout.max_sequence_length, layout.max_num_img, layout.num_patches, layout.vocab_size,
+                  image_start_idx(params))
     problems: list[Problem] = []
     if data.img_data_dir and not Path(data.img_data_dir).is_dir():
         problems.append(Problem(params.path, f"{section}.img_data_dir", f"{data.img_data_dir} does not exist"))

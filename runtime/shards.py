@@ -90,6 +90,7 @@ class Expect:
     max_num_img: int
     num_patches: int
     vocab_size: Optional[int] = None
+    image_start_idx: int = 1        # the older ``llava`` model's shards: where every image starts
 
 
 def _int_dataset(f, key: str, tail: tuple[int, ...], path: str, problems: list[Problem]) -> Optional[int]:
@@ -115,8 +116,14 @@ def inspect_shard(path: Path, want: Expect) -> tuple[int, list[Problem]]:
     S, I, P = want.max_seq_length, want.max_num_img, want.num_patches
     try:
         with h5py.File(path, "r") as f:
-            rows = [_int_dataset(f, "data", (5, S), name, problems),
-                    _int_dataset(f, "img_data_loc", (I, P), name, problems)]
+            if is_llava_shard(f):
+                rows = [_int_dataset(f, "data", (4, S), name, problems)]
+                if want.image_start_idx + P > S:
+                    problems.append(Problem(name, None, f"image_start_idx {want.image_start_idx} + {P} image tokens "
+                                            f"do not fit in {S}"))
+            else:
+                rows = [_int_dataset(f, "data", (5, S), name, problems),
+                        _int_dataset(f, "img_data_loc", (I, P), name, problems)]
             if "img_path" not in f or not hasattr(f["img_path"], "shape"):
                 problems.append(Problem(name, "img_path", "dataset missing (not an mmgraph / Model Zoo multimodal shard)"))
             elif f["img_path"].ndim != 2 or f["img_path"].shape[1] != I:
@@ -144,6 +151,16 @@ def _first_line(err: BaseException) -> str:
     return f"{err.__class__.__name__}: {text}" if text else err.__class__.__name__
 
 
+def is_llava_shard(f) -> bool:
+    """The older ``llava`` model's shards (``LlavaHDF5MapDataProcessor``, written by 2.3's
+    nlp/hdf5_preprocessing ``LlavaPhaseOne/TwoPreprocessor``): ``data`` N x 4 x S (no
+    token_modality_idx), ``img_path`` N x 1, no ``img_data_loc``: each image's tokens stand at the
+    model's ``image_start_idx``."""
+    data = f.get("data")
+    return ("img_data_loc" not in f and data is not None and hasattr(data, "shape") and data.ndim == 3
+            and data.shape[1] == 4)
+
+
 def decode_paths(raw) -> list[str]:
     out = []
     for p in raw:
@@ -157,13 +174,16 @@ def read_sample(f, path: Path, row: int, want: Expect) -> tuple[np.ndarray, list
     """(data 5 x S int64, image names with empty slots as "", img_data_loc I x P int64), checked.
 
     Raises ``ValueError`` with what is wrong; the caller names the shard and sample."""
+    S = want.max_seq_length
     try:
         data = np.asarray(f["data"][row], dtype=np.int64)
         names = decode_paths(f["img_path"][row])
-        loc = np.asarray(f["img_data_loc"][row], dtype=np.int64)
+        if is_llava_shard(f):
+            data, loc = _llava_rows(data, names, want)
+        else:
+            loc = np.asarray(f["img_data_loc"][row], dtype=np.int64)
     except (OSError, KeyError, RuntimeError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot be read ({_first_line(err)})") from None
-    S = want.max_seq_length
     if want.vocab_size is not None:
         ids = data[[0, 2]]
         bad = ids[(ids < 0) | (ids >= want.vocab_size)]
@@ -178,6 +198,18 @@ def read_sample(f, path: Path, row: int, want: Expect) -> tuple[np.ndarray, list
         if not n and (loc[j] < S).any():
             raise ValueError(f"image slot {j} is empty but img_data_loc places it in the sequence (padding is {S})")
     return data, names, loc
+
+
+def _llava_rows(data: np.ndarray, names: list[str], want: Expect) -> tuple[np.ndarray, np.ndarray]:
+    """4 rows + an image at ``image_start_idx`` -> the 5 rows and ``img_data_loc`` of the layout."""
+    S, P, start = want.max_seq_length, want.num_patches, want.image_start_idx
+    rows = np.zeros((5, S), dtype=np.int64)
+    rows[:4] = data
+    loc = np.full((want.max_num_img, P), S, dtype=np.int64)
+    if names and names[0] not in EMPTY_SLOTS:
+        loc[0] = np.arange(start, start + P)
+        rows[4, start:start + P] = 1
+    return rows, loc
 
 
 def read_data_params(folder: Path) -> Optional[dict]:

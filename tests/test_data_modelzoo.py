@@ -263,3 +263,40 @@ def test_check_train_and_eval_checks_both_data_sections(world, tmp_path, capsys)
     assert main(["check", "--params", str(params), "--mode", "train_and_eval"]) == 0
     out = capsys.readouterr().out
     assert f"data (train): 24 samples in {train}" in out and f"data (eval): 4 samples in {evl}" in out
+
+
+def test_older_llava_model_shards_load(world, tmp_path):
+    """``LlavaHDF5MapDataProcessor``'s files, laid out as 2.3's nlp/hdf5_preprocessing writes them
+    (``hdf5_base_preprocessor``: ``data`` N x 4 x S, ``img_path`` N x 1 fixed-length bytes with
+    ``"None"`` for a text-only sample, no ``img_data_loc``): the image stands at the model's
+    ``image_start_idx``. They load as the same batches as mmgraph's shards of the same rows."""
+    lay = Layout(96, 16, 1)
+    enc = Encoder(str(world / "tokenizer"), 1, lay, str(world / "images"))
+    encoded = [enc.encode(s) for s in json.loads((world / "phase1_train.json").read_text())[:6]]
+    text_only = Encoder(str(world / "tokenizer"), 1, lay, None).encode(
+        {"id": "t", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a red circle ."}]})
+    encoded.append(text_only)
+    old = tmp_path / "llava"
+    old.mkdir()
+    with h5py.File(old / "examples_0.h5", "w") as f:
+        f.attrs["n_examples"] = len(encoded)
+        f.create_dataset("data", data=np.stack([e.rows[:4] for e in encoded]), dtype="i4", chunks=(1, 4, 96),
+                         compression="gzip")
+        paths = np.array([[e.img_paths[0].encode("utf-8")] if e.img_paths else [None] for e in encoded], dtype="S")
+        f.create_dataset("img_path", data=paths, compression="gzip")
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    with h5py.File(ours / "data-00000.h5", "w") as f:
+        f["data"] = np.stack([e.rows for e in encoded])
+        f.create_dataset("img_path", data=np.array([e.img_paths or ["None"] for e in encoded], dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        f["img_data_loc"] = np.stack([e.img_loc for e in encoded])
+    batches = []
+    for folder in (old, ours):
+        params = params_for(tmp_path, folder, world / "images", base=TINY1, max_num_img=1, batch_size=7,
+                            micro_batch_size=7)
+        loader, _ = make_loader(load_params(params), num_workers=0)
+        batches.append(next(iter(loader)))
+    for key in batches[1]:
+        assert torch.equal(batches[0][key], batches[1][key]), key
+    assert batches[0]["token_modality_idx"][-1].sum() == 0 and batches[0]["token_modality_idx"][0, 1:17].all()
