@@ -231,3 +231,17 @@ def test_bad_samples_cross_from_workers(world, tmp_path, capsys):
     assert f"{data}: sample 4 (id {rows[4]['id']}): conversations[0] is from 'gpt'" in capsys.readouterr().err
     assert main(args(world, data, tmp_path / "out", "--num_workers", "2", "--on_error", "skip")) == 0
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["samples_skipped"] == {"not_alternating": 1}
+
+
+def test_no_space_left_while_preprocessing(world, tmp_path, capsys, monkeypatch):
+    import errno
+    out = shards(world, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("mmgraph.shard_writer.os.fsync", full)
+    assert main(args(world, world / "phase2_train.json", out)) == 2
+    assert capsys.readouterr().err == (f"mmgraph: error: {out}: cannot write the output (No space left on device); "
+                                       "nothing was changed\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not list(tmp_path.glob(".out.*"))
