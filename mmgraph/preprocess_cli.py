@@ -42,6 +42,9 @@ def run_preprocess(args: argparse.Namespace) -> tuple[dict, str]:
                                     ("--output_dir", output_dir), ("--phase", phase)) if not v]
     if missing:
         raise UserError(Problem(None, missing[0], "required" + (" (the config does not say)" if job else "")))
+    for flag, value in (("--samples_per_file", args.samples_per_file), ("--num_workers", args.num_workers)):
+        if value < 1:
+            raise UserError(Problem(None, flag, f"must be at least 1, not {value}"))
     layout = _layout(args, job)
     style = job.style if job else Style(template=args.template)
     changes = {"placement": args.image_placement}
