@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from benchmarks.common import finish, time_interleaved
+from mmgraph.errors import UserError
 from mmgraph.calibrate import host_target, measure
 from mmgraph.config import load_params
 from mmgraph.models import build_model, random_batch
@@ -103,14 +104,26 @@ def run_rounds(names: list[str], repeats: int, rounds: int, calibrate) -> dict:
     """``rounds`` times: calibrate the host target (``calibrate()``), then predict and measure.
     Calibration and measurement are each a few seconds of a shared machine, so one round can
     land in a slow spell; the result is the round with the median ratio for each config (the
-    target's figures of the tiny config's median round), with every round's ratio beside it."""
-    results = [run(names, repeats, calibrate()) for _ in range(rounds)]
+    target's figures of the tiny config's median round), with every round's ratio beside it.
+    A round whose calibration ``mmgraph calibrate`` would refuse (a degenerate fit on a busy
+    machine) is counted and left out; with none left the refusal stands."""
+    results, refused = [], []
+    for _ in range(rounds):
+        try:
+            target = calibrate()
+        except UserError as err:
+            refused.append(str(err))
+            continue
+        results.append(run(names, repeats, target))
+    if not results:
+        raise UserError(f"every calibration round was refused: {refused[-1]}")
+    rounds = len(results)
     median = [sorted(results, key=lambda r: r["rows"][i]["ratio_vs_reference"])[rounds // 2]
               for i in range(len(names))]
     return {**median[0], "rows": [m["rows"][i] for i, m in enumerate(median)], "rounds": rounds,
             "ratio_rounds": {name: [r["rows"][i]["ratio_vs_reference"] for r in results]
                              for i, name in enumerate(names)},
-            "round_figures": [r["target_figures"] for r in results]}
+            "round_figures": [r["target_figures"] for r in results], "refused_rounds": refused}
 
 
 def _measured(row: dict, key: str) -> Optional[dict]:

@@ -14,20 +14,27 @@ Measured with PyTorch on the CPU (or a GPU with ``--device cuda``), median of re
 - the optimizer: the runtime's own AdamW with gradient clipping, over 16 tensors of 256K elements
   and over 256 of 1K: the update rate and the cost per gradient tensor.
 The host runs ATen op by op with weights in memory: ``granularity: op``, no streaming.
+
+A fit is accepted only when plausible (overhead positive and below 1 ms per op, op_efficiency
+strictly between 0.01 and 1, optimizer rates positive); otherwise it is measured again, up to
+``ATTEMPTS`` times in all, and then ``calibrate`` refuses (exit 2) and writes nothing.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
 
+from mmgraph.errors import Problem, UserError
 from mmgraph.target import Target, user_target_dir
 
 
@@ -120,33 +127,89 @@ def _generic_step(device: str, width: int, seq: int, batch: int, layers: int):
     return gm, [x, *weights]
 
 
+# A fit outside these bounds is degenerate (a busy machine, a noisy minute), not a figure.
+OVERHEAD_RANGE = (1e-8, 1e-3)          # seconds per op
+EFFICIENCY_RANGE = (0.01, 0.999)       # op_efficiency, exclusive: 1.0 means faster than the roofline
+ATTEMPTS = 3                           # measurements before calibrate refuses
+
+
+class DegenerateFit(ValueError):
+    """The measurements admit no plausible solution; the message says which figure and why."""
+
+
+def fit_steps(rows: list[tuple[float, int, float]]) -> tuple[float, float]:
+    """Per-op overhead (s) and ``op_efficiency`` from two steps' ``(roofline s, ops, measured s)``:
+    each step's time is ``roofline / op_efficiency + ops x overhead``. Raises DegenerateFit when
+    the solution is not plausible (overhead not positive or implausibly large, efficiency at or
+    past a bound: the steps ran faster than their roofline, or the timings contradict each other)."""
+    (r_a, n_a, t_a), (r_b, n_b, t_b) = rows
+    det = n_a * r_b - n_b * r_a
+    if not det or not all(math.isfinite(v) and v > 0 for v in (r_a, r_b, t_a, t_b)):
+        raise DegenerateFit(f"the two steps give no solution (rows {rows})")
+    overhead = (t_a * r_b - t_b * r_a) / det
+    inverse = (t_a - n_a * overhead) / r_a
+    efficiency = 1.0 / inverse if inverse > 0 else math.inf
+    if not OVERHEAD_RANGE[0] < overhead < OVERHEAD_RANGE[1]:
+        raise DegenerateFit(f"per-op overhead {overhead:.3g} s is outside "
+                            f"{OVERHEAD_RANGE[0]:g}..{OVERHEAD_RANGE[1]:g} s")
+    if not EFFICIENCY_RANGE[0] < efficiency < EFFICIENCY_RANGE[1]:
+        raise DegenerateFit(f"op_efficiency {efficiency:.3g} is not strictly between {EFFICIENCY_RANGE[0]:g} and "
+                            f"{EFFICIENCY_RANGE[1]:g}")
+    return overhead, efficiency
+
+
+def fit_optimizer(t1: float, t2: float) -> tuple[float, float]:
+    """AdamW's elements per second and seconds per gradient tensor from 16 tensors of 256K elements
+    (``t1``) and 256 of 1K (``t2``): both ``elements / rate + tensors x per-tensor``. Raises
+    DegenerateFit unless both are positive."""
+    (a1, b1), (a2, b2) = (16 * 256 * 1024, 16), (256 * 1024, 256)     # (elements, tensors)
+    det = a1 * b2 - a2 * b1
+    per_element, per_tensor = (t1 * b2 - t2 * b1) / det, (a1 * t2 - a2 * t1) / det
+    if not (per_element > 0 and per_tensor > 0 and math.isfinite(per_element + per_tensor)):
+        raise DegenerateFit(f"optimizer: {per_element:.3g} s per element, {per_tensor:.3g} s per tensor "
+                            "(both must be positive)")
+    return 1.0 / per_element, per_tensor
+
+
+def fit_with_retries(measure_once: Callable[[], object], fit: Callable[[object], tuple], what: str,
+                     attempts: int = ATTEMPTS) -> tuple:
+    """``fit(measure_once())``, measured again (up to ``attempts`` times in all) while the fit is
+    degenerate; then a UserError naming the last reason: nothing is written from a bad fit."""
+    reasons = []
+    for _ in range(attempts):
+        try:
+            return fit(measure_once())
+        except DegenerateFit as err:
+            reasons.append(str(err))
+    raise UserError(Problem(None, what, f"no plausible fit in {attempts} measurements ({'; '.join(reasons)}); "
+                            "the machine was probably busy: nothing written, run `mmgraph calibrate` again "
+                            "when it is idle"))
+
+
 def _step_figures(partial: Target, device: str, repeats: int, sync) -> tuple[float, float]:
     """Per-op overhead (s) and ``op_efficiency``, from two generic steps run as the runtime runs a
     program (generated code, ATen ops, no autograd): each step's time is ``roofline /
     op_efficiency + ops x overhead``, the roofline summed over its ops with the figures measured
-    so far (``partial``: no overhead, efficiency 1)."""
+    so far (``partial``: no overhead, efficiency 1). Re-measured while the fit is degenerate."""
     from mmgraph.passes.cost import node_time
     from mmgraph.passes.weight_streaming import Precision
 
-    rows = []
+    steps = []
     for shape in ((32, 32, 4, 4), (128, 128, 8, 2)):          # tiny ops; larger ops
         gm, inputs = _generic_step(device, *shape)
         ops = [n for n in gm.graph.nodes if n.op == "call_function"]
-        roofline = sum(node_time(n, partial, Precision("fp32")) for n in ops)
+        steps.append((gm, inputs, sum(node_time(n, partial, Precision("fp32")) for n in ops), len(ops)))
+
+    def measure_once():
         with torch.no_grad():
-            rows.append((roofline, len(ops), _median_time(lambda: gm(*inputs), repeats, sync, min_seconds=1.0)))
-    (r_a, n_a, t_a), (r_b, n_b, t_b) = rows
-    overhead = (t_a * r_b - t_b * r_a) / (n_a * r_b - n_b * r_a)
-    inverse = (t_a - n_a * overhead) / r_a
-    if overhead < 0 or inverse < 1:         # no consistent fit: overhead only, from the tiny ops
-        return max(0.0, (t_a - r_a) / n_a), 1.0
-    return overhead, 1.0 / inverse
+            return [(roofline, n, _median_time(lambda gm=gm, x=inputs: gm(*x), repeats, sync, min_seconds=1.0))
+                    for gm, inputs, roofline, n in steps]
+    return fit_with_retries(measure_once, fit_steps, "calibrate: per-op overhead and op_efficiency")
 
 
 def _optimizer_figures(device: str, repeats: int, sync) -> tuple[float, float]:
     """The runtime's AdamW with clipping by global norm: elements per second and seconds per
-    gradient tensor, from 16 tensors of 256K elements and 256 tensors of 1K (both: elements /
-    rate + tensors x per-tensor seconds)."""
+    gradient tensor (``fit_optimizer``), re-measured while the fit is degenerate."""
     from mmgraph.config.optim import OptimizerConfig
     from mmgraph.runtime.optim import Optimizer
 
@@ -158,13 +221,8 @@ def _optimizer_figures(device: str, repeats: int, sync) -> tuple[float, float]:
         opt = Optimizer(cfg, params)
         return _median_time(lambda: (opt.clip(grads), opt.step(grads)), repeats, sync)
 
-    (a1, b1), (a2, b2) = (16 * 256 * 1024, 16), (256 * 1024, 256)     # (elements, tensors)
-    t1, t2 = seconds(256 * 1024, 16), seconds(1024, 256)
-    det = a1 * b2 - a2 * b1
-    per_element, per_tensor = (t1 * b2 - t2 * b1) / det, (a1 * t2 - a2 * t1) / det
-    if per_element <= 0 or per_tensor < 0:      # no consistent fit: the bulk rate only
-        return a1 / t1, 0.0
-    return 1.0 / per_element, per_tensor
+    return fit_with_retries(lambda: (seconds(256 * 1024, 16), seconds(1024, 256)), lambda t: fit_optimizer(*t),
+                            "calibrate: optimizer update rate")
 
 
 def host_target(m: dict, device: str = "cpu") -> dict:
@@ -212,8 +270,25 @@ def host_target(m: dict, device: str = "cpu") -> dict:
     }
 
 
+def check_figures(m: dict) -> None:
+    """The fitted figures ``measure`` returns, checked once more before anything is written."""
+    problems = []
+    if not OVERHEAD_RANGE[0] < m.get("overhead", 0.0) < OVERHEAD_RANGE[1]:
+        problems.append(f"per-op overhead {m.get('overhead')!r} s is outside "
+                        f"{OVERHEAD_RANGE[0]:g}..{OVERHEAD_RANGE[1]:g} s")
+    if not EFFICIENCY_RANGE[0] < m.get("op_efficiency", 1.0) < EFFICIENCY_RANGE[1]:
+        problems.append(f"op_efficiency {m.get('op_efficiency')!r} is not strictly between {EFFICIENCY_RANGE[0]:g} "
+                        f"and {EFFICIENCY_RANGE[1]:g}")
+    if not (m.get("update_rate", 0.0) > 0 and m.get("tensor_overhead", 0.0) > 0):
+        problems.append("the optimizer's update rate and per-tensor cost must be positive")
+    if problems:
+        raise UserError(Problem(None, "calibrate", f"degenerate fit ({'; '.join(problems)}): nothing written, "
+                                "run `mmgraph calibrate` again when the machine is idle"))
+
+
 def run_calibrate(output: str | None, device: str, size: int) -> int:
     m = measure(device, size)
+    check_figures(m)
     data = host_target(m, device)
     Target.model_validate(data)
     path = Path(output) if output else user_target_dir() / "host.yaml"

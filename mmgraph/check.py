@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Optional
 
 from mmgraph.config import Params, SequenceLayout, ViTModelConfig, load_params
 from mmgraph.models import build_model, component_of
@@ -29,6 +30,7 @@ class CheckSummary:
     freeze: FreezeReport
     freeze_sizes: dict[str, int]
     layout: SequenceLayout
+    data: Optional[str] = None      # the data the params point to, checked (when it exists)
 
     @property
     def total(self) -> ComponentCount:
@@ -49,7 +51,10 @@ def check(path: str, mode: str = "train") -> CheckSummary:
         sizes[name] = p.numel()
     components = [ComponentCount(k, *v) for k, v in totals.items()]
     freeze_sizes = {pat: sum(sizes[n] for n in names) for pat, names in report.matches.items()}
-    return CheckSummary(params, mode, components, report, freeze_sizes, params.layout(mode))
+    from mmgraph.runtime.data import describe_data
+
+    return CheckSummary(params, mode, components, report, freeze_sizes, params.layout(mode),
+                        describe_data(params, mode))
 
 
 def format_summary(s: CheckSummary) -> str:
@@ -83,4 +88,6 @@ def format_summary(s: CheckSummary) -> str:
     if data is not None:
         mbs = data.micro_batch_size
         lines.append(f"  batch_size {data.batch_size}" + (f", micro_batch_size {mbs}" if mbs else ""))
+    if s.data:
+        lines += ["", s.data]
     return "\n".join(lines)

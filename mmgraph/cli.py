@@ -40,25 +40,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     import json as _json
 
-    from mmgraph.errors import Problem
-    from mmgraph.preprocess import Layout, preprocess
+    from mmgraph.preprocess_cli import run_preprocess
 
-    values = {"max_seq_length": args.max_seq_length, "num_patches": args.num_patches,
-              "max_num_img": args.max_num_img}
-    if args.params:
-        from mmgraph.config import load_params
-
-        lay = load_params(args.params, "train").layout("train")
-        values = {"max_seq_length": lay.max_sequence_length, "num_patches": lay.num_patches,
-                  "max_num_img": lay.max_num_img}
-    missing = [f"--{k}" for k, v in values.items() if v is None]
-    if missing:
-        raise UserError(Problem(None, None, f"give --params or {', '.join(missing)}"))
-    stats = preprocess(args.input_json, args.image_dir, args.tokenizer, args.output_dir, args.phase,
-                       Layout(**values), args.samples_per_file, args.num_workers, args.on_error, args.on_long,
-                       progress=sys.stderr.isatty())
+    stats, output_dir = run_preprocess(args)
     print(_json.dumps(stats, indent=2))
-    print(f"wrote {args.output_dir} ({stats['samples_written']} samples; stats.json beside the shards)")
+    print(f"wrote {output_dir} ({stats['samples_written']} samples; stats.json and data_params.json beside the shards)")
     return 0
 
 
@@ -80,10 +66,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from mmgraph.convert.convert import convert, describe_formats
+    from mmgraph.convert.convert import convert, describe
 
     if args.src == "list" or args.src is None:
-        print("formats (--src-fmt / --tgt-fmt), model mm_simple:\n" + describe_formats())
+        print(describe())
         return 0
     missing = [f for f, v in (("--src-fmt", args.src_fmt), ("--tgt-fmt", args.tgt_fmt),
                               ("--output-dir", args.output_dir)) if v is None]
@@ -100,7 +86,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     return run_generate(args.params, args.checkpoint_path, args.image or [], args.prompt, args.max_new_tokens,
                         args.temperature, args.top_p, args.tokenizer, args.template, args.question_file,
-                        args.image_folder, args.answers_file, args.seed)
+                        args.image_folder, args.answers_file, args.seed, args.chat_template)
 
 
 def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
@@ -205,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tokenizer", metavar="DIR", help="default: the tokenizer beside the checkpoint or the data")
-    gen.add_argument("--template", choices=("vicuna_v1", "plain"), default="vicuna_v1",
-                     help="the conversation template training used (phase 2: vicuna_v1, phase 1: plain)")
+    gen.add_argument("--template", choices=("vicuna_v1", "plain", "chat"), default="vicuna_v1",
+                     help="the conversation template training used (phase 2: vicuna_v1, phase 1: plain; chat: "
+                          "the tokenizer's chat template)")
+    gen.add_argument("--chat_template", metavar="FILE", help="a Jinja chat template (implies --template chat)")
     gen.add_argument("--question_file", metavar="FILE", help="LLaVA question JSONL (question_id, image, text)")
     gen.add_argument("--image_folder", metavar="DIR", help="batch mode: images are relative to it")
     gen.add_argument("--answers_file", metavar="FILE", help="batch mode: answers JSONL to write")
@@ -218,11 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "by tensor and bit for bit. `mmgraph convert list` lists the formats. The output "
                     "folder is written beside its final name and renamed at the end.")
     conv.add_argument("src", nargs="?", metavar="SRC", help="checkpoint folder or file, or `list`")
-    conv.add_argument("--model", default="mm_simple")
-    conv.add_argument("--src-fmt", dest="src_fmt", metavar="FMT")
-    conv.add_argument("--tgt-fmt", dest="tgt_fmt", metavar="FMT")
+    conv.add_argument("--model", default="mm_simple", help="mm_simple (default) or mmsimple-llava: the same")
+    conv.add_argument("--src-fmt", dest="src_fmt", metavar="FMT", help="native, hf, llava or cs-X.Y (= native)")
+    conv.add_argument("--tgt-fmt", dest="tgt_fmt", metavar="FMT", help="native, hf, llava or cs-X.Y (= native)")
     conv.add_argument("--output-dir", dest="output_dir", metavar="OUT")
-    conv.add_argument("--config", metavar="CFG", help="params YAML of a native source without params.yaml")
+    conv.add_argument("--config", metavar="CFG", help="native source: its params YAML (default: params.yaml "
+                                                      "beside it); hf source: the folder holding its configs")
     conv.add_argument("--hf-layout", dest="hf_layout", choices=("llava", "two_folder"),
                       help="hf output: a LlavaForConditionalGeneration folder (default, unless the source "
                            "was two-folder) or image_model/ + text_model/")
@@ -235,14 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser(
         "preprocess", help="LLaVA-format JSON conversations to H5 shards",
         description="Turn LLaVA-format conversations (a JSON list of {id, image, conversations}) "
-                    "into H5 shards in the Model Zoo 2.3 multimodal layout. Phase 1 uses the plain "
-                    "template (captions), phase 2 vicuna_v1 (only assistant replies supervised). "
-                    "With --params, the sequence layout comes from the params file.")
-    pre.add_argument("--input_json", required=True, metavar="FILE")
-    pre.add_argument("--image_dir", required=True, metavar="DIR", help="images are relative to it")
-    pre.add_argument("--tokenizer", required=True, metavar="DIR", help="a local Hugging Face tokenizer folder")
-    pre.add_argument("--output_dir", required=True, metavar="DIR")
-    pre.add_argument("--phase", type=int, choices=(1, 2), required=True)
+                    "into H5 shards in the Model Zoo's multimodal layout. Phase 1 uses the plain "
+                    "template (captions), phase 2 vicuna_v1 (only assistant replies supervised), or "
+                    "the tokenizer's chat template; --config takes the Model Zoo's own preprocessing "
+                    "YAML. With --params, the sequence layout comes from the params file.")
+    pre.add_argument("--config", metavar="FILE",
+                     help="a Model Zoo preprocessing YAML (setup / processing / dataset); the options below "
+                          "override its paths")
+    pre.add_argument("--input_json", metavar="FILE")
+    pre.add_argument("--image_dir", metavar="DIR", help="images are relative to it")
+    pre.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer folder")
+    pre.add_argument("--output_dir", metavar="DIR")
+    pre.add_argument("--phase", type=int, choices=(1, 2))
+    pre.add_argument("--template", choices=("plain", "vicuna_v1", "chat"),
+                     help="default: plain for phase 1, vicuna_v1 for phase 2; chat: the tokenizer's chat template")
+    pre.add_argument("--chat_template", metavar="FILE", help="a Jinja chat template (implies --template chat)")
+    pre.add_argument("--image_placement", choices=("turn_start", "inline"), default="turn_start",
+                     help="turn_start: a turn's images before its text, as the Model Zoo (default); "
+                          "inline: where the <image> marks stand")
     pre.add_argument("--params", metavar="FILE", help="take the layout from this params file")
     pre.add_argument("--num_patches", type=int)
     pre.add_argument("--max_seq_length", type=int)

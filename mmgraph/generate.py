@@ -24,12 +24,12 @@ import torch
 
 from mmgraph.config import Params, load_params
 from mmgraph.errors import Problem, UserError
-from mmgraph.preprocess import IMAGE, Encoder, Layout
+from mmgraph.preprocess import IMAGE, Encoder, Layout, Style
 
 
 class Generator:
     def __init__(self, params: Params, weights: Optional[str], tokenizer: str, template: str = "vicuna_v1",
-                 device: str = "cpu", seed: int = 0):
+                 device: str = "cpu", seed: int = 0, chat_template: Optional[str] = None):
         from mmgraph.models import build_model
         from mmgraph.runtime.checkpoint import load_weights
         from mmgraph.runtime.transforms import build_transforms
@@ -37,25 +37,31 @@ class Generator:
         self.params = params
         layout = params.layout("eval" if params.eval_input else "train")
         self.layout = layout
-        self.encoder = Encoder(tokenizer, 2 if template == "vicuna_v1" else 1,
+        self.encoder = Encoder(tokenizer, 1 if template == "plain" else 2,
                                Layout(layout.max_sequence_length, layout.num_patches, layout.max_num_img),
-                               None, check_images=False)
+                               None, check_images=False, style=Style(template=template, chat_template=chat_template))
         self.model, _ = build_model(params, device=device, seed=seed)
         if weights:
-            state = load_weights(weights)
-            own = self.model.state_dict()
-            missing = [k for k in own if k not in state]
-            if missing:
-                raise UserError(Problem(weights, missing[0], "missing from the checkpoint"))
-            self.model.load_state_dict({k: state[k] for k in own}, strict=True)
+            self._load(weights, load_weights(weights))
         self.model.eval()
         self.data = params.eval_input or params.train_input
         self.transform = build_transforms(self.data.transforms)
         self.device = torch.device(device)
         self.context = min(layout.max_sequence_length, params.model.text_model.max_position_embeddings or 1 << 30)
 
+    def _load(self, weights: str, state: dict) -> None:
+        """Every key and shape checked before anything is copied."""
+        own = self.model.state_dict()
+        problems = [Problem(weights, k, "missing from the checkpoint") for k in own if k not in state]
+        problems += [Problem(weights, k, f"shape {tuple(state[k].shape)} in the checkpoint, but the params build "
+                             f"{tuple(v.shape)}") for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if problems:
+            raise UserError(problems)
+        self.model.load_state_dict({k: state[k] for k in own}, strict=True)
+
     # -- inputs ----------------------------------------------------------------------------
     def prompt_inputs(self, prompt: str, images: list[str]) -> tuple[list[int], list[list[int]], torch.Tensor]:
+        prompt = self.encoder._placed(prompt, True)      # the images of a turn first, as preprocess does
         marks = prompt.count(IMAGE)
         if marks == 0 and images:          # LLaVA's convention: the images first
             prompt = (IMAGE + "\n") * len(images) + prompt
@@ -65,23 +71,41 @@ class Generator:
         if marks > self.layout.max_num_img:
             raise UserError(Problem(None, "--image", f"{marks} images > max_num_img {self.layout.max_num_img} "
                                     "of the params"))
-        ids, _, locs = self.encoder._tokens([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}])
-        ids = ids[:-1]                                   # the reply's end-of-turn token: generated, not given
+        ids, locs = self._prompt_tokens(prompt)
         return ids, locs, self.load_images(images)
 
+    def _prompt_tokens(self, prompt: str) -> tuple[list[int], list[list[int]]]:
+        """The prompt as training saw it, up to where the reply starts."""
+        enc = self.encoder
+        if enc.template in ("plain", "vicuna_v1"):
+            ids, _, locs = enc._tokens([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}])
+            return ids[:-1], locs                        # the reply's end-of-turn token: generated, not given
+        from mmgraph import chat_format as cf
+
+        turn = cf.Turn("user", prompt.replace(IMAGE, "").strip(), prompt.count(IMAGE))
+        try:
+            text = cf.chat_prompt(enc.tok, turn, enc.style.image_token, enc.style.chat_template)
+        except Exception as err:   # a template is user code in Jinja: any failure is the template's
+            raise UserError(Problem(None, "--chat_template", f"the chat template failed: {err}")) from None
+        ids, _, locs = cf.tokens_from_text(enc.tok, text, [], False, enc.image_token_id, enc.placeholder,
+                                           self.layout.num_patches)
+        return ids, locs
+
     def load_images(self, images: list[str]) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from mmgraph.runtime.shards import BadImage, open_image
 
         n = max(self.layout.max_num_img, 1)
         c, h, w = self.data.image_data_size
         out = torch.zeros(1, n, c, h, w)
         for i, name in enumerate(images):
             try:
-                with Image.open(name) as img:
-                    out[0, i] = self.transform(img.convert("RGB"))
-            except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-                raise UserError(Problem(name, None, f"cannot read the image ({err.__class__.__name__}: "
-                                        f"{str(err).splitlines()[0] if str(err) else 'unreadable'})")) from None
+                x = self.transform(open_image(Path(name)))
+            except BadImage as err:
+                raise UserError(Problem(name, None, str(err))) from None
+            if tuple(x.shape) != (c, h, w):
+                raise UserError(Problem(name, None, f"the params' transforms make this image {tuple(x.shape)}, the "
+                                        f"model takes image_data_size {(c, h, w)} (add resize / center_crop)"))
+            out[0, i] = x
         return out
 
     def embeddings(self, ids: list[int], locs: list[list[int]], image_data: torch.Tensor) -> torch.Tensor:
@@ -98,6 +122,7 @@ class Generator:
     def generate(self, prompt: str, images: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, use_cache: bool = True, seed: int = 0,
                  on_token: Optional[Callable[[int], None]] = None) -> list[int]:
+        _check_decoding(max_new_tokens, temperature, top_p)
         ids, locs, image_data = self.prompt_inputs(prompt, images)
         if len(ids) >= self.context:
             raise UserError(Problem(None, "--prompt", f"the prompt is {len(ids)} tokens (images included); the "
@@ -167,6 +192,18 @@ class Generator:
         return self.encoder.tok.decode(tokens, skip_special_tokens=True).strip()
 
 
+def _check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    problems = []
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        problems.append(Problem(None, "--max_new_tokens", f"must be at least 1, not {max_new_tokens}"))
+    if not temperature >= 0.0:
+        problems.append(Problem(None, "--temperature", f"must be 0 (greedy) or positive, not {temperature}"))
+    if not 0.0 < top_p <= 1.0:
+        problems.append(Problem(None, "--top_p", f"must be in (0, 1], not {top_p}"))
+    if problems:
+        raise UserError(problems)
+
+
 def _tokenizer_for(tokenizer: Optional[str], checkpoint: Optional[str], params: Params) -> str:
     if tokenizer:
         return tokenizer
@@ -204,10 +241,17 @@ def _latest_weights(model_dir_or_ckpt: Optional[str]) -> Optional[str]:
 def run_generate(params_path: str, checkpoint_path: Optional[str], images: list[str], prompt: Optional[str],
                  max_new_tokens: int, temperature: float, top_p: float, tokenizer: Optional[str],
                  template: str, question_file: Optional[str], image_folder: Optional[str],
-                 answers_file: Optional[str], seed: int) -> int:
+                 answers_file: Optional[str], seed: int, chat_template: Optional[str] = None) -> int:
+    _check_decoding(max_new_tokens, temperature, top_p)
     params = load_params(params_path, "eval") if _has_eval(params_path) else load_params(params_path)
     weights = _latest_weights(checkpoint_path)
-    gen = Generator(params, weights, _tokenizer_for(tokenizer, weights, params), template, seed=seed)
+    if chat_template:
+        try:
+            chat_template, template = Path(chat_template).read_text(encoding="utf-8"), "chat"
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(Problem(chat_template, None, f"cannot read the chat template: {err}")) from None
+    gen = Generator(params, weights, _tokenizer_for(tokenizer, weights, params), template, seed=seed,
+                    chat_template=chat_template)
     if question_file:
         return _batch(gen, question_file, image_folder, answers_file, max_new_tokens, temperature, top_p,
                       seed, weights)
@@ -241,31 +285,59 @@ def _has_eval(path: str) -> bool:
 
 def _batch(gen: Generator, question_file: str, image_folder: Optional[str], answers_file: Optional[str],
            max_new_tokens: int, temperature: float, top_p: float, seed: int, weights: Optional[str]) -> int:
-    path = Path(question_file)
-    if not path.is_file():
-        raise UserError(Problem(question_file, None, "does not exist"))
-    questions = []
-    text = path.read_text()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-    for i, q in enumerate(rows):
-        if not isinstance(q, dict) or "text" not in q:
-            raise UserError(Problem(question_file, f"question {i}", "needs 'text' (and 'question_id', 'image')"))
-        questions.append(q)
+    questions = _read_questions(question_file)
+    folder = image_folder or "."                    # images never leave their folder
     if answers_file is None:
         raise UserError(Problem(None, "--answers_file", "required with --question_file"))
     out_path = Path(answers_file)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     model_id = Path(weights).name if weights else "initialized"
-    with open(tmp, "w") as f:
-        for i, q in enumerate(questions):
-            images = q.get("image") or []
-            images = [images] if isinstance(images, str) else list(images)
-            images = [str(Path(image_folder) / im) if image_folder else im for im in images]
-            tokens = gen.generate(q["text"], images, max_new_tokens, temperature, top_p, seed=seed + i)
-            f.write(json.dumps({"question_id": q.get("question_id", i), "prompt": q["text"],
-                                "text": gen.decode(tokens), "answer_id": uuid.uuid4().hex[:22],
-                                "model_id": model_id, "metadata": {}}) + "\n")
+    try:
+        with open(tmp, "w") as f:
+            for i, q in enumerate(questions):
+                images = q.get("image") or []
+                images = [images] if isinstance(images, str) else list(images)
+                images = [_confined_image(question_file, i, folder, im) for im in images]
+                tokens = gen.generate(q["text"], images, max_new_tokens, temperature, top_p, seed=seed + i)
+                f.write(json.dumps({"question_id": q.get("question_id", i), "prompt": q["text"],
+                                    "text": gen.decode(tokens), "answer_id": uuid.uuid4().hex[:22],
+                                    "model_id": model_id, "metadata": {}}) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out_path)
     print(f"wrote {len(questions)} answers to {out_path}")
     return 0
+
+
+def _read_questions(question_file: str) -> list[dict]:
+    path = Path(question_file)
+    if not path.is_file():
+        raise UserError(Problem(question_file, None, "does not exist"))
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+        rows = (json.loads(text) if text.lstrip().startswith("[")
+                else [json.loads(line) for line in text.splitlines() if line.strip()])
+    except UnicodeDecodeError as err:
+        raise UserError(Problem(question_file, f"byte {err.start}", "not UTF-8 text")) from None
+    except json.JSONDecodeError as err:
+        raise UserError(Problem(question_file, f"line {err.lineno}", f"malformed JSON: {err.msg}")) from None
+    for i, q in enumerate(rows):
+        if not isinstance(q, dict) or not isinstance(q.get("text"), str):
+            raise UserError(Problem(question_file, f"question {i}", "needs a string 'text' (and 'question_id', "
+                                    "'image')"))
+        image = q.get("image")
+        if image is not None and not isinstance(image, str) and not (
+                isinstance(image, list) and all(isinstance(x, str) for x in image)):
+            raise UserError(Problem(question_file, f"question {i}", "'image' must be a path or a list of paths"))
+    return rows
+
+
+def _confined_image(question_file: str, i: int, folder: str, name: str) -> str:
+    from mmgraph.runtime.shards import UnsafePath, confined
+
+    try:
+        return str(confined(folder, name))
+    except UnsafePath as err:
+        raise UserError(Problem(question_file, f"question {i}", str(err))) from None

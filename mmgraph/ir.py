@@ -21,6 +21,7 @@ LOSS_SCALE = "loss_scale"      # the gradient-seed input of a float16 training p
 class InputKind(str, Enum):
     PARAM = "param"
     BATCH = "batch"
+    GRAD = "grad"      # a gradient accumulated over earlier micro-batches (data_parallel's last micro-step)
 
 
 class Phase(str, Enum):
@@ -208,6 +209,8 @@ class Program:
     segments: Optional[tuple[Segment, ...]] = None
     schedule: Optional[Schedule] = None
     remat: Optional[RematPlan] = None
+    world_size: int = 1                # ranks the data_parallel pass compiled the program for
+    collectives: tuple = ()            # data_parallel's buckets (passes.data_parallel.Bucket)
 
     def ops(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function"]

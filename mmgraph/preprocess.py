@@ -1,25 +1,28 @@
-"""``mmgraph preprocess``: LLaVA-format conversations to H5 shards (Model Zoo 2.3 layout).
+"""``mmgraph preprocess``: LLaVA-format conversations to H5 shards (the Model Zoo's layout).
 
 Per sample, one row of ``max_seq_length`` tokens; every ``<image>`` mark becomes
-``num_patches`` placeholder tokens where it stands. Templates:
+``num_patches`` placeholder tokens. Placement: ``turn_start`` (the Model Zoo's, default) moves a
+turn's images before its text; ``inline`` keeps them where they stand. Templates:
 
-- phase 1, ``plain``: ``<s> [image tokens] caption </s>``; the human prompt is dropped, the
+- ``plain`` (phase 1): ``<s> [image tokens] caption </s>``; the human prompt is dropped, the
   caption and ``</s>`` are supervised;
-- phase 2, ``vicuna_v1``: ``<s> SYSTEM USER: question ASSISTANT: answer </s> USER: ...``; only the
-  assistant replies and their ``</s>`` are supervised.
+- ``vicuna_v1`` (phase 2): ``<s> SYSTEM USER: question ASSISTANT: answer </s> USER: ...``; only
+  the assistant replies and their ``</s>`` are supervised;
+- ``chat`` / ``prompt_completion``: the tokenizer's chat template, or the Model Zoo's phase-1
+  prompt + sep_token + completion (``mmgraph.chat_format``).
 
-H5 datasets per shard: ``data`` (N x 5 x S int32: input_ids, loss_mask, labels,
+Shards (``mmgraph.shard_writer``): ``data`` (N x 5 x S int32: input_ids, loss_mask, labels,
 key_padding_mask, token_modality_idx), ``img_path`` (N x max_num_img utf-8, relative to the
-image folder, empty for padding), ``has_img`` (N x 1 bool), ``img_data_loc`` (N x max_num_img x
-num_patches int32, padding = S); attribute ``n_examples``. Labels are input ids shifted by one;
-``loss_mask[t]`` says whether ``labels[t]`` is supervised.
+image folder, ``"None"`` for an empty slot), ``has_img`` (N x 1 bool), ``img_data_loc``
+(N x max_num_img x num_patches int32, padding = S); attribute ``n_examples``; ``stats.json`` and
+``data_params.json`` beside them. Labels are input ids shifted by one; ``loss_mask[t]`` says
+whether ``labels[t]`` is supervised.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +45,41 @@ class SampleError(Exception):
         super().__init__(detail)
         self.reason = reason
 
+    def __reduce__(self):                     # crosses from a worker process intact
+        return SampleError, (self.reason, str(self))
+
 
 @dataclass(frozen=True)
 class Layout:
     max_seq_length: int
     num_patches: int
     max_num_img: int
+
+
+@dataclass(frozen=True)
+class Style:
+    """How conversations become text. The defaults are mmgraph's ``--phase`` behaviour; a Model
+    Zoo preprocessing YAML sets the rest (``mmgraph.modelzoo_preproc``)."""
+
+    template: Optional[str] = None       # plain | vicuna_v1 | chat | prompt_completion (None: by phase)
+    placement: str = "turn_start"        # turn_start: a turn's images before its text; inline: where marked
+    chat_template: Optional[str] = None  # Jinja text overriding the tokenizer's
+    image_token: str = IMAGE             # the token standing for an image in formatted text
+    mark: str = IMAGE                    # the mark in the LLaVA JSON
+    sep_token: Optional[str] = None      # prompt_completion: after the prompt (None: tokenizer's, else <|sep|>)
+    end_of_turn: Optional[str] = None    # chat: the token closing a supervised reply (default eos)
+    pad_placeholders: bool = False       # image positions hold pad_id (the Model Zoo) or the image token
+    one_image_per_turn: bool = False     # the Model Zoo's hooks refuse two marks in one turn
+    conversations_key: str = "conversations"
+    image_key: str = "image"
+    content_key: str = "value"
+    role_key: str = "from"
+
+    def resolved(self, phase: int) -> str:
+        return self.template or ("plain" if phase == 1 else "vicuna_v1")
+
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 @dataclass
@@ -63,88 +95,159 @@ class Encoder:
     """Turns one conversation into one row (tokenizer loaded once per process)."""
 
     def __init__(self, tokenizer_dir: str, phase: int, layout: Layout, image_dir: Optional[str],
-                 on_long: str = "truncate", check_images: bool = True):
+                 on_long: str = "truncate", check_images: bool = True, style: Optional[Style] = None):
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(Problem(str(tokenizer_dir), None, f"not a tokenizer folder ({str(err).splitlines()[0]})")) from None
         self.phase, self.layout, self.on_long = phase, layout, on_long
+        self.style = style or Style()
+        self.template = self.style.resolved(phase)
         self.image_dir = Path(image_dir) if image_dir else None
         self.check_images = check_images
         self.bos = self.tok.bos_token_id
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        image_id = self.tok.convert_tokens_to_ids(IMAGE)
+        if self.template in ("chat", "prompt_completion") and self.style.image_token not in self.tok.get_vocab():
+            self.tok.add_special_tokens({"additional_special_tokens": [self.style.image_token]})
+        image_id = self.tok.convert_tokens_to_ids(self.style.image_token)
+        self.image_token_id = image_id
         self.image_id = image_id if image_id is not None and image_id != self.tok.unk_token_id else self.pad
-        self._system = self.ids(SYSTEM + " ") if phase == 2 else []
+        self.placeholder = self.pad if self.style.pad_placeholders else self.image_id
+        self._system = self.ids(SYSTEM + " ") if self.template == "vicuna_v1" else []
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids if text else []
 
-    def encode(self, sample: dict) -> Encoded:
-        convs = sample.get("conversations")
+    def encode(self, sample) -> Encoded:
+        st = self.style
+        if not isinstance(sample, dict):
+            raise SampleError("malformed", f"a sample must be a JSON object, not {type(sample).__name__}")
+        convs = sample.get(st.conversations_key)
         if not isinstance(convs, list) or not convs:
-            raise SampleError("malformed", "no 'conversations' list")
+            raise SampleError("malformed", f"no {st.conversations_key!r} list")
         for i, turn in enumerate(convs):
-            if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
-                raise SampleError("malformed", f"conversations[{i}] needs 'from' and a string 'value'")
-            expected = "human" if i % 2 == 0 else "gpt"
-            if turn["from"] != expected:
-                raise SampleError("not_alternating", f"conversations[{i}] is from {turn['from']!r}, "
-                                  f"expected {expected!r} (turns must alternate human, gpt)")
+            if (not isinstance(turn, dict) or st.role_key not in turn
+                    or not isinstance(turn.get(st.content_key), str)):
+                raise SampleError("malformed", f"{st.conversations_key}[{i}] needs {st.role_key!r} and a string "
+                                  f"{st.content_key!r}")
+            expected = "user" if i % 2 == 0 else "assistant"
+            if ROLES.get(turn[st.role_key]) != expected:
+                raise SampleError("not_alternating", f"{st.conversations_key}[{i}] is from {turn[st.role_key]!r}, "
+                                  f"expected {'human' if expected == 'user' else 'gpt'!r} (turns must alternate "
+                                  "human, gpt)")
         if len(convs) % 2:
             raise SampleError("not_alternating", "the conversation ends with a human turn")
-        images = sample.get("image") or []
-        images = [images] if isinstance(images, str) else list(images)
-        marks = sum(t["value"].count(IMAGE) for t in convs)
+        images = self._images(sample)
+        values = [t[st.content_key] for t in convs]
+        marks = sum(v.count(st.mark) for v in values)
         if marks == 0 and images:           # LLaVA puts the image first when no mark is given
-            convs = [dict(convs[0], value=IMAGE + "\n" + convs[0]["value"])] + convs[1:]
+            values[0] = st.mark + "\n" + values[0]
             marks = 1
         if marks != len(images):
             raise SampleError("image_count", f"{marks} <image> marks but {len(images)} images")
         if marks > self.layout.max_num_img:
             raise SampleError("too_many_images", f"{marks} images > max_num_img {self.layout.max_num_img}")
-        if self.check_images:
-            for name in images:
-                self._check_image(name)
-        ids, sup, locs = self._tokens(convs)
+        for i, v in enumerate(values):
+            if i % 2 and st.mark in v:
+                raise SampleError("image_in_reply", f"{st.conversations_key}[{i}]: an <image> mark in a reply")
+            if st.one_image_per_turn and v.count(st.mark) > 1:
+                raise SampleError("too_many_images", f"{st.conversations_key}[{i}]: {v.count(st.mark)} <image> "
+                                  "marks in one turn (the Model Zoo allows one)")
+        for name in images:
+            self._check_image(name)
+        ids, sup, locs = self._tokens_for(values)
         return self._row(ids, sup, locs, images)
 
-    def _check_image(self, name: str) -> None:
-        from PIL import Image, UnidentifiedImageError
+    def _images(self, sample: dict) -> list[str]:
+        images = sample.get(self.style.image_key) or []
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(n, str) and n for n in images):
+            raise SampleError("malformed", f"{self.style.image_key!r} must be a path or a list of paths, not "
+                              f"{json.dumps(sample.get(self.style.image_key))[:60]}")
+        return list(images)
 
-        path = self.image_dir / name if self.image_dir else Path(name)
+    def _check_image(self, name: str) -> None:
+        from mmgraph.runtime.shards import BadImage, UnsafePath, confined, open_image
+
+        try:
+            path = confined(self.image_dir, name)
+        except UnsafePath as err:
+            raise SampleError("unsafe_path", str(err)) from None
+        if not self.check_images:
+            return
         if not path.is_file():
             raise SampleError("missing_image", f"image {name} not found in {self.image_dir}")
         try:
-            with Image.open(path) as img:
-                img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise SampleError("unreadable_image", f"image {name} cannot be read: {err}") from None
+            open_image(path, decode=False)
+        except BadImage as err:
+            raise SampleError("unreadable_image", str(err)) from None
+
+    def _placed(self, value: str, human: bool) -> str:
+        """turn_start: the turn's marks moved before its text (the Model Zoo's placement)."""
+        mark = self.style.mark
+        if not human or self.style.placement == "inline" or mark not in value:
+            return value
+        pieces = [p.strip() for p in value.split(mark)]
+        text = " ".join(p for p in pieces if p)
+        return mark * value.count(mark) + ("\n" + text if text else "")
+
+    def _tokens_for(self, values: list[str]) -> tuple[list[int], list[int], list[list[int]]]:
+        values = [self._placed(v, i % 2 == 0) for i, v in enumerate(values)]
+        if self.template in ("plain", "vicuna_v1"):
+            return self._tokens([{"from": "human" if i % 2 == 0 else "gpt", "value": v}
+                                 for i, v in enumerate(values)])
+        from mmgraph import chat_format as cf
+
+        st, turns = self.style, []
+        for i, v in enumerate(values):
+            role = "user" if i % 2 == 0 else "assistant"
+            if st.placement == "inline":
+                turns.append(cf.Turn(role, v.strip(), v.count(st.mark), v.replace(st.mark, st.image_token)))
+            else:
+                turns.append(cf.Turn(role, v.replace(st.mark, "").strip(), v.count(st.mark)))
+        try:
+            if self.template == "chat":
+                text, spans = cf.chat_text(self.tok, turns, st.image_token, st.chat_template, st.end_of_turn)
+                add_special = False
+            else:
+                sep = st.sep_token if st.sep_token is not None else (self.tok.sep_token or "<|sep|>")
+                text, spans = cf.prompt_completion_text(turns, st.image_token, sep, self.tok.eos_token,
+                                                        keep_prompt_text=self.phase != 1)
+                add_special = True
+        except Exception as err:    # a template is user code in Jinja: any failure is the template's
+            raise SampleError("template", f"the chat template failed: {err.__class__.__name__}: {err}") from None
+        return cf.tokens_from_text(self.tok, text, spans, add_special, self.image_token_id, self.placeholder,
+                                   self.layout.num_patches)
 
     def _segments(self, text: str, ids: list[int], sup: list[int], locs: list[list[int]], supervised: int) -> None:
-        parts = text.split(IMAGE)
+        parts = text.split(self.style.mark)
         for k, part in enumerate(parts):
             if k > 0:
                 locs.append(list(range(len(ids), len(ids) + self.layout.num_patches)))
-                ids += [self.image_id] * self.layout.num_patches
+                ids += [self.placeholder] * self.layout.num_patches
                 sup += [0] * self.layout.num_patches
-            piece = self.ids(part.strip("\n") if self.phase == 2 else "")
+            piece = self.ids(part.strip("\n") if self.template == "vicuna_v1" else "")
             ids += piece
             sup += [supervised] * len(piece)
 
     def _tokens(self, convs: list[dict]) -> tuple[list[int], list[int], list[list[int]]]:
+        """plain / vicuna_v1 (mmgraph's templates; generate builds its prompts with them)."""
+        vicuna = self.template == "vicuna_v1"
         ids, sup, locs = [self.bos], [0], []
-        if self.phase == 2:
+        if vicuna:
             ids += self._system
             sup += [0] * len(self._system)
         for i in range(0, len(convs), 2):
             human, answer = convs[i]["value"], convs[i + 1]["value"]
-            if self.phase == 2:
+            if vicuna:
                 head = self.ids("USER: ")
                 ids += head
                 sup += [0] * len(head)
             self._segments(human, ids, sup, locs, 0)          # plain: only the image marks stay
-            if self.phase == 2:
+            if vicuna:
                 mid = self.ids(" ASSISTANT: ")
                 ids += mid
                 sup += [0] * len(mid)
@@ -187,6 +290,12 @@ class Stats:
     supervised: int = 0
     images: Counter = field(default_factory=Counter)
 
+    def add(self, e: Encoded) -> None:
+        self.written += 1
+        self.tokens += e.tokens
+        self.supervised += e.supervised
+        self.images[len(e.img_paths)] += 1
+
     def as_dict(self) -> dict:
         return {"samples_written": self.written, "samples_skipped": dict(self.skipped),
                 "tokens": self.tokens, "supervised_tokens": self.supervised,
@@ -210,12 +319,20 @@ def _encode(item):
         return index, None, err
 
 
-def read_samples(path: str) -> list[dict]:
+def read_samples(path: str) -> list:
+    """The LLaVA JSON list (or JSON lines) of one file; encoding and syntax errors named."""
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as err:
         raise UserError(Problem(path, None, f"cannot read: {err.strerror}")) from None
     try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(Problem(path, f"line {line}, byte {err.start}", "not UTF-8 text (LLaVA JSON is UTF-8)")) from None
+    try:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(Problem(path, f"line {err.lineno}, column {err.colno}", f"malformed JSON: {err.msg}")) from None
@@ -226,77 +343,92 @@ def read_samples(path: str) -> list[dict]:
 
 def preprocess(input_json: str, image_dir: str, tokenizer: str, output_dir: str, phase: int,
                layout: Layout, samples_per_file: int = 1000, num_workers: int = 1,
-               on_error: str = "fail", on_long: str = "truncate", progress: bool = True) -> dict:
-    """Write the shards and ``stats.json``; returns the statistics. Shards are written to a
-    temporary folder and moved into ``output_dir`` only when every sample has been handled."""
-    import h5py
+               on_error: str = "fail", on_long: str = "truncate", progress: bool = True,
+               style: Optional[Style] = None, shuffle_seed: Optional[int] = None,
+               config: Optional[dict] = None) -> dict:
+    """Write the shards, ``stats.json`` and ``data_params.json``; returns the statistics. The
+    output folder changes only when the run completes with at least one shard."""
+    from mmgraph.shard_writer import OutputFolder
 
-    samples = read_samples(input_json)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".preprocess.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    inputs = input_json if isinstance(input_json, list) else [input_json]
+    samples, origin = [], []
+    for path in inputs:
+        got = read_samples(path)
+        samples += got
+        origin += [(path, i) for i in range(len(got))]
+    order = list(range(len(samples)))
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(order)
+    style = style or Style()
     stats = Stats()
-    args = (tokenizer, phase, layout, image_dir, on_long)
-    items = list(enumerate(samples))
+    args = (tokenizer, phase, layout, image_dir, on_long, True, style)
     buffer: list[Encoded] = []
-    shard = 0
+    _init_worker(args)                          # the tokenizer is checked before anything is written
+    with OutputFolder(output_dir) as out:
+        def flush():
+            if buffer:
+                I = layout.max_num_img
+                out.write_shard(np.stack([e.rows for e in buffer]),
+                                [e.img_paths + ["None"] * (I - len(e.img_paths)) for e in buffer],
+                                np.stack([e.img_loc for e in buffer]),
+                                {"max_seq_length": layout.max_seq_length, "num_patches": layout.num_patches,
+                                 "max_num_img": I, "phase": phase, "template": style.resolved(phase)})
+                buffer.clear()
 
-    def flush():
-        nonlocal shard, buffer
-        if not buffer:
-            return
-        n, S, I, P = len(buffer), layout.max_seq_length, layout.max_num_img, layout.num_patches
-        with h5py.File(tmp / f"data-{shard:05d}.h5", "w") as f:
-            f.create_dataset("data", data=np.stack([e.rows for e in buffer]), chunks=(min(n, 64), 5, S),
-                             compression="gzip", compression_opts=1)
-            paths = np.array([e.img_paths + [""] * (I - len(e.img_paths)) for e in buffer], dtype=object)
-            f.create_dataset("img_path", data=paths, dtype=h5py.string_dtype("utf-8"))
-            f.create_dataset("has_img", data=np.array([[bool(e.img_paths)] for e in buffer]))
-            f.create_dataset("img_data_loc", data=np.stack([e.img_loc for e in buffer]),
-                             chunks=(min(n, 64), I, P), compression="gzip", compression_opts=1)
-            f.attrs.update({"n_examples": n, "max_seq_length": S, "num_patches": P, "max_num_img": I,
-                            "phase": phase, "template": "plain" if phase == 1 else "vicuna_v1"})
-        shard += 1
-        buffer = []
-
-    try:
-        if num_workers > 1:
-            pool = multiprocessing.get_context("fork").Pool(num_workers, _init_worker, (args,))
-            results = pool.imap(_encode, items, chunksize=64)
-        else:
-            _init_worker(args)
-            pool, results = None, map(_encode, items)
-        if progress:
-            from tqdm import tqdm
-            results = tqdm(results, total=len(items), desc="preprocess", unit="samples", leave=False)
-        for index, encoded, err in results:
+        for index, encoded, err in _results(args, [(i, samples[i]) for i in order], num_workers, progress):
             if err is not None:
                 if on_error == "fail":
                     sid = samples[index].get("id", "?") if isinstance(samples[index], dict) else "?"
-                    raise UserError(Problem(input_json, f"sample {index} (id {sid})", str(err)))
+                    path, k = origin[index]
+                    raise UserError(Problem(path, f"sample {k} (id {sid})", str(err)))
                 stats.skipped[err.reason] += 1
                 continue
-            stats.written += 1
-            stats.tokens += encoded.tokens
-            stats.supervised += encoded.supervised
-            stats.images[len(encoded.img_paths)] += 1
+            stats.add(encoded)
             buffer.append(encoded)
             if len(buffer) >= samples_per_file:
                 flush()
         flush()
-        if pool is not None:
-            pool.close()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in out.glob("data-*.h5"):
-        old.unlink()
-    for f in sorted(tmp.iterdir()):
-        f.replace(out / f.name)
-    result = stats.as_dict()
-    (tmp / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
-    (tmp / "stats.json").replace(out / "stats.json")
-    tmp.rmdir()
+        if out.shards == 0:
+            skipped = ", ".join(f"{k} {v}" for k, v in sorted(stats.skipped.items())) or "the input is empty"
+            raise UserError(Problem(", ".join(inputs), None, f"no sample could be written ({skipped}); "
+                                    f"{output_dir} was left as it was"))
+        result = stats.as_dict()
+        out.write_json("stats.json", result)
+        out.write_json("data_params.json", _data_params(config, tokenizer, output_dir, image_dir, phase, layout,
+                                                        style, stats, _WORKER))
+        out.commit()
     return result
+
+
+def _results(args, items, num_workers: int, progress: bool):
+    if num_workers > 1:
+        pool = multiprocessing.get_context("fork").Pool(num_workers, _init_worker, (args,))
+        results = pool.imap(_encode, items, chunksize=64)
+    else:
+        pool, results = None, map(_encode, items)
+    if progress:
+        from tqdm import tqdm
+        results = tqdm(results, total=len(items), desc="preprocess", unit="samples", leave=False)
+    try:
+        yield from results
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _data_params(config, tokenizer, output_dir, image_dir, phase, layout, style, stats, encoder) -> dict:
+    """The Model Zoo's ``data_params.json``: its setup / processing / dataset sections and counts."""
+    tok = encoder
+    base = json.loads(json.dumps(config, default=str)) if config else {}
+    base.setdefault("setup", {}).update(output_dir=output_dir, image_dir=image_dir, mode="finetuning")
+    base.setdefault("processing", {}).update(
+        max_seq_length=layout.max_seq_length, huggingface_tokenizer=tokenizer,
+        pad_id=getattr(tok, "pad", None), eos_id=getattr(tok, "eos", None),
+        vocab_size=len(tok.tok) if hasattr(tok, "tok") else None)
+    base.setdefault("dataset", {}).update(num_patches=layout.num_patches, max_num_img=layout.max_num_img,
+                                          is_multimodal=True, template=style.resolved(phase), phase=phase)
+    base["features"] = ["text_input_ids", "loss_mask", "labels", "key_padding_mask", "token_modality_idx"]
+    base["post-process"] = {"n_examples": stats.written, "discarded": sum(stats.skipped.values()),
+                            "successful": stats.written, "processed": stats.written + sum(stats.skipped.values()),
+                            "num_tokens": stats.tokens, "loss_valid_tokens": stats.supervised}
+    return base

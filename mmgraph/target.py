@@ -13,13 +13,16 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, ValidationError
 
+import mmgraph.configs as _shipped_configs
 from mmgraph.config.base import Section
 from mmgraph.config.load import _format_errors, _read_yaml
 from mmgraph.errors import Problem, UserError, did_you_mean
 
 Positive = Annotated[float, Field(gt=0)]
 Share = Annotated[float, Field(gt=0, le=1)]
-TARGET_DIR = Path(__file__).resolve().parent.parent / "configs" / "targets"
+# The shipped targets are package data (mmgraph.configs, folder targets/): found through the package,
+# so an installed wheel finds them as the source tree does.
+TARGET_DIR = Path(_shipped_configs.__file__).resolve().parent / "targets"
 
 
 class PeakFlops(Section):
@@ -69,6 +72,22 @@ class ExternalMemory(Section):
     optimizer_tensor_overhead_s: Annotated[float, Field(ge=0)] = 0.0   # per gradient tensor clipped + updated
 
 
+class Interconnect(Section):
+    """How several systems train one model data-parallel (``passes/scaling.py``)."""
+
+    topology: Literal["swarmx", "ring"]       # swarmx: broadcast weights / reduce gradients in a tree
+    bandwidth: Positive = 1.0                 # ring: bytes/s each direction per system, within a node
+    bandwidth_across_nodes: Optional[Positive] = None   # ring: per system, between nodes
+    systems_per_node: Annotated[int, Field(gt=0)] = 1
+    latency_s: Annotated[float, Field(ge=0)] = 0.0      # per hop (swarmx) or per ring step
+
+    def ring_bandwidth(self, systems: int) -> float:
+        """The slowest link a ring over ``systems`` crosses."""
+        if systems > self.systems_per_node and self.bandwidth_across_nodes:
+            return min(self.bandwidth, self.bandwidth_across_nodes)
+        return self.bandwidth
+
+
 class Target(Section):
     name: str
     kind: Literal["wafer", "gpu", "host"]
@@ -78,6 +97,7 @@ class Target(Section):
     fabric_bandwidth: Optional[Positive] = None
     stream: Stream
     external_memory: ExternalMemory
+    interconnect: Optional[Interconnect] = None
     sources: list[str] = []
     assumptions: list[str] = []
 

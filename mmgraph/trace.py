@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 import re
 import traceback
 from collections import deque
@@ -23,6 +24,7 @@ import torch.fx.traceback as fx_traceback
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import mmgraph.models as _models_pkg
 from mmgraph.config import Params
 from mmgraph.errors import Problem, UserError
 from mmgraph.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program, layer_of
@@ -32,7 +34,7 @@ from mmgraph.models.loss import lm_loss
 from mmgraph.opcost import node_bytes, node_flops, node_val
 
 _SANITIZE = re.compile(r"[^0-9a-zA-Z_]")
-_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "models")
+_MODEL_DIR = str(Path(_models_pkg.__file__).resolve().parent) + os.sep  # source or installed
 
 
 class _Step(torch.nn.Module):

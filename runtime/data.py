@@ -12,12 +12,12 @@ import random
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
-from PIL import Image
 
 from mmgraph.config import Params
 from mmgraph.errors import Problem, UserError
+from mmgraph.runtime.shards import (BadImage, Expect, UnsafePath, confined, data_params_problems, inspect_shard,
+                                    open_image, read_sample)
 from mmgraph.runtime.transforms import build_transforms
 
 FIELDS = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "token_modality_idx")
@@ -25,43 +25,24 @@ FIELDS = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "token_mo
 
 class MultimodalH5Dataset(torch.utils.data.Dataset):
     def __init__(self, data_dir, img_data_dir: Optional[str], transforms, max_seq_length: int,
-                 max_num_img: int, num_patches: int, image_size: tuple[int, int, int]):
+                 max_num_img: int, num_patches: int, image_size: tuple[int, int, int],
+                 vocab_size: Optional[int] = None, image_start_idx: int = 1):
         dirs = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
-        self.files: list[Path] = []
-        for d in dirs:
-            if not Path(d).is_dir():
-                raise UserError(Problem(str(d), None, "data_dir does not exist (run mmgraph preprocess)"))
-            self.files += sorted(Path(d).glob("*.h5"))
-        if not self.files:
-            raise UserError(Problem(str(dirs[0]), None, "no .h5 shards here (run mmgraph preprocess)"))
+        self.files = shard_files(dirs)
         self.img_dir = Path(img_data_dir) if img_data_dir else None
         self.S, self.I, self.P = max_seq_length, max_num_img, num_patches
+        self.want = Expect(max_seq_length, max_num_img, num_patches, vocab_size, image_start_idx)
         self.image_size = tuple(image_size)
         self.transform = build_transforms(transforms)
         self.index: list[tuple[int, int]] = []
+        problems: list[Problem] = []
         for k, path in enumerate(self.files):
-            n = self._check_shard(path)
+            n, bad = inspect_shard(path, self.want)
+            problems += bad
             self.index += [(k, i) for i in range(n)]
+        if problems:
+            raise UserError(problems)
         self._handles: dict[int, object] = {}
-
-    def _check_shard(self, path: Path) -> int:
-        import h5py
-
-        want = {"data": (5, self.S), "img_path": (self.I,), "has_img": (1,), "img_data_loc": (self.I, self.P)}
-        try:
-            with h5py.File(path, "r") as f:
-                for key, tail in want.items():
-                    if key not in f:
-                        raise UserError(Problem(str(path), key, "dataset missing (not an mmgraph/Model Zoo 2.3 shard)"))
-                    if tuple(f[key].shape[1:]) != tail:
-                        raise UserError(Problem(str(path), key, f"shape {tuple(f[key].shape)} does not match the params "
-                                                f"(expected N x {' x '.join(map(str, tail))})"))
-                n = int(f.attrs.get("n_examples", f["data"].shape[0]))
-                if f["data"].shape[0] != n:
-                    raise UserError(Problem(str(path), "n_examples", f"{n} but data has {f['data'].shape[0]} rows"))
-                return n
-        except OSError as err:
-            raise UserError(Problem(str(path), None, f"not a readable HDF5 file: {err}")) from None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -75,28 +56,76 @@ class MultimodalH5Dataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         k, row = self.index[i]
-        f = self._file(k)
-        data = torch.from_numpy(f["data"][row].astype(np.int64))                 # (5, S)
-        paths = [p.decode() if isinstance(p, bytes) else p for p in f["img_path"][row]]
-        loc = torch.from_numpy(f["img_data_loc"][row].astype(np.int64))         # (I, P)
+        where = f"sample {row}"
+        try:
+            data, names, loc = read_sample(self._file(k), self.files[k], row, self.want)
+        except (ValueError, OSError) as err:
+            raise UserError(Problem(str(self.files[k]), where, str(err))) from None
         images = torch.zeros((self.I, *self.image_size))
-        for j, name in enumerate(paths):
-            if name:
-                path = self.img_dir / name if self.img_dir else Path(name)
-                try:
-                    with Image.open(path) as img:
-                        images[j] = self.transform(img)
-                except (OSError, ValueError) as err:
-                    raise UserError(Problem(str(path), None, f"cannot read image of {self.files[k].name} row {row}: {err}")) from None
-        out = {name: data[r] for r, name in enumerate(FIELDS)}
-        out["image_data"] = images
-        out["image_data_loc"] = loc
+        for j, name in enumerate(names):
+            if not name:
+                continue
+            try:
+                img = open_image(confined(self.img_dir, name))
+                images[j] = self.transform(img)
+            except (UnsafePath, BadImage) as err:
+                raise UserError(Problem(str(self.files[k]), where, str(err))) from None
+            except (RuntimeError, ValueError, TypeError) as err:
+                raise UserError(Problem(str(self.files[k]), where, f"image {name} cannot be transformed to "
+                                        f"{tuple(self.image_size)}: {err}")) from None
+        data = torch.from_numpy(data)                                               # (5, S)
+        out = {field: data[r] for r, field in enumerate(FIELDS)}
+        out["image_data"] = images                                                  # (I, C, H, W)
+        out["image_data_loc"] = torch.from_numpy(loc)                               # (I, P)
         return out
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+def image_start_idx(params: Params) -> int:
+    """The older ``llava`` model's ``model.image_start_idx`` (2.3 layout or ``trainer.init.model``)."""
+    raw = params.raw if isinstance(params.raw, dict) else {}
+    trainer = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
+    init = trainer.get("init") if isinstance(trainer.get("init"), dict) else {}
+    for model in (raw.get("model"), init.get("model")):
+        if isinstance(model, dict) and isinstance(model.get("image_start_idx"), int):
+            return model["image_start_idx"]
+    return 1
+
+
+def shard_files(dirs) -> list[Path]:
+    """Every ``*.h5`` of the folders, sorted (as the Model Zoo's reader does)."""
+    files: list[Path] = []
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise UserError(Problem(str(d), None, "data_dir does not exist (run mmgraph preprocess)"))
+        files += sorted(Path(d).glob("*.h5"))
+    if not files:
+        raise UserError(Problem(str(dirs[0]), None, "no .h5 shards here (run mmgraph preprocess)"))
+    return files
+
+
+class NamedErrorsLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' data errors arrive as the worker raised them (``FILE: sample N:
+    what``), not wrapped in the worker's traceback text."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UserError as err:
+                text = str(err)
+                if "Traceback" not in text:
+                    raise
+                lines = [line.split("UserError: ", 1)[1] for line in text.splitlines() if "UserError: " in line]
+                raise UserError(Problem(None, None, lines[-1] if lines else text.splitlines()[0])) from None
+            yield batch
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -143,7 +172,8 @@ def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] 
                                 f"{data.img_data_dir} does not exist"))
     try:
         ds = MultimodalH5Dataset(data.data_dir, data.img_data_dir, data.transforms, layout.max_sequence_length,
-                                 layout.max_num_img, layout.num_patches, layout.image_data_size)
+                                 layout.max_num_img, layout.num_patches, layout.image_data_size, layout.vocab_size,
+                                 image_start_idx(params))
     except UserError as err:
         raise UserError(problems + err.problems) from None
     if problems:
@@ -151,6 +181,89 @@ def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] 
     mbs = batch_size or (data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size)
     sampler = ResumableSampler(len(ds), mbs, data.shuffle, data.shuffle_seed, data.drop_last)
     workers = data.num_workers if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(ds, batch_size=mbs, sampler=sampler, num_workers=workers,
+    loader = NamedErrorsLoader(ds, batch_size=mbs, sampler=sampler, num_workers=workers,
                                          drop_last=data.drop_last, persistent_workers=False)
     return loader, sampler
+
+
+def check_data(params: Params, mode: str = "train") -> tuple[int, list[Problem]]:
+    """Check the data the params point to: (samples, every problem found).
+
+    Shards readable and shaped as the params say (sequence length, ``max_num_img``, tokens per
+    image), ``data_params.json`` consistent with them, every sample's token ids and image
+    positions in range, every image present inside ``img_data_dir``. Images are not decoded."""
+    data = params.input_for(mode)
+    if data is None or not data.data_dir:
+        return 0, []
+    layout = params.layout(mode)
+    section = "eval_input" if mode == "eval" and params.eval_input else "train_input"
+    want = Expect(layout.max_sequence_length, layout.max_num_img, layout.num_patches, layout.vocab_size,
+                  image_start_idx(params))
+    problems: list[Problem] = []
+    if data.img_data_dir and not Path(data.img_data_dir).is_dir():
+        problems.append(Problem(params.path, f"{section}.img_data_dir", f"{data.img_data_dir} does not exist"))
+    dirs = [data.data_dir] if isinstance(data.data_dir, (str, Path)) else list(data.data_dir)
+    try:
+        files = shard_files(dirs)
+    except UserError as err:
+        return 0, problems + err.problems
+    for d in dirs:
+        problems += data_params_problems(Path(d), want)
+    total = 0
+    for path in files:
+        n, bad = inspect_shard(path, want)
+        problems += bad
+        if not bad:
+            problems += _check_rows(path, n, want, data.img_data_dir)
+            total += n
+    return total, problems
+
+
+def _check_rows(path: Path, n: int, want: Expect, img_dir: Optional[str], limit: int = 20) -> list[Problem]:
+    """Every sample of one shard (at most ``limit`` problems from it, then a count)."""
+    import h5py
+
+    problems: list[Problem] = []
+    more = 0
+    try:
+        with h5py.File(path, "r") as f:
+            for row in range(n):
+                try:
+                    _, names, _ = read_sample(f, path, row, want)
+                    for name in filter(None, names):
+                        image = confined(img_dir, name)
+                        if not image.is_file():
+                            raise ValueError(f"image {name} not found in {img_dir}")
+                except ValueError as err:          # UnsafePath is a ValueError
+                    if len(problems) < limit:
+                        problems.append(Problem(str(path), f"sample {row}", str(err)))
+                    else:
+                        more += 1
+    except OSError as err:
+        problems.append(Problem(str(path), None, f"cannot be read ({err})"))
+    if more:
+        problems.append(Problem(str(path), None, f"{more} more samples with problems"))
+    return problems
+
+
+def describe_data(params: Params, mode: str = "train") -> Optional[str]:
+    """``mmgraph check``'s data line: None when the params' data_dir does not exist (yet);
+    otherwise the sample count, or a ``UserError`` listing every problem of the data.
+    ``train_and_eval`` checks both sections."""
+    lines, problems, seen = [], [], set()
+    for m in (("train", "eval") if mode == "train_and_eval" else (mode,)):
+        data = params.input_for(m)
+        if data is None or not data.data_dir:
+            continue
+        dirs = [data.data_dir] if isinstance(data.data_dir, (str, Path)) else list(data.data_dir)
+        key = (tuple(map(str, dirs)), data.img_data_dir)
+        if key in seen or not all(Path(d).is_dir() for d in dirs):
+            continue
+        seen.add(key)
+        count, found = check_data(params, m)
+        problems += found
+        lines.append(f"data ({m}): {count:,} samples in {', '.join(map(str, dirs))} (shards, layout and images "
+                     "checked)")
+    if problems:
+        raise UserError(problems)
+    return "\n".join(lines) or None

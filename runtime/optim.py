@@ -46,6 +46,20 @@ def learning_rate(cfg: OptimizerConfig, step: int) -> float:
     return _one(schedules[-1], step - start)
 
 
+def squared_norm(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of every gradient, in float64."""
+    return sum((g.double() ** 2).sum() for g in grads.values()) if grads else torch.zeros((), dtype=torch.float64)
+
+
+def clip_to_norm(grads: dict[str, torch.Tensor], norm: torch.Tensor, limit) -> float:
+    """Scale ``grads`` in place so their global norm ``norm`` becomes ``limit`` (when above it)."""
+    if limit is not None and norm > limit:
+        scale = limit / (norm + 1e-6)
+        for g in grads.values():
+            g.mul_(scale.to(g.dtype))
+    return float(norm)
+
+
 class Optimizer:
     """Updates parameters in place from their gradients; state is a dict of tensors."""
 
@@ -57,13 +71,8 @@ class Optimizer:
 
     def clip(self, grads: dict[str, torch.Tensor]) -> float:
         """Scale gradients to ``max_gradient_norm`` (global L2 norm); returns the norm before."""
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())) if grads else torch.tensor(0.0)
-        limit = self.cfg.max_gradient_norm
-        if limit is not None and norm > limit:
-            scale = limit / (norm + 1e-6)
-            for g in grads.values():
-                g.mul_(scale.to(g.dtype))
-        return float(norm)
+        norm = torch.sqrt(squared_norm(grads))
+        return clip_to_norm(grads, norm, self.cfg.max_gradient_norm)
 
     @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor]) -> float:

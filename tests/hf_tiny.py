@@ -81,3 +81,57 @@ def make_llava_two_folder(root: Path, llava, projector_state, bin_projector: boo
         "mm_vision_select_layer": cfg.vision_feature_layer, "mm_vision_select_feature": "patch",
         "mm_vision_tower": "openai/clip-vit-large-patch14-336", "image_aspect_ratio": "pad"}))
     return root
+
+
+def next_llava_config(lmsys: dict, mm_hidden_size: int) -> dict:
+    """A LLaVA-NeXT ``config.json`` with the keys of lmms-lab/llama3-llava-next-8b's (the seed's
+    step d; written here from its documented keys, tiny sizes from ``lmsys``)."""
+    return {**lmsys, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+            "image_aspect_ratio": "anyres", "image_crop_resolution": 224, "image_split_resolution": 224,
+            "image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]], "mm_patch_merge_type": "spatial_unpad",
+            "mm_hidden_size": mm_hidden_size, "mm_projector_type": "mlp2x_gelu", "mm_resampler_type": None,
+            "mm_spatial_pool_mode": "bilinear", "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+            "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+            "mm_vision_tower": "openai/clip-vit-large-patch14-336", "tune_mm_mlp_adapter": False,
+            "use_mm_proj": True, "tokenizer_model_max_length": 128}
+
+
+def make_model_zoo_layout(root: Path, llava, llava_config: dict | None = None) -> Path:
+    """The seed README's pretrained-checkpoint folder: ``image_model/`` (a full CLIP checkpoint as
+    ``pytorch_model.bin``, its ``config.json`` and ``preprocessor_config.json``) and ``text_model/``
+    (the LLM alone, as two ``.bin`` shards with an index, its config renamed ``config_lmsys.json``,
+    and a LLaVA ``config.json`` beside it: LLaVA-NeXT's unless ``llava_config`` is given)."""
+    import json
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    cfg = llava.config
+    image_dir, text_dir = root / "image_model", root / "text_model"
+    image_dir.mkdir(parents=True)
+    text_dir.mkdir(parents=True)
+    clip_cfg = CLIPConfig(text_config=CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                     num_hidden_layers=1, num_attention_heads=2).to_dict(),
+                          vision_config=cfg.vision_config.to_dict(), projection_dim=16)
+    clip = CLIPModel(clip_cfg)
+    clip.vision_model.load_state_dict({k.removeprefix("vision_model."): v
+                                       for k, v in llava.model.vision_tower.state_dict().items()})
+    torch.save({k: v.contiguous() for k, v in clip.state_dict().items()}, image_dir / "pytorch_model.bin")
+    (image_dir / "config.json").write_text(clip_cfg.to_json_string())
+    (image_dir / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+         "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+         "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 32}))
+    text = {"model." + k: v.contiguous() for k, v in llava.model.language_model.state_dict().items()}
+    if not cfg.tie_word_embeddings:
+        text["lm_head.weight"] = llava.lm_head.weight.detach().contiguous()
+    keys = sorted(text)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, ks in shards.items():
+        torch.save({k: text[k] for k in ks}, text_dir / name)
+    (text_dir / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    lmsys = json.loads(cfg.text_config.to_json_string())
+    (text_dir / "config_lmsys.json").write_text(json.dumps(lmsys))
+    llava_config = llava_config or next_llava_config(lmsys, cfg.vision_config.hidden_size)
+    (text_dir / "config.json").write_text(json.dumps(llava_config))
+    return root

@@ -56,23 +56,6 @@ def test_simulator_benchmark_quick():
     report.plot_simulator(result)
 
 
-def test_calibrate_writes_a_valid_host_target(tmp_path, monkeypatch):
-    from mmgraph.calibrate import host_target, measure
-    from mmgraph.cli import main
-    from mmgraph.target import Target, load_target
-
-    figures = measure(size=128, repeats=1)
-    target = Target.model_validate(host_target(figures))
-    assert target.compute.granularity == "op" and not target.stream.enabled
-    assert 0 < target.matmul_share(1e3) <= 1 and target.compute.transcendental_rate > 0
-    assert 0 < target.compute.op_efficiency <= 1 and target.compute.kernel_overhead_s > 0
-    assert target.external_memory.optimizer_tensor_overhead_s >= 0
-    monkeypatch.setenv("MMGRAPH_HOME", str(tmp_path))
-    monkeypatch.setattr("mmgraph.calibrate.measure", lambda device, size: figures)
-    assert main(["calibrate"]) == 0
-    assert load_target("host").name == "host"
-
-
 def test_data_benchmark_quick():
     from benchmarks.bench_data import format_table
     from benchmarks.bench_data import run as run_data

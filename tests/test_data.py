@@ -255,7 +255,7 @@ def test_preprocess_errors_name_file_and_sample_and_write_nothing(dataset, tmp_p
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("missing", "img_data_loc: dataset missing (not an mmgraph/Model Zoo 2.3 shard)"),
+    ("missing", "img_data_loc: dataset missing (not an mmgraph / Model Zoo multimodal shard)"),
     ("shape", "data: shape (4, 5, 50) does not match the params (expected N x 5 x 96)"),
 ])
 def test_loader_rejects_bad_shards(tmp_path, damage, message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from mmgraph.convert.io import Entry
 from mmgraph.errors import Problem, UserError
@@ -29,15 +29,21 @@ class Checkpoint:
     tokenizer: Optional[Path] = None
     preprocessor: Optional[dict] = None
     params: Optional[dict] = None                 # a whole params file, when the source had one
+    config_file: Optional[str] = None             # the file the model section came from (errors name it)
+    notes: list[str] = field(default_factory=list)  # what the conversion does not carry over
+    cfg: Any = None                               # the validated ModelConfig (set by convert.check)
 
 
 def _json(path: Path) -> dict:
     if not path.is_file():
         raise UserError(Problem(str(path), None, "does not exist"))
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(Problem(str(path), None, f"not valid JSON ({err})")) from err
+    if not isinstance(data, dict):
+        raise UserError(Problem(str(path), None, f"holds a JSON {type(data).__name__}, not an object"))
+    return data
 
 
 def _maybe_json(path: Path) -> Optional[dict]:

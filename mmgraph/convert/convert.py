@@ -12,13 +12,19 @@ Formats (``mmgraph convert list``):
   older key layout). Written as a ``LlavaForConditionalGeneration`` folder, or in the two-folder
   layout with ``--hf-layout two_folder`` (or when the source was).
 - ``llava``: the LLaVA repository layout: ``image_model/`` and ``text_model_llava/`` (the loader
-  requires "llava" in the folder name; ``mm_vision_tower`` points at ``image_model``).
+  requires "llava" in the folder name; ``mm_vision_tower`` is the written ``image_model``'s path).
+- ``cs-X.Y`` (``cs-2.3``, ...): the Model Zoo's name for its own format, here mmgraph's native
+  format, so the Model Zoo's commands work as written; converted to ``hf`` without a remembered
+  source layout, it writes the Model Zoo's ``image_model/`` + ``text_model/``.
+The model is ``mm_simple`` (the Model Zoo's README) or ``mmsimple-llava`` (its registry's name).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -33,7 +39,20 @@ FORMATS = {
     "native": "mmgraph weights (safetensors, Model Zoo names) + params.yaml",
     "hf": "Hugging Face: LlavaForConditionalGeneration folder, or image_model/ + text_model/ (read both)",
     "llava": "LLaVA repository layout: image_model/ + text_model_llava/ (mm_projector inside)",
+    "cs-X.Y": "the Model Zoo's name for its native format (cs-2.3, cs-2.10, ...): read and written as native; "
+              "to hf it writes image_model/ + text_model/ as the Model Zoo does",
 }
+MODELS = ("mm_simple", "mmsimple-llava")
+_CS = re.compile(r"cs-\d+\.\d+")
+
+
+def format_name(flag: str, fmt: str) -> str:
+    """The format a ``--src-fmt`` / ``--tgt-fmt`` value names (``cs-X.Y`` is native)."""
+    if fmt in FORMATS and fmt != "cs-X.Y":
+        return fmt
+    if _CS.fullmatch(fmt):
+        return "native"
+    raise UserError(Problem(None, flag, f"unknown format {fmt!r}; one of native, hf, llava, cs-X.Y (e.g. cs-2.3)"))
 
 
 def check(ck: Checkpoint) -> None:
@@ -46,7 +65,8 @@ def check(ck: Checkpoint) -> None:
     try:
         cfg = ModelConfig.model_validate(ck.model)
     except Exception as err:  # noqa: BLE001 - pydantic lists the problems
-        raise UserError(Problem(None, "model", f"the derived params are not valid: {err}")) from None
+        raise UserError(Problem(ck.config_file, "model", f"the params are not valid: {err}")) from None
+    ck.cfg = cfg
     model, _ = build_model(cfg, fake_mode=FakeTensorMode())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = cfg.text_model.share_embedding_weights
@@ -65,10 +85,16 @@ def check(ck: Checkpoint) -> None:
 
 
 def blockers(ck: Checkpoint, fmt: str, transformers_layout: bool) -> None:
-    """Features with no Hugging Face / LLaVA equivalent stop conversion, naming the feature."""
+    """Features with no Hugging Face / LLaVA equivalent stop conversion, naming the feature and
+    the params file it is set in (``--config``, or the source's ``params.yaml``)."""
     m = ck.model
     images = m.get("image_model_list", {})
-    where = "params.yaml"
+    where = ck.config_file or "params.yaml"
+    vit = ck.cfg.image_model_list.image_models[0].encoder if len(images.get("image_models", [])) == 1 else None
+    if vit is not None and not vit.use_conv_patchified_embedding:
+        raise UserError(Problem(where, "model.image_model_list.image_models[0].image_model[0]."
+                                "use_conv_patchified_embedding", f"false (a Linear patch embedding): {fmt}'s CLIP "
+                                "vision tower patchifies with a convolution"))
     if len(images.get("image_models", [])) != 1:
         raise UserError(Problem(where, "model.image_model_list.image_models", f"{len(images.get('image_models', []))} "
                                 f"image encoders: {fmt} has one vision tower"))
@@ -98,39 +124,43 @@ def blockers(ck: Checkpoint, fmt: str, transformers_layout: bool) -> None:
 def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optional[str] = None,
             hf_layout: Optional[str] = None, shard_size: str = "5GB", image_token_id: Optional[int] = None,
             model: str = "mm_simple") -> Path:
-    if model != "mm_simple":
-        raise UserError(Problem(None, "--model", f"{model!r}: mmgraph converts mm_simple (LLaVA-style) checkpoints"))
-    for flag, fmt in (("--src-fmt", src_fmt), ("--tgt-fmt", tgt_fmt)):
-        if fmt not in FORMATS:
-            raise UserError(Problem(None, flag, f"unknown format {fmt!r}; one of {', '.join(FORMATS)}"))
+    if model not in MODELS:
+        raise UserError(Problem(None, "--model", f"{model!r}: mmgraph converts mm_simple (LLaVA-style) checkpoints "
+                                f"({' or '.join(MODELS)})"))
+    src_kind, tgt_kind = format_name("--src-fmt", src_fmt), format_name("--tgt-fmt", tgt_fmt)
     source, out = Path(src), Path(output_dir)
     if not source.exists():
         raise UserError(Problem(src, None, "does not exist"))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(Problem(output_dir, None, "exists and is not empty (choose a new --output-dir)"))
-    if src_fmt == "native":
-        ck = read_native(source, Path(config) if config else None)
-    elif src_fmt == "hf":
-        ck = read_hf(source)
+    _check_output(out, output_dir)
+    cfg_path = Path(config) if config else None
+    if src_kind == "native":
+        ck = read_native(source, cfg_path)
+    elif src_kind == "hf":
+        ck = read_hf(source, cfg_path)
     else:
         ck = read_two_folder(source)
     check(ck)
-    layout = hf_layout or ("two_folder" if ck.source.get("layout") == "two_folder" else "llava")
-    if tgt_fmt != "native":
-        blockers(ck, tgt_fmt, tgt_fmt == "hf" and layout == "llava")
+    remembered = ck.source.get("layout")
+    model_zoo_default = "two_folder" if _CS.fullmatch(src_fmt) and remembered is None else "llava"
+    layout = hf_layout or ("two_folder" if remembered == "two_folder" else model_zoo_default)
+    if tgt_kind != "native":
+        blockers(ck, tgt_fmt, tgt_kind == "hf" and layout == "llava")
     shard_bytes = parse_size(shard_size)
+    for note in ck.notes:
+        print(f"mmgraph: note: {note}", file=sys.stderr)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if tgt_fmt == "native":
+        if tgt_kind == "native":
             write_native(ck, tmp, shard_bytes)
-        elif tgt_fmt == "llava":
-            write_two_folder(ck, tmp, shard_bytes, "text_model_llava")
+        elif tgt_kind == "llava":
+            write_two_folder(ck, tmp, shard_bytes, "text_model_llava", out)
         elif layout == "two_folder":
-            write_two_folder(ck, tmp, shard_bytes, ck.source.get("text_folder", "text_model"))
+            write_two_folder(ck, tmp, shard_bytes, ck.source.get("text_folder", "text_model"), out)
         else:
             write_transformers(ck, tmp, shard_bytes, image_token_id)
+        _check_output(out, output_dir)                  # nothing appeared there meanwhile
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -140,6 +170,21 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
     return out
 
 
+def _check_output(out: Path, given: str) -> None:
+    """``--output-dir`` must be new or an empty folder, and not a symlink (nothing is written
+    through one)."""
+    if out.is_symlink():
+        raise UserError(Problem(given, None, "is a symlink (give a new folder: nothing is written through a link)"))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(Problem(given, None, "exists and is not empty (choose a new --output-dir)"))
+
+
 def describe_formats() -> str:
     return "\n".join(f"  {k:7s} {v}" for k, v in FORMATS.items())
+
+
+def describe() -> str:
+    """``mmgraph convert list``: the models and formats."""
+    return (f"models (--model): {', '.join(MODELS)} (the same converter: CLIP vision + projector + LLaMA)\n"
+            f"formats (--src-fmt / --tgt-fmt):\n{describe_formats()}")
 

@@ -1,4 +1,11 @@
-"""The ``model`` section of a params file from Hugging Face configs (CLIP vision + LLaMA + LLaVA)."""
+"""The ``model`` section of a params file from Hugging Face configs (CLIP vision + LLaMA + LLaVA).
+
+Every key whose value the Hugging Face model requires is written explicitly (never left to a
+default), so the converted params build the same model whichever defaults mmgraph or the Model
+Zoo apply: e.g. ``use_conv_patchified_embedding: true`` (CLIP patchifies with a convolution;
+the Model Zoo's default is a Linear embedding), the projector's ``use_bias: true``,
+``image_layer_idx`` (unset would mean every block plus the final LayerNorm).
+"""
 
 from __future__ import annotations
 
@@ -51,9 +58,20 @@ def vit_params(vision: Any, vision_feature_layer: int = -2) -> dict:
         "patch_size": [_get(vision, "patch_size")] * 2,
         "num_channels": _get(vision, "num_channels", 3),
         "prepend_cls_token": True,
-        "use_post_embed_layer_norm": True,
+        "use_conv_patchified_embedding": True,           # CLIP's patch embedding is a Conv2d
+        "use_post_embed_layer_norm": True,               # CLIP's pre_layrnorm
         "use_embed_proj_bias": False,
         "position_embedding_type": "learned",
+        "embedding_dropout_rate": 0.0,
+        "dropout_rate": 0.0,
+        "attention_dropout_rate": float(_get(vision, "attention_dropout", 0.0) or 0.0),
+        "attention_type": "scaled_dot_product",
+        "use_projection_bias_in_attention": True,
+        "use_ffn_bias_in_attention": True,
+        "use_ffn_bias": True,
+        "use_final_layer_norm": True,                    # CLIP's post_layernorm (weights exist)
+        "use_encoder_pooler_layer": False,
+        "norm_first": True,
         "image_layer_idx": image_layer_idx_from_hf(vision_feature_layer),
     }
 
@@ -64,6 +82,10 @@ def llama_params(text: Any) -> dict:
     kv = _get(text, "num_key_value_heads") or heads
     rope = _get(text, "rope_parameters") or {}
     theta = rope.get("rope_theta") if isinstance(rope, Mapping) else None
+    scaling = _get(text, "rope_scaling") or (rope if isinstance(rope, Mapping) else {})
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, Mapping) else "default"
+    if kind not in ("default", None):
+        raise UserError(f"rope_scaling {kind!r} is not supported (mmgraph's LLaMA uses plain rotary positions)")
     hidden = _get(text, "hidden_size")
     bias = bool(_get(text, "attention_bias", False))
     out = {
@@ -85,6 +107,12 @@ def llama_params(text: Any) -> dict:
         "use_ffn_bias_in_attention": bias,
         "use_ffn_bias": bool(_get(text, "mlp_bias", False)),
         "use_bias_in_output": False,
+        "attention_type": "scaled_dot_product",
+        "attention_dropout_rate": float(_get(text, "attention_dropout", 0.0) or 0.0),
+        "dropout_rate": 0.0,
+        "embd_pdrop": 0.0,
+        "embedding_layer_norm": False,
+        "pos_scaling_factor": 1.0,
     }
     if kv != heads:
         out["attention_module"] = "multiquery_attention"
@@ -108,4 +136,7 @@ def llava_model_params(vision: Any, text: Any, projector_type: str = "mlp2x_gelu
         "freeze": [],
         "loss_scaling": "num_tokens",
         "loss_weight": 1.0,
+        "label_smoothing": 0.0,
+        "z_loss_eps": 0.0,
+        "mixed_precision": False,
     }

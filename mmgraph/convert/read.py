@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 import yaml
 
 from mmgraph.convert.checkpoint import (_BUFFERS, PROJ, TEXT, TOKENIZER_FILES, VIT, Checkpoint, _json,
@@ -12,6 +13,7 @@ from mmgraph.convert.checkpoint import (_BUFFERS, PROJ, TEXT, TOKENIZER_FILES, V
 from mmgraph.convert.hf_params import llava_model_params
 from mmgraph.convert.io import Entry, find_weights, read_entries
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
+from mmgraph.convert.llava_cfg import FREEZE_VISION, anyres_note, read_llava_config
 from mmgraph.errors import Problem, UserError
 
 
@@ -26,12 +28,19 @@ def _rename(entries: dict[str, Entry], fn: Callable[[str], Optional[str]], into:
 
 
 
-def read_hf(src: Path) -> Checkpoint:
+def read_hf(src: Path, config: Optional[Path] = None) -> Checkpoint:
+    """``config`` (``--config``): where the configs are when not beside the weights: a folder of
+    the same layout, or a transformers ``config.json``."""
+    if config is not None and not config.exists():
+        raise UserError(Problem(str(config), None, "does not exist (--config)"))
     if (src / "image_model").is_dir() and _text_folder(src) is not None:
-        return read_two_folder(src)
-    cfg_path = src / "config.json"
-    if cfg_path.is_file() and _json(cfg_path).get("model_type") == "llava":
-        return read_transformers(src)
+        if config is not None and not config.is_dir():
+            raise UserError(Problem(str(config), None, "--config for an image_model/ + text_model/ source is the "
+                                    "folder holding their configs (usually the source itself)"))
+        return read_two_folder(src, config)
+    cfg_path = config if config is not None and config.is_file() else (config or src) / "config.json"
+    if cfg_path.is_file() and _json(cfg_path).get("model_type") in ("llava", "llava_next"):
+        return read_transformers(src, cfg_path)
     raise UserError(Problem(str(src), None, "neither a LlavaForConditionalGeneration folder (config.json with "
                             "model_type llava) nor image_model/ + text_model/"))
 
@@ -44,17 +53,22 @@ def _text_folder(src: Path) -> Optional[Path]:
     return cands[0] if cands else None
 
 
-def read_two_folder(src: Path) -> Checkpoint:
+def read_two_folder(src: Path, config_root: Optional[Path] = None) -> Checkpoint:
+    """``image_model/`` + ``text_model*/``; configs from ``config_root`` (same layout) if given."""
     image_dir, text_dir = src / "image_model", _text_folder(src)
-    vision_cfg = _json(image_dir / "config.json")
+    cfg_root = config_root or src
+    cfg_image, cfg_text = cfg_root / "image_model", cfg_root / text_dir.name
+    vision_cfg = _json(cfg_image / "config.json")
     vision_cfg = vision_cfg.get("vision_config", vision_cfg)          # a full CLIPConfig also works
-    llava_cfg = _json(text_dir / "config.json")
-    lmsys = text_dir / "config_lmsys.json"
+    llava_path = cfg_text / "config.json"
+    llava_cfg = _json(llava_path)
+    lmsys = cfg_text / "config_lmsys.json"
     text_cfg = _json(lmsys) if lmsys.is_file() else llava_cfg
-    projector_type = llava_cfg.get("mm_projector_type", "linear")
-    layer = llava_cfg.get("mm_vision_select_layer", -2)
-    select = llava_cfg.get("mm_vision_select_feature", "patch")
-    model = _model_params(vision_cfg, text_cfg, projector_type, layer, select, text_dir / "config.json")
+    settings = read_llava_config(llava_cfg, vision_cfg.get("hidden_size"), str(llava_path))
+    projector_type = settings.projector_type
+    model = _model_params(vision_cfg, text_cfg, projector_type, settings.select_layer, settings.select_feature,
+                          llava_path)
+    model["freeze"] = settings.freeze
 
     entries: dict[str, Entry] = {}
     vision = read_entries(find_weights(image_dir))
@@ -67,46 +81,55 @@ def read_two_folder(src: Path) -> Checkpoint:
     if phase1.is_file():
         text.update(read_entries([phase1]))
     projector = {k: e for k, e in text.items() if ".mm_projector." in f".{k}"}
-    dropped = [k for k in text if k.startswith("model.vision_tower.")]
+    dropped = [k for k in text if k.startswith("model.vision_tower.") or k in _NEWLINE_KEYS]
+    note = anyres_note(llava_cfg, str(llava_path), newline_weight=any(k in _NEWLINE_KEYS for k in text))
     text = {k: e for k, e in text.items() if k not in projector and k not in dropped}
     _rename(text, lambda k: _prefixed(TEXT, LLAMA.to_native(k)), entries)
     _rename(projector, lambda k: _prefixed(PROJ, _llava_projector_to_native(k, projector_type)), entries)
     source = {"layout": "two_folder", "vision_prefix": "vision_model." if prefixed else "",
               "text_folder": text_dir.name, "projector_in_text": bool(projector) and not phase1.is_file(),
               "llava_config": llava_cfg, "vision_config": vision_cfg, "text_config": text_cfg}
+    _set_precision(model, entries)
     ck = Checkpoint(entries, model, source, tokenizer=_tokenizer_dir(text_dir),
-                    preprocessor=_maybe_json(image_dir / "preprocessor_config.json"))
+                    preprocessor=_maybe_json(cfg_image / "preprocessor_config.json"),
+                    config_file=str(llava_path), notes=[note] if note else [])
     if not projector:
         _init_projector(ck)
     return ck
 
 
-def read_transformers(src: Path) -> Checkpoint:
-    cfg = _json(src / "config.json")
+def read_transformers(src: Path, cfg_path: Optional[Path] = None) -> Checkpoint:
+    cfg_path = cfg_path or src / "config.json"
+    cfg = _json(cfg_path)
     vision_cfg, text_cfg = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
     if vision_cfg.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
-        raise UserError(Problem(str(src / "config.json"), "vision_config.model_type",
+        raise UserError(Problem(str(cfg_path), "vision_config.model_type",
                                 f"{vision_cfg.get('model_type')!r}: only CLIP vision towers convert"))
     if text_cfg.get("model_type", "llama") != "llama":
-        raise UserError(Problem(str(src / "config.json"), "text_config.model_type",
+        raise UserError(Problem(str(cfg_path), "text_config.model_type",
                                 f"{text_cfg.get('model_type')!r}: only LLaMA language models convert"))
     act = cfg.get("projector_hidden_act", "gelu")
     if act != "gelu":
-        raise UserError(Problem(str(src / "config.json"), "projector_hidden_act", f"{act!r}: only gelu converts"))
+        raise UserError(Problem(str(cfg_path), "projector_hidden_act", f"{act!r}: only gelu converts"))
     layer = cfg.get("vision_feature_layer", -2)
     if isinstance(layer, list):
-        raise UserError(Problem(str(src / "config.json"), "vision_feature_layer",
+        raise UserError(Problem(str(cfg_path), "vision_feature_layer",
                                 "several feature layers have no mmgraph equivalent"))
     select = "patch" if cfg.get("vision_feature_select_strategy", "default") == "default" else "cls_patch"
     if "tie_word_embeddings" in cfg:
         text_cfg = {**text_cfg, "tie_word_embeddings": cfg["tie_word_embeddings"]}
-    model = _model_params(vision_cfg, text_cfg, "mlp2x_gelu", layer, select, src / "config.json")
+    model = _model_params(vision_cfg, text_cfg, "mlp2x_gelu", layer, select, cfg_path)
+    model["freeze"] = [FREEZE_VISION]                 # the Model Zoo's default (tune_mm_mlp_adapter false)
     raw = read_entries(find_weights(src))
+    notes = []
+    if cfg.get("model_type") == "llava_next" or any(k in _NEWLINE_KEYS for k in raw):
+        notes.append(anyres_note({"image_aspect_ratio": "anyres", **cfg}, str(cfg_path),
+                                 newline_weight=any(k in _NEWLINE_KEYS for k in raw)))
     current = any(k.startswith("model.language_model.") for k in raw)
     vision_prefix = ""
     entries: dict[str, Entry] = {}
     for key, e in raw.items():
-        if key.endswith(_BUFFERS):
+        if key.endswith(_BUFFERS) or key in _NEWLINE_KEYS:
             continue
         new = None
         for head in ("model.vision_tower.", "vision_tower."):
@@ -129,25 +152,86 @@ def read_transformers(src: Path) -> Checkpoint:
         entries[new] = e
     source = {"layout": "transformers", "style": "current" if current else "legacy", "vision_prefix": vision_prefix,
               "config": cfg}
+    _set_precision(model, entries)
     return Checkpoint(entries, model, source, tokenizer=_tokenizer_dir(src),
-                      preprocessor=_maybe_json(src / "preprocessor_config.json"))
+                      preprocessor=_maybe_json(cfg_path.parent / "preprocessor_config.json"),
+                      config_file=str(cfg_path), notes=notes)
 
 
 def read_native(src: Path, config: Optional[Path]) -> Checkpoint:
     """A native folder (params.yaml + weights), a training checkpoint folder or a .safetensors
-    file; ``config`` is the params file when the source has none."""
+    file; ``config`` (``--config``) is the params file, else the folder's ``params.yaml``.
+    Errors about the model name that file."""
     folder = src if src.is_dir() else src.parent
     params_path = config or folder / "params.yaml"
     if not params_path.is_file():
         raise UserError(Problem(str(params_path), None, "does not exist (pass --config PARAMS)"))
-    params = yaml.safe_load(params_path.read_text())
-    if not isinstance(params, dict) or "model" not in params:
-        raise UserError(Problem(str(params_path), "model", "missing"))
+    params, model = _read_params(params_path)
+    if src.is_file() and src.suffix == ".mdl":
+        raise UserError(Problem(str(src), None, "a Cerebras .mdl checkpoint: mmgraph reads safetensors (its own "
+                                "checkpoints, `mmgraph convert` output) and Hugging Face .bin files"))
     files = [src] if src.is_file() else find_weights(src)
+    entries = read_entries(files)
     meta = _maybe_json(folder / "convert.json") or {}
+    notes = _complete_from_weights(model, entries, str(params_path))
     tok = folder / "tokenizer"
-    return Checkpoint(read_entries(files), params["model"], meta.get("source", {}),
-                      tokenizer=tok if tok.is_dir() else None, preprocessor=meta.get("preprocessor"), params=params)
+    return Checkpoint(entries, model, meta.get("source", {}), tokenizer=tok if tok.is_dir() else None,
+                      preprocessor=meta.get("preprocessor"), params=params, config_file=str(params_path),
+                      notes=notes)
+
+
+def _read_params(path: Path) -> tuple[dict, dict]:
+    """The params file and its model section (the 2.3 layout's ``model``, or ``trainer.init.model``)."""
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(Problem(str(path), None, f"not a valid YAML file ({str(err).splitlines()[0]})")) from None
+    model = None
+    if isinstance(params, dict):
+        model = params.get("model")
+        trainer = params.get("trainer")
+        if model is None and isinstance(trainer, dict) and isinstance(trainer.get("init"), dict):
+            model = trainer["init"].get("model")
+    if not isinstance(model, dict):
+        raise UserError(Problem(str(path), "model", "missing (a params file with a model section)"))
+    return params, model
+
+
+def _complete_from_weights(model: dict, entries: dict[str, Entry], where: str) -> list[str]:
+    """Keys the params leave to a default but the weights decide (the patch embedding's kind, the
+    projector's biases): taken from the weights, so a params file written before the defaults
+    changed still describes its checkpoint. Returns a note per key filled in."""
+    notes = []
+    encoders = ((model.get("image_model_list") or {}).get("image_models") or [])
+    for i, entry in enumerate(encoders):
+        vit = (entry.get("image_model") or [None])[0] if isinstance(entry, dict) else None
+        w = entries.get(f"image_model.image_model_list.{i}.0.embedding_layer.linear_proj.weight")
+        if isinstance(vit, dict) and w is not None and "use_conv_patchified_embedding" not in vit:
+            vit["use_conv_patchified_embedding"] = len(w.shape) == 4
+            notes.append(f"{where}: model.image_model_list.image_models[{i}].image_model[0]."
+                         f"use_conv_patchified_embedding: not set; {vit['use_conv_patchified_embedding']} "
+                         f"from the weights (patch embedding of shape {w.shape})")
+    proj = (model.get("image_model_list") or {}).get("global_image_projection")
+    first = "image_model.projection.ffn.0.linear_layer."
+    if isinstance(proj, dict) and "use_bias" not in proj and first + "weight" in entries:
+        proj["use_bias"] = first + "bias" in entries
+        notes.append(f"{where}: model.image_model_list.global_image_projection.use_bias: not set; "
+                     f"{proj['use_bias']} from the weights")
+    return notes
+
+
+_NEWLINE_KEYS = ("model.image_newline", "image_newline")
+
+
+def _set_precision(model: dict, entries: dict[str, Entry]) -> None:
+    """``mixed_precision`` as the checkpoint was saved: 16-bit weights train in mixed precision
+    (``fp16_type`` as saved), fp32 weights in fp32 (the numerics transformers computes them in)."""
+    dtypes = {e.dtype for e in entries.values() if e.dtype.is_floating_point}
+    if dtypes & {torch.float16, torch.bfloat16}:
+        model["mixed_precision"] = True
+        model["fp16_type"] = "float16" if dtypes & {torch.float16} and torch.bfloat16 not in dtypes else "bfloat16"
+    else:
+        model["mixed_precision"] = False
 
 
 def _tokenizer_dir(folder: Path) -> Optional[Path]:
@@ -179,8 +263,10 @@ def _model_params(vision_cfg: dict, text_cfg: dict, projector_type: str, layer: 
     try:
         return llava_model_params(vision_cfg, text_cfg, projector_type, vision_feature_layer=layer, select_feature=select)
     except UserError as err:
-        key = "mm_projector_type" if "projector" in str(err) else "mm_vision_select_layer"
-        raise UserError(Problem(str(where), key, str(err))) from None
+        text = str(err)
+        key = ("mm_projector_type" if "projector" in text else "rope_scaling" if "rope" in text
+               else "mm_vision_select_layer")
+        raise UserError(Problem(str(where), key, text)) from None
     except KeyError as err:
         raise UserError(Problem(str(where), "mm_vision_select_feature", f"unknown value {err}")) from None
 

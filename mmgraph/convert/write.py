@@ -13,6 +13,7 @@ import yaml
 from mmgraph.convert.checkpoint import PROJ, TEXT, TOKENIZER_FILES, VIT, Checkpoint
 from mmgraph.convert.io import ShardWriter
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
+from mmgraph.convert.llava_cfg import llava_config_for_hf, preprocessor_defaults
 from mmgraph.errors import Problem, UserError
 
 
@@ -59,7 +60,7 @@ def default_params(ck: Checkpoint) -> dict:
                        {"name": "normalize", "mean": mean, "std": std}],
         "batch_size": 8, "micro_batch_size": 8, "shuffle": True, "shuffle_seed": 1, "num_workers": 0,
     }
-    model = dict(ck.model, freeze=["^image_model.image_model_list"])
+    model = dict(ck.model)
     return {"train_input": data, "eval_input": {**data, "shuffle": False},
             "model": model,
             "optimizer": {"optimizer_type": "AdamW", "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0,
@@ -68,41 +69,45 @@ def default_params(ck: Checkpoint) -> dict:
 
 
 def _vision_config(ck: Checkpoint) -> dict:
-    vit = ck.model["image_model_list"]["image_models"][0]["image_model"][0]
+    """The CLIP vision config: the source's keys, with the validated model's values."""
+    vit = ck.cfg.image_model_list.image_models[0].encoder
     base = dict(ck.source.get("vision_config") or (ck.source.get("config") or {}).get("vision_config") or {})
-    base.update(model_type="clip_vision_model", hidden_size=vit["hidden_size"], intermediate_size=vit["filter_size"],
-                num_hidden_layers=vit["num_hidden_layers"], num_attention_heads=vit["num_heads"],
-                image_size=vit["image_size"][0], patch_size=vit["patch_size"][0],
-                num_channels=vit.get("num_channels", 3), hidden_act=vit.get("nonlinearity", "quick_gelu"),
-                layer_norm_eps=vit.get("layer_norm_epsilon", 1e-5))
+    base.update(model_type="clip_vision_model", hidden_size=vit.hidden_size, intermediate_size=vit.filter_size,
+                num_hidden_layers=vit.num_hidden_layers, num_attention_heads=vit.num_heads,
+                image_size=vit.image_size[0], patch_size=vit.patch_size[0], num_channels=vit.num_channels,
+                hidden_act=vit.nonlinearity, layer_norm_eps=vit.layer_norm_epsilon,
+                attention_dropout=vit.attention_dropout_rate)
     return base
 
 
 def _text_config(ck: Checkpoint) -> dict:
-    t = ck.model["text_model"]
+    """The LLaMA config: the source's keys, with the validated model's values."""
+    t = ck.cfg.text_model
     base = dict(ck.source.get("text_config") or (ck.source.get("config") or {}).get("text_config") or {})
-    kv = (t.get("extra_attention_params") or {}).get("num_kv_groups") or t["num_heads"]
-    base.update(model_type="llama", vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
-                intermediate_size=t["filter_size"], num_hidden_layers=t["num_hidden_layers"],
-                num_attention_heads=t["num_heads"], num_key_value_heads=kv,
-                rms_norm_eps=t.get("layer_norm_epsilon", 1e-6),
-                max_position_embeddings=t.get("max_position_embeddings", 2048),
-                tie_word_embeddings=bool(t.get("share_embedding_weights", False)),
-                attention_bias=bool(t.get("use_projection_bias_in_attention", False)),
-                mlp_bias=bool(t.get("use_ffn_bias", False)))
-    base.setdefault("rope_theta", t.get("rope_theta", 10000.0))
+    base.update(model_type="llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                intermediate_size=t.filter_size, num_hidden_layers=t.num_hidden_layers,
+                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                rms_norm_eps=t.layer_norm_epsilon, max_position_embeddings=t.max_position_embeddings,
+                tie_word_embeddings=t.share_embedding_weights, attention_bias=t.use_projection_bias_in_attention,
+                mlp_bias=t.use_ffn_bias, attention_dropout=t.attention_dropout_rate)
+    base.setdefault("rope_theta", t.rope_theta)
     if isinstance(base.get("rope_parameters"), dict):
-        base["rope_parameters"]["rope_theta"] = t.get("rope_theta", 10000.0)
+        base["rope_parameters"]["rope_theta"] = t.rope_theta
     return base
 
 
+def _preprocessor(ck: Checkpoint) -> dict:
+    """The source's preprocessor_config.json, else the Model Zoo's (CLIP's, at this image size)."""
+    return ck.preprocessor or preprocessor_defaults(ck.cfg.image_model_list.image_models[0].encoder.image_size[0])
+
+
 def _hf_layer(ck: Checkpoint) -> int:
-    idx = ck.model["image_model_list"]["image_models"][0]["image_model"][0].get("image_layer_idx", -1)
+    idx = ck.cfg.image_model_list.image_models[0].encoder.image_layer_idx
     return idx if idx < 0 else idx + 1
 
 
 def _projector_type(ck: Checkpoint) -> str:
-    units = ck.model["image_model_list"]["global_image_projection"]["layers_units"]
+    units = ck.cfg.image_model_list.global_image_projection.layers_units
     return "linear" if len(units) == 1 else f"mlp{len(units)}x_gelu"
 
 
@@ -110,8 +115,7 @@ def _split_keys(ck: Checkpoint):
     vit = [k for k in ck.entries if k.startswith(VIT)]
     proj = [k for k in ck.entries if k.startswith(PROJ)]
     text = [k for k in ck.entries if k.startswith(TEXT)]
-    tied = ck.model["text_model"].get("share_embedding_weights", False)
-    if tied:
+    if ck.cfg.text_model.share_embedding_weights:
         text = [k for k in text if k != TEXT + "lm_head.weight"]
     return vit, proj, text
 
@@ -139,7 +143,7 @@ def write_transformers(ck: Checkpoint, out: Path, shard_bytes: int, image_token_
     ShardWriter(out, shard_bytes).write(_items(keys, ck), {"format": "pt"})
 
     old = ck.source.get("config") or {}
-    vocab = ck.model["text_model"]["vocab_size"]
+    vocab = ck.cfg.text_model.vocab_size
     token = image_token_id if image_token_id is not None else old.get("image_token_index", old.get("image_token_id"))
     if token is None:
         token = _image_token_from_tokenizer(ck.tokenizer)
@@ -148,21 +152,20 @@ def write_transformers(ck: Checkpoint, out: Path, shard_bytes: int, image_token_
                                 "pass --image-token-id"))
     if not 0 <= token < vocab:
         raise UserError(Problem(None, "--image-token-id", f"{token} is outside the vocabulary (0..{vocab - 1})"))
-    patches = ck.model["image_model_list"]["image_models"][0]["image_model"][0]
-    n = (patches["image_size"][0] // patches["patch_size"][0]) ** 2
-    select = ck.model["image_model_list"].get("image_feature_select_mode", "patch")
+    grid = ck.cfg.image_model_list.image_models[0].encoder.grid
+    n = grid[0] * grid[1]
+    select = ck.cfg.image_model_list.image_feature_select_mode
     cfg = LlavaConfig(vision_config=CLIPVisionConfig(**_clean(_vision_config(ck))),
                       text_config=LlamaConfig(**_clean(_text_config(ck))),
                       image_token_index=token, vision_feature_layer=_hf_layer(ck), projector_hidden_act="gelu",
                       vision_feature_select_strategy="default" if select == "patch" else "full",
                       image_seq_length=n + (select != "patch"),
-                      tie_word_embeddings=bool(ck.model["text_model"].get("share_embedding_weights", False)))
+                      tie_word_embeddings=ck.cfg.text_model.share_embedding_weights)
     cfg.architectures = ["LlavaForConditionalGeneration"]
     cfg.save_pretrained(out)
     if ck.tokenizer is not None:
         _copy_tokenizer(ck.tokenizer, out)
-    if ck.preprocessor is not None:
-        (out / "preprocessor_config.json").write_text(json.dumps(ck.preprocessor, indent=2) + "\n")
+    (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor(ck), indent=2) + "\n")
 
 
 def _clean(cfg: dict) -> dict:
@@ -180,12 +183,15 @@ def _image_token_from_tokenizer(folder: Optional[Path]) -> Optional[int]:
     return vocab.get("model", {}).get("vocab", {}).get("<image>") if isinstance(vocab.get("model", {}).get("vocab"), dict) else None
 
 
-def write_two_folder(ck: Checkpoint, out: Path, shard_bytes: int, text_name: str) -> None:
+def write_two_folder(ck: Checkpoint, out: Path, shard_bytes: int, text_name: str, final: Path) -> None:
+    """``image_model/`` + ``text_name/`` in ``out`` (a temporary folder renamed to ``final`` later:
+    the LLaVA config's ``mm_vision_tower`` names ``final/image_model``, as the Model Zoo writes it)."""
     vit, proj, text = _split_keys(ck)
     image_dir, text_dir = out / "image_model", out / text_name
     image_dir.mkdir()
     text_dir.mkdir()
-    vprefix = ck.source.get("vision_prefix", "")
+    # The source's key prefix when known, else the Model Zoo's (CLIPVisionModel's "vision_model.").
+    vprefix = ck.source.get("vision_prefix", "vision_model.")
     ShardWriter(image_dir, shard_bytes).write(
         _items([(vprefix + CLIP_VISION.to_hf(k[len(VIT):]), k) for k in vit], ck), {"format": "pt"})
     kind = _projector_type(ck)
@@ -200,23 +206,24 @@ def write_two_folder(ck: Checkpoint, out: Path, shard_bytes: int, text_name: str
 
     vision_cfg = _vision_config(ck)
     (image_dir / "config.json").write_text(json.dumps(vision_cfg, indent=2) + "\n")
-    if ck.preprocessor is not None:
-        (image_dir / "preprocessor_config.json").write_text(json.dumps(ck.preprocessor, indent=2) + "\n")
+    (image_dir / "preprocessor_config.json").write_text(json.dumps(_preprocessor(ck), indent=2) + "\n")
     text_cfg = _text_config(ck)
     (text_dir / "config_lmsys.json").write_text(json.dumps({**text_cfg, "architectures": ["LlamaForCausalLM"]},
                                                            indent=2) + "\n")
-    select = ck.model["image_model_list"].get("image_feature_select_mode", "patch")
-    llava_cfg = dict(ck.source.get("llava_config") or {})
-    llava_cfg.update(text_cfg)
-    llava_cfg.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama",
-                     mm_hidden_size=vision_cfg["hidden_size"], mm_projector_type=kind,
-                     mm_vision_select_layer=_hf_layer(ck),
-                     mm_vision_select_feature="patch" if select == "patch" else "cls_patch",
-                     mm_vision_tower=str(Path("..") / "image_model") if text_name != "text_model" else
-                     llava_cfg.get("mm_vision_tower", str(Path("..") / "image_model")))
-    llava_cfg.setdefault("mm_use_im_start_end", False)
-    llava_cfg.setdefault("mm_use_im_patch_token", False)
-    llava_cfg.setdefault("image_aspect_ratio", "pad")
-    (text_dir / "config.json").write_text(json.dumps(llava_cfg, indent=2) + "\n")
+    tower = str(final.resolve() / "image_model")
+    (text_dir / "config.json").write_text(json.dumps(_llava_config(ck, text_cfg, tower, kind), indent=2) + "\n")
     if ck.tokenizer is not None:
         _copy_tokenizer(ck.tokenizer, text_dir)
+
+
+def _llava_config(ck: Checkpoint, text_cfg: dict, tower: str, kind: str) -> dict:
+    """The LLaVA config.json: the source's (when known) with the model's values over it and the
+    Model Zoo's defaults where neither says (``model_type: llava``, ``image_aspect_ratio: pad``);
+    ``mm_vision_tower`` is always the written ``image_model`` (the tower may have trained)."""
+    source = dict(ck.source.get("llava_config") or {})
+    base = {**source, **{k: v for k, v in text_cfg.items() if k not in ("model_type", "architectures")}}
+    select = ck.cfg.image_model_list.image_feature_select_mode
+    base.update(mm_hidden_size=ck.cfg.image_model_list.image_models[0].encoder.hidden_size,
+                mm_projector_type=kind, mm_vision_select_layer=_hf_layer(ck),
+                mm_vision_select_feature="patch" if select == "patch" else "cls_patch", mm_vision_tower=tower)
+    return llava_config_for_hf(base, ck.cfg.freeze)

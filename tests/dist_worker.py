@@ -1,0 +1,160 @@
+"""Run by torchrun in tests (not collected): one rank of a data-parallel check.
+
+``dist_worker.py program OUT``: every rank runs the tiny phase-2 program compiled for 2 ranks on
+its half of one batch; the gradients it outputs (sums over ranks) are written to OUT/rank{r}.pt,
+with rank 0 also writing the plain program's gradients on each half (OUT/plain.pt).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mmgraph.config import load_params
+from mmgraph.models import build_model, random_batch
+from mmgraph.ir import InputKind
+from mmgraph.pipeline import compile_step, run_pass
+from mmgraph.passes.data_parallel import make_data_parallel
+from mmgraph.runtime.distributed import bind_group, from_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def program_check(out: Path) -> None:
+    ranks = from_env("cpu")
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    share = 2
+    plain = compile_step(params, "train", micro_batch_size=share)[-1].program
+    dp = run_pass("data_parallel", make_data_parallel(ranks.world_size, bucket_bytes=20_000), plain)
+    bind_group(dp.gm, ranks.group)
+    model, _ = build_model(params, seed=0)
+    weights = dict(model.named_parameters())
+    batch = random_batch(params.layout("train"), share * ranks.world_size, seed=1)
+
+    def inputs(program, lo):
+        return [weights[s.name].detach() if s.kind == InputKind.PARAM else batch[s.name][lo:lo + share]
+                for s in program.inputs]
+
+    with torch.no_grad():
+        outs = dp.gm(*inputs(dp, ranks.rank * share))
+    names = [s.target for s in dp.outputs if s.kind == "grad"]
+    grads = dict(zip(names, outs[1:]))
+    torch.save({"loss": outs[0], "grads": grads}, out / f"rank{ranks.rank}.pt")
+    if ranks.main:
+        with torch.no_grad():
+            halves = [plain.gm(*inputs(plain, r * share)) for r in range(ranks.world_size)]
+        summed = {n: sum(h[1 + i] for h in halves) for i, n in enumerate(names)}
+        torch.save({"grads": summed}, out / "plain.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def accumulate_check(out: Path) -> None:
+    """Two micro-batches a rank: the first through the plain program (no communication), the
+    second through the accumulate variant; against the plain program's gradients on all four."""
+    ranks = from_env("cpu")
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    share = 1
+    plain = compile_step(params, "train", micro_batch_size=share)[-1].program
+    acc = run_pass("data_parallel", make_data_parallel(ranks.world_size, bucket_bytes=20_000, accumulate=True), plain)
+    bind_group(acc.gm, ranks.group)
+    model, _ = build_model(params, seed=0)
+    weights = dict(model.named_parameters())
+    batch = random_batch(params.layout("train"), 2 * share * ranks.world_size, seed=1)
+    names = [s.target for s in plain.outputs if s.kind == "grad"]
+
+    def inputs(program, lo, grads=None):
+        return [weights[s.name].detach() if s.kind == InputKind.PARAM else grads[s.name] if s.kind == InputKind.GRAD
+                else batch[s.name][lo:lo + share] for s in program.inputs]
+
+    rows = [2 * ranks.rank, 2 * ranks.rank + 1]          # this rank's two micro-batches
+    with torch.no_grad():
+        first = dict(zip(names, plain.gm(*inputs(plain, rows[0]))[1:]))
+        outs = acc.gm(*inputs(acc, rows[1], first))
+    torch.save({"grads": dict(zip(names, outs[1:]))}, out / f"acc{ranks.rank}.pt")
+    if ranks.main:
+        with torch.no_grad():
+            each = [plain.gm(*inputs(plain, r))[1:] for r in range(2 * ranks.world_size)]
+        torch.save({"grads": {n: sum(e[i] for e in each) for i, n in enumerate(names)}}, out / "plain_acc.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def zero2_check(out: Path) -> None:
+    """Two steps of the tiny phase-2 program with reduce-scattered gradients and the ZeRO-2
+    optimizer, against one process: the plain program on both halves, averaged, AdamW."""
+    from mmgraph.runtime.optim import Optimizer
+    from mmgraph.runtime.zero import GradShardOptimizer
+
+    ranks = from_env("cpu")
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    share = 2
+    plain = compile_step(params, "train", micro_batch_size=share)[-1].program
+    dp = run_pass("data_parallel", make_data_parallel(ranks.world_size, bucket_bytes=20_000,
+                                                      shard_gradients=True), plain)
+    bind_group(dp.gm, ranks.group)
+    model, _ = build_model(params, seed=0)
+    mine = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = GradShardOptimizer(params.optimizer, mine, dp.collectives, ranks.rank, ranks.world_size)
+    ref_opt = Optimizer(params.optimizer, ref)
+    names = [s.target for s in plain.outputs if s.kind == "grad"]
+    for step in range(2):
+        batch = random_batch(params.layout("train"), share * ranks.world_size, seed=10 + step)
+
+        def inputs(program, weights, lo):
+            return [weights[s.name] if s.kind == InputKind.PARAM else batch[s.name][lo:lo + share]
+                    for s in program.inputs]
+
+        with torch.no_grad():
+            shards = dict(zip([s.target for s in dp.outputs[1:]], dp.gm(*inputs(dp, mine, ranks.rank * share))[1:]))
+            halves = [plain.gm(*inputs(plain, ref, r * share))[1:] for r in range(ranks.world_size)]
+        for g in shards.values():
+            g.div_(ranks.world_size)
+        opt.clip(shards)
+        opt.step(shards)
+        grads = {n: sum(h[i] for h in halves) / ranks.world_size for i, n in enumerate(names)}
+        ref_opt.clip(grads)
+        ref_opt.step(grads)
+    torch.save({"weights": mine, "ref": ref, "state": opt.state_dict(), "ref_state": ref_opt.state_dict(),
+                "state_bytes": opt.state_bytes(),
+                "ref_bytes": sum(t.numel() * t.element_size() for st in ref_opt.state.values() for t in st.values())},
+               out / f"zero2_{ranks.rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def zero_check(out: Path) -> None:
+    """Three AdamW steps on random gradients: the ZeRO-1 optimizer on every rank against the
+    plain one; weights, gathered state and the state each rank holds."""
+    from mmgraph.runtime.optim import Optimizer
+    from mmgraph.runtime.zero import ShardedOptimizer
+
+    ranks = from_env("cpu")
+    cfg = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train").optimizer
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": (32, 32), "b": (30, 32), "c": (16, 4), "d": (64,), "e": (5,)}
+    start = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    steps = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(3)]
+    plain_w = {n: t.clone() for n, t in start.items()}
+    shard_w = {n: t.clone() for n, t in start.items()}
+    plain = Optimizer(cfg, plain_w)
+    sharded = ShardedOptimizer(cfg, shard_w, list(shapes), ranks.rank, ranks.world_size)
+    for grads in steps:
+        plain.step({n: g.clone() for n, g in grads.items()})
+        sharded.step({n: g.clone() for n, g in grads.items()})
+    whole = sharded.state_dict()
+    torch.save({"weights": shard_w, "plain_weights": plain_w, "state": whole, "plain_state": plain.state_dict(),
+                "state_bytes": sharded.state_bytes(),
+                "plain_bytes": sum(t.numel() * t.element_size() for st in plain.state.values() for t in st.values())},
+               out / f"zero{ranks.rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    {"program": program_check, "zero": zero_check, "accumulate": accumulate_check, "zero2": zero2_check}[sys.argv[1]](Path(sys.argv[2]))
