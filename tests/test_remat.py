@@ -5,7 +5,6 @@ set is what crosses the forward/backward boundary, and memory drops by policy.""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
