@@ -22,7 +22,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from mmgraph.compile_cmd import run_compile
 
     return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify, args.target,
-                       remat=args.remat)
+                       remat=args.remat, world_size=args.world_size)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--remat", choices=("none", "selective", "full", "auto"), metavar="POLICY",
                       help="activation recomputation: none, selective, full or auto (default: the "
                            "params' model.activation_checkpointing, auto)")
+    comp.add_argument("--world_size", type=int, default=1, metavar="N",
+                      help="compile the training step for N data-parallel ranks: gradient reduction "
+                           "(bucketed all-reduce) in the graph, as `torchrun ... mmgraph run` executes it")
     comp.set_defaults(func=_cmd_compile)
 
     ins = sub.add_parser(

@@ -54,13 +54,15 @@ def _fit_numbers(s) -> str:
 
 
 def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool, verify: bool,
-                target_name: str = "cs2", remat=None) -> int:
+                target_name: str = "cs2", remat=None, world_size: int = 1) -> int:
     from mmgraph.pipeline import compile_step
     from mmgraph.target import load_target
     from mmgraph.trace import trace_step
 
     start = time.perf_counter()
     params = load_params(params_path, mode)
+    if world_size < 1:
+        raise UserError(Problem(None, "--world_size", f"must be at least 1, not {world_size}"))
     target = load_target(target_name)
     data = params.input_for(mode)
     mbs = None
@@ -71,7 +73,8 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         print(f"{params_path}: valid; {mode} step traced to {len(program.ops())} ops "
               f"in {time.perf_counter() - start:.1f} s (nothing written)")
         return 0
-    stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat)
+    stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat,
+                          world_size=world_size)
     where = write_dumps(stages, model_dir, params_path, params, target)
     print(f"{'pass':<17} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:
@@ -86,6 +89,8 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
           f"{sched.tokens_per_s:,.0f} tokens/s, utilization {sched.utilization:.1%}, "
           f"peak memory {_gb(sched.peak_memory_bytes)} of {_gb(sched.memory_bytes)}")
     print(remat_summary(stages[-1].program))
+    if mode == "train":
+        print(scaling_summary(stages[-1].program, target))
     checked = " (verified after every pass)" if verify else ""
     print(f"compiled in {time.perf_counter() - start:.1f} s{checked}; dumps in {where}/ (report.html)")
     if not sched.fits:
@@ -101,6 +106,17 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
                                 f"the largest micro_batch_size that fits is {sched.max_micro_batch_size} "
                                 f"(or set micro_batch_size: auto{hint})"))
     return 0
+
+
+def scaling_summary(program, target) -> str:
+    """Data parallelism on 1..16 systems, simulated (passes/scaling.py), in one line."""
+    from mmgraph.passes.scaling import scaling
+
+    if target.interconnect is None:
+        return f"data parallel: {target.name} names no interconnect; not simulated"
+    points = scaling(program, target)
+    cells = ", ".join(f"{p.systems}: {p.samples_per_s:,.1f} samples/s ({p.efficiency:.0%})" for p in points)
+    return f"data parallel on {target.name} systems ({target.interconnect.topology}): {cells}"
 
 
 def remat_summary(program) -> str:

@@ -296,6 +296,13 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
     else:
         artifacts["eval.onnx"] = skip
     rep = report(stages, params_path)
+    if last.schedule is not None and target is not None and last.mode == "train" and target.interconnect is not None:
+        from dataclasses import asdict
+
+        from mmgraph.passes.scaling import scaling
+
+        rep["scaling"] = {"topology": target.interconnect.topology,
+                          "points": [asdict(p) for p in scaling(last, target)]}
     if last.schedule is not None and target is not None:
         from mmgraph.report_html import render_html
 

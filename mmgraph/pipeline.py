@@ -18,6 +18,7 @@ from mmgraph.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
+from mmgraph.passes.data_parallel import make_data_parallel, solo_group
 from mmgraph.passes.cost import make_cost
 from mmgraph.passes.remat import LEVELS, make_remat
 from mmgraph.passes.verify import verify_numerics, verify_structure
@@ -48,10 +49,12 @@ def run_pass(name: str, fn: Pass, program: Program) -> Program:
 
 def compile_step(params: Params, mode: str = "train", verify: bool = False,
                  on_stage: Optional[Callable[[Stage], None]] = None, target: Optional[Target] = None,
-                 micro_batch_size: Optional[int] = None, remat: Optional[str] = None) -> list[Stage]:
+                 micro_batch_size: Optional[int] = None, remat: Optional[str] = None,
+                 world_size: int = 1) -> list[Stage]:
     """Trace the step of ``params`` and lower it (for ``target``, when given: segments and a
     simulated schedule); returns every stage, first to last. ``remat`` overrides the params'
-    ``model.activation_checkpointing``."""
+    ``model.activation_checkpointing``; ``world_size`` > 1 compiles a training step for that many
+    data-parallel ranks (gradient reduction in the graph)."""
     start = time.perf_counter()
     program = trace_step(params, mode, micro_batch_size)     # 00: one static ATen graph
     program = program.recorded(PassRecord("trace", time.perf_counter() - start, 0, len(program.ops())))
@@ -65,12 +68,14 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     policy = remat or params.model.activation_checkpointing
     if target is not None or policy not in ("none", "auto"):     # auto without a target: none
         passes.append(("remat", make_remat(policy, target, precision)))   # 04: kept vs recomputed
+    if mode == "train" and world_size > 1:
+        passes.append(("data_parallel", make_data_parallel(world_size)))   # 05: collectives
     if target is not None:
         data = params.input_for(mode)
         batch = data.batch_size if data else 1
         passes += [
-            ("weight_streaming", make_weight_streaming(target, precision)),   # 05: segments
-            ("cost", make_cost(target, precision, batch,                       # 06: schedule
+            ("weight_streaming", make_weight_streaming(target, precision)),   # 06: segments
+            ("cost", make_cost(target, precision, batch,                       # 07: schedule
                                params.layout(mode).max_sequence_length)),
         ]
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
@@ -89,7 +94,10 @@ def _check(stage: Stage, params: Params, verify: bool, numeric: bool, on_stage) 
     if verify:
         verify_structure(stage.program, stage.name)
         if numeric:
-            verify_numerics(stage.program, params, stage.name)
+            # A data-parallel program runs in a group of one: its sums over ranks are the local
+            # gradients, which eager PyTorch gives.
+            with solo_group(stage.program):
+                verify_numerics(stage.program, params, stage.name)
     if on_stage is not None:
         on_stage(stage)
 

@@ -71,6 +71,22 @@ largest layer's recomputed values {plan['layer_work_bytes'] / 1e9:,.3f} GB, atte
 {rows}</table>"""
 
 
+def _scaling(scaling) -> str:
+    """Data parallelism on 1..16 systems (passes/scaling.py)."""
+    if not scaling:
+        return ""
+    rows = "\n".join(
+        f"<tr><td>{p['systems']}</td><td>{p['micro_steps']}</td><td>{_ms(p['step_s'])}</td>"
+        f"<td>{p['samples_per_s']:,.1f}</td><td>{p['efficiency']:.1%}</td><td>{_ms(p['comm_s'])}</td>"
+        f"<td>{_ms(p['hidden_s'])}</td></tr>" for p in scaling["points"])
+    return f"""<h2>Data parallel on N systems ({escape(scaling['topology'])})</h2>
+<p>The global batch split across N systems, each running the same program; efficiency is samples/s
+over N times one system's (docs/distributed.md).</p>
+<table><tr><th>systems</th><th>micro-steps each</th><th>step ms</th><th>samples/s</th><th>efficiency</th>
+<th>exposed comm ms</th><th>hidden comm ms</th></tr>
+{rows}</table>"""
+
+
 def render_html(report: dict) -> str:
     t = report["target"]
     segs = t["segments"]
@@ -120,6 +136,7 @@ th {{ background: #f3f3f3; text-align: left; }}
 <th>compute ms</th><th>in ms</th><th>out ms</th><th>live GB</th><th>bottleneck</th></tr>
 {rows}</table>
 {_remat(report.get("remat"), t)}
+{_scaling(report.get("scaling"))}
 <h2>Sources and assumptions</h2><ul>{notes}</ul>
 </body></html>
 """

@@ -30,6 +30,7 @@ kernel graph, the weight-streaming segments and the dumps show them.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from dataclasses import dataclass, replace
@@ -63,6 +64,26 @@ class Bucket:
     issue_after: str             # the node after which the collective is issued
     collective: str              # node name of the collective
     shapes: tuple[tuple[int, ...], ...] = ()   # of the gradients, in bucket order
+
+
+@contextlib.contextmanager
+def solo_group(program: Program):
+    """Run ``program``'s collectives in a process group of one (this process) when none exists:
+    for checking a data-parallel program's numerics without the ranks."""
+    import torch.distributed as dist
+
+    if program.world_size == 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        name = dist.group.WORLD.group_name
+        for node in program.gm.graph.nodes:
+            if node.target in COLLECTIVES and node.args[-1] != name:
+                raise RuntimeError(f"collective {node.name} addresses group {node.args[-1]!r}, not {name!r}")
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def plan_buckets(program: Program, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[int]]:

@@ -243,3 +243,22 @@ def test_zero2_two_ranks_train_like_one_process(tmp_path):
             assert float((res["state"][key].float() - want.float()).abs().max()
                          / want.float().abs().max().clamp(min=1e-12)) <= 1e-5, key
         assert res["state_bytes"] <= 0.55 * res["ref_bytes"]
+
+
+def test_compile_world_size_dumps_collectives_and_reports_scaling(tmp_path, capsys):
+    import json
+
+    from mmgraph.cli import main
+
+    rc = main(["compile", "--params", str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"),
+               "--model_dir", str(tmp_path), "--world_size", "2", "--target", "h100", "--verify"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "data_parallel" in out and "data parallel on h100 systems (ring)" in out
+    dumps = tmp_path / "compile"
+    assert "_c10d_functional.all_reduce" in (dumps / "program.py").read_text()
+    assert "_c10d_functional.all_reduce" in (dumps / "05-data_parallel.txt").read_text()
+    assert "all_reduce" in (dumps / "program.mlir").read_text()
+    report = json.loads((dumps / "report.json").read_text())
+    assert [p["systems"] for p in report["scaling"]["points"]] == [1, 2, 4, 8, 16]
+    assert "Data parallel on N systems" in (dumps / "report.html").read_text()
