@@ -16,6 +16,7 @@ import torch.fx as fx
 
 
 LOSS_SCALE = "loss_scale"      # the gradient-seed input of a float16 training program
+GRAD_WEIGHT = "grad_weight"    # a data-parallel program's micro-batch share of the global loss
 
 
 class InputKind(str, Enum):

@@ -10,9 +10,10 @@ each bucket, torch's traceable functional collectives as graph nodes:
     red    = _c10d_functional.wait_tensor(work)            # waited as late as possible
     g_i    = view(split_with_sizes(red)[i], shape_i)       # the program's outputs
 
-The gradient outputs become sums over ranks; the runtime divides them by the number of
-micro-batches in the global batch, exactly as it does for gradient accumulation in one process,
-so N ranks train like one. ZeRO-1 (optimizer state sharded across ranks) needs nothing more of
+Each gradient is first multiplied by the ``grad_weight`` input, the micro-batch's share of the
+global batch's loss (its supervised tokens over the global batch's with ``num_tokens`` loss
+scaling), so the reduced sums are exactly the global batch's gradients and N ranks train like
+one. ZeRO-1 (optimizer state sharded across ranks) needs nothing more of
 the program: the runtime's optimizer updates what a rank owns and broadcasts it. ZeRO-2
 (``shard_gradients``) reduce-scatters each bucket instead (padded to a multiple of the world
 size): the program outputs, per bucket, this rank's shard of the summed flat bucket
@@ -20,8 +21,8 @@ size): the program outputs, per bucket, this rank's shard of the summed flat buc
 
 Gradient accumulation: micro-steps before the last run the plain program and communicate
 nothing; the last runs the ``accumulate`` variant, whose extra inputs (kind ``grad``) are the
-gradients summed so far: each is added to the new gradient right where it is made, and the
-bucket reduces the sum, once per step.
+weighted gradients summed so far: each is added to the new weighted gradient right where it is
+made, and the bucket reduces the sum, once per step.
 
 Compiling needs no process group: the group is a name (``group``), bound when the program runs.
 The pass is a pure ``Program -> Program`` function; the new ops form ``collective`` kernels so the
@@ -38,7 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from mmgraph.ir import InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.ir import GRAD_WEIGHT, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.passes.util import copy_program
 
 aten = torch.ops.aten
@@ -119,13 +120,11 @@ def make_data_parallel(world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES
         if program.mode != "train" or world_size == 1:
             return program, {"world_size": world_size, "buckets": 0, "note": "nothing to reduce"}
         gm, info = copy_program(program)
-        inputs, adds = program.inputs, []
-        if accumulate:
-            specs, adds = _add_accumulators(gm, info, program)
-            inputs = inputs + specs
+        specs, adds = _weigh_gradients(gm, info, program, accumulate)
+        inputs = program.inputs + specs
         plan = plan_buckets(replace(program, gm=gm), bucket_bytes)
         rewriter = _Rewriter(gm, info, program, world_size, group, shard_gradients)
-        for node in adds:                              # each addition a kernel of its layer
+        for node in adds:                              # each weighting / addition a kernel of its layer
             rewriter.kernels.append(Kernel(rewriter.next_kernel, "elementwise", info[node.name].layer,
                                            Phase.BACKWARD.value, (node.name,), info[node.name].flops, 0))
             rewriter.next_kernel += 1
@@ -146,36 +145,50 @@ def make_data_parallel(world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES
     return data_parallel
 
 
-def _add_accumulators(gm: fx.GraphModule, info: dict[str, NodeInfo],
-                      program: Program) -> tuple[tuple[InputSpec, ...], list[fx.Node]]:
-    """A ``grad`` input per gradient output, added to it right after it is made."""
+def _weigh_gradients(gm: fx.GraphModule, info: dict[str, NodeInfo], program: Program,
+                     accumulate: bool) -> tuple[tuple[InputSpec, ...], list[fx.Node]]:
+    """Each gradient times the ``grad_weight`` input (this micro-batch's share of the global
+    batch's loss) right where it is made, plus, with ``accumulate``, a ``grad`` input: the
+    weighted gradients of this rank's earlier micro-batches."""
     graph = gm.graph
-    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
     output = graph.output_node()
     outs = list(output.args[0])
-    specs, adds = [], []
-    cursor = last_input
+    with graph.inserting_before(first_op):           # new inputs after the others, before any op
+        weight = graph.placeholder(GRAD_WEIGHT)
+    specs, made = [InputSpec(GRAD_WEIGHT, InputKind.BATCH, False, (), torch.float32)], []
     for i, spec in enumerate(program.outputs):
         if spec.kind != "grad":
             continue
         grad = outs[i]
         val = grad.meta["val"]
-        with graph.inserting_after(cursor):
-            acc = graph.placeholder("acc_" + re.sub(r"[^0-9a-zA-Z_]", "_", spec.target))
-        acc.meta["val"] = val
-        cursor = acc
-        with graph.inserting_after(grad):
-            total = graph.call_function(aten.add.Tensor, (grad, acc))
-        total.meta["val"] = val
+        if weight.meta.get("val") is None:
+            with (val.fake_mode if hasattr(val, "fake_mode") else contextlib.nullcontext()):
+                weight.meta["val"] = torch.empty((), dtype=torch.float32)
+            info[weight.name] = NodeInfo((), torch.float32, "", "top", Phase.FORWARD, 0, 0)
         layer = info[grad.name].layer if grad.name in info else "top"
-        info[acc.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, 0, 0)
+        with graph.inserting_after(grad):
+            total = graph.call_function(aten.mul.Tensor, (grad, weight))
+        total.meta["val"] = val
         info[total.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, val.numel(),
-                                    3 * val.numel() * val.element_size())
+                                    2 * val.numel() * val.element_size())
+        made.append(total)
+        if accumulate:
+            with graph.inserting_before(first_op):
+                acc = graph.placeholder("acc_" + re.sub(r"[^0-9a-zA-Z_]", "_", spec.target))
+            acc.meta["val"] = val
+            info[acc.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, 0, 0)
+            with graph.inserting_after(total):
+                summed = graph.call_function(aten.add.Tensor, (total, acc))
+            summed.meta["val"] = val
+            info[summed.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, val.numel(),
+                                         3 * val.numel() * val.element_size())
+            made.append(summed)
+            total = summed
+            specs.append(InputSpec(spec.target, InputKind.GRAD, False, tuple(val.shape), val.dtype))
         outs[i] = total
-        adds.append(total)
-        specs.append(InputSpec(spec.target, InputKind.GRAD, False, tuple(val.shape), val.dtype))
     output.args = (tuple(outs),)
-    return tuple(specs), adds
+    return tuple(specs), made
 
 
 class _Rewriter:

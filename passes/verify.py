@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from mmgraph.config import Params
-from mmgraph.ir import LOSS_SCALE, InputKind, Program
+from mmgraph.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
 from mmgraph.models import build_model, random_batch
 
 
@@ -97,7 +97,7 @@ def reference_inputs(program: Program, params: Params, seed: int = 0):
     batch = random_batch(params.layout(program.mode), batch_size, seed=seed + 1)
     state = dict(model.named_parameters())
     seed = torch.ones(())                                 # float16 programs: gradients unscaled
-    flat = [state[s.name] if s.kind == InputKind.PARAM else seed if s.name == LOSS_SCALE else batch[s.name]
+    flat = [state[s.name] if s.kind == InputKind.PARAM else seed if s.name in (LOSS_SCALE, GRAD_WEIGHT) else batch[s.name]
             for s in program.inputs]
     return model, batch, flat
 

@@ -15,7 +15,7 @@ import torch
 
 from mmgraph.config import load_params
 from mmgraph.models import build_model, random_batch
-from mmgraph.ir import InputKind
+from mmgraph.ir import GRAD_WEIGHT, InputKind
 from mmgraph.pipeline import compile_step, run_pass
 from mmgraph.passes.data_parallel import make_data_parallel
 from mmgraph.runtime.distributed import bind_group, from_env
@@ -35,8 +35,8 @@ def program_check(out: Path) -> None:
     batch = random_batch(params.layout("train"), share * ranks.world_size, seed=1)
 
     def inputs(program, lo):
-        return [weights[s.name].detach() if s.kind == InputKind.PARAM else batch[s.name][lo:lo + share]
-                for s in program.inputs]
+        return [weights[s.name].detach() if s.kind == InputKind.PARAM else torch.tensor(1.0) if s.name == GRAD_WEIGHT
+                else batch[s.name][lo:lo + share] for s in program.inputs]
 
     with torch.no_grad():
         outs = dp.gm(*inputs(dp, ranks.rank * share))
@@ -68,7 +68,8 @@ def accumulate_check(out: Path) -> None:
 
     def inputs(program, lo, grads=None):
         return [weights[s.name].detach() if s.kind == InputKind.PARAM else grads[s.name] if s.kind == InputKind.GRAD
-                else batch[s.name][lo:lo + share] for s in program.inputs]
+                else torch.tensor(1.0) if s.name == GRAD_WEIGHT else batch[s.name][lo:lo + share]
+                for s in program.inputs]
 
     rows = [2 * ranks.rank, 2 * ranks.rank + 1]          # this rank's two micro-batches
     with torch.no_grad():
@@ -106,14 +107,12 @@ def zero2_check(out: Path) -> None:
         batch = random_batch(params.layout("train"), share * ranks.world_size, seed=10 + step)
 
         def inputs(program, weights, lo):
-            return [weights[s.name] if s.kind == InputKind.PARAM else batch[s.name][lo:lo + share]
-                    for s in program.inputs]
+            return [weights[s.name] if s.kind == InputKind.PARAM else torch.tensor(1 / ranks.world_size)
+                    if s.name == GRAD_WEIGHT else batch[s.name][lo:lo + share] for s in program.inputs]
 
         with torch.no_grad():
             shards = dict(zip([s.target for s in dp.outputs[1:]], dp.gm(*inputs(dp, mine, ranks.rank * share))[1:]))
             halves = [plain.gm(*inputs(plain, ref, r * share))[1:] for r in range(ranks.world_size)]
-        for g in shards.values():
-            g.div_(ranks.world_size)
         opt.clip(shards)
         opt.step(shards)
         grads = {n: sum(h[i] for h in halves) / ranks.world_size for i, n in enumerate(names)}
