@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmgraph.errors import Problem, UserError
@@ -89,9 +90,10 @@ def save(model_dir: str | Path, step: int, weights: dict[str, torch.Tensor], opt
             shutil.rmtree(final)
         tmp.rename(final)
         _fsync(root)
-    except OSError as err:                    # a full disk, a quota, a read-only folder
+    except (OSError, SafetensorError) as err:     # a full disk, a quota, a read-only folder
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(Problem(str(tmp), None, f"cannot write the checkpoint of step {step}: {err.strerror or err}; "
+        why = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise UserError(Problem(str(tmp), None, f"cannot write the checkpoint of step {step}: {why}; "
                                 "removed the partial copy, older checkpoints are untouched")) from None
     if max_keep:
         older = [p for p in list_checkpoints(model_dir) if _step_of(p) < step]
