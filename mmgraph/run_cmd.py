@@ -145,7 +145,7 @@ def check_memory(params, device: str) -> None:
 def _step_batches(stream, loader_batches: int, mbs: int) -> list[dict]:
     """One batch as micro-batches of ``mbs`` rows: loader batches joined and split, the last,
     short one padded with unsupervised rows (``rows``: how many are real)."""
-    from mmgraph.runtime.runner import _pad_batch
+    from mmgraph.runtime.runner import pad_batch
 
     parts = [next(stream) for _ in range(loader_batches)]
     if all(p["labels"].shape[0] == mbs for p in parts):
@@ -156,7 +156,7 @@ def _step_batches(stream, loader_batches: int, mbs: int) -> list[dict]:
     for start in range(0, n, mbs):
         chunk = {k: v[start:start + mbs] for k, v in whole.items()}
         rows = chunk["labels"].shape[0]
-        out.append({**_pad_batch(chunk, mbs), "rows": rows})
+        out.append({**pad_batch(chunk, mbs), "rows": rows})
     return out
 
 

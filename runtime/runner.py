@@ -184,7 +184,7 @@ class Runner:
         total_loss = total_tokens = correct = 0.0
         answers = answers_right = 0
         for batch in batches:
-            batch = _pad_batch(batch, size)
+            batch = pad_batch(batch, size)
             logits = self.eval_exec(self._inputs(program, batch))[1]
             labels = batch["labels"].to(self.device)
             mask = batch["loss_mask"].to(self.device).bool()
@@ -269,7 +269,7 @@ def answer_hits(mask: torch.Tensor, hit: torch.Tensor) -> tuple[int, int]:
     return total, right
 
 
-def _pad_batch(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+def pad_batch(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
     n = batch["labels"].shape[0]
     if n == size:
         return batch
