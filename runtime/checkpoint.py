@@ -68,8 +68,14 @@ def _fsync(path: Path) -> None:
 
 
 def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors holding inf or NaN."""
-    return [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    """Names of floating-point tensors holding inf or NaN (one device sync when all are finite)."""
+    floats = {k: v for k, v in weights.items() if v.is_floating_point()}
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for v in floats.values():
+        flags.setdefault(v.device, []).append(torch.isfinite(v).all())
+    if all(bool(torch.stack(f).all()) for f in flags.values()):
+        return []
+    return [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
 
 
 def save(model_dir: str | Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict,

@@ -141,22 +141,26 @@ class Runner:
         start = time.perf_counter()
         total: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), dtype=torch.float64)
+        owned: set[int] = set()
         for batch, share in zip(micro_batches, self._weights_of(micro_batches)):
             part, grads = self.micro_step({k: v for k, v in batch.items() if k != "rows"})
             loss += part.detach().double().cpu() * share
             for k, g in grads.items():
                 if k in total:
                     total[k].add_(g, alpha=share)
+                elif g._base is None and g.data_ptr() not in owned:   # a fresh output: accumulate in place
+                    total[k] = g.mul_(share) if share != 1.0 else g
+                    owned.add(g.data_ptr())
                 else:
                     total[k] = g * share
         loss = float(loss)
         if not math.isfinite(loss):
             self._diverged(f"loss is {loss}")
         finite = self.scaler.unscale(total) if self.scaler else True
-        if not self.scaler and checkpoint.non_finite(total):
-            self._diverged(f"gradients of {len(checkpoint.non_finite(total))} weights are not finite")
         if finite:
             norm = self.optimizer.clip(total)
+            if not math.isfinite(norm):       # fp16 overflows were caught above: this is divergence
+                self._diverged(f"gradients are not finite (global norm {norm})")
             lr = self.optimizer.step(total)
             bad = checkpoint.non_finite({k: self.weights[k] for k in total})
             if bad:
