@@ -8,6 +8,7 @@ from mmgraph.config import load_params
 from mmgraph.errors import Problem, UserError
 from mmgraph.dump import write_dumps
 from mmgraph.ir import Phase
+from mmgraph.lock import model_dir_lock
 from mmgraph.passes.cost import bottleneck_words
 
 
@@ -73,9 +74,10 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         print(f"{params_path}: valid; {mode} step traced to {len(program.ops())} ops "
               f"in {time.perf_counter() - start:.1f} s (nothing written)")
         return 0
-    stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat,
-                          world_size=world_size)
-    where = write_dumps(stages, model_dir, params_path, params, target)
+    with model_dir_lock(model_dir, "compile"):       # one writer of MODEL_DIR/.compile.tmp
+        stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat,
+                              world_size=world_size)
+        where = write_dumps(stages, model_dir, params_path, params, target)
     print(f"{'pass':<17} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:
         p, rec = stage.program, stage.program.history[-1]

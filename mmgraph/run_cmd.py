@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from mmgraph.config import load_params
 from mmgraph.errors import Problem, UserError
+from mmgraph.lock import model_dir_lock
 
 
 def _device(name: Optional[str]) -> str:
@@ -35,7 +37,13 @@ def _batches(loader):
             yield batch
 
 
-def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
+def run(params_path: str, model_dir: str, *args, **kwargs) -> int:
+    """Train and/or evaluate, holding the model_dir's lock (one run or compile at a time)."""
+    with model_dir_lock(model_dir, "run"):
+        return _run(params_path, model_dir, *args, **kwargs)
+
+
+def _run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
         checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
         executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False,
         remat: Optional[str] = None) -> int:
@@ -50,8 +58,10 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
     train_mode = mode in ("train", "train_and_eval")
 
     # Data first: a missing data_dir or image folder is reported before any compute.
-    train_loader = make_loader(params, "train") if train_mode else None
+    train_loader = make_loader(params, "train", batch_size=_loader_batch(params.train_input)) if train_mode else None
     eval_loader = make_loader(params, "eval") if mode in ("eval", "train_and_eval") else None
+    if train_mode:
+        check_memory(params, dev)
 
     t0 = time.perf_counter()
     tgt = load_target(target)
@@ -71,6 +81,7 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
     if resumed:
         note = f"; initial weights {initial} not loaded: resuming" if initial else ""
         print(f"resumed from {resumed} (step {runner.step}){note}")
+        runner.truncate_metrics()
     elif initial:
         states = params.runconfig.load_checkpoint_states
         if states is not None and {s.strip() for s in states.split(",")} - {"model"}:
@@ -93,18 +104,78 @@ def run(params_path: str, model_dir: str, mode: str, device: Optional[str] = Non
     return 0
 
 
+def _loader_batch(data) -> int:
+    """The loader's batch: the largest size that divides both batch_size and micro_batch_size,
+    so a batch that is not a multiple of micro_batch_size (the Model Zoo's 7B phase 1: 220/24)
+    is still a whole number of loader batches."""
+    mbs = data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size
+    return math.gcd(data.batch_size, mbs)
+
+
+def _available_bytes(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(params, device: str) -> None:
+    """Before anything is allocated: a step holds its whole batch's tensors, a micro-batch at
+    least one saved activation per layer; refuse sizes that cannot fit in the memory available
+    (a lower bound: passing is no promise, failing is certain)."""
+    data, lay, text = params.train_input, params.layout(), params.model.text_model
+    mbs = data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size
+    seq, imgs = lay.max_sequence_length, lay.max_num_img
+    sample = 8 * (5 * seq + imgs * lay.num_patches) + 4 * imgs * math.prod(lay.image_data_size)
+    activation = 4 * seq * text.hidden_size * text.num_hidden_layers
+    held, working = data.batch_size * sample, mbs * activation
+    avail = _available_bytes(device)
+    if held + working > avail:
+        key = "batch_size" if held >= working else "micro_batch_size"
+        raise UserError(Problem(params.path, f"train_input.{key}", f"a step needs at least "
+                                f"{(held + working) / 1e9:,.1f} GB ({data.batch_size} samples of {sample:,} bytes held "
+                                f"for the step, {mbs} x {activation:,} bytes of activations per micro-batch); "
+                                f"{avail / 1e9:,.1f} GB of {device} memory are available"))
+
+
+def _step_batches(stream, loader_batches: int, mbs: int) -> list[dict]:
+    """One batch as micro-batches of ``mbs`` rows: loader batches joined and split, the last,
+    short one padded with unsupervised rows (``rows``: how many are real)."""
+    from mmgraph.runtime.runner import pad_batch
+
+    parts = [next(stream) for _ in range(loader_batches)]
+    if all(p["labels"].shape[0] == mbs for p in parts):
+        return parts
+    whole = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    n = whole["labels"].shape[0]
+    out = []
+    for start in range(0, n, mbs):
+        chunk = {k: v[start:start + mbs] for k, v in whole.items()}
+        rows = chunk["labels"].shape[0]
+        out.append({**pad_batch(chunk, mbs), "rows": rows})
+    return out
+
+
 def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], mode: str) -> None:
     if not max_steps:
         raise UserError(Problem(params.path, "runconfig.max_steps", "required to train (or pass --max_steps)"))
     loader, sampler = train_loader
     data = params.train_input
     mbs = data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size
-    n_micro = data.batch_size // mbs
-    per_epoch = len(sampler) // mbs if data.drop_last else math.ceil(len(sampler) / mbs)
+    size = _loader_batch(data)
+    per_step = data.batch_size // size
+    per_epoch = len(sampler) // size if data.drop_last else math.ceil(len(sampler) / size)
     if per_epoch == 0:
         raise UserError(Problem(params.path, "train_input.batch_size", f"fewer samples ({len(sampler)}) "
-                                f"than one micro-batch ({mbs})"))
-    _position(sampler, per_epoch, runner.step * n_micro)
+                                f"than one loader batch ({size})"))
+    first = runner.step
+    start = (runner.sampler_state or {}).get("batches_done", first * per_step)   # where the checkpoint left the data
+    _position(sampler, per_epoch, start)
     stream = _batches(loader)
     rc = params.runconfig
     tokens_per_sample = params.layout().max_sequence_length
@@ -113,10 +184,11 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
     if show_bar:
         from tqdm import tqdm
         bar = tqdm(total=max_steps, initial=runner.step, desc="train", unit="step")
-    first = runner.step
     window = time.perf_counter()
+    position = {"batches_done": start}
     while runner.step < max_steps:
-        result = runner.train_step([next(stream) for _ in range(n_micro)])
+        result = runner.train_step(_step_batches(stream, per_step, mbs))
+        position = {"batches_done": start + (runner.step - first) * per_step}
         sps = result.samples / result.seconds
         if bar is not None:
             bar.update(1)
@@ -131,7 +203,7 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
                     f"{sps:.1f} samples/s  {record['tokens_per_s']:.0f} tokens/s  eta {eta:.0f} s")
             (bar.write if bar is not None else print)(line)
         if rc.checkpoint_steps and result.step % rc.checkpoint_steps == 0:
-            runner.save({"batches_done": runner.step * n_micro})
+            runner.save(position)
         if eval_loader is not None and rc.eval_steps and result.step % rc.eval_steps == 0 and result.step < max_steps:
             metrics = runner.evaluate(list(eval_loader[0]))
             runner.log({"step": result.step, **metrics}, "eval")
@@ -140,7 +212,7 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
     if bar is not None:
         bar.close()
     if not checkpoint_is_at(runner):
-        runner.save({"batches_done": runner.step * n_micro})
+        runner.save(position)
 
 
 def checkpoint_is_at(runner) -> bool:

@@ -54,7 +54,10 @@ class MultimodalH5Dataset(torch.utils.data.Dataset):
             self._handles[k] = h5py.File(self.files[k], "r")
         return self._handles[k]
 
+    seed = 0
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(i, len(self.index))          # the sampler's key: epoch * len + index
         k, row = self.index[i]
         where = f"sample {row}"
         try:
@@ -67,7 +70,7 @@ class MultimodalH5Dataset(torch.utils.data.Dataset):
                 continue
             try:
                 img = open_image(confined(self.img_dir, name))
-                images[j] = self.transform(img)
+                images[j] = self.transform(img, random.Random(f"{self.seed}:{epoch}:{i}:{j}"))
             except (UnsafePath, BadImage) as err:
                 raise UserError(Problem(str(self.files[k]), where, str(err))) from None
             except (RuntimeError, ValueError, TypeError) as err:
@@ -147,7 +150,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         start = self.consumed
         for pos in range(start, len(order)):
             self.consumed = pos + 1
-            yield order[pos]
+            yield self.epoch * self.n + order[pos]     # the dataset derives its transform RNG from it
         self.epoch += 1
         self.consumed = 0
 
@@ -178,6 +181,7 @@ def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] 
         raise UserError(problems + err.problems) from None
     if problems:
         raise UserError(problems)
+    ds.seed = data.shuffle_seed or 0
     mbs = batch_size or (data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size)
     sampler = ResumableSampler(len(ds), mbs, data.shuffle, data.shuffle_seed, data.drop_last)
     workers = data.num_workers if num_workers is None else num_workers

@@ -67,36 +67,44 @@ class Runner:
         self._events = None
 
     # -- weights -------------------------------------------------------------------------
+    def _expected(self) -> dict[str, tuple[tuple, torch.dtype]]:
+        """Every weight the run holds (the program's parameters and the rest of the model)."""
+        return {k: (tuple(v.shape), v.dtype) for k, v in self.weights.items()}
+
     def load_initial(self, path: str) -> None:
-        """Initial weights (the model only) from a checkpoint, model_dir or converted folder."""
+        """Initial weights (the model only) from a checkpoint, model_dir or converted folder:
+        every key and shape checked (floating dtypes are cast) before anything is copied."""
         loaded = checkpoint.load_weights(path)
-        missing = [k for k in self.weights if k not in loaded]
         strict = not self.params.runconfig.disable_strict_checkpoint_loading
-        if missing and strict:
-            raise UserError(Problem(path, None, f"{len(missing)} weights missing, e.g. {missing[0]} "
-                                    "(set runconfig.disable_strict_checkpoint_loading to allow)"))
+        expected = self._expected()
+        problems = [p for p in checkpoint.check_tensors(path, loaded, expected, exact_dtype=False)
+                    if p.message != "not in the program (unexpected)" and (strict or p.message != "missing")]
+        if problems:
+            hint = " (set runconfig.disable_strict_checkpoint_loading to allow missing weights)" if strict else ""
+            raise UserError(problems + [Problem(path, None, f"initial weights refused{hint}")])
         for k, v in loaded.items():
             if k in self.weights:
-                if tuple(v.shape) != tuple(self.weights[k].shape):
-                    raise UserError(Problem(path, k, f"shape {tuple(v.shape)} does not match the model's "
-                                            f"{tuple(self.weights[k].shape)}"))
                 self.weights[k].copy_(v)
 
     def resume(self) -> Optional[Path]:
-        """Continue from the latest checkpoint in model_dir, if any."""
-        last = checkpoint.latest(self.model_dir)
-        if last is None:
+        """Continue from the newest usable checkpoint in model_dir, if any (damaged newer ones
+        are reported on stdout and set aside)."""
+        found = checkpoint.load_usable(self.model_dir, self._expected())
+        if found is None:
             return None
-        weights, opt_state, state = checkpoint.load(last)
-        for k, v in weights.items():
+        for why in found.skipped:
+            print(f"checkpoint damaged, not used: {why}")
+        for k, v in found.weights.items():
             self.weights[k].copy_(v)
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(opt_state)
+            self.optimizer.load_state_dict(found.optimizer)
+        torch.set_rng_state(found.rng["torch"])
+        state = found.state
         self.step = state["step"]
         self.sampler_state = state.get("sampler")
         if self.scaler and "loss_scale" in state:
             self.scaler.load_state_dict(state["loss_scale"])
-        return last
+        return found.path
 
     # -- execution -----------------------------------------------------------------------
     def _inputs(self, program: Program, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -116,43 +124,61 @@ class Runner:
                  for spec, g in zip(program.outputs, outs) if spec.kind == "grad"}
         return outs[0], grads
 
+    def _weights_of(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        """Each micro-batch's share of the whole batch's loss: with ``num_tokens`` scaling its
+        supervised tokens over the batch's, with ``batch_size`` scaling its (padded) rows over
+        the batch's real rows; padded rows have loss_mask 0 and so contribute nothing."""
+        if self.params.model.loss_scaling == "num_tokens":
+            counts = [float(b["loss_mask"].sum()) for b in micro_batches]
+            total = sum(counts)
+            return [c / total if total else 1.0 / len(counts) for c in counts]
+        real = sum(b.get("rows", b["labels"].shape[0]) for b in micro_batches)
+        return [b["labels"].shape[0] / real for b in micro_batches]
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step over the micro-batches of one batch: loss and gradients equal
+        the whole batch's at once (see ``_weights_of``)."""
         start = time.perf_counter()
         total: dict[str, torch.Tensor] = {}
-        losses = []
+        loss = torch.zeros((), dtype=torch.float64)
         owned: set[int] = set()
-        for batch in micro_batches:
-            loss, grads = self.micro_step(batch)
-            losses.append(loss)
+        for batch, share in zip(micro_batches, self._weights_of(micro_batches)):
+            part, grads = self.micro_step({k: v for k, v in batch.items() if k != "rows"})
+            loss += part.detach().double().cpu() * share
             for k, g in grads.items():
                 if k in total:
-                    total[k].add_(g)
+                    total[k].add_(g, alpha=share)
                 elif g._base is None and g.data_ptr() not in owned:   # a fresh output: accumulate in place
-                    total[k] = g
+                    total[k] = g.mul_(share) if share != 1.0 else g
                     owned.add(g.data_ptr())
                 else:
-                    total[k] = g.clone()
-        n = len(micro_batches)
-        if n > 1:
-            for g in total.values():
-                g.div_(n)
-        loss = float(torch.stack(losses).mean())
+                    total[k] = g * share
+        loss = float(loss)
         if not math.isfinite(loss):
-            last = checkpoint.latest(self.model_dir)
-            raise UserError(Problem(None, f"step {self.step + 1}", f"loss is {loss}; training stopped "
-                                    f"(last good checkpoint: {last or 'none'})"))
+            self._diverged(f"loss is {loss}")
         finite = self.scaler.unscale(total) if self.scaler else True
         if finite:
             norm = self.optimizer.clip(total)
+            if not math.isfinite(norm):       # fp16 overflows were caught above: this is divergence
+                self._diverged(f"gradients are not finite (global norm {norm})")
             lr = self.optimizer.step(total)
+            bad = checkpoint.non_finite({k: self.weights[k] for k in total})
+            if bad:
+                self._diverged(f"the update made {len(bad)} weights non-finite (e.g. {bad[0]}; learning rate {lr:.3g})")
         else:                        # float16 overflow: the step is skipped, the scale lowered
             norm, lr = math.inf, learning_rate(self.optimizer.cfg, self.optimizer.step_count)
         if self.scaler:
             self.scaler.update(finite)
         self.step += 1
-        samples = sum(b["labels"].shape[0] for b in micro_batches)
+        samples = sum(b.get("rows", b["labels"].shape[0]) for b in micro_batches)
         tokens = int(sum((1 - b["key_padding_mask"]).sum() for b in micro_batches))
         return StepResult(self.step, loss, lr, norm, time.perf_counter() - start, samples, tokens)
+
+    def _diverged(self, what: str) -> None:
+        """Stop: nothing non-finite is ever saved, so the latest checkpoint is a good one."""
+        last = checkpoint.latest(self.model_dir)
+        raise UserError(Problem(None, f"step {self.step + 1}", f"{what}; training stopped "
+                                f"(last good checkpoint: {last or 'none'})"))
 
     def evaluate(self, batches) -> dict:
         """Loss (mean cross entropy over supervised tokens), perplexity and token accuracy.
@@ -162,7 +188,7 @@ class Runner:
         total_loss = total_tokens = correct = 0.0
         answers = answers_right = 0
         for batch in batches:
-            batch = _pad_batch(batch, size)
+            batch = pad_batch(batch, size)
             logits = self.eval_exec(self._inputs(program, batch))[1]
             labels = batch["labels"].to(self.device)
             mask = batch["loss_mask"].to(self.device).bool()
@@ -187,6 +213,19 @@ class Runner:
         return checkpoint.save(self.model_dir, self.step, self.weights, opt, state,
                                self.params.runconfig.max_checkpoints)
 
+    def truncate_metrics(self) -> None:
+        """After a resume: drop the records of steps past the checkpoint's (they are redone),
+        so metrics.jsonl continues without repeated steps."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if _step_of_record(line) <= self.step]
+        if len(keep) == len(lines):
+            return
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(self.metrics_path)
+
     def log(self, record: dict, split: str = "train") -> None:
         """A record in metrics.jsonl and its scalars as TensorBoard events (MODEL_DIR/events,
         tags ``train/loss``, ``eval/answer_accuracy``, ...)."""
@@ -205,6 +244,13 @@ class Runner:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+def _step_of_record(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 1 << 62                                # a torn last line from a kill: dropped
 
 
 def answer_hits(mask: torch.Tensor, hit: torch.Tensor) -> tuple[int, int]:
@@ -227,7 +273,7 @@ def answer_hits(mask: torch.Tensor, hit: torch.Tensor) -> tuple[int, int]:
     return total, right
 
 
-def _pad_batch(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+def pad_batch(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
     n = batch["labels"].shape[0]
     if n == size:
         return batch

@@ -64,8 +64,9 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 
 
 def build_transforms(specs, rng: random.Random | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """Compose the params' transform list into one callable PIL image -> tensor."""
-    rng = rng or random.Random(0)
+    """Compose the params' transform list into one callable PIL image -> tensor. Random steps
+    draw from the ``rng`` given to the call (per sample: deterministic resume), else ``rng``."""
+    current = [rng or random.Random(0)]
     steps: list[Callable] = []
     for t in specs:
         name = t.name
@@ -79,12 +80,12 @@ def build_transforms(specs, rng: random.Random | None = None) -> Callable[[Image
             def crop(im, s=t.size):
                 th, tw = _pair(s)
                 w, h = im.size
-                left, top = rng.randint(0, max(w - tw, 0)), rng.randint(0, max(h - th, 0))
+                left, top = current[0].randint(0, max(w - tw, 0)), current[0].randint(0, max(h - th, 0))
                 return im.crop((left, top, left + tw, top + th))
             steps.append(crop)
         elif name == "random_horizontal_flip":
             steps.append(lambda im, p=(t.p if t.p is not None else 0.5):
-                         im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else im)
+                         im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if current[0].random() < p else im)
         elif name == "to_tensor":
             steps.append(to_tensor)
         elif name == "normalize":
@@ -92,7 +93,9 @@ def build_transforms(specs, rng: random.Random | None = None) -> Callable[[Image
         elif name == "to_dtype":
             steps.append(lambda x, d=getattr(torch, t.dtype or "float32"): x.to(d))
 
-    def apply(img: Image.Image):
+    def apply(img: Image.Image, sample_rng: random.Random | None = None):
+        if sample_rng is not None:
+            current[0] = sample_rng
         x = img.convert("RGB")
         for step in steps:
             x = step(x)

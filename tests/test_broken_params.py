@@ -45,10 +45,6 @@ EXPECTED = {
         "model.image_model_list.image_feature_select_mode: 'patches' is not one of 'patch' or "
         "'cls_patch' (did you mean 'patch'?)",
     ],
-    "micro_batch.yaml": [
-        "train_input.micro_batch_size: batch_size 8 is not a multiple of micro_batch_size 3",
-        "eval_input.micro_batch_size: batch_size 8 is not a multiple of micro_batch_size 3",
-    ],
     "projector_width.yaml": [
         "model.image_model_list.global_image_projection.layers_units: the last layer must "
         "output text_model.hidden_size 64, got 48",

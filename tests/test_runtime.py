@@ -24,26 +24,30 @@ def batches(params, step):
 
 
 def eager_losses(params, steps, autocast=None):
+    """Eager PyTorch on each step's whole batch at once (the micro-batches joined)."""
     model, _ = build_model(params, seed=params.runconfig.seed)
     named = dict(model.named_parameters())
     opt = Optimizer(params.optimizer, {k: p.data for k, p in named.items()})
     losses = []
+    trainable = [k for k, p in named.items() if p.requires_grad]
     for step in range(steps):
-        total = {}
-        step_losses = []
-        for batch in batches(params, step):
+        parts = batches(params, step)
+        if autocast is None:
+            parts = [{k: torch.cat([b[k] for b in parts]) for k in parts[0]}]
+        # reduced precision: micro-batch by micro-batch (rounding follows the batch split),
+        # each weighted by its share of the batch's supervised tokens
+        tokens = [float(b["loss_mask"].sum()) for b in parts]
+        total, loss = {}, 0.0
+        for b, n in zip(parts, tokens):
             with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-                loss = model(**batch)
-            trainable = [k for k, p in named.items() if p.requires_grad]
-            grads = torch.autograd.grad(loss, [named[k] for k in trainable])
+                part = model(**b)
+            grads = torch.autograd.grad(part, [named[k] for k in trainable])
             for k, g in zip(trainable, grads):
-                total[k] = total[k] + g if k in total else g.clone()
-            step_losses.append(loss.detach())
-        for g in total.values():
-            g.div_(MICRO)
+                total[k] = total[k] + g * (n / sum(tokens)) if k in total else g * (n / sum(tokens))
+            loss += float(part.detach()) * n / sum(tokens)
         opt.clip(total)
         opt.step(total)
-        losses.append(float(torch.stack(step_losses).mean()))
+        losses.append(loss)
     return losses, {k: p.detach().clone() for k, p in named.items()}
 
 

@@ -328,9 +328,6 @@ def _check_text(text, bad) -> None:
 
 
 def _check_input(name: str, data: InputConfig, model: Optional[ModelConfig], bad) -> None:
-    mbs = data.micro_batch_size
-    if isinstance(mbs, int) and data.batch_size % mbs:
-        bad(f"{name}.micro_batch_size", f"batch_size {data.batch_size} is not a multiple of micro_batch_size {mbs}")
     if model is None:
         return
     text = model.text_model
