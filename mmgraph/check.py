@@ -83,4 +83,17 @@ def format_summary(s: CheckSummary) -> str:
     if data is not None:
         mbs = data.micro_batch_size
         lines.append(f"  batch_size {data.batch_size}" + (f", micro_batch_size {mbs}" if mbs else ""))
+        split = s.params.micro_batch_sizes(s.mode)
+        if len(split) > 1 and split[-1] != split[0]:
+            lines.append(f"  micro-batches per step: {len(split) - 1} of {split[0]} and a last one of {split[-1]}")
+    lines += _ignored_lines(s.params)
     return "\n".join(lines)
+
+
+def _ignored_lines(params: Params) -> list[str]:
+    """Keys accepted but not used (Cerebras-only settings; see docs/params.md)."""
+    if not params.ignored:
+        return []
+    lines = ["", f"ignored keys ({params.file_layout} layout; they change nothing here, see docs/params.md):"]
+    lines += [f"  {where}: {why}" for where, why in params.ignored]
+    return lines

@@ -5,13 +5,42 @@ from __future__ import annotations
 import typing
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class Section(BaseModel):
     """A params-file mapping: unknown keys are errors, values are validated, nothing coerced silently."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_silent_coercion(cls, data):
+        """``true`` is not the number 1 and ``"3"`` is not 3: numbers must be written as numbers."""
+        if not isinstance(data, dict):
+            return data
+        for key, value in data.items():
+            field = cls.model_fields.get(key) if isinstance(key, str) else None
+            if field is None or not isinstance(value, (bool, str)):
+                continue
+            kinds = set(_members(field.annotation))
+            if not kinds & {int, float}:
+                continue
+            if isinstance(value, bool) and bool not in kinds:
+                raise PydanticCustomError("number_type", "{key}: must be a number, not a boolean ({value})",
+                                          {"key": key, "value": str(value).lower()})
+            if isinstance(value, str) and str not in kinds and not _has_literal_str(kinds):
+                raise PydanticCustomError("number_type", "{key}: must be a number, not the string '{value}'",
+                                          {"key": key, "value": value})
+        return data
+        kinds = set(_members(field.annotation))
+        numeric = kinds & {int, float}
+        if isinstance(value, bool) and numeric and bool not in kinds:
+            raise ValueError(f"must be a number, not a boolean ({str(value).lower()})")
+        if isinstance(value, str) and numeric and str not in kinds and not _has_literal_str(kinds):
+            raise ValueError(f"must be a number, not the string '{value}'")
+        return value
 
     @classmethod
     def key_names(cls) -> list[str]:
@@ -80,3 +109,9 @@ def _tag_of(cls: type[Section]) -> str | None:
         return None
     args = typing.get_args(field.annotation)
     return args[0] if typing.get_origin(field.annotation) is typing.Literal and args else None
+
+
+def _has_literal_str(kinds: set) -> bool:
+    """Whether a ``Literal[...]`` among the member types admits a string (``"auto"``, ``"dynamic"``)."""
+    return any(typing.get_origin(k) is typing.Literal and any(isinstance(a, str) for a in typing.get_args(k))
+               for k in kinds)

@@ -30,13 +30,15 @@ def _pair(value):
     return value
 
 
-INITIALIZERS = ("normal", "truncated_normal", "xavier_uniform", "xavier_normal", "zeros", "constant")
+INITIALIZERS = ("normal", "truncated_normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "zeros",
+                "constant")
 
 
 class Initializer(Section):
     """Model Zoo initializer: ``{name: normal, mean: 0, std: 0.02}``, ``{name: constant, value}``..."""
 
-    name: Literal["normal", "truncated_normal", "xavier_uniform", "xavier_normal", "zeros", "constant"]
+    name: Literal["normal", "truncated_normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "zeros",
+                  "constant"]
     mean: float = 0.0
     std: Annotated[float, Field(gt=0.0)] = 0.02
     a: Optional[float] = None
@@ -221,10 +223,6 @@ class LlamaModelConfig(Section):
     # Head
     use_bias_in_output: bool = False
     initializer_range: Annotated[float, Field(ge=0.0)] = 0.02
-    # Cerebras-only numerics and loss keys (accepted; see docs/params.md)
-    fp16_type: Optional[str] = None
-    loss_scaling: Optional[str] = None
-    loss_weight: Optional[float] = None
 
     @property
     def head_dim(self) -> int:
@@ -244,6 +242,9 @@ class LlamaModelConfig(Section):
 
 
 class ModelConfig(Section):
+    # llava: the older llava model; its freeze patterns name its modules (image_model,
+    # projector_image_model, text_model). Set by the loader for llava files.
+    name: Literal["multimodal_simple", "llava"] = "multimodal_simple"
     image_model_list: ImageModelListConfig
     text_model: LlamaModelConfig
     freeze: list[str] = []
