@@ -24,8 +24,7 @@ EXPECTED = {
         "optimizer: missing section (required for --mode train)",
     ],
     "wrong_type.yaml": [
-        "model.text_model.num_hidden_layers: must be a valid integer, unable to parse string "
-        "as an integer (got 'two')",
+        "model.text_model.num_hidden_layers: must be a number, not the string 'two'",
     ],
     "missing_section.yaml": [
         "modelx: unknown section (did you mean 'model'?)",
@@ -46,8 +45,8 @@ EXPECTED = {
         "'cls_patch' (did you mean 'patch'?)",
     ],
     "micro_batch.yaml": [
-        "train_input.micro_batch_size: batch_size 8 is not a multiple of micro_batch_size 3",
-        "eval_input.micro_batch_size: batch_size 8 is not a multiple of micro_batch_size 3",
+        "train_input.micro_batch_size: must be a number, not a boolean (true)",
+        "eval_input.micro_batch_size: must be a number, not a boolean (true)",
     ],
     "projector_width.yaml": [
         "model.image_model_list.global_image_projection.layers_units: the last layer must "

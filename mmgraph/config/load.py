@@ -208,6 +208,8 @@ def _format_errors(path: str, section: str, schema: type[Section], err: Validati
     problems = []
     for e in err.errors(include_url=False):
         loc, kind = tuple(e["loc"]), e["type"]
+        if kind == "number_type":  # raised for the whole mapping: name the key
+            loc += (e["ctx"]["key"],)
         where = _display_loc(section, loc)
         if kind == "extra_forbidden":
             holder = section_at(schema, loc)
@@ -221,6 +223,8 @@ def _format_errors(path: str, section: str, schema: type[Section], err: Validati
             options = re.findall(r"'([^']*)'", expected)
             hint = did_you_mean(str(got), options) if isinstance(got, str) else ""
             message = f"{got!r} is not one of {expected}{hint}"
+        elif kind == "number_type":
+            message = e["msg"].split(": ", 1)[1]
         elif kind == "union_tag_invalid":
             message = f"unsupported name {e.get('input')!r}, expected one of {e['ctx']['expected_tags']}"
         else:
