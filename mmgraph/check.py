@@ -73,7 +73,8 @@ def format_summary(s: CheckSummary) -> str:
             gh, gw = vit.grid
             lines.append(f"  encoder {i}: {gh}x{gw} patches of {vit.patch_size[0]}x{vit.patch_size[1]}"
                          f"{' + CLS' if vit.prepend_cls_token else ''}, features after block "
-                         f"{vit.num_layers_used} of {vit.num_hidden_layers} (image_layer_idx {vit.image_layer_idx})")
+                         f"{vit.num_layers_used} of {vit.num_hidden_layers}{' + final norm' if vit.uses_final_norm else ''} "
+                         f"(image_layer_idx {vit.image_layer_idx})")
     mode = s.params.model.image_model_list.image_feature_select_mode
     conn = s.params.model.image_model_list.connector
     how = f"connector {conn.name}" if conn else f"image_feature_select_mode {mode}"

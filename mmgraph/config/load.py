@@ -305,6 +305,7 @@ def _check_model(model: ModelConfig, bad) -> None:
         bad(f"{base}.global_image_projection", f"image features have width {widths[0]} but "
             f"text_model.hidden_size is {text.hidden_size}: a projection is required")
     _check_text(text, bad)
+    _check_loss(model, bad)
     for i, pattern in enumerate(model.freeze):
         try:
             re.compile(pattern)
@@ -361,6 +362,15 @@ def _check_size(model: ModelConfig, bad) -> None:
             f"supported {MAX_PARAMETERS:.0e}: check hidden_size, vocab_size, filter_size, num_hidden_layers")
 
 
+def _check_loss(model: ModelConfig, bad) -> None:
+    if model.loss_scaling == "num_tokens" and "loss_weight" in model.model_fields_set and model.loss_weight != 1.0:
+        bad("model.loss_weight", f"loss_scaling num_tokens requires loss_weight 1.0 (got {model.loss_weight}), "
+            "as in the Model Zoo")
+    if model.loss_scaling == "batch_size" and model.loss_weight == 0.0:
+        bad("model.loss_weight", "loss_scaling batch_size multiplies the loss by loss_weight, 0.0 (the Model "
+            "Zoo's default) when omitted: set it (usually 1 / max_sequence_length)")
+
+
 def _check_connector(where: str, conn, model: ModelConfig, width: int, bad) -> None:
     lst = model.image_model_list
     if conn.name == "attention_pool":
@@ -387,7 +397,7 @@ def _check_vit(where: str, vit: ViTModelConfig, bad) -> None:
     if vit.hidden_size % vit.num_heads:
         bad(f"{where}.num_heads", f"hidden_size {vit.hidden_size} is not divisible by num_heads {vit.num_heads}")
     n = vit.num_hidden_layers
-    if not -n <= vit.image_layer_idx < n:
+    if vit.image_layer_idx is not None and not -n <= vit.image_layer_idx < n:
         bad(f"{where}.image_layer_idx", f"{vit.image_layer_idx} is out of range for "
             f"num_hidden_layers {n} (valid: {-n} .. {n - 1})")
 
