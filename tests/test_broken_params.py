@@ -24,7 +24,8 @@ EXPECTED = {
         "optimizer: missing section (required for --mode train)",
     ],
     "wrong_type.yaml": [
-        "model.text_model.num_hidden_layers: must be a number, not the string 'two'",
+        "model.text_model.num_hidden_layers: must be a valid integer, unable to parse string "
+        "as an integer (got 'two')",
     ],
     "missing_section.yaml": [
         "modelx: unknown section (did you mean 'model'?)",

@@ -17,30 +17,19 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_silent_coercion(cls, data):
-        """``true`` is not the number 1 and ``"3"`` is not 3: numbers must be written as numbers."""
+        """``true`` is not the number 1. (Strings are left to pydantic: YAML reads ``5e-5`` as a
+        string, which must still be the number 5e-5.)"""
         if not isinstance(data, dict):
             return data
         for key, value in data.items():
             field = cls.model_fields.get(key) if isinstance(key, str) else None
-            if field is None or not isinstance(value, (bool, str)):
+            if field is None or not isinstance(value, bool):
                 continue
             kinds = set(_members(field.annotation))
-            if not kinds & {int, float}:
-                continue
-            if isinstance(value, bool) and bool not in kinds:
+            if kinds & {int, float} and bool not in kinds:
                 raise PydanticCustomError("number_type", "{key}: must be a number, not a boolean ({value})",
                                           {"key": key, "value": str(value).lower()})
-            if isinstance(value, str) and str not in kinds and not _has_literal_str(kinds):
-                raise PydanticCustomError("number_type", "{key}: must be a number, not the string '{value}'",
-                                          {"key": key, "value": value})
         return data
-        kinds = set(_members(field.annotation))
-        numeric = kinds & {int, float}
-        if isinstance(value, bool) and numeric and bool not in kinds:
-            raise ValueError(f"must be a number, not a boolean ({str(value).lower()})")
-        if isinstance(value, str) and numeric and str not in kinds and not _has_literal_str(kinds):
-            raise ValueError(f"must be a number, not the string '{value}'")
-        return value
 
     @classmethod
     def key_names(cls) -> list[str]:
@@ -110,8 +99,3 @@ def _tag_of(cls: type[Section]) -> str | None:
     args = typing.get_args(field.annotation)
     return args[0] if typing.get_origin(field.annotation) is typing.Literal and args else None
 
-
-def _has_literal_str(kinds: set) -> bool:
-    """Whether a ``Literal[...]`` among the member types admits a string (``"auto"``, ``"dynamic"``)."""
-    return any(typing.get_origin(k) is typing.Literal and any(isinstance(a, str) for a in typing.get_args(k))
-               for k in kinds)
