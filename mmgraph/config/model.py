@@ -110,6 +110,10 @@ class ViTModelConfig(Section):
     # 2.3.1 ran range(idx + 1) on the raw negative value, i.e. no block). Unset: every block and
     # then the final norm (use_final_layer_norm), the Model Zoo's default.
     image_layer_idx: Optional[int] = None
+    # Accepted at the values that change nothing (LayerScale and stochastic depth are not implemented)
+    layerscale_value: Optional[Literal[None]] = None
+    stochastic_depth_drop_prob: Literal[0.0] = 0.0
+    use_masked_patches: Literal[False] = False
 
     _pairs = field_validator("image_size", "patch_size", mode="before")(_pair)
 
