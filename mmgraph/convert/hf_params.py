@@ -54,6 +54,7 @@ def vit_params(vision: Any, vision_feature_layer: int = -2) -> dict:
         "use_post_embed_layer_norm": True,
         "use_embed_proj_bias": False,
         "position_embedding_type": "learned",
+        "use_conv_patchified_embedding": True,   # CLIP's Conv2d (the Model Zoo default is a Linear)
         "image_layer_idx": image_layer_idx_from_hf(vision_feature_layer),
     }
 
@@ -108,4 +109,5 @@ def llava_model_params(vision: Any, text: Any, projector_type: str = "mlp2x_gelu
         "freeze": [],
         "loss_scaling": "num_tokens",
         "loss_weight": 1.0,
+        "mixed_precision": False,   # explicit: the Model Zoo default is true
     }
