@@ -78,7 +78,8 @@ def format_summary(s: CheckSummary) -> str:
             gh, gw = vit.grid
             lines.append(f"  encoder {i}: {gh}x{gw} patches of {vit.patch_size[0]}x{vit.patch_size[1]}"
                          f"{' + CLS' if vit.prepend_cls_token else ''}, features after block "
-                         f"{vit.num_layers_used} of {vit.num_hidden_layers} (image_layer_idx {vit.image_layer_idx})")
+                         f"{vit.num_layers_used} of {vit.num_hidden_layers}{' + final norm' if vit.uses_final_norm else ''} "
+                         f"(image_layer_idx {vit.image_layer_idx})")
     mode = s.params.model.image_model_list.image_feature_select_mode
     conn = s.params.model.image_model_list.connector
     how = f"connector {conn.name}" if conn else f"image_feature_select_mode {mode}"
@@ -88,6 +89,19 @@ def format_summary(s: CheckSummary) -> str:
     if data is not None:
         mbs = data.micro_batch_size
         lines.append(f"  batch_size {data.batch_size}" + (f", micro_batch_size {mbs}" if mbs else ""))
+        split = s.params.micro_batch_sizes(s.mode)
+        if len(split) > 1 and split[-1] != split[0]:
+            lines.append(f"  micro-batches per step: {len(split) - 1} of {split[0]} and a last one of {split[-1]}")
+    lines += _ignored_lines(s.params)
     if s.data:
         lines += ["", s.data]
     return "\n".join(lines)
+
+
+def _ignored_lines(params: Params) -> list[str]:
+    """Keys accepted but not used (Cerebras-only settings; see docs/params.md)."""
+    if not params.ignored:
+        return []
+    lines = ["", f"ignored keys ({params.file_layout} layout; they change nothing here, see docs/params.md):"]
+    lines += [f"  {where}: {why}" for where, why in params.ignored]
+    return lines

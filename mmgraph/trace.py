@@ -76,7 +76,7 @@ def unused_parameters(model: MultimodalModel) -> set[str]:
         used = encoder.config.num_layers_used
         for name, _ in encoder.encoder.transformer_encoder.named_parameters():
             m = re.match(r"layers\.(\d+)\.", name)
-            if (m and int(m.group(1)) >= used) or name.startswith("norm."):
+            if (m and int(m.group(1)) >= used) or (name.startswith("norm.") and not encoder.config.uses_final_norm):
                 out.add(f"{prefix}.{name}")
     return out
 

@@ -31,7 +31,7 @@ def build_model(params: Params | ModelConfig, device: str | torch.device = "cpu"
             torch.manual_seed(seed)
         model = MultimodalModel(cfg, attention_impl)
         _initialize(model, cfg)
-    report = apply_freeze(model, cfg.freeze, source)
+    report = apply_freeze(model, cfg.freeze, source, cfg.name)
     return model, report
 
 

@@ -25,20 +25,39 @@ class FreezeReport:
         return frozenset(n for names in self.matches.values() for n in names)
 
 
-def match_freeze_patterns(model: nn.Module, patterns: list[str]) -> FreezeReport:
+# The older ``llava`` model's module names, which its files' freeze patterns are written against.
+LLAVA_NAMES = (("image_model.image_model_list.0.0.", "image_model."),
+               ("image_model.projection.", "projector_image_model."))
+
+
+def pattern_name(name: str, naming: str = "multimodal_simple") -> str:
+    """The name a freeze pattern sees: the parameter's own, or its ``llava`` model name."""
+    if naming == "llava":
+        for ours, theirs in LLAVA_NAMES:
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+    return name
+
+
+def match_freeze_patterns(model: nn.Module, patterns: list[str], naming: str = "multimodal_simple") -> FreezeReport:
     compiled = [(p, re.compile(p)) for p in patterns]
     matches: dict[str, list[str]] = {p: [] for p in patterns}
-    for name, _ in model.named_parameters():
+    for real, _ in model.named_parameters():
+        name = pattern_name(real, naming)
         module_path = name.rpartition(".")[0]
         for pattern, rx in compiled:
             if rx.search(name) or (module_path and rx.search(module_path)):
-                matches[pattern].append(name)
+                matches[pattern].append(real)
     return FreezeReport({p: tuple(v) for p, v in matches.items()})
 
 
-def apply_freeze(model: nn.Module, patterns: list[str], source: str | None = None) -> FreezeReport:
-    """Set ``requires_grad=False`` on what the patterns match; error on a pattern that matches nothing."""
-    report = match_freeze_patterns(model, patterns)
+def apply_freeze(model: nn.Module, patterns: list[str], source: str | None = None,
+                 naming: str = "multimodal_simple") -> FreezeReport:
+    """Set ``requires_grad=False`` on what the patterns match; error on a pattern that matches nothing.
+
+    ``naming="llava"``: the patterns are matched against the llava model's names
+    (``image_model.*``, ``projector_image_model.*``, ``text_model.*``)."""
+    report = match_freeze_patterns(model, patterns, naming)
     unmatched = [
         Problem(source, f"model.freeze[{i}]", f"pattern {p!r} matches no parameter (names start "
                 "with image_model.image_model_list, image_model.projection or text_model)")

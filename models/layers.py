@@ -128,6 +128,8 @@ def apply_initializer(tensor: torch.Tensor, spec) -> None:
         nn.init.xavier_uniform_(tensor, get("gain", 1.0))
     elif name == "xavier_normal":
         nn.init.xavier_normal_(tensor, get("gain", 1.0))
+    elif name == "kaiming_uniform":
+        nn.init.kaiming_uniform_(tensor, a=get("a", None) or 0.0)
     elif name == "zeros":
         nn.init.zeros_(tensor)
     elif name == "constant":

@@ -22,8 +22,14 @@ class ViTEmbeddings(nn.Module):
     def __init__(self, cfg: ViTModelConfig):
         super().__init__()
         h = cfg.hidden_size
-        self.linear_proj = nn.Conv2d(cfg.num_channels, h, kernel_size=cfg.patch_size,
-                                     stride=cfg.patch_size, bias=cfg.use_embed_proj_bias)
+        self.conv = cfg.use_conv_patchified_embedding
+        self.patch_size = cfg.patch_size
+        if self.conv:   # weight (hidden, C, ph, pw)
+            self.linear_proj = nn.Conv2d(cfg.num_channels, h, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size, bias=cfg.use_embed_proj_bias)
+        else:           # the Model Zoo's default: weight (hidden, ph * pw * C), patch-major, channels last
+            patch = cfg.patch_size[0] * cfg.patch_size[1] * cfg.num_channels
+            self.linear_proj = nn.Linear(patch, h, bias=cfg.use_embed_proj_bias)
         self.cls_embedding = nn.Parameter(torch.zeros(h)) if cfg.prepend_cls_token else None
         self.position_embeddings = nn.Embedding(cfg.num_positions, h)
         self.post_embed_ln = (nn.LayerNorm(h, eps=cfg.layer_norm_epsilon)
@@ -32,8 +38,11 @@ class ViTEmbeddings(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (N, C, H, W) -> (N, P, hidden) with P = patches (+1 CLS)."""
-        x = self.linear_proj(images)                        # (N, hidden, gh, gw)
-        x = x.flatten(2).transpose(1, 2)                    # (N, gh*gw, hidden)
+        if self.conv:
+            x = self.linear_proj(images)                    # (N, hidden, gh, gw)
+            x = x.flatten(2).transpose(1, 2)                # (N, gh*gw, hidden)
+        else:
+            x = self.linear_proj(patchify(images, self.patch_size))  # (N, gh*gw, hidden)
         if self.cls_embedding is not None:
             cls = self.cls_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat((cls, x), dim=1)                  # (N, P, hidden)
@@ -43,6 +52,16 @@ class ViTEmbeddings(nn.Module):
         if self.dropout > 0.0:
             x = F.dropout(x, self.dropout, self.training)
         return x
+
+
+def patchify(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) -> (N, gh*gw, ph*pw*C): patches in row-major order, each (ph, pw, C) flattened."""
+    n, c, height, width = images.shape
+    ph, pw = patch_size
+    gh, gw = height // ph, width // pw
+    x = images.reshape(n, c, gh, ph, gw, pw)                # (N, C, gh, ph, gw, pw)
+    x = x.permute(0, 2, 4, 3, 5, 1)                         # (N, gh, gw, ph, pw, C)
+    return x.reshape(n, gh * gw, ph * pw * c)
 
 
 class ViTBlock(nn.Module):
@@ -91,11 +110,15 @@ class ViTModel(nn.Module):
         self.encoder = ViTEncoder(cfg, attention_impl)
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Hidden states after block ``image_layer_idx`` (no final norm), as LLaVA takes them.
+        """Hidden states after block ``image_layer_idx`` (no final norm), as LLaVA takes them;
+        with ``image_layer_idx`` unset, every block then the final norm (the Model Zoo's rule).
 
         images: (N, C, H, W) -> (N, P, hidden). Blocks after the selected one never run.
         """
         x = self.embedding_layer(images)
         for block in self.encoder.transformer_encoder.layers[: self.config.num_layers_used]:
             x = block(x)
+        norm = self.encoder.transformer_encoder.norm
+        if self.config.uses_final_norm and norm is not None:
+            x = norm(x)
         return x

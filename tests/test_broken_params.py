@@ -45,6 +45,10 @@ EXPECTED = {
         "model.image_model_list.image_feature_select_mode: 'patches' is not one of 'patch' or "
         "'cls_patch' (did you mean 'patch'?)",
     ],
+    "micro_batch.yaml": [
+        "train_input.micro_batch_size: must be a number, not a boolean (true)",
+        "eval_input.micro_batch_size: must be a number, not a boolean (true)",
+    ],
     "projector_width.yaml": [
         "model.image_model_list.global_image_projection.layers_units: the last layer must "
         "output text_model.hidden_size 64, got 48",

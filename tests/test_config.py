@@ -151,4 +151,5 @@ def test_projector_initializers(tmp_path):
     proj["kernel_initializer"] = "he_normal"
     assert problems(write(tmp_path, r)) == [
         "model.image_model_list.global_image_projection.kernel_initializer: unknown initializer "
-        "'he_normal'; supported: normal, truncated_normal, xavier_uniform, xavier_normal, zeros, constant"]
+        "'he_normal'; supported: normal, truncated_normal, xavier_uniform, xavier_normal, kaiming_uniform, zeros, "
+            "constant"]

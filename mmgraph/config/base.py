@@ -5,13 +5,31 @@ from __future__ import annotations
 import typing
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class Section(BaseModel):
     """A params-file mapping: unknown keys are errors, values are validated, nothing coerced silently."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_silent_coercion(cls, data):
+        """``true`` is not the number 1. (Strings are left to pydantic: YAML reads ``5e-5`` as a
+        string, which must still be the number 5e-5.)"""
+        if not isinstance(data, dict):
+            return data
+        for key, value in data.items():
+            field = cls.model_fields.get(key) if isinstance(key, str) else None
+            if field is None or not isinstance(value, bool):
+                continue
+            kinds = set(_members(field.annotation))
+            if kinds & {int, float} and bool not in kinds:
+                raise PydanticCustomError("number_type", "{key}: must be a number, not a boolean ({value})",
+                                          {"key": key, "value": str(value).lower()})
+        return data
 
     @classmethod
     def key_names(cls) -> list[str]:
@@ -80,3 +98,4 @@ def _tag_of(cls: type[Section]) -> str | None:
         return None
     args = typing.get_args(field.annotation)
     return args[0] if typing.get_origin(field.annotation) is typing.Literal and args else None
+

@@ -30,7 +30,8 @@ class Transform(Section):
 class InputConfig(Section):
     """Model Zoo ``MultimodalSimpleHDF5MapDataProcessor`` keys."""
 
-    data_processor: Literal["MultimodalSimpleHDF5MapDataProcessor"] = (
+    # LlavaHDF5MapDataProcessor: the older llava model's files (same H5 layout for mmgraph's loader)
+    data_processor: Literal["MultimodalSimpleHDF5MapDataProcessor", "LlavaHDF5MapDataProcessor"] = (
         "MultimodalSimpleHDF5MapDataProcessor"
     )
     data_dir: Union[str, list[str]]
@@ -42,17 +43,13 @@ class InputConfig(Section):
     batch_size: PositiveInt
     micro_batch_size: Optional[Union[PositiveInt, Literal["auto", "explore", "none"]]] = None
     shuffle: bool = False
-    shuffle_seed: int = 0
+    shuffle_seed: int = 274508134           # the Model Zoo's default
     drop_last: bool = True
     num_workers: Annotated[int, Field(ge=0)] = 0
-    prefetch_factor: Optional[PositiveInt] = None
-    persistent_workers: bool = False
     max_num_img: PositiveInt = 1
     max_sequence_length: Optional[PositiveInt] = None
     bos_token_id: Optional[int] = None
     pad_token_id: int = 0
-    mixed_precision: Optional[bool] = None
-    use_worker_cache: bool = False
     noaugment: bool = False
 
     @field_validator("image_data_size", mode="before")

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from mmgraph.config.base import Section, section_at
+from mmgraph.config.layouts import Normalized, normalize
 from mmgraph.config.data import InputConfig
 from mmgraph.config.model import FeedForwardNetworkConfig, ModelConfig, ViTModelConfig
 from mmgraph.config.optim import OptimizerConfig
@@ -61,6 +62,9 @@ class Params:
     optimizer: Optional[OptimizerConfig] = None
     runconfig: RunConfig = field(default_factory=RunConfig)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+    # the file's layout ("2.3" or "trainer") and the keys accepted but ignored: (where, why)
+    file_layout: str = "2.3"
+    ignored: tuple[tuple[str, str], ...] = ()
 
     def input_for(self, mode: str) -> Optional[InputConfig]:
         """The data section a mode reads (``eval`` reads ``eval_input``, otherwise ``train_input``)."""
@@ -70,6 +74,24 @@ class Params:
 
     def layout(self, mode: str = "train") -> SequenceLayout:
         return sequence_layout(self.model, self.input_for(mode))
+
+    def micro_batch_sizes(self, mode: str = "train") -> list[int]:
+        """The micro-batches one step of ``mode`` runs, in order: ``batch_size`` split into
+        ``micro_batch_size`` pieces, the last one smaller when it does not divide
+        (Model Zoo 7B phase 1: 220 / 24 -> [24] * 9 + [4]). One piece without a numeric
+        ``micro_batch_size`` (``auto`` and ``explore`` are resolved by compile)."""
+        data = self.input_for(mode)
+        if data is None:
+            return []
+        return split_batch(data.batch_size, data.micro_batch_size)
+
+
+def split_batch(batch_size: int, micro_batch_size) -> list[int]:
+    """``batch_size`` in pieces of ``micro_batch_size``; the remainder is a last, smaller piece."""
+    if not isinstance(micro_batch_size, int) or micro_batch_size >= batch_size:
+        return [batch_size]
+    full, rest = divmod(batch_size, micro_batch_size)
+    return [micro_batch_size] * full + ([rest] if rest else [])
 
 
 def num_image_tokens(model: ModelConfig) -> int:
@@ -108,35 +130,45 @@ def load_params(path: str | Path, mode: str = "train") -> Params:
     """Read and validate a params file; raise ``UserError`` listing every problem."""
     path = str(path)
     raw = _read_yaml(path)
-    problems: list[Problem] = []
+    norm = normalize(raw)
+    problems = [Problem(path, where, message) for where, message in norm.problems]
     sections: dict[str, Any] = {}
 
-    for key, value in raw.items():
+    for key, value in norm.sections.items():
         if key not in SECTIONS:
-            problems.append(Problem(path, str(key), "unknown section" + did_you_mean(str(key), SECTIONS)))
+            hint = did_you_mean(str(key), list(SECTIONS) + ["trainer"])
+            problems.append(Problem(path, str(key), "unknown section" + hint))
             continue
         if value is None:
             value = {}
         try:
             sections[key] = SECTIONS[key].model_validate(value)
         except ValidationError as err:
-            problems.extend(_format_errors(path, key, SECTIONS[key], err))
+            problems.extend(_format_errors(path, key, SECTIONS[key], err, norm))
 
     needed = ("model",) + REQUIRED_FOR_MODE.get(mode, ())
     for key in needed:
-        if key not in raw:
-            problems.append(Problem(path, key, f"missing section (required for --mode {mode})"
+        if key not in norm.sections:
+            problems.append(Problem(path, norm.where(key), f"missing section (required for --mode {mode})"
                                     if key != "model" else "missing section"))
 
-    problems.extend(semantic_problems(path, sections))
+    problems.extend(Problem(p.file, norm.where(p.where or ""), p.message)
+                    for p in semantic_problems(path, sections))
     if problems:
         raise UserError(_dedupe(problems))
-    return Params(path=path, raw=raw, **sections)
+    ignored = list(norm.ignored)
+    if sections.get("optimizer") is not None:
+        ignored += [(f"{norm.where('optimizer')}.{k}", "collected in optim_params; not used by "
+                     f"{sections['optimizer'].optimizer_type} here") for k in sections["optimizer"].optim_params]
+    return Params(path=path, raw=raw, file_layout=norm.layout, ignored=tuple(ignored), **sections)
 
 
 def _read_yaml(path: str) -> dict:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(Problem(path, None, f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                                f"{err.start}); save the params file as UTF-8")) from None
     except FileNotFoundError:
         raise UserError(Problem(path, None, "no such file")) from None
     except OSError as err:
@@ -171,10 +203,13 @@ def _display_loc(section: str, loc: tuple) -> str:
     return out
 
 
-def _format_errors(path: str, section: str, schema: type[Section], err: ValidationError) -> list[Problem]:
+def _format_errors(path: str, section: str, schema: type[Section], err: ValidationError,
+                   norm: Optional[Normalized] = None) -> list[Problem]:
     problems = []
     for e in err.errors(include_url=False):
         loc, kind = tuple(e["loc"]), e["type"]
+        if kind == "number_type":  # raised for the whole mapping: name the key
+            loc += (e["ctx"]["key"],)
         where = _display_loc(section, loc)
         if kind == "extra_forbidden":
             holder = section_at(schema, loc)
@@ -188,13 +223,15 @@ def _format_errors(path: str, section: str, schema: type[Section], err: Validati
             options = re.findall(r"'([^']*)'", expected)
             hint = did_you_mean(str(got), options) if isinstance(got, str) else ""
             message = f"{got!r} is not one of {expected}{hint}"
+        elif kind == "number_type":
+            message = e["msg"].split(": ", 1)[1]
         elif kind == "union_tag_invalid":
             message = f"unsupported name {e.get('input')!r}, expected one of {e['ctx']['expected_tags']}"
         else:
             message = e["msg"].replace("Input should be", "must be").removeprefix("Value error, ")
             if kind != "value_error" and "input" in e and not isinstance(e["input"], (dict, list)):
                 message += f" (got {e['input']!r})"
-        problems.append(Problem(path, where, message))
+        problems.append(Problem(path, norm.where(where) if norm else where, message))
     return problems
 
 
@@ -221,6 +258,7 @@ def semantic_problems(path: str, s: dict[str, Any]) -> list[Problem]:
     model: Optional[ModelConfig] = s.get("model")
     if model is not None:
         _check_model(model, bad)
+        _check_size(model, bad)
     for name in ("train_input", "eval_input"):
         data: Optional[InputConfig] = s.get(name)
         if data is not None:
@@ -267,11 +305,70 @@ def _check_model(model: ModelConfig, bad) -> None:
         bad(f"{base}.global_image_projection", f"image features have width {widths[0]} but "
             f"text_model.hidden_size is {text.hidden_size}: a projection is required")
     _check_text(text, bad)
+    _check_loss(model, bad)
     for i, pattern in enumerate(model.freeze):
         try:
             re.compile(pattern)
         except re.error as err:
             bad(f"model.freeze[{i}]", f"invalid regular expression {pattern!r}: {err}")
+
+
+# Sane limits, checked before anything is built or allocated (a 1e9-layer model must never start
+# building, even on the meta device). 10 trillion parameters is ~20x the largest dense models.
+MAX_PARAMETERS = 10**13
+MAX_LAYERS = 10_000
+MAX_BATCH_SIZE = 10**7
+
+
+def estimate_parameters(model: ModelConfig) -> int:
+    """Parameter count from the params alone (Python ints, no overflow): within a few percent."""
+    total = 0
+    for entry in model.image_model_list.image_models:
+        for part in entry.image_model:
+            if isinstance(part, ViTModelConfig):
+                h = part.hidden_size
+                patch = part.num_channels * part.patch_size[0] * part.patch_size[1] * h
+                total += patch + part.num_positions * h + part.num_hidden_layers * (4 * h * h + 2 * h * part.filter_size)
+            else:
+                total += _ffn_size(part)
+    if model.image_model_list.global_image_projection is not None:
+        total += _ffn_size(model.image_model_list.global_image_projection)
+    t = model.text_model
+    glu = 3 if t.nonlinearity in ("swiglu", "geglu", "reglu") else 2
+    kv = 2 * t.hidden_size * t.num_kv_heads * (t.hidden_size // max(t.num_heads, 1))
+    total += t.vocab_size * t.hidden_size * (1 if t.share_embedding_weights else 2)
+    total += t.num_hidden_layers * (2 * t.hidden_size * t.hidden_size + kv + glu * t.hidden_size * t.filter_size)
+    return total
+
+
+def _ffn_size(ffn: FeedForwardNetworkConfig) -> int:
+    ins = [ffn.input_unit, *ffn.layers_units[:-1]]
+    return sum(i * o for i, o in zip(ins, ffn.layers_units))
+
+
+def _check_size(model: ModelConfig, bad) -> None:
+    layers = [("model.text_model.num_hidden_layers", model.text_model.num_hidden_layers)]
+    for i, entry in enumerate(model.image_model_list.image_models):
+        vit = entry.image_model[0]
+        if isinstance(vit, ViTModelConfig):
+            layers.append((f"model.image_model_list.image_models[{i}].image_model[0].num_hidden_layers",
+                           vit.num_hidden_layers))
+    for where, n in layers:
+        if n > MAX_LAYERS:
+            bad(where, f"{n:,} layers is beyond the supported {MAX_LAYERS:,}")
+    count = estimate_parameters(model)
+    if count > MAX_PARAMETERS:
+        bad("model", f"about {count:.3g} parameters ({count * 2 / 2**40:.3g} TiB in 16 bits) is beyond the "
+            f"supported {MAX_PARAMETERS:.0e}: check hidden_size, vocab_size, filter_size, num_hidden_layers")
+
+
+def _check_loss(model: ModelConfig, bad) -> None:
+    if model.loss_scaling == "num_tokens" and "loss_weight" in model.model_fields_set and model.loss_weight != 1.0:
+        bad("model.loss_weight", f"loss_scaling num_tokens requires loss_weight 1.0 (got {model.loss_weight}), "
+            "as in the Model Zoo")
+    if model.loss_scaling == "batch_size" and model.loss_weight == 0.0:
+        bad("model.loss_weight", "loss_scaling batch_size multiplies the loss by loss_weight, 0.0 (the Model "
+            "Zoo's default) when omitted: set it (usually 1 / max_sequence_length)")
 
 
 def _check_connector(where: str, conn, model: ModelConfig, width: int, bad) -> None:
@@ -300,7 +397,7 @@ def _check_vit(where: str, vit: ViTModelConfig, bad) -> None:
     if vit.hidden_size % vit.num_heads:
         bad(f"{where}.num_heads", f"hidden_size {vit.hidden_size} is not divisible by num_heads {vit.num_heads}")
     n = vit.num_hidden_layers
-    if not -n <= vit.image_layer_idx < n:
+    if vit.image_layer_idx is not None and not -n <= vit.image_layer_idx < n:
         bad(f"{where}.image_layer_idx", f"{vit.image_layer_idx} is out of range for "
             f"num_hidden_layers {n} (valid: {-n} .. {n - 1})")
 
@@ -328,6 +425,10 @@ def _check_text(text, bad) -> None:
 
 
 def _check_input(name: str, data: InputConfig, model: Optional[ModelConfig], bad) -> None:
+    # batch_size need not be a multiple of micro_batch_size: the last micro-batch is smaller
+    # (Params.micro_batch_sizes), as the Model Zoo ships its 7B phase-1 file (220 / 24).
+    if data.batch_size > MAX_BATCH_SIZE:
+        bad(f"{name}.batch_size", f"{data.batch_size:,} is beyond the supported {MAX_BATCH_SIZE:,} samples per step")
     if model is None:
         return
     text = model.text_model

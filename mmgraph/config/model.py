@@ -30,13 +30,15 @@ def _pair(value):
     return value
 
 
-INITIALIZERS = ("normal", "truncated_normal", "xavier_uniform", "xavier_normal", "zeros", "constant")
+INITIALIZERS = ("normal", "truncated_normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "zeros",
+                "constant")
 
 
 class Initializer(Section):
     """Model Zoo initializer: ``{name: normal, mean: 0, std: 0.02}``, ``{name: constant, value}``..."""
 
-    name: Literal["normal", "truncated_normal", "xavier_uniform", "xavier_normal", "zeros", "constant"]
+    name: Literal["normal", "truncated_normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "zeros",
+                  "constant"]
     mean: float = 0.0
     std: Annotated[float, Field(gt=0.0)] = 0.02
     a: Optional[float] = None
@@ -57,7 +59,7 @@ class FeedForwardNetworkConfig(Section):
     layers_units: list[PositiveInt] = Field(min_length=1)
     layers_activation: Optional[list[Optional[Activation]]] = None
     layers_dropout_rates: Optional[list[Optional[Rate]]] = None
-    use_bias: bool = True
+    use_bias: bool = False                  # the Model Zoo's default
     kernel_initializer: Optional[Union[str, "Initializer"]] = None
     bias_initializer: Optional[Union[str, "Initializer"]] = None
 
@@ -80,7 +82,7 @@ class ViTModelConfig(Section):
     hidden_size: PositiveInt = 768
     use_post_embed_layer_norm: bool = False
     use_embed_proj_bias: bool = True
-    use_conv_patchified_embedding: bool = True
+    use_conv_patchified_embedding: bool = False   # the Model Zoo's default: a Linear on flattened patches
     prepend_cls_token: bool = True
     # Encoder
     num_hidden_layers: PositiveInt = 12
@@ -104,7 +106,14 @@ class ViTModelConfig(Section):
     image_size: tuple[PositiveInt, PositiveInt] = (224, 224)
     num_channels: PositiveInt = 3
     patch_size: tuple[PositiveInt, PositiveInt] = (16, 16)
-    image_layer_idx: int = -1
+    # Features after block image_layer_idx (negative counts from the end, as Model Zoo 2.10 does;
+    # 2.3.1 ran range(idx + 1) on the raw negative value, i.e. no block). Unset: every block and
+    # then the final norm (use_final_layer_norm), the Model Zoo's default.
+    image_layer_idx: Optional[int] = None
+    # Accepted at the values that change nothing (LayerScale and stochastic depth are not implemented)
+    layerscale_value: Optional[Literal[None]] = None
+    stochastic_depth_drop_prob: Literal[0.0] = 0.0
+    use_masked_patches: Literal[False] = False
 
     _pairs = field_validator("image_size", "patch_size", mode="before")(_pair)
 
@@ -122,7 +131,14 @@ class ViTModelConfig(Section):
     def num_layers_used(self) -> int:
         """Encoder blocks run to produce the features (``image_layer_idx`` may count from the end)."""
         idx = self.image_layer_idx
+        if idx is None:
+            return self.num_hidden_layers
         return idx + 1 if idx >= 0 else self.num_hidden_layers + idx + 1
+
+    @property
+    def uses_final_norm(self) -> bool:
+        """The final norm runs only with ``image_layer_idx`` unset (and ``use_final_layer_norm``)."""
+        return self.image_layer_idx is None and self.use_final_layer_norm
 
 
 FeedForwardNetworkConfig.model_rebuild()
@@ -221,10 +237,6 @@ class LlamaModelConfig(Section):
     # Head
     use_bias_in_output: bool = False
     initializer_range: Annotated[float, Field(ge=0.0)] = 0.02
-    # Cerebras-only numerics and loss keys (accepted; see docs/params.md)
-    fp16_type: Optional[str] = None
-    loss_scaling: Optional[str] = None
-    loss_weight: Optional[float] = None
 
     @property
     def head_dim(self) -> int:
@@ -244,14 +256,19 @@ class LlamaModelConfig(Section):
 
 
 class ModelConfig(Section):
+    # llava: the older llava model; its freeze patterns name its modules (image_model,
+    # projector_image_model, text_model). Set by the loader for llava files.
+    name: Literal["multimodal_simple", "llava"] = "multimodal_simple"
     image_model_list: ImageModelListConfig
     text_model: LlamaModelConfig
     freeze: list[str] = []
     loss_scaling: Literal["num_tokens", "batch_size"] = "num_tokens"
-    loss_weight: Annotated[float, Field(gt=0.0)] = 1.0
+    # The Model Zoo's default is 0.0: used only with loss_scaling batch_size (loss = sum / B *
+    # loss_weight); with num_tokens it must be 1.0 if given (the Model Zoo asserts it).
+    loss_weight: Annotated[float, Field(ge=0.0)] = 0.0
     label_smoothing: Literal[0.0] = 0.0
     z_loss_eps: Literal[0.0] = 0.0
-    mixed_precision: bool = False
+    mixed_precision: bool = True            # the Model Zoo's default
     fp16_type: Literal["bfloat16", "float16", "cbfloat16"] = "bfloat16"
     boundary_casting: bool = False
     # Activation recomputation (mmgraph's; the Model Zoo has no params key for it): none |

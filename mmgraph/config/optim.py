@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from mmgraph.config.base import Section
+from mmgraph.errors import did_you_mean
 
 NonNeg = Annotated[float, Field(ge=0.0)]
 
@@ -68,7 +69,23 @@ class OptimizerConfig(Section):
     steps_per_increase: Annotated[int, Field(gt=0)] = 2000
     min_loss_scale: Annotated[float, Field(gt=0.0)] = 2.0**-14
     max_loss_scale: Annotated[float, Field(gt=0.0)] = 2.0**24
-    log_summaries: bool = False
+    # Other keys, collected like the Model Zoo's ``optim_params`` (passed to its optimizer class);
+    # none of them changes AdamW/Adam/SGD here: listed as ignored by ``mmgraph check``.
+    optim_params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_extra(cls, data):
+        """Unknown keys go to ``optim_params``, unless they look like a typo of a known key."""
+        if not isinstance(data, dict):
+            return data
+        known = cls.key_names()
+        extra = {k: v for k, v in data.items() if k not in known and not did_you_mean(str(k), known)}
+        if not extra:
+            return data
+        kept = {k: v for k, v in data.items() if k not in extra}
+        kept["optim_params"] = {**(data.get("optim_params") or {}), **extra}
+        return kept
 
     @field_validator("optimizer_type", mode="before")
     @classmethod

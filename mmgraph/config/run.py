@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Optional
 
 from pydantic import Field
 
@@ -25,15 +25,3 @@ class RunConfig(Section):
     disable_strict_checkpoint_loading: bool = False
     checkpoint_path: Optional[str] = None
     model_dir: Optional[str] = None
-    # Cerebras cluster settings: accepted so Model Zoo files load; they change nothing here.
-    num_csx: Optional[PositiveInt] = None
-    num_workers_per_csx: Optional[int] = None
-    mgmt_address: Optional[str] = None
-    credentials_path: Optional[str] = None
-    compile_dir: Optional[str] = None
-    compile_only: Optional[bool] = None
-    validate_only: Optional[bool] = None
-    precision_opt_level: Optional[int] = None
-    execute_crd_memory_gi: Optional[Any] = None
-    log_input_summaries: Optional[bool] = None
-    mode: Optional[Literal["train", "eval", "train_and_eval", "eval_all"]] = None
