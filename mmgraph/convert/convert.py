@@ -104,6 +104,9 @@ def blockers(ck: Checkpoint, fmt: str, transformers_layout: bool) -> None:
                                 f"a per-encoder projection has no {fmt} equivalent"))
     # Several images per sample (max_num_img > 1) convert: transformers' LLaVA and the LLaVA
     # repository take one <image> per image anywhere in the prompt; the weights are the same.
+    if images.get("connector"):
+        raise UserError(Problem(where, "model.image_model_list.connector", f"an MM1 connector "
+                                f"({images['connector'].get('name', '?')}) has no {fmt} equivalent"))
     text = m.get("text_model", {})
     if (text.get("extra_ffn_params") or {}).get("static_dual_expert"):
         raise UserError(Problem(where, "model.text_model.extra_ffn_params.static_dual_expert",

@@ -121,6 +121,10 @@ def _split_keys(ck: Checkpoint):
     vit = [k for k in ck.entries if k.startswith(VIT)]
     proj = [k for k in ck.entries if k.startswith(PROJ)]
     text = [k for k in ck.entries if k.startswith(TEXT)]
+    other = [k for k in ck.entries if not k.startswith((VIT, PROJ, TEXT))]
+    if other:                       # never drop a weight silently
+        raise UserError(Problem(str(ck.entries[other[0]].file), other[0], "a weight with no place in the Hugging "
+                                f"Face layout ({len(other)} such)"))
     if ck.cfg.text_model.share_embedding_weights:
         text = [k for k in text if k != TEXT + "lm_head.weight"]
     return vit, proj, text
