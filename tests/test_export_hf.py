@@ -227,6 +227,28 @@ def test_transformers_tokens_equal_the_generator_tokens(export, demo):
     assert hf == mine
 
 
+def test_processor_pixels_equal_the_eval_transforms(export, demo):
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+    from mmgraph.config import load_params
+    from mmgraph.generate import Generator
+    gen = Generator(load_params(demo / "params.yaml", "eval"), None, str(demo / "data" / "tokenizer"))
+    names = [str(demo / "data" / "images" / n) for q in questions(demo, 2, 2) for n in q["image"]][:2]
+    with Image.open(names[0]) as img:          # not square: padded to a square, then resized
+        img.convert("RGB").resize((48, 28)).save(demo / "wide.png")
+    names.append(str(demo / "wide.png"))
+    proc = AutoProcessor.from_pretrained(export, local_files_only=True)
+    pixels = proc.image_processor([Image.open(n).convert("RGB") for n in names], return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixels, _eval_pixels(gen, names), rtol=0, atol=1e-6)
+
+
+def _eval_pixels(gen, names):
+    """mmgraph's eval transforms, one image at a time (load_images fills max_num_img slots)."""
+    import torch
+    return torch.cat([gen.load_images([n])[0, :1] for n in names])
+
+
 def test_pipeline_answers_like_generate(export, demo, cli_answers):
     from transformers import pipeline
     # A question the model answers with some text (a 3-step model ends some replies at once).
