@@ -159,6 +159,7 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
     shard_bytes = parse_size(shard_size)
     for note in ck.notes:
         print(f"mmgraph: note: {note}", file=sys.stderr)
+    shown = len(ck.notes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -175,6 +176,8 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+        for note in ck.notes[shown:]:                   # what writing found (transforms not carried over)
+            print(f"mmgraph: note: {note}", file=sys.stderr)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -147,21 +147,18 @@ def generation_config(tokenizer, end_of_turn: Optional[str]) -> dict:
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
 
 
-def write_processor_files(out: Path, tokenizer_dir: Path, template: str, params: Optional[dict], image_size: int,
-                          patch_size: int, select_mode: str, image_token: str, end_of_turn: Optional[str],
-                          where: str) -> list[str]:
-    """preprocessor_config.json, processor_config.json, chat_template.jinja and
-    generation_config.json in ``out`` (whose tokenizer files are already copied); returns notes."""
+def write_processor_files(out: Path, tokenizer_dir: Path, template: str, preprocessor: dict, patch_size: int,
+                          select_mode: str, image_token: str, end_of_turn: Optional[str]) -> None:
+    """preprocessor_config.json (for ``LlavaProcessor``), processor_config.json,
+    chat_template.jinja and generation_config.json in ``out`` (whose tokenizer files are
+    already copied)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    pre, notes = image_processor_config(params, image_size, where=where)
-    pre["processor_class"] = "LlavaProcessor"
-    _write_json(out / "preprocessor_config.json", pre)
+    _write_json(out / "preprocessor_config.json", {**preprocessor, "processor_class": "LlavaProcessor"})
     _write_json(out / "processor_config.json", processor_config(patch_size, select_mode, image_token))
     (out / "chat_template.jinja").write_text(chat_template(template, tok, image_token))
     _write_json(out / "generation_config.json", generation_config(tok, end_of_turn))
-    return notes
 
 
 def _write_json(path: Path, data: dict) -> None:

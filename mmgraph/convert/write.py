@@ -97,14 +97,23 @@ def _text_config(ck: Checkpoint) -> dict:
     return base
 
 
-def _preprocessor(ck: Checkpoint) -> dict:
-    """From the params' eval transforms when the source has params with transforms (a CLIP image
-    processor: the LLaVA repository pads by ``image_aspect_ratio``); else the source's
-    preprocessor_config.json, else the Model Zoo's (CLIP's, at this image size)."""
+def _preprocessor(ck: Checkpoint, pad: Optional[bool] = False) -> dict:
+    """The source's preprocessor_config.json (carried by ``convert.json``), else one from the
+    params' eval transforms (``pad`` False: a CLIP image processor, as the LLaVA repository pads by
+    ``image_aspect_ratio``; None: transformers' LLaVA one where the transforms pad), else the
+    Model Zoo's (CLIP's, at this image size)."""
     size = ck.cfg.image_model_list.image_models[0].encoder.image_size[0]
+    if ck.preprocessor:
+        return ck.preprocessor
     if ck.params and transforms_of(ck.params):
-        return image_processor_config(ck.params, size, pad=False)[0]
-    return ck.preprocessor or preprocessor_defaults(size)
+        cfg, notes = image_processor_config(ck.params, size, pad=pad, where=ck.config_file or "params.yaml")
+        ck.notes += [n for n in notes if n not in ck.notes]
+        if pad is False:                        # the Model Zoo's form: its keys, size as an int
+            cfg = {**preprocessor_defaults(size), **cfg}
+            if list(cfg["size"]) == ["shortest_edge"]:
+                cfg["size"] = cfg["size"]["shortest_edge"]
+        return cfg
+    return preprocessor_defaults(size)
 
 
 def _hf_layer(ck: Checkpoint) -> int:
@@ -178,12 +187,12 @@ def write_transformers(ck: Checkpoint, out: Path, shard_bytes: int, image_token_
     cfg.save_pretrained(out)
     if ck.tokenizer is not None:
         _copy_tokenizer(ck.tokenizer, out)
-    (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor(ck), indent=2) + "\n")
+    pre = _preprocessor(ck, pad=None)
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
     if ck.tokenizer is not None and trained is not None:
         enc = ck.cfg.image_model_list.image_models[0].encoder
-        ck.notes += write_processor_files(out, ck.tokenizer, trained.template, ck.params, enc.image_size[0],
-                                          enc.patch_size[0], select, trained.image_token, trained.end_of_turn,
-                                          ck.config_file or "params.yaml")
+        write_processor_files(out, ck.tokenizer, trained.template, pre, enc.patch_size[0], select,
+                              trained.image_token, trained.end_of_turn)
     elif ck.tokenizer is None:
         ck.notes.append("no tokenizer known (pass --tokenizer DIR): written without tokenizer, processor, chat "
                         "template and generation config")
