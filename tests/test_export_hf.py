@@ -259,3 +259,20 @@ def test_pipeline_answers_like_generate(export, demo, cli_answers):
     msgs = [{"role": "user", "content": [{"type": "image", "url": image}, {"type": "text", "text": text}]}]
     got = pipe(text=msgs, max_new_tokens=MAX_NEW, return_full_text=False, generate_kwargs={"do_sample": False})
     assert got[0]["generated_text"].strip() == cli_answers[q["question_id"]]
+
+
+def test_chat_template_of_the_tokenizer_and_bad_tokenizer(demo, tmp_path, capsys):
+    """--template chat exports the tokenizer's own template; without one, or with a folder that
+    is no tokenizer, the conversion stops naming the flag and writes nothing."""
+    tok = tmp_path / "tok"
+    shutil.copytree(demo / "data" / "tokenizer", tok)
+    base = ["--src-fmt", "native", "--tgt-fmt", "hf", "md"]
+    assert convert_in(demo, *base, "--template", "chat", "--output-dir", tmp_path / "none") == 2
+    assert "--template: chat: the tokenizer has no chat template" in capsys.readouterr().err
+    own = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    (tok / "chat_template.jinja").write_text(own)
+    assert convert_in(demo, *base, "--template", "chat", "--tokenizer", tok, "--output-dir", tmp_path / "c") == 0
+    assert (tmp_path / "c" / "chat_template.jinja").read_text() == own
+    assert convert_in(demo, *base, "--tokenizer", tmp_path, "--output-dir", tmp_path / "bad") == 2
+    assert f"{tmp_path}: not a tokenizer folder (--tokenizer)" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()
