@@ -43,7 +43,10 @@ demo: install
 		--image $(DATA)/images/004200.png --prompt "how many shapes are there ?"
 	$(MM) generate --params configs/params_mm_llava_demo_phase2.yaml --checkpoint_path model_dir/demo_phase2 \
 		--image $(DATA)/images/004201.png --prompt "where is the shape ?"
+	rm -rf model_dir/demo_phase2_hf
+	$(MM) convert --src-fmt native --tgt-fmt hf --output-dir model_dir/demo_phase2_hf model_dir/demo_phase2
 	@echo "== done. model_dir/demo_compile/compile/ (dumps, report.html); model_dir/demo_phase{1,2}/: compile/, checkpoints/, metrics.jsonl, events/ (tensorboard --logdir model_dir)"
+	@echo "== export: model_dir/demo_phase2_hf/ (transformers LLaVA: weights, tokenizer, processor, chat template; docs/convert.md: evaluating it with lmms-eval)"
 
 test: install
 	$(PY) -m pytest -q -n 2

@@ -76,7 +76,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(Problem(None, missing[0], "required"))
     out = convert(args.src, args.src_fmt, args.tgt_fmt, args.output_dir, args.config, args.hf_layout,
-                  args.shard_size, args.image_token_id, args.model)
+                  args.shard_size, args.image_token_id, args.model, args.tokenizer, args.template)
     print(f"wrote {out} ({args.tgt_fmt})")
     return 0
 
@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a checkpoint (the Model Zoo's convert_checkpoint.py interface), tensor "
                     "by tensor and bit for bit. `mmgraph convert list` lists the formats. The output "
                     "folder is written beside its final name and renamed at the end.")
-    conv.add_argument("src", nargs="?", metavar="SRC", help="checkpoint folder or file, or `list`")
+    conv.add_argument("src", nargs="?", metavar="SRC", help="checkpoint folder or file, a model_dir (its latest "
+                                                           "checkpoint), or `list`")
     conv.add_argument("--model", default="mm_simple", help="mm_simple (default) or mmsimple-llava: the same")
     conv.add_argument("--src-fmt", dest="src_fmt", metavar="FMT", help="native, hf, llava or cs-X.Y (= native)")
     conv.add_argument("--tgt-fmt", dest="tgt_fmt", metavar="FMT", help="native, hf, llava or cs-X.Y (= native)")
@@ -221,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--shard-size", dest="shard_size", default="5GB", help="largest output shard (default 5GB)")
     conv.add_argument("--image-token-id", dest="image_token_id", type=int,
                       help="hf output: the <image> token id when the source does not say")
+    conv.add_argument("--tokenizer", metavar="DIR", help="the training tokenizer (default: the data's record "
+                                                        "data_params.json, or tokenizer/ beside the weights or data)")
+    conv.add_argument("--template", choices=("plain", "vicuna_v1", "chat"),
+                      help="the training prompt the exported chat template reproduces (default: the data's record; "
+                           "plain for phase 1, else vicuna_v1)")
     _common(conv, params=False)
     conv.set_defaults(func=_cmd_convert)
 

@@ -32,6 +32,7 @@ from typing import Optional
 from mmgraph.convert.checkpoint import TEXT, Checkpoint
 from mmgraph.convert.io import parse_size
 from mmgraph.convert.read import read_hf, read_native, read_two_folder
+from mmgraph.convert.trained_with import locate, trained_with
 from mmgraph.convert.write import write_native, write_transformers, write_two_folder
 from mmgraph.errors import Problem, UserError
 
@@ -101,11 +102,11 @@ def blockers(ck: Checkpoint, fmt: str, transformers_layout: bool) -> None:
     if images["image_models"][0].get("projection"):
         raise UserError(Problem(where, "model.image_model_list.image_models[0].projection",
                                 f"a per-encoder projection has no {fmt} equivalent"))
-    for section in ("train_input", "eval_input"):
-        n = ((ck.params or {}).get(section) or {}).get("max_num_img", 1)
-        if n and n > 1:
-            raise UserError(Problem(where, f"{section}.max_num_img", f"{n} images per sample placed anywhere in "
-                                    f"the text: {fmt} models take the LLaVA single-image layout"))
+    # Several images per sample (max_num_img > 1) convert: transformers' LLaVA and the LLaVA
+    # repository take one <image> per image anywhere in the prompt; the weights are the same.
+    if images.get("connector"):
+        raise UserError(Problem(where, "model.image_model_list.connector", f"an MM1 connector "
+                                f"({images['connector'].get('name', '?')}) has no {fmt} equivalent"))
     text = m.get("text_model", {})
     if (text.get("extra_ffn_params") or {}).get("static_dual_expert"):
         raise UserError(Problem(where, "model.text_model.extra_ffn_params.static_dual_expert",
@@ -123,7 +124,7 @@ def blockers(ck: Checkpoint, fmt: str, transformers_layout: bool) -> None:
 
 def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optional[str] = None,
             hf_layout: Optional[str] = None, shard_size: str = "5GB", image_token_id: Optional[int] = None,
-            model: str = "mm_simple") -> Path:
+            model: str = "mm_simple", tokenizer: Optional[str] = None, template: Optional[str] = None) -> Path:
     if model not in MODELS:
         raise UserError(Problem(None, "--model", f"{model!r}: mmgraph converts mm_simple (LLaVA-style) checkpoints "
                                 f"({' or '.join(MODELS)})"))
@@ -133,12 +134,22 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
         raise UserError(Problem(src, None, "does not exist"))
     _check_output(out, output_dir)
     cfg_path = Path(config) if config else None
+    trained = None
     if src_kind == "native":
-        ck = read_native(source, cfg_path)
+        where = locate(source, cfg_path)
+        ck = read_native(where.weights, where.params)
+        ck.notes[:0] = where.notes
+        if tgt_kind != "native" or tokenizer or template:
+            trained = trained_with(ck.params, ck.config_file, where.weights, tokenizer, template, ck.tokenizer)
     elif src_kind == "hf":
         ck = read_hf(source, cfg_path)
     else:
         ck = read_two_folder(source)
+    if trained is None and (tokenizer or template):
+        trained = trained_with(None, None, source, tokenizer, template, ck.tokenizer)
+    if trained is not None:
+        ck.tokenizer = trained.tokenizer
+        ck.notes += trained.notes
     check(ck)
     remembered = ck.source.get("layout")
     model_zoo_default = "two_folder" if _CS.fullmatch(src_fmt) and remembered is None else "llava"
@@ -148,6 +159,7 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
     shard_bytes = parse_size(shard_size)
     for note in ck.notes:
         print(f"mmgraph: note: {note}", file=sys.stderr)
+    shown = len(ck.notes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -159,11 +171,13 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
         elif layout == "two_folder":
             write_two_folder(ck, tmp, shard_bytes, ck.source.get("text_folder", "text_model"), out)
         else:
-            write_transformers(ck, tmp, shard_bytes, image_token_id)
+            write_transformers(ck, tmp, shard_bytes, image_token_id, trained)
         _check_output(out, output_dir)                  # nothing appeared there meanwhile
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+        for note in ck.notes[shown:]:                   # what writing found (transforms not carried over)
+            print(f"mmgraph: note: {note}", file=sys.stderr)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from typing import Optional
 import yaml
 
 from mmgraph.convert.checkpoint import PROJ, TEXT, TOKENIZER_FILES, VIT, Checkpoint
+from mmgraph.convert.hf_extras import image_processor_config, transforms_of, write_processor_files
 from mmgraph.convert.io import ShardWriter
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
 from mmgraph.convert.llava_cfg import llava_config_for_hf, preprocessor_defaults
@@ -96,9 +97,23 @@ def _text_config(ck: Checkpoint) -> dict:
     return base
 
 
-def _preprocessor(ck: Checkpoint) -> dict:
-    """The source's preprocessor_config.json, else the Model Zoo's (CLIP's, at this image size)."""
-    return ck.preprocessor or preprocessor_defaults(ck.cfg.image_model_list.image_models[0].encoder.image_size[0])
+def _preprocessor(ck: Checkpoint, pad: Optional[bool] = False) -> dict:
+    """The source's preprocessor_config.json (carried by ``convert.json``), else one from the
+    params' eval transforms (``pad`` False: a CLIP image processor, as the LLaVA repository pads by
+    ``image_aspect_ratio``; None: transformers' LLaVA one where the transforms pad), else the
+    Model Zoo's (CLIP's, at this image size)."""
+    size = ck.cfg.image_model_list.image_models[0].encoder.image_size[0]
+    if ck.preprocessor:
+        return ck.preprocessor
+    if ck.params and transforms_of(ck.params):
+        cfg, notes = image_processor_config(ck.params, size, pad=pad, where=ck.config_file or "params.yaml")
+        ck.notes += [n for n in notes if n not in ck.notes]
+        if pad is False:                        # the Model Zoo's form: its keys, size as an int
+            cfg = {**preprocessor_defaults(size), **cfg}
+            if list(cfg["size"]) == ["shortest_edge"]:
+                cfg["size"] = cfg["size"]["shortest_edge"]
+        return cfg
+    return preprocessor_defaults(size)
 
 
 def _hf_layer(ck: Checkpoint) -> int:
@@ -115,12 +130,19 @@ def _split_keys(ck: Checkpoint):
     vit = [k for k in ck.entries if k.startswith(VIT)]
     proj = [k for k in ck.entries if k.startswith(PROJ)]
     text = [k for k in ck.entries if k.startswith(TEXT)]
+    other = [k for k in ck.entries if not k.startswith((VIT, PROJ, TEXT))]
+    if other:                       # never drop a weight silently
+        raise UserError(Problem(str(ck.entries[other[0]].file), other[0], "a weight with no place in the Hugging "
+                                f"Face layout ({len(other)} such)"))
     if ck.cfg.text_model.share_embedding_weights:
         text = [k for k in text if k != TEXT + "lm_head.weight"]
     return vit, proj, text
 
 
-def write_transformers(ck: Checkpoint, out: Path, shard_bytes: int, image_token_id: Optional[int]) -> None:
+def write_transformers(ck: Checkpoint, out: Path, shard_bytes: int, image_token_id: Optional[int],
+                       trained=None) -> None:
+    """The weights, ``config.json`` and, with the tokenizer known, everything transformers' processor,
+    ``pipeline`` and lmms-eval load (``hf_extras``)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vit, proj, text = _split_keys(ck)
@@ -146,7 +168,7 @@ def write_transformers(ck: Checkpoint, out: Path, shard_bytes: int, image_token_
     vocab = ck.cfg.text_model.vocab_size
     token = image_token_id if image_token_id is not None else old.get("image_token_index", old.get("image_token_id"))
     if token is None:
-        token = _image_token_from_tokenizer(ck.tokenizer)
+        token = _image_token_from_tokenizer(ck.tokenizer, trained.image_token if trained else "<image>")
     if token is None:
         raise UserError(Problem(None, "--image-token-id", "the image token id is not known from the source; "
                                 "pass --image-token-id"))
@@ -165,7 +187,15 @@ def write_transformers(ck: Checkpoint, out: Path, shard_bytes: int, image_token_
     cfg.save_pretrained(out)
     if ck.tokenizer is not None:
         _copy_tokenizer(ck.tokenizer, out)
-    (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor(ck), indent=2) + "\n")
+    pre = _preprocessor(ck, pad=None)
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    if ck.tokenizer is not None and trained is not None:
+        enc = ck.cfg.image_model_list.image_models[0].encoder
+        write_processor_files(out, ck.tokenizer, trained.template, pre, enc.patch_size[0], select,
+                              trained.image_token, trained.end_of_turn)
+    elif ck.tokenizer is None:
+        ck.notes.append("no tokenizer known (pass --tokenizer DIR): written without tokenizer, processor, chat "
+                        "template and generation config")
 
 
 def _clean(cfg: dict) -> dict:
@@ -173,14 +203,15 @@ def _clean(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in drop}
 
 
-def _image_token_from_tokenizer(folder: Optional[Path]) -> Optional[int]:
+def _image_token_from_tokenizer(folder: Optional[Path], image_token: str = "<image>") -> Optional[int]:
     if folder is None or not (folder / "tokenizer.json").is_file():
         return None
     vocab = json.loads((folder / "tokenizer.json").read_text())
     for tok in vocab.get("added_tokens", []):
-        if tok.get("content") == "<image>":
+        if tok.get("content") == image_token:
             return tok["id"]
-    return vocab.get("model", {}).get("vocab", {}).get("<image>") if isinstance(vocab.get("model", {}).get("vocab"), dict) else None
+    words = vocab.get("model", {}).get("vocab")
+    return words.get(image_token) if isinstance(words, dict) else None
 
 
 def write_two_folder(ck: Checkpoint, out: Path, shard_bytes: int, text_name: str, final: Path) -> None:
