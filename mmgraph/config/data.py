@@ -54,6 +54,7 @@ class InputConfig(Section):
     mixed_precision: Optional[bool] = None
     use_worker_cache: bool = False
     noaugment: bool = False
+    packed: bool = False  # mmgraph: rows hold several samples (segment_ids, position_ids)
 
     @field_validator("image_data_size", mode="before")
     @classmethod
