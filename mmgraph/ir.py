@@ -149,6 +149,12 @@ class Schedule:
     memory_bytes: int
     fits: bool
     max_micro_batch_size: int
+    real_token_share: float = 1.0  # of each row, from the data's statistics (packing raises it)
+
+    @property
+    def real_tokens_per_s(self) -> float:
+        """Non-pad tokens per second: what padding does not waste."""
+        return self.tokens_per_s * self.real_token_share
 
 
 @dataclass(frozen=True)

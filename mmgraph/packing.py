@@ -121,3 +121,24 @@ def unpack_row(rows: np.ndarray) -> list[tuple[int, int]]:
         where = np.flatnonzero(seg == k)
         out.append((int(where[0]), int(where.size)))
     return out
+
+
+def real_token_share(data_dirs, seq_len: int) -> float | None:
+    """Share of real (non-pad) tokens in the rows of preprocessed data, from the ``stats.json``
+    that ``preprocess`` writes beside the shards (packed: after packing; unpacked: tokens /
+    samples x ``seq_len``); None when no folder has usable statistics."""
+    import json
+    from pathlib import Path
+
+    dirs = [data_dirs] if isinstance(data_dirs, (str, Path)) else list(data_dirs or [])
+    tokens = rows = 0
+    for d in dirs:
+        try:
+            stats = json.loads((Path(d) / "stats.json").read_text(encoding="utf-8"))
+            packed = stats.get("packing")
+            n = int(packed["rows_after"] if isinstance(packed, dict) else stats["samples_written"])
+            t = int(stats["tokens"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        tokens, rows = tokens + t, rows + n
+    return min(tokens / (rows * seq_len), 1.0) if rows and seq_len else None

@@ -115,19 +115,23 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
     first = runner.step
     window = time.perf_counter()
     while runner.step < max_steps:
-        result = runner.train_step([next(stream) for _ in range(n_micro)])
+        batches = [next(stream) for _ in range(n_micro)]
+        real = sum(int((b["key_padding_mask"] == 0).sum()) for b in batches)     # non-pad tokens
+        result = runner.train_step(batches)
         sps = result.samples / result.seconds
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", samples_s=f"{sps:.1f}")
         if result.step % rc.log_steps == 0 or result.step == max_steps:
             record = {"step": result.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                      "samples_per_s": sps, "tokens_per_s": result.samples * tokens_per_sample / result.seconds}
+                      "samples_per_s": sps, "tokens_per_s": result.samples * tokens_per_sample / result.seconds,
+                      "real_tokens_per_s": real / result.seconds}
             runner.log(record)
             elapsed = time.perf_counter() - window
             eta = elapsed / max(result.step - first, 1) * (max_steps - result.step)
             line = (f"step {result.step}/{max_steps}  loss {result.loss:.4f}  lr {result.lr:.2e}  "
-                    f"{sps:.1f} samples/s  {record['tokens_per_s']:.0f} tokens/s  eta {eta:.0f} s")
+                    f"{sps:.1f} samples/s  {record['tokens_per_s']:.0f} tokens/s "
+                    f"({record['real_tokens_per_s']:.0f} real)  eta {eta:.0f} s")
             (bar.write if bar is not None else print)(line)
         if rc.checkpoint_steps and result.step % rc.checkpoint_steps == 0:
             runner.save({"batches_done": runner.step * n_micro})

@@ -131,7 +131,9 @@ def simulate(segments, compute_s: list[float], target: Target, micro_batch_size:
         max_micro_batch_size=max(0, max_mbs))
 
 
-def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_sample: int):
+def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_sample: int,
+              real_token_share: float = 1.0):
+    """``real_token_share``: non-pad share of each row (the data's statistics), for real tokens/s."""
     def cost(program: Program) -> tuple[Program, dict]:
         mbs = next(s.shape[0] for s in program.inputs if s.name == "text_input_ids")
         kernels = {k.id: k for k in program.kernels}
@@ -141,11 +143,14 @@ def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_
         resident = sum(int(s.numel * precision.bytes) for s in program.inputs if s.kind.value == "param")
         sched = simulate(program.segments, compute, target, mbs, batch_size, tokens_per_sample,
                          program.flops(), precision, biggest, resident)
+        sched = replace(sched, real_token_share=real_token_share)
         notes = {
             "target": target.name, "step_s": round(sched.step_s, 6), "micro_step_s": round(sched.micro_step_s, 6),
             "samples_per_s": round(sched.samples_per_s, 3), "utilization": round(sched.utilization, 4),
             "peak_memory_bytes": sched.peak_memory_bytes, "fits": sched.fits,
             "max_micro_batch_size": sched.max_micro_batch_size,
+            "real_tokens_per_step": round(batch_size * tokens_per_sample * real_token_share),
+            "real_tokens_per_s": round(sched.real_tokens_per_s, 1),
         }
         return replace(program, schedule=sched), notes
     return cost

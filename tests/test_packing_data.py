@@ -135,3 +135,26 @@ def test_cli_pack_prints_rows(dataset, tmp_path, capsys):
     assert "packed: 60 rows -> " in out
     with h5py.File(sorted((tmp_path / "o").glob("*.h5"))[0], "r") as f:
         assert f["data"].shape[1:] == (7, 96) and f.attrs["packed"]
+
+
+def test_real_token_share_from_stats_reaches_the_cost_pass(dataset, tmp_path):
+    from mmgraph.packing import real_token_share
+    from mmgraph.pipeline import compile_step
+    from mmgraph.target import load_target
+
+    plain = run(dataset, tmp_path / "plain", 1)
+    packed = run(dataset, tmp_path / "packed", 1, PackOptions(window=60, seed=0))
+    a, b = real_token_share(tmp_path / "plain", 96), real_token_share(tmp_path / "packed", 96)
+    assert a == pytest.approx(plain["tokens"] / (60 * 96))
+    assert b == pytest.approx(packed["packing"]["real_token_share_after"], abs=1e-4) and b > a
+    assert real_token_share(tmp_path / "nothing", 96) is None
+    raw = yaml.safe_load((CONFIGS / "params_mm_llava_tiny_phase1.yaml").read_text())
+    raw["train_input"] = dict(raw["train_input"], data_dir=str(tmp_path / "packed"), packed=True)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    final = compile_step(load_params(path), target=load_target("cs2"))[-1].program
+    sched = final.schedule
+    assert sched.real_token_share == pytest.approx(b)
+    assert sched.real_tokens_per_s == pytest.approx(sched.tokens_per_s * b)
+    notes = final.history[-1].notes
+    assert notes["real_tokens_per_step"] == round(sched.batch_size * 96 * b)
