@@ -261,9 +261,23 @@ def generate_targets(r: Optional[dict]) -> list[Target]:
     return out
 
 
+def packing_targets(r: Optional[dict]) -> list[Target]:
+    src = "issue 18: sequence packing"
+    out = [Target("packing", "phase-1-like real tokens/s packed >= 2.5x unpacked (CPU, small)", src),
+           Target("packing", "phase-2-like real tokens/s packed >= 1.5x unpacked (CPU, small)", src)]
+    for t, key, goal in ((out[0], "phase1", 2.5), (out[1], "phase2", 1.5)):
+        if r and r.get(key):
+            x = r[key]["ratio"]
+            t.measured, t.status = f"{x:.2f}x", _status(x >= goal)
+            if t.status == "missed":
+                t.reason = NOT_ANALYSED
+    return out
+
+
 TARGETS: dict[str, Callable[[Optional[dict]], list[Target]]] = {
     "compile": compile_targets, "simulator": simulator_targets, "data": data_targets,
     "runtime": runtime_targets, "convert": convert_targets, "generate": generate_targets,
+    "packing": packing_targets,
 }
 
 

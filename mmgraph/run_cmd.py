@@ -115,9 +115,7 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
     first = runner.step
     window = time.perf_counter()
     while runner.step < max_steps:
-        batches = [next(stream) for _ in range(n_micro)]
-        real = sum(int((b["key_padding_mask"] == 0).sum()) for b in batches)     # non-pad tokens
-        result = runner.train_step(batches)
+        result = runner.train_step([next(stream) for _ in range(n_micro)])
         sps = result.samples / result.seconds
         if bar is not None:
             bar.update(1)
@@ -125,7 +123,7 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
         if result.step % rc.log_steps == 0 or result.step == max_steps:
             record = {"step": result.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                       "samples_per_s": sps, "tokens_per_s": result.samples * tokens_per_sample / result.seconds,
-                      "real_tokens_per_s": real / result.seconds}
+                      "real_tokens_per_s": result.tokens / result.seconds}       # non-pad tokens
             runner.log(record)
             elapsed = time.perf_counter() - window
             eta = elapsed / max(result.step - first, 1) * (max_steps - result.step)
