@@ -19,7 +19,7 @@ Measured: the lowered training step (``compile_step`` + the program's gm: forwar
 backward; phase 1 trains the projector only, phase 2 the projector and the LLM) on the same
 number of rows, unpacked (one sample per row) and packed; real tokens/s = the batch's non-pad
 tokens / step time, median of ``--repeats`` interleaved after warm-up. Predicted: the 7B phase-1
-and phase-2 programs compiled for cs2 at 2048 (micro-batch 4), unpacked and packed, real tokens/s
+and phase-2 programs compiled for cs2 at 2048 (their params' micro-batch), unpacked and packed, real tokens/s
 = the simulated tokens/s x the real-token share of the sampled rows.
 
 Targets (issue 18): phase 1 packed >= 2.5x unpacked real tokens/s, phase 2 >= 1.5x.
@@ -172,6 +172,7 @@ def predict_cs2(phase: int, seed: int = 0) -> dict:
             path.write_text(yaml.safe_dump(raw))
             from mmgraph.config import load_params
             sched = compile_step(load_params(path), target=load_target("cs2"))[-1].program.schedule
+            out["micro_batch_size"] = sched.micro_batch_size
             out[name] = {"tokens_per_s": sched.tokens_per_s, "real_share": share[name],
                          "real_tokens_per_s": sched.tokens_per_s * share[name], "step_s": sched.step_s}
     out["ratio"] = out["packed"]["real_tokens_per_s"] / out["unpacked"]["real_tokens_per_s"]
@@ -195,7 +196,8 @@ def format_table(r: dict) -> str:
         m = r.get(key)
         if m:
             u, p = m["unpacked"], m["packed"]
-            lines.append(f"| {key} (predicted) | {m['params']} | 2048 | 4 | - | {u['real_share']:.1%} | "
+            lines.append(f"| {key} (predicted) | {m['params']} | 2048 | {m.get('micro_batch_size', '-')} | - | "
+                         f"{u['real_share']:.1%} | "
                          f"{p['real_share']:.1%} | {u['real_tokens_per_s']:,.0f} | {p['real_tokens_per_s']:,.0f} | "
                          f"{m['ratio']:.2f}x | - |")
     return "\n".join(lines)

@@ -152,3 +152,22 @@ def test_unpacked_program_has_no_packed_inputs():
     program = compile_step(load_params(TINY1))[-1].program
     names = [s.name for s in program.inputs if s.kind == InputKind.BATCH]
     assert "segment_ids" not in names and "position_ids" not in names
+
+
+def test_packed_onnx_eval_forward_equals_unpacked(tmp_path):
+    from mmgraph.formats import export_onnx, run_onnx
+
+    plain, packed = packed_params(tmp_path, TINY2, max_num_img=6)
+    names = export_onnx(packed, tmp_path / "eval.onnx", batch_size=3)
+    assert "segment_ids" in names and "position_ids" in names
+    for count in range(3, 12):
+        samples, batch, rows = samples_and_rows(plain, packed, n=count, seed=2)
+        if len(rows) == 3:
+            break
+    assert len(rows) == 3
+    loss, _ = run_onnx(tmp_path / "eval.onnx", packed, batch)
+    model, _ = build_model(plain, seed=0)
+    model.eval()
+    with torch.no_grad():
+        want = model(**samples)
+    assert_close(torch.from_numpy(loss), want, "loss")
