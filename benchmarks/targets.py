@@ -270,7 +270,11 @@ def packing_targets(r: Optional[dict]) -> list[Target]:
             x = r[key]["ratio"]
             t.measured, t.status = f"{x:.2f}x", _status(x >= goal)
             if t.status == "missed":
-                t.reason = NOT_ANALYSED
+                m = r[key]
+                share = m["packed"]["real_share"] / m["unpacked"]["real_share"]
+                spread = max(m[v]["max_s"] / m[v]["min_s"] for v in ("packed", "unpacked"))
+                t.reason = (f"at most the real-share ratio {share:.2f}x less the encoder's work on the packed rows' "
+                            f"extra images; this run's step times spread {spread:.1f}x (max / min): see the notes")
     return out
 
 
