@@ -28,7 +28,7 @@ demo: install
 	$(MM) data synth --output_dir $(DATA)
 	$(MM) preprocess --input_json $(DATA)/phase1_train.json --image_dir $(DATA)/images \
 		--tokenizer $(DATA)/tokenizer --output_dir $(DATA)/phase1 --phase 1 \
-		--params configs/params_mm_llava_demo_phase1.yaml --num_workers 2
+		--params configs/params_mm_llava_demo_phase1.yaml --num_workers 2 --pack
 	$(MM) preprocess --input_json $(DATA)/phase2_train.json --image_dir $(DATA)/images \
 		--tokenizer $(DATA)/tokenizer --output_dir $(DATA)/phase2 --phase 2 \
 		--params configs/params_mm_llava_demo_phase2.yaml --num_workers 2
@@ -69,6 +69,7 @@ bench: install
 	$(PY) -m benchmarks.bench_data --out $(RESULTS)/data.json
 	$(PY) -m benchmarks.bench_convert --out $(RESULTS)/convert.json
 	$(PY) -m benchmarks.bench_generate --out $(RESULTS)/generate.json
+	$(PY) -m benchmarks.bench_packing --out $(RESULTS)/packing.json
 	$(PY) -m benchmarks.report
 
 clean:

@@ -316,10 +316,28 @@ def remat_targets(r: Optional[dict]) -> list[Target]:
     return out
 
 
+def packing_targets(r: Optional[dict]) -> list[Target]:
+    src = "issue 18: sequence packing"
+    out = [Target("packing", "phase-1-like real tokens/s packed >= 2.5x unpacked (CPU, small)", src),
+           Target("packing", "phase-2-like real tokens/s packed >= 1.5x unpacked (CPU, small)", src)]
+    for t, key, goal in ((out[0], "phase1", 2.5), (out[1], "phase2", 1.5)):
+        if r and r.get(key):
+            x = r[key]["ratio"]
+            t.measured, t.status = f"{x:.2f}x", _status(x >= goal)
+            if t.status == "missed":
+                m = r[key]
+                share = m["packed"]["real_share"] / m["unpacked"]["real_share"]
+                spread = max(m[v]["max_s"] / m[v]["min_s"] for v in ("packed", "unpacked"))
+                t.reason = (f"at most the real-share ratio {share:.2f}x less the encoder's work on the packed rows' "
+                            f"extra images; this run's step times spread {spread:.1f}x (max / min): see the notes")
+    return out
+
+
 TARGETS: dict[str, Callable[[Optional[dict]], list[Target]]] = {
     "compile": compile_targets, "simulator": simulator_targets, "data": data_targets,
     "runtime": runtime_targets, "convert": convert_targets, "generate": generate_targets,
     "remat": remat_targets,
+    "packing": packing_targets,
 }
 
 

@@ -45,6 +45,10 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     stats, output_dir = run_preprocess(args)
     print(_json.dumps(stats, indent=2))
     print(f"wrote {output_dir} ({stats['samples_written']} samples; stats.json and data_params.json beside the shards)")
+    if "packing" in stats:
+        p = stats["packing"]
+        print(f"packed: {p['rows_before']} rows -> {p['rows_after']} rows; real tokens "
+              f"{p['real_token_share_before']:.1%} -> {p['real_token_share_after']:.1%} of each row")
     return 0
 
 
@@ -261,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a bad sample stops the run (default) or is skipped and counted")
     pre.add_argument("--on_long", choices=("truncate", "skip"), default="truncate",
                      help="samples longer than max_seq_length are truncated (default) or skipped")
+    pre.add_argument("--pack", action="store_true",
+                     help="pack several samples per row (segment_ids, position_ids); train with "
+                          "train_input.packed: true")
+    pre.add_argument("--pack_window", type=int, help="samples packed together (first-fit decreasing; default 1000)")
+    pre.add_argument("--pack_seed", type=int, help="seed of the packer's tie-breaks and row order (default 0)")
     _common(pre, params=False)
     pre.set_defaults(func=_cmd_preprocess)
 

@@ -88,7 +88,8 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
     sched = stages[-1].program.schedule
     print(f"\non {target.name} ({sched.precision}, micro-batch {sched.micro_batch_size} of {sched.batch_size}): "
           f"step {sched.step_s * 1e3:,.1f} ms, {sched.samples_per_s:,.1f} samples/s, "
-          f"{sched.tokens_per_s:,.0f} tokens/s, utilization {sched.utilization:.1%}, "
+          f"{sched.tokens_per_s:,.0f} tokens/s ({sched.real_tokens_per_s:,.0f} real, "
+          f"{sched.real_token_share:.0%} of each row), utilization {sched.utilization:.1%}, "
           f"peak memory {_gb(sched.peak_memory_bytes)} of {_gb(sched.memory_bytes)}")
     print(remat_summary(stages[-1].program))
     if mode == "train":

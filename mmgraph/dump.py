@@ -171,6 +171,7 @@ def schedule_report(program: Program, target) -> dict:
         "precision": sch.precision, "micro_batch_size": sch.micro_batch_size, "batch_size": sch.batch_size,
         "micro_step_s": sch.micro_step_s, "optimizer_tail_s": sch.optimizer_tail_s, "step_s": sch.step_s,
         "samples_per_s": sch.samples_per_s, "tokens_per_s": sch.tokens_per_s, "utilization": sch.utilization,
+        "real_tokens_per_s": sch.real_tokens_per_s, "real_token_share": sch.real_token_share,
         "weight_bytes_in_per_micro_step": sch.weight_bytes_in, "gradient_bytes_out_per_micro_step": sch.grad_bytes_out,
         "peak_memory_bytes": sch.peak_memory_bytes, "memory_bytes": sch.memory_bytes,
         "weight_buffer_bytes": sch.weight_buffer_bytes, "fits": sch.fits,

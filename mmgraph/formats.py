@@ -15,7 +15,7 @@ import torch
 
 from mmgraph.config import Params
 from mmgraph.ir import Program
-from mmgraph.models import BATCH_FIELDS, build_model, random_batch
+from mmgraph.models import batch_fields, build_model, random_batch
 
 ONNX_PARAM_LIMIT = 50_000_000
 
@@ -45,13 +45,13 @@ class _EvalForward(torch.nn.Module):
         self.model = model
 
     def forward(self, image_data, text_input_ids, image_data_loc, labels, loss_mask,
-                key_padding_mask, token_modality_idx):
+                key_padding_mask, token_modality_idx, segment_ids=None, position_ids=None):
         from mmgraph.models.loss import lm_loss
 
         logits = self.model.compute_logits(image_data, text_input_ids, image_data_loc,
-                                           key_padding_mask, token_modality_idx)
+                                           key_padding_mask, token_modality_idx, position_ids, segment_ids)
         cfg = self.model.config
-        return lm_loss(logits, labels, loss_mask, cfg.loss_scaling, cfg.loss_weight), logits
+        return lm_loss(logits, labels, loss_mask, cfg.loss_scaling, cfg.loss_weight, segment_ids), logits
 
 
 def onnx_skip_reason(program: Program) -> str | None:
@@ -71,11 +71,12 @@ def export_onnx(params: Params, path: str | Path, batch_size: int | None = None,
     model.eval()
     batch = random_batch(params.layout("eval"), batch_size, seed=seed + 1)
     wrapper = _EvalForward(model)
-    args = tuple(batch[k] for k in BATCH_FIELDS)
+    fields = batch_fields(params.layout("eval"))                 # packed: + segment_ids, position_ids
+    args = tuple(batch[k] for k in fields)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, args, str(path), dynamo=False, export_params=False,
-                          input_names=list(BATCH_FIELDS), output_names=["loss", "logits"],
+                          input_names=list(fields), output_names=["loss", "logits"],
                           do_constant_folding=False)
     import onnx
 

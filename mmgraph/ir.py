@@ -156,6 +156,12 @@ class Schedule:
     stream_in_s: float = 0.0
     stream_out_s: float = 0.0
     bottleneck: str = ""          # compute | stream-in | stream-out: the largest of the three
+    real_token_share: float = 1.0  # of each row, from the data's statistics (packing raises it)
+
+    @property
+    def real_tokens_per_s(self) -> float:
+        """Non-pad tokens per second: what padding does not waste."""
+        return self.tokens_per_s * self.real_token_share
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from mmgraph.errors import Problem, UserError, did_you_mean
-from mmgraph.preprocess import Layout, Style
+from mmgraph.preprocess import Layout, PackOptions, Style
 
 HOOKS = {"finetuning_llava_hook": "chat", "finetuning_llava_hook_prompt_completion": "prompt_completion"}
 NOT_USED = {
@@ -30,7 +30,8 @@ NOT_USED = {
 USED = {
     "setup": {"output_dir", "image_dir", "data"},
     "processing": {"huggingface_tokenizer", "tokenizer_params", "custom_tokenizer", "max_seq_length", "read_hook", "read_hook_kwargs",
-                   "shuffle_seed", "shuffle", "chat_template", "end_of_turn_token"},
+                   "shuffle_seed", "shuffle", "chat_template", "end_of_turn_token",
+                   "pack_sequences", "pack_window", "pack_seed"},          # mmgraph's packing keys
     "dataset": {"image_dir", "num_patches", "max_num_img", "sep_token", "chat_template", "image_token"},
 }
 
@@ -49,6 +50,7 @@ class Job:
     style: Style
     shuffle_seed: Optional[int]
     notes: list[str] = field(default_factory=list)
+    pack: Optional[PackOptions] = None        # processing.pack_sequences (mmgraph's key)
 
 
 def _section(raw: dict, name: str, path: str) -> dict:
@@ -121,8 +123,13 @@ def read_config(path: str) -> Job:
     if isinstance(setup.get("data"), dict) and setup["data"].get("type", "local") != "local":
         notes.append("setup.data.type: only local input is read (nothing downloads); give --input_json")
         source = None
+    pack = None
+    if proc.get("pack_sequences"):
+        pack = PackOptions(_count(path, "processing.pack_window", proc.get("pack_window", 1000)),
+                           int(proc.get("pack_seed", 0)))
     return Job(raw, [] if source is None else [source], setup.get("output_dir"),
-               setup.get("image_dir") or data.get("image_dir"), tokenizer, kw["phase"], layout, style, seed, notes)
+               setup.get("image_dir") or data.get("image_dir"), tokenizer, kw["phase"], layout, style, seed, notes,
+               pack)
 
 
 def _count(path: str, where: str, value) -> int:

@@ -76,7 +76,7 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
         passes += [
             ("weight_streaming", make_weight_streaming(target, precision)),   # 06: segments
             ("cost", make_cost(target, precision, batch,                       # 07: schedule
-                               params.layout(mode).max_sequence_length)),
+                               params.layout(mode).max_sequence_length, _real_share(params, mode))),
         ]
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
     _check(stages[-1], params, verify, numeric, on_stage)
@@ -135,3 +135,12 @@ def choose_micro_batch(params: Params, mode: str, target: Target, remat: Optiona
         return None
     best = max(fits, key=lambda c: (c[2], c[0]))
     return Choice(best[0], best[1], tuple(candidates))
+
+
+def _real_share(params: Params, mode: str) -> float:
+    """Non-pad share of each row from the data's statistics (``stats.json``), else 1."""
+    from mmgraph.packing import real_token_share
+
+    data = params.input_for(mode)
+    share = real_token_share(data.data_dir, params.layout(mode).max_sequence_length) if data else None
+    return share if share is not None else 1.0

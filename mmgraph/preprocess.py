@@ -345,9 +345,12 @@ def preprocess(input_json: str, image_dir: str, tokenizer: str, output_dir: str,
                layout: Layout, samples_per_file: int = 1000, num_workers: int = 1,
                on_error: str = "fail", on_long: str = "truncate", progress: bool = True,
                style: Optional[Style] = None, shuffle_seed: Optional[int] = None,
-               config: Optional[dict] = None) -> dict:
+               config: Optional[dict] = None, pack: Optional["PackOptions"] = None) -> dict:
     """Write the shards, ``stats.json`` and ``data_params.json``; returns the statistics. The
-    output folder changes only when the run completes with at least one shard."""
+    output folder changes only when the run completes with at least one shard. With ``pack``,
+    rows hold several samples (``mmgraph.packing``) and the statistics say how many rows
+    packing saved."""
+    from mmgraph.packing import PackStats
     from mmgraph.shard_writer import OutputFolder
 
     inputs = input_json if isinstance(input_json, list) else [input_json]
@@ -363,17 +366,24 @@ def preprocess(input_json: str, image_dir: str, tokenizer: str, output_dir: str,
     stats = Stats()
     args = (tokenizer, phase, layout, image_dir, on_long, True, style)
     buffer: list[Encoded] = []
+    window: list[Encoded] = []                  # samples waiting to be packed
+    packing = PackStats()
     _init_worker(args)                          # the tokenizer is checked before anything is written
     with OutputFolder(output_dir) as out:
-        def flush():
-            if buffer:
+        def flush(final: bool = False):
+            if pack is not None and window and (final or len(window) >= pack.window):
+                buffer.extend(pack.rows(window, layout, _WORKER.pad, packing))
+                window.clear()
+            while buffer and (final or len(buffer) >= samples_per_file):
+                chunk = buffer[:samples_per_file]
+                del buffer[:samples_per_file]
                 I = layout.max_num_img
-                out.write_shard(np.stack([e.rows for e in buffer]),
-                                [e.img_paths + ["None"] * (I - len(e.img_paths)) for e in buffer],
-                                np.stack([e.img_loc for e in buffer]),
+                out.write_shard(np.stack([e.rows for e in chunk]),
+                                [e.img_paths + ["None"] * (I - len(e.img_paths)) for e in chunk],
+                                np.stack([e.img_loc for e in chunk]),
                                 {"max_seq_length": layout.max_seq_length, "num_patches": layout.num_patches,
-                                 "max_num_img": I, "phase": phase, "template": style.resolved(phase)})
-                buffer.clear()
+                                 "max_num_img": I, "phase": phase, "template": style.resolved(phase)}
+                                | ({"packed": True} if pack is not None else {}))
 
         for index, encoded, err in _results(args, [(i, samples[i]) for i in order], num_workers, progress):
             if err is not None:
@@ -384,20 +394,39 @@ def preprocess(input_json: str, image_dir: str, tokenizer: str, output_dir: str,
                 stats.skipped[err.reason] += 1
                 continue
             stats.add(encoded)
-            buffer.append(encoded)
-            if len(buffer) >= samples_per_file:
-                flush()
-        flush()
+            (window if pack is not None else buffer).append(encoded)
+            flush()
+        flush(final=True)
         if out.shards == 0:
             skipped = ", ".join(f"{k} {v}" for k, v in sorted(stats.skipped.items())) or "the input is empty"
             raise UserError(Problem(", ".join(inputs), None, f"no sample could be written ({skipped}); "
                                     f"{output_dir} was left as it was"))
         result = stats.as_dict()
+        if pack is not None:
+            result["packing"] = packing.as_dict(layout.max_seq_length, pack.window, pack.seed)
         out.write_json("stats.json", result)
-        out.write_json("data_params.json", _data_params(config, tokenizer, output_dir, image_dir, phase, layout,
-                                                        style, stats, _WORKER))
+        params = _data_params(config, tokenizer, output_dir, image_dir, phase, layout, style, stats, _WORKER)
+        if pack is not None:
+            params["features"] += ["segment_ids", "position_ids"]
+            params["dataset"]["packed"] = True
+            params["post-process"]["n_rows"] = packing.rows_after
+        out.write_json("data_params.json", params)
         out.commit()
     return result
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """``--pack``: first-fit decreasing within windows of ``window`` samples, seeded."""
+
+    window: int = 1000
+    seed: int = 0
+
+    def rows(self, window: list, layout: Layout, pad_id: int, stats) -> list:
+        from mmgraph.packing import pack
+
+        seed = self.seed + stats.rows_before           # each window its own (deterministic) seed
+        return pack(window, layout.max_seq_length, layout.max_num_img, layout.num_patches, pad_id, seed, stats)
 
 
 def _results(args, items, num_workers: int, progress: bool):

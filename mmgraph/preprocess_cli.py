@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mmgraph.errors import Problem, UserError
-from mmgraph.preprocess import Layout, Style, preprocess
+from mmgraph.preprocess import Layout, PackOptions, Style, preprocess
 
 
 def _read_template(path: str) -> str:
@@ -55,7 +55,8 @@ def run_preprocess(args: argparse.Namespace) -> tuple[dict, str]:
     style = dataclasses.replace(style, **changes)
     stats = preprocess(inputs, image_dir, tokenizer, output_dir, phase, layout, args.samples_per_file,
                        args.num_workers, args.on_error, args.on_long, progress=sys.stderr.isatty(), style=style,
-                       shuffle_seed=job.shuffle_seed if job else None, config=job.config if job else None)
+                       shuffle_seed=job.shuffle_seed if job else None, config=job.config if job else None,
+                       pack=_pack(args, job))
     return stats, output_dir
 
 
@@ -73,3 +74,16 @@ def _layout(args: argparse.Namespace, job) -> Layout:
         if v <= 0:
             raise UserError(Problem(None, f"--{k}", f"must be positive, not {v}"))
     return Layout(**values)
+
+
+def _pack(args: argparse.Namespace, job) -> "PackOptions | None":
+    """``--pack`` (with ``--pack_window``, ``--pack_seed``) or the config's ``pack_sequences``."""
+    base = job.pack if job is not None else None
+    if not getattr(args, "pack", False) and base is None:
+        return None
+    base = base or PackOptions()
+    window = args.pack_window if getattr(args, "pack_window", None) is not None else base.window
+    seed = args.pack_seed if getattr(args, "pack_seed", None) is not None else base.seed
+    if window < 1:
+        raise UserError(Problem(None, "--pack_window", f"must be at least 1, not {window}"))
+    return PackOptions(window, seed)

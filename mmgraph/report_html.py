@@ -103,7 +103,8 @@ def render_html(report: dict) -> str:
         ("precision", t["precision"]),
         ("micro-batch / batch", f"{t['micro_batch_size']} / {t['batch_size']}"),
         ("step", f"{_ms(t['step_s'])} ms ({_ms(t['micro_step_s'])} ms per micro-batch)"),
-        ("throughput", f"{t['samples_per_s']:,.2f} samples/s, {t['tokens_per_s']:,.0f} tokens/s"),
+        ("throughput", f"{t['samples_per_s']:,.2f} samples/s, {t['tokens_per_s']:,.0f} tokens/s "
+                       f"({t.get('real_tokens_per_s', t['tokens_per_s']):,.0f} real, non-pad)"),
         ("utilization", f"{t['utilization']:.2%} of peak"),
         ("streamed per micro-batch", f"weights in {t['weight_bytes_in_per_micro_step'] / 1e9:,.2f} GB, "
                                      f"gradients out {t['gradient_bytes_out_per_micro_step'] / 1e9:,.2f} GB"),

@@ -195,12 +195,14 @@ def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], 
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", samples_s=f"{sps:.1f}")
         if result.step % rc.log_steps == 0 or result.step == max_steps:
             record = {"step": result.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                      "samples_per_s": sps, "tokens_per_s": result.samples * tokens_per_sample / result.seconds}
+                      "samples_per_s": sps, "tokens_per_s": result.samples * tokens_per_sample / result.seconds,
+                      "real_tokens_per_s": result.tokens / result.seconds}       # non-pad tokens
             runner.log(record)
             elapsed = time.perf_counter() - window
             eta = elapsed / max(result.step - first, 1) * (max_steps - result.step)
             line = (f"step {result.step}/{max_steps}  loss {result.loss:.4f}  lr {result.lr:.2e}  "
-                    f"{sps:.1f} samples/s  {record['tokens_per_s']:.0f} tokens/s  eta {eta:.0f} s")
+                    f"{sps:.1f} samples/s  {record['tokens_per_s']:.0f} tokens/s "
+                    f"({record['real_tokens_per_s']:.0f} real)  eta {eta:.0f} s")
             (bar.write if bar is not None else print)(line)
         if rc.checkpoint_steps and result.step % rc.checkpoint_steps == 0:
             runner.save(position)

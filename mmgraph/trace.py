@@ -28,7 +28,7 @@ import mmgraph.models as _models_pkg
 from mmgraph.config import Params
 from mmgraph.errors import Problem, UserError
 from mmgraph.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program, layer_of
-from mmgraph.models import BATCH_FIELDS, build_model, random_batch
+from mmgraph.models import batch_fields, build_model, random_batch
 from mmgraph.models.multimodal import MultimodalModel
 from mmgraph.models.loss import lm_loss
 from mmgraph.opcost import node_bytes, node_flops, node_val
@@ -40,20 +40,23 @@ _MODEL_DIR = str(Path(_models_pkg.__file__).resolve().parent) + os.sep  # source
 class _Step(torch.nn.Module):
     """The traced step: positional batch fields in, loss (and logits in eval) out."""
 
-    def __init__(self, model: MultimodalModel, mode: str):
+    def __init__(self, model: MultimodalModel, mode: str, fields: tuple[str, ...]):
         super().__init__()
         self.m = model
         self.mode = mode
+        self.fields = fields      # batch field names, in input order (packed: + segment/position ids)
 
     def forward(self, *fields):
-        batch = dict(zip(BATCH_FIELDS, fields))
+        batch = dict(zip(self.fields, fields))
         if self.mode == "train":
             return self.m(**batch)
         logits = self.m.compute_logits(batch["image_data"], batch["text_input_ids"],
                                        batch["image_data_loc"], batch["key_padding_mask"],
-                                       batch["token_modality_idx"])
+                                       batch["token_modality_idx"], batch.get("position_ids"),
+                                       batch.get("segment_ids"))
         cfg = self.m.config
-        return lm_loss(logits, batch["labels"], batch["loss_mask"], cfg.loss_scaling, cfg.loss_weight), logits
+        return lm_loss(logits, batch["labels"], batch["loss_mask"], cfg.loss_scaling, cfg.loss_weight,
+                       batch.get("segment_ids")), logits
 
 
 class _Interpret(torch.nn.Module):
@@ -113,13 +116,14 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
     for name, p in model.named_parameters():
         p.requires_grad_(mode == "train" and name not in unused)
     real = random_batch(layout, batch_size, seed=0)
-    batch = [fake.from_tensor(real[k]) for k in BATCH_FIELDS]
+    fields = batch_fields(layout)
+    batch = [fake.from_tensor(real[k]) for k in fields]
 
     amp = autocast_dtype(params)
     cast = (lambda: torch.autocast("cpu", dtype=amp)) if amp else contextlib.nullcontext
     try:
         with fake, cast():
-            exported = torch.export.export(_Step(model, mode), tuple(batch))
+            exported = torch.export.export(_Step(model, mode, fields), tuple(batch))
     except Exception as err:  # noqa: BLE001 - reported to the user with the op and module
         raise UserError(Problem(params.path, None, f"cannot trace the model: {_describe(err)}")) from err
     fwd = exported.module()
@@ -134,11 +138,10 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
 
     def step(param_list, batch_list):
         state = {"g." + k: v for k, v in zip(order, param_list)}
-        fields = batch_list[:len(BATCH_FIELDS)]
-        out = torch.func.functional_call(runner, state, tuple(fields))
+        out = torch.func.functional_call(runner, state, tuple(batch_list[:len(fields)]))
         if mode == "eval":
             return out
-        seed = batch_list[len(BATCH_FIELDS)] if scaled else None
+        seed = batch_list[len(fields)] if scaled else None
         grads = torch.autograd.grad(out, [state["g." + n] for n in names], grad_outputs=seed)
         return (out, *grads)
 
@@ -150,7 +153,7 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
     inputs = [InputSpec(n.removeprefix("m."), InputKind.PARAM,
                         n.removeprefix("m.") not in frozen and n.removeprefix("m.") not in unused,
                         tuple(named[n].shape), named[n].dtype) for n in order]
-    inputs += [InputSpec(f, InputKind.BATCH, False, tuple(t.shape), t.dtype) for f, t in zip(BATCH_FIELDS, batch)]
+    inputs += [InputSpec(f, InputKind.BATCH, False, tuple(t.shape), t.dtype) for f, t in zip(fields, batch)]
     if scaled:
         inputs.append(InputSpec(LOSS_SCALE, InputKind.BATCH, False, (), torch.float32))
     outputs = [OutputSpec("loss")] + ([OutputSpec("logits")] if mode == "eval" else [])

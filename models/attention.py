@@ -141,3 +141,16 @@ def causal_padding_mask(key_padding_mask: Optional[torch.Tensor], seq_len: int,
         allowed = allowed & (key_padding_mask == 0)[:, None, None, :]      # (B, 1, S, S)
     zero = torch.zeros((), dtype=dtype, device=device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def segment_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, S, S) of a packed row: a query attends to earlier keys of its own
+    sample only (block-diagonal and causal). ``segment_ids`` (B, S): 1, 2, ... per sample,
+    0 at padding; padding queries see earlier padding keys only, so no query row is empty and
+    no real token ever sees padding or another sample."""
+    s = segment_ids.shape[1]
+    idx = torch.arange(s, device=segment_ids.device)
+    causal = (idx[None, :] <= idx[:, None])[None, None]                   # (1, 1, S, S)
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, S, S)
+    zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
+    return torch.where(causal & same, zero, torch.finfo(dtype).min)

@@ -9,18 +9,33 @@ Fields (Model Zoo names), for batch B, images I = max_num_img, tokens P per imag
     key_padding_mask    (B, S) int64            1 at padding
     labels              (B, S) int64            next token (input ids shifted by one)
     loss_mask           (B, S) int64            1 where the label is supervised
+
+A packed layout (``layout.packed``: each row holds several samples) adds two fields:
+
+    segment_ids         (B, S) int64            1, 2, ... per sample of the row, 0 at padding
+    position_ids        (B, S) int64            position within the sample (restarts at 0)
+
+and ``max_num_img`` is then the image budget of a row, shared by its samples.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from mmgraph.config.load import SequenceLayout
 
 BATCH_FIELDS = ("image_data", "text_input_ids", "image_data_loc", "labels", "loss_mask",
                 "key_padding_mask", "token_modality_idx")
+PACKED_FIELDS = ("segment_ids", "position_ids")
+
+
+def batch_fields(layout: SequenceLayout) -> tuple[str, ...]:
+    """The batch fields of a program for ``layout``, in input order."""
+    return BATCH_FIELDS + (PACKED_FIELDS if layout.packed else ())
 
 
 def batch_spec(layout: SequenceLayout, batch_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -33,7 +48,7 @@ def batch_spec(layout: SequenceLayout, batch_size: int) -> dict[str, tuple[tuple
         "loss_mask": ((b, s), torch.int64),
         "key_padding_mask": ((b, s), torch.int64),
         "token_modality_idx": ((b, s), torch.int64),
-    }
+    } | ({f: ((b, s), torch.int64) for f in PACKED_FIELDS} if layout.packed else {})
 
 
 def random_batch(layout: SequenceLayout, batch_size: int, seed: int = 0,
@@ -44,6 +59,8 @@ def random_batch(layout: SequenceLayout, batch_size: int, seed: int = 0,
     ``num_images[b]`` fixes the image count of sample b (default: random in 0..max_num_img,
     and at least one sample with the maximum).
     """
+    if layout.packed:
+        return _random_packed_batch(layout, batch_size, seed)
     g = torch.Generator().manual_seed(seed)
     b, s, imax, p = batch_size, layout.max_sequence_length, layout.max_num_img, layout.num_patches
     if num_images is None:
@@ -78,4 +95,75 @@ def random_batch(layout: SequenceLayout, batch_size: int, seed: int = 0,
         nxt_is_text = torch.zeros(s, dtype=torch.bool)
         nxt_is_text[: length - 1] = out["token_modality_idx"][row, 1:length] == 0
         out["loss_mask"][row] = nxt_is_text.long()
+    return out
+
+
+def _random_packed_batch(layout: SequenceLayout, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """Two random samples of half a row each per row (together within the row's image budget,
+    each with at least two text tokens), packed; one sample per row where rows are too short."""
+    s, imax, p = layout.max_sequence_length, layout.max_num_img, layout.num_patches
+    half = s // 2
+    cap = min(imax, (half - 2) // p) if half >= 2 else -1     # images a half-row sample can hold
+    g = torch.Generator().manual_seed(seed)
+    if cap < 0:
+        n = [min(imax, (s - 2) // p)] * batch_size
+        one = random_batch(replace(layout, packed=False), batch_size, seed, num_images=n)
+        return pack_batch(one, [[r] for r in range(batch_size)], layout)
+    first = [int(torch.randint(0, cap + 1, (), generator=g)) for _ in range(batch_size)]
+    first[0] = cap
+    second = [int(torch.randint(0, min(cap, imax - n) + 1, (), generator=g)) for n in first]
+    samples = random_batch(replace(layout, packed=False, max_sequence_length=half), 2 * batch_size,
+                           seed, num_images=first + second)
+    samples = pad_batch(samples, s)
+    return pack_batch(samples, [[r, batch_size + r] for r in range(batch_size)], layout)
+
+
+def pad_batch(batch: dict[str, torch.Tensor], seq_len: int) -> dict[str, torch.Tensor]:
+    """An unpacked batch right-padded to ``seq_len`` (padding images move to the new end)."""
+    s = batch["text_input_ids"].shape[1]
+    extra = seq_len - s
+    out = {}
+    for name, t in batch.items():
+        if name == "image_data":
+            out[name] = t
+        elif name == "image_data_loc":
+            out[name] = torch.where(t >= s, seq_len, t)
+        else:
+            out[name] = F.pad(t, (0, extra), value=1 if name == "key_padding_mask" else 0)
+    return out
+
+
+def pack_batch(batch: dict[str, torch.Tensor], rows: list[list[int]],
+               layout: SequenceLayout) -> dict[str, torch.Tensor]:
+    """Pack the samples of an unpacked ``batch`` (one per row, right-padded) into rows:
+    ``rows[r]`` lists the samples of packed row r, in order. Each sample keeps its real tokens
+    (``key_padding_mask == 0``) and its images; ``layout`` (packed) gives the row length and the
+    row's image budget. A reference for tests and benchmarks (the preprocessor packs shards)."""
+    spec = batch_spec(layout, len(rows))
+    s_in = batch["text_input_ids"].shape[1]
+    s = layout.max_sequence_length
+    out = {k: torch.zeros(shape, dtype=dt) for k, (shape, dt) in spec.items()}
+    out["image_data_loc"].fill_(s)
+    out["key_padding_mask"].fill_(1)
+    for r, members in enumerate(rows):
+        off, img = 0, 0
+        for k, i in enumerate(members):
+            n = int((batch["key_padding_mask"][i] == 0).sum())
+            if off + n > s:
+                raise ValueError(f"row {r}: samples {members} need more than {s} tokens")
+            for f in ("text_input_ids", "labels", "loss_mask", "token_modality_idx"):
+                out[f][r, off:off + n] = batch[f][i, :n]
+            out["key_padding_mask"][r, off:off + n] = 0
+            out["segment_ids"][r, off:off + n] = k + 1
+            out["position_ids"][r, off:off + n] = torch.arange(n)
+            for j in range(batch["image_data_loc"].shape[1]):
+                loc = batch["image_data_loc"][i, j]
+                if int(loc[0]) >= s_in:
+                    continue
+                if img >= layout.max_num_img:
+                    raise ValueError(f"row {r}: samples {members} hold more than {layout.max_num_img} images")
+                out["image_data"][r, img] = batch["image_data"][i, j]
+                out["image_data_loc"][r, img] = loc + off
+                img += 1
+            off += n
     return out

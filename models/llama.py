@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgraph.config.model import LlamaModelConfig
-from mmgraph.models.attention import Attention, causal_padding_mask, rotary_cos_sin
+from mmgraph.models.attention import Attention, causal_padding_mask, rotary_cos_sin, segment_causal_mask
 from mmgraph.models.layers import FeedForwardNetwork, make_norm
 
 
@@ -44,13 +44,21 @@ class VisualExpert(nn.Module):
             self.ffn = FeedForwardNetwork(h, [cfg.filter_size, h], [cfg.nonlinearity, None], cfg.use_ffn_bias)
 
 
-def constant_image_positions(token_modality_idx: torch.Tensor) -> torch.Tensor:
+def constant_image_positions(token_modality_idx: torch.Tensor,
+                             segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Positions where every token of an image run shares the run's first position and text
-    continues one after it (CogVLM): (B, S) -> (B, S)."""
+    continues one after it (CogVLM): (B, S) -> (B, S). With ``segment_ids`` (a packed row)
+    they restart at 0 for each sample."""
     image = token_modality_idx == 1
     before = F.pad(image[:, :-1], (1, 0), value=False)
-    step = (~image) | (image & ~before)
-    return step.long().cumsum(1) - 1
+    if segment_ids is None:
+        step = (~image) | (image & ~before)
+        return step.long().cumsum(1) - 1
+    first = segment_ids != F.pad(segment_ids[:, :-1], (1, 0), value=-1)    # (B, S) sample starts
+    step = ((~image) | (image & ~before) | first).long()
+    count = step.cumsum(1)                                                # (B, S) inclusive
+    base = torch.where(first, count - step, torch.zeros_like(count)).cummax(1).values
+    return count - base - 1
 
 
 class DecoderLayer(nn.Module):
@@ -131,9 +139,10 @@ class LlamaModel(nn.Module):
         p = max(self.config.embd_pdrop, self.config.embedding_dropout_rate)
         return F.dropout(x, p, self.training) if p > 0.0 else x
 
-    def positions(self, b: int, s: int, token_modality_idx: Optional[torch.Tensor], device) -> torch.Tensor:
+    def positions(self, b: int, s: int, token_modality_idx: Optional[torch.Tensor], device,
+                  segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.config.constant_image_position and token_modality_idx is not None:
-            return constant_image_positions(token_modality_idx)
+            return constant_image_positions(token_modality_idx, segment_ids)
         return torch.arange(s, device=device)[None].expand(b, s)
 
     def _image(self, token_modality_idx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -143,15 +152,22 @@ class LlamaModel(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
-                token_modality_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+                token_modality_idx: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """embeddings (B, S, H) -> logits (B, S, V); causal, padding keys masked. With visual
-        experts, ``token_modality_idx`` (1 = image) selects the expert weights per position."""
+        experts, ``token_modality_idx`` (1 = image) selects the expert weights per position.
+        A packed row (``segment_ids`` (B, S), 0 = padding) attends within each sample only;
+        its ``position_ids`` restart at 0 per sample (constant image positions: derived here)."""
         b, s, _ = embeddings.shape
-        if position_ids is None:
-            position_ids = self.positions(b, s, token_modality_idx, embeddings.device)
         cfg = self.config
+        if position_ids is None or (segment_ids is not None and cfg.constant_image_position
+                                    and token_modality_idx is not None):
+            position_ids = self.positions(b, s, token_modality_idx, embeddings.device, segment_ids)
         rotary = rotary_cos_sin(position_ids, cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, embeddings.dtype)
-        mask = causal_padding_mask(key_padding_mask, s, embeddings.dtype, embeddings.device)
+        if segment_ids is None:
+            mask = causal_padding_mask(key_padding_mask, s, embeddings.dtype, embeddings.device)
+        else:
+            mask = segment_causal_mask(segment_ids, embeddings.dtype)
         image = self._image(token_modality_idx)
         x = embeddings
         for layer in self.transformer_decoder.layers:

@@ -92,15 +92,19 @@ class MultimodalModel(nn.Module):
     def compute_logits(self, image_data: torch.Tensor, text_input_ids: torch.Tensor,
                        image_data_loc: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                        token_modality_idx: Optional[torch.Tensor] = None,
-                       position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       position_ids: Optional[torch.Tensor] = None,
+                       segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A packed batch adds ``segment_ids`` and ``position_ids`` (B, S); see models/batch.py."""
         embeddings = self.compute_embeddings(image_data, text_input_ids, image_data_loc)
-        return self.text_model(embeddings, key_padding_mask, position_ids, token_modality_idx)
+        return self.text_model(embeddings, key_padding_mask, position_ids, token_modality_idx, segment_ids)
 
     def forward(self, image_data: torch.Tensor, text_input_ids: torch.Tensor,
                 image_data_loc: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None,
                 token_modality_idx: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         logits = self.compute_logits(image_data, text_input_ids, image_data_loc,
-                                     key_padding_mask, token_modality_idx, position_ids)
-        return lm_loss(logits, labels, loss_mask, self.config.loss_scaling, self.config.loss_weight)
+                                     key_padding_mask, token_modality_idx, position_ids, segment_ids)
+        return lm_loss(logits, labels, loss_mask, self.config.loss_scaling, self.config.loss_weight,
+                       segment_ids)

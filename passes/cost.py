@@ -177,7 +177,9 @@ def peak_breakdown(program: Program, precision: Precision) -> dict:
             "buffers": sched.peak_memory_bytes - sched.times[i].live_bytes}
 
 
-def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_sample: int):
+def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_sample: int,
+              real_token_share: float = 1.0):
+    """``real_token_share``: non-pad share of each row (the data's statistics), for real tokens/s."""
     def cost(program: Program) -> tuple[Program, dict]:
         mbs = next(s.shape[0] for s in program.inputs if s.name == "text_input_ids")
         kernels = {k.id: k for k in program.kernels}
@@ -190,13 +192,16 @@ def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_
         sched = simulate(program.segments, compute, target, mbs, batch_size, tokens_per_sample,
                          program.flops() - recompute_flops, precision, biggest, resident, recompute_mem)
         recompute_s = sum(c * f / seg.flops for c, f, seg in zip(compute, per_seg, program.segments) if seg.flops)
-        sched = replace(sched, recompute_flops=recompute_flops, recompute_s=recompute_s)
+        sched = replace(sched, recompute_flops=recompute_flops, recompute_s=recompute_s,
+                        real_token_share=real_token_share)
         notes = {
             "target": target.name, "step_s": round(sched.step_s, 6), "micro_step_s": round(sched.micro_step_s, 6),
             "samples_per_s": round(sched.samples_per_s, 3), "utilization": round(sched.utilization, 4),
             "peak_memory_bytes": sched.peak_memory_bytes, "fits": sched.fits,
             "max_micro_batch_size": sched.max_micro_batch_size,
             "recompute_flops": recompute_flops, "bottleneck": sched.bottleneck,
+            "real_tokens_per_step": round(batch_size * tokens_per_sample * real_token_share),
+            "real_tokens_per_s": round(sched.real_tokens_per_s, 1),
         }
         return replace(program, schedule=sched), notes
     return cost

@@ -21,17 +21,18 @@ from mmgraph.runtime.shards import (BadImage, Expect, UnsafePath, confined, data
 from mmgraph.runtime.transforms import build_transforms
 
 FIELDS = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "token_modality_idx")
+PACKED_FIELDS = ("segment_ids", "position_ids")     # rows 6 and 7 of a packed shard
 
 
 class MultimodalH5Dataset(torch.utils.data.Dataset):
     def __init__(self, data_dir, img_data_dir: Optional[str], transforms, max_seq_length: int,
                  max_num_img: int, num_patches: int, image_size: tuple[int, int, int],
-                 vocab_size: Optional[int] = None, image_start_idx: int = 1):
+                 vocab_size: Optional[int] = None, image_start_idx: int = 1, packed: bool = False):
         dirs = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
         self.files = shard_files(dirs)
         self.img_dir = Path(img_data_dir) if img_data_dir else None
         self.S, self.I, self.P = max_seq_length, max_num_img, num_patches
-        self.want = Expect(max_seq_length, max_num_img, num_patches, vocab_size, image_start_idx)
+        self.want = Expect(max_seq_length, max_num_img, num_patches, vocab_size, image_start_idx, packed)
         self.image_size = tuple(image_size)
         self.transform = build_transforms(transforms)
         self.index: list[tuple[int, int]] = []
@@ -76,8 +77,8 @@ class MultimodalH5Dataset(torch.utils.data.Dataset):
             except (RuntimeError, ValueError, TypeError) as err:
                 raise UserError(Problem(str(self.files[k]), where, f"image {name} cannot be transformed to "
                                         f"{tuple(self.image_size)}: {err}")) from None
-        data = torch.from_numpy(data)                                               # (5, S)
-        out = {field: data[r] for r, field in enumerate(FIELDS)}
+        data = torch.from_numpy(data)                                               # (5 or 7, S)
+        out = {field: data[r] for r, field in enumerate(FIELDS + PACKED_FIELDS[:data.shape[0] - 5])}
         out["image_data"] = images                                                  # (I, C, H, W)
         out["image_data_loc"] = torch.from_numpy(loc)                               # (I, P)
         return out
@@ -176,7 +177,7 @@ def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] 
     try:
         ds = MultimodalH5Dataset(data.data_dir, data.img_data_dir, data.transforms, layout.max_sequence_length,
                                  layout.max_num_img, layout.num_patches, layout.image_data_size, layout.vocab_size,
-                                 image_start_idx(params))
+                                 image_start_idx(params), layout.packed)
     except UserError as err:
         raise UserError(problems + err.problems) from None
     if problems:
@@ -202,7 +203,7 @@ def check_data(params: Params, mode: str = "train") -> tuple[int, list[Problem]]
     layout = params.layout(mode)
     section = "eval_input" if mode == "eval" and params.eval_input else "train_input"
     want = Expect(layout.max_sequence_length, layout.max_num_img, layout.num_patches, layout.vocab_size,
-                  image_start_idx(params))
+                  image_start_idx(params), layout.packed)
     problems: list[Problem] = []
     if data.img_data_dir and not Path(data.img_data_dir).is_dir():
         problems.append(Problem(params.path, f"{section}.img_data_dir", f"{data.img_data_dir} does not exist"))
@@ -266,8 +267,17 @@ def describe_data(params: Params, mode: str = "train") -> Optional[str]:
         seen.add(key)
         count, found = check_data(params, m)
         problems += found
-        lines.append(f"data ({m}): {count:,} samples in {', '.join(map(str, dirs))} (shards, layout and images "
-                     "checked)")
+        lines.append(f"data ({m}): {count:,} {'packed rows' if params.layout(m).packed else 'samples'} in "
+                     f"{', '.join(map(str, dirs))} (shards, layout and images checked)" + _real_share_note(params, m))
     if problems:
         raise UserError(problems)
     return "\n".join(lines) or None
+
+
+def _real_share_note(params: Params, mode: str) -> str:
+    """``; real tokens 62% of each row`` from the data's statistics (real tokens/s = tokens/s x it)."""
+    from mmgraph.packing import real_token_share
+
+    data = params.input_for(mode)
+    share = real_token_share(data.data_dir, params.layout(mode).max_sequence_length)
+    return "" if share is None else f"; real (non-pad) tokens {share:.0%} of each row: real tokens/s = tokens/s x {share:.2f}"

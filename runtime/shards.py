@@ -10,7 +10,7 @@ One layout, three spellings, all read the same way:
 - mmgraph's earlier shards: ``""`` for an empty slot, ``has_img`` present, any string dtype.
 
 Datasets: ``data`` N x 5 x S integers (input_ids, loss_mask, labels, key_padding_mask,
-token_modality_idx), ``img_path`` N x max_num_img strings (relative to the image folder),
+token_modality_idx; packed shards, ``preprocess --pack``: N x 7 x S, + segment_ids, position_ids), ``img_path`` N x max_num_img strings (relative to the image folder),
 ``img_data_loc`` N x max_num_img x num_patches integers (padding value S); optional
 ``has_img`` N x 1 and attribute ``n_examples``. Image paths never leave the image folder.
 """
@@ -91,6 +91,7 @@ class Expect:
     num_patches: int
     vocab_size: Optional[int] = None
     image_start_idx: int = 1        # the older ``llava`` model's shards: where every image starts
+    packed: bool = False            # ``packed: true``: rows of 7 (+ segment_ids, position_ids)
 
 
 def _int_dataset(f, key: str, tail: tuple[int, ...], path: str, problems: list[Problem]) -> Optional[int]:
@@ -122,7 +123,8 @@ def inspect_shard(path: Path, want: Expect) -> tuple[int, list[Problem]]:
                     problems.append(Problem(name, None, f"image_start_idx {want.image_start_idx} + {P} image tokens "
                                             f"do not fit in {S}"))
             else:
-                rows = [_int_dataset(f, "data", (5, S), name, problems),
+                _packing_problem(f, want, name, problems)
+                rows = [_int_dataset(f, "data", (7 if want.packed else 5, S), name, problems),
                         _int_dataset(f, "img_data_loc", (I, P), name, problems)]
             if "img_path" not in f or not hasattr(f["img_path"], "shape"):
                 problems.append(Problem(name, "img_path", "dataset missing (not an mmgraph / Model Zoo multimodal shard)"))
@@ -144,6 +146,18 @@ def inspect_shard(path: Path, want: Expect) -> tuple[int, list[Problem]]:
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
         return 0, [Problem(name, None, f"not a readable HDF5 file ({_first_line(err)})")]
     return (0 if problems else n), problems
+
+
+def _packing_problem(f, want: Expect, name: str, problems: list[Problem]) -> None:
+    """Packed shards (``preprocess --pack``: ``data`` N x 7 x S) need ``packed: true`` and the reverse."""
+    data = f.get("data")
+    rows = data.shape[1] if data is not None and hasattr(data, "shape") and data.ndim == 3 else None
+    if rows == 7 and not want.packed:
+        problems.append(Problem(name, "data", "packed rows (7: + segment_ids, position_ids; preprocess --pack): "
+                                "set packed: true in the params' input section"))
+    elif rows == 5 and want.packed:
+        problems.append(Problem(name, "data", "unpacked rows (5), but the params say packed: true "
+                                "(run mmgraph preprocess --pack, or drop packed)"))
 
 
 def _first_line(err: BaseException) -> str:

@@ -247,3 +247,15 @@ def test_generate_benchmark_quick():
     both = {**result, "cuda": {**result, "device": "cuda", "gpu": "a GPU"}}
     assert "CUDA (a GPU)" in format_table(both)
     assert [t.area for t in targets.generate_targets(both)] == ["generation", "generation (GPU)"]
+
+
+def test_packing_benchmark_quick(capsys):
+    from benchmarks.bench_packing import main as bench_packing
+
+    assert bench_packing(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| phase1 |" in out and "| phase2 |" in out
+    row = {"real_share": 0.9, "min_s": 1.0, "max_s": 2.0}
+    result = {"phase1": {"ratio": 3.0}, "phase2": {"ratio": 1.2, "packed": row, "unpacked": {**row, "real_share": 0.45}}}
+    found = targets.packing_targets(result)
+    assert [t.status for t in found] == ["met", "missed"] and "real-share ratio 2.00x" in found[1].reason

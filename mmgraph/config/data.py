@@ -51,6 +51,7 @@ class InputConfig(Section):
     bos_token_id: Optional[int] = None
     pad_token_id: int = 0
     noaugment: bool = False
+    packed: bool = False  # mmgraph: rows hold several samples (segment_ids, position_ids)
 
     @field_validator("image_data_size", mode="before")
     @classmethod

@@ -49,6 +49,7 @@ class SequenceLayout:
     num_patches: int  # image tokens per image, all encoders together, after the projector
     image_data_size: tuple[int, int, int]
     vocab_size: int
+    packed: bool = False  # rows hold several samples: segment_ids and position_ids fields
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ def sequence_layout(model: ModelConfig, data: Optional[InputConfig]) -> Sequence
         num_patches=num_image_tokens(model),
         image_data_size=tuple(data.image_data_size) if data else default_size,
         vocab_size=text.vocab_size,
+        packed=bool(data and data.packed),
     )
 
 
