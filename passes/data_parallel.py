@@ -157,38 +157,42 @@ def _weigh_gradients(gm: fx.GraphModule, info: dict[str, NodeInfo], program: Pro
     with graph.inserting_before(first_op):           # new inputs after the others, before any op
         weight = graph.placeholder(GRAD_WEIGHT)
     specs, made = [InputSpec(GRAD_WEIGHT, InputKind.BATCH, False, (), torch.float32)], []
-    for i, spec in enumerate(program.outputs):
-        if spec.kind != "grad":
-            continue
+    grads = [i for i, spec in enumerate(program.outputs) if spec.kind == "grad"]
+    first = outs[grads[0]].meta["val"] if grads else None
+    with (first.fake_mode if hasattr(first, "fake_mode") else contextlib.nullcontext()):
+        weight.meta["val"] = torch.empty((), dtype=torch.float32)
+    info[weight.name] = NodeInfo((), torch.float32, "", "top", Phase.FORWARD, 0, 0)
+    for i in grads:
+        target = program.outputs[i].target
         grad = outs[i]
         val = grad.meta["val"]
-        if weight.meta.get("val") is None:
-            with (val.fake_mode if hasattr(val, "fake_mode") else contextlib.nullcontext()):
-                weight.meta["val"] = torch.empty((), dtype=torch.float32)
-            info[weight.name] = NodeInfo((), torch.float32, "", "top", Phase.FORWARD, 0, 0)
         layer = info[grad.name].layer if grad.name in info else "top"
-        with graph.inserting_after(grad):
-            total = graph.call_function(aten.mul.Tensor, (grad, weight))
-        total.meta["val"] = val
-        info[total.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, val.numel(),
-                                    2 * val.numel() * val.element_size())
+        total = _elementwise_after(graph, info, grad, aten.mul.Tensor, (grad, weight), layer, reads=1)
         made.append(total)
         if accumulate:
             with graph.inserting_before(first_op):
-                acc = graph.placeholder("acc_" + re.sub(r"[^0-9a-zA-Z_]", "_", spec.target))
+                acc = graph.placeholder("acc_" + re.sub(r"[^0-9a-zA-Z_]", "_", target))
             acc.meta["val"] = val
             info[acc.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, 0, 0)
-            with graph.inserting_after(total):
-                summed = graph.call_function(aten.add.Tensor, (total, acc))
-            summed.meta["val"] = val
-            info[summed.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, val.numel(),
-                                         3 * val.numel() * val.element_size())
-            made.append(summed)
-            total = summed
-            specs.append(InputSpec(spec.target, InputKind.GRAD, False, tuple(val.shape), val.dtype))
+            total = _elementwise_after(graph, info, total, aten.add.Tensor, (total, acc), layer, reads=2)
+            made.append(total)
+            specs.append(InputSpec(target, InputKind.GRAD, False, tuple(val.shape), val.dtype))
         outs[i] = total
     output.args = (tuple(outs),)
     return tuple(specs), made
+
+
+def _elementwise_after(graph: fx.Graph, info: dict[str, NodeInfo], after: fx.Node, target, args: tuple,
+                       layer: str, reads: int) -> fx.Node:
+    """``target(*args)`` right after ``after``, shaped like it: a backward elementwise op reading
+    ``reads`` tensors of that shape and writing one."""
+    val = after.meta["val"]
+    with graph.inserting_after(after):
+        node = graph.call_function(target, args)
+    node.meta["val"] = val
+    info[node.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, val.numel(),
+                               (reads + 1) * val.numel() * val.element_size())
+    return node
 
 
 class _Rewriter:
@@ -211,9 +215,9 @@ class _Rewriter:
         self.info[node.name] = NodeInfo(tuple(val.shape), val.dtype, "", layer, Phase.BACKWARD, 0, nbytes)
         return node
 
-    def _kernel(self, kind_nodes: list[fx.Node], layer: str) -> None:
+    def _kernel(self, nodes: list[fx.Node], layer: str) -> None:
         self.kernels.append(Kernel(self.next_kernel, "collective", layer, Phase.BACKWARD.value,
-                                   tuple(n.name for n in kind_nodes), 0, 0))
+                                   tuple(n.name for n in nodes), 0, 0))
         self.next_kernel += 1
 
     def bucket(self, index: int, members: list[int]) -> Bucket:
