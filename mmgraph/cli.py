@@ -99,14 +99,7 @@ def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
     sub.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mmgraph",
-        description="Compile and train LLaVA-family multimodal models for dataflow hardware.",
-    )
-    parser.add_argument("--version", action="version", version=f"mmgraph {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_check(sub) -> None:
     check = sub.add_parser(
         "check", help="validate a params file and summarize the model",
         description="Validate a params YAML (Model Zoo 2.3 multimodal schema) and print the "
@@ -118,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which sections must be present (default: train)")
     check.set_defaults(func=_cmd_check)
 
+
+def _add_compile(sub) -> None:
     comp = sub.add_parser(
         "compile", help="trace the step to one graph, run the passes, dump every stage",
         description="Trace the whole training (or eval) step of the params' model to one static "
@@ -145,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(bucketed all-reduce) in the graph, as `torchrun ... mmgraph run` executes it")
     comp.set_defaults(func=_cmd_compile)
 
+
+def _add_inspect(sub) -> None:
     ins = sub.add_parser(
         "inspect", help="read compile dumps back: summary, one pass, one kernel, a diff",
         description="Read MODEL_DIR/compile/ back for a person: a summary by default, one "
@@ -157,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ins, params=False)
     ins.set_defaults(func=_cmd_inspect)
 
+
+def _add_run(sub) -> None:
     runp = sub.add_parser(
         "run", help="train / evaluate the lowered program on CPU or GPU",
         description="Compile the params' step (dumps in MODEL_DIR/compile) and execute the lowered "
@@ -183,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "params' model.activation_checkpointing, auto)")
     runp.set_defaults(func=_cmd_run)
 
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser(
         "generate", help="answer a question about images (streams the tokens)",
         description="Greedy or sampled decoding with a key-value cache; images are placed where the "
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--answers_file", metavar="FILE", help="batch mode: answers JSONL to write")
     gen.set_defaults(func=_cmd_generate)
 
+
+def _add_convert(sub) -> None:
     conv = sub.add_parser(
         "convert", help="checkpoints between native, Hugging Face and the LLaVA layout",
         description="Convert a checkpoint (the Model Zoo's convert_checkpoint.py interface), tensor "
@@ -234,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(conv, params=False)
     conv.set_defaults(func=_cmd_convert)
 
+
+def _add_preprocess(sub) -> None:
     pre = sub.add_parser(
         "preprocess", help="LLaVA-format JSON conversations to H5 shards",
         description="Turn LLaVA-format conversations (a JSON list of {id, image, conversations}) "
@@ -273,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pre, params=False)
     pre.set_defaults(func=_cmd_preprocess)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="datasets: `mmgraph data synth`")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     syn = data_sub.add_parser(
@@ -287,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(syn, params=False)
     syn.set_defaults(func=_cmd_synth)
 
+
+def _add_calibrate(sub) -> None:
     cal = sub.add_parser(
         "calibrate", help="measure this machine and write the host target",
         description="Measure matmul FLOP/s, memory bandwidth, per-op overhead and the AdamW "
@@ -297,6 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--size", type=int, default=1024, help="matmul size (default 1024)")
     _common(cal, params=False)
     cal.set_defaults(func=_cmd_calibrate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmgraph",
+        description="Compile and train LLaVA-family multimodal models for dataflow hardware.",
+    )
+    parser.add_argument("--version", action="version", version=f"mmgraph {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_check(sub)
+    _add_compile(sub)
+    _add_inspect(sub)
+    _add_run(sub)
+    _add_generate(sub)
+    _add_convert(sub)
+    _add_preprocess(sub)
+    _add_data(sub)
+    _add_calibrate(sub)
     return parser
 
 
