@@ -62,7 +62,7 @@ def analytic(program) -> dict:
 
 def run(params: Path, repeats: int, warmup: int = 2) -> dict:
     from mmgraph.config import load_params
-    from mmgraph.models import random_batch
+    from mmgraph.models import initial_weights, random_batch
     from mmgraph.pipeline import compile_step
     from mmgraph.runtime.runner import Runner
     from mmgraph.trace import micro_batch_size
@@ -76,7 +76,7 @@ def run(params: Path, repeats: int, warmup: int = 2) -> dict:
         for phase, p in loaded.items():
             program = compile_step(p)[-1].program
             figures[phase] = analytic(program)
-            runner = Runner(p, Path(tmp) / phase, train=program)
+            runner = Runner(p, Path(tmp) / phase, train=program, weights=initial_weights(p))
             fns[f"{phase}.program"] = lambda r=runner: r.micro_step(batch)
             fns[f"{phase}.step"] = lambda r=runner: r.train_step([batch])
         times = time_interleaved(fns, repeats, warmup)

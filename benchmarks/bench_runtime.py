@@ -107,7 +107,7 @@ class Train:
     """One training step per variant on the same weights, batch and optimizer settings, on ``device``."""
 
     def __init__(self, params, variants, device: torch.device):
-        from mmgraph.models import build_model, random_batch
+        from mmgraph.models import build_model, initial_weights, random_batch
         from mmgraph.runtime.optim import Optimizer
         from mmgraph.runtime.runner import Runner
 
@@ -132,7 +132,8 @@ class Train:
                 if streaming not in programs:
                     programs[streaming] = lowered(params, streaming)
                 runner = Runner(params, tempfile.mkdtemp(prefix="mmgraph-bench-"), train=programs[streaming],
-                                device=str(device), executor=name, weight_streaming=streaming)
+                                device=str(device), executor=name, weight_streaming=streaming,
+                                weights=initial_weights(params))
                 self.steps[name] = lambda r=runner: r.train_step([self.batch])
             self.steps[name]()                               # first call: compiles where it does
             sync()
@@ -164,7 +165,7 @@ def time_steps(steps: dict, repeats: int, sync=lambda: None, warmup: int = 2) ->
 
 
 def eval_steps(params, device: torch.device) -> dict:
-    from mmgraph.models import build_model, random_batch
+    from mmgraph.models import build_model, initial_weights, random_batch
     from mmgraph.pipeline import compile_step
     from mmgraph.runtime.runner import Runner
 
@@ -183,7 +184,7 @@ def eval_steps(params, device: torch.device) -> dict:
     out["eager"] = eager
     for name in ("reference", "onnxruntime") if device.type == "cpu" else ("reference",):
         runner = Runner(eval_params, tempfile.mkdtemp(prefix="mmgraph-bench-"), eval_program=program,
-                        device=str(device), eval_executor=name)
+                        device=str(device), eval_executor=name, weights=initial_weights(eval_params))
         out[name] = lambda r=runner: r.eval_exec(r._inputs(program, batch))
     return out
 

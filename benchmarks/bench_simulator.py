@@ -32,7 +32,7 @@ from benchmarks.common import finish, time_interleaved
 from mmgraph.errors import UserError
 from mmgraph.calibrate import host_target, measure
 from mmgraph.config import load_params
-from mmgraph.models import build_model, random_batch
+from mmgraph.models import build_model, initial_weights, random_batch
 from mmgraph.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
 from mmgraph.target import Target, load_target
@@ -63,7 +63,7 @@ def reference_steps(params, program, model_dir: str) -> dict:
     backward, gradient clipping, AdamW), and ``reference_program``, the program alone
     (``micro_step``), which splits the step into what the schedule's micro-step and optimizer
     predict."""
-    runner = Runner(params, model_dir, train=program, executor="reference")
+    runner = Runner(params, model_dir, train=program, executor="reference", weights=initial_weights(params))
     batch = random_batch(params.layout(), micro_batch_size(params, "train"), seed=1)
     return {"reference": lambda: runner.train_step([batch]), "reference_program": lambda: runner.micro_step(batch)}
 

@@ -22,7 +22,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from mmgraph.compile_cmd import run_compile
 
     return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify, args.target,
-                       remat=args.remat, world_size=args.world_size)
+                       remat=args.remat, world_size=args.world_size, zero=args.zero)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -66,7 +66,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mmgraph.run_cmd import run
 
     return run(args.params, args.model_dir, args.mode, args.device, args.checkpoint_path, args.max_steps,
-               args.target, args.executor, args.eval_executor, args.weight_streaming, remat=args.remat)
+               args.target, args.executor, args.eval_executor, args.weight_streaming, remat=args.remat,
+               zero=args.zero)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -138,6 +139,9 @@ def _add_compile(sub) -> None:
     comp.add_argument("--world_size", type=int, default=1, metavar="N",
                       help="compile the training step for N data-parallel ranks: gradient reduction "
                            "(bucketed all-reduce) in the graph, as `torchrun ... mmgraph run` executes it")
+    comp.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, metavar="STAGE",
+                      help="with --world_size: 2 compiles ZeRO-2's reduce-scatter of the gradients instead of "
+                           "an all-reduce (1 changes only the runtime's optimizer)")
     comp.set_defaults(func=_cmd_compile)
 
 
@@ -180,6 +184,9 @@ def _add_run(sub) -> None:
     runp.add_argument("--remat", choices=("none", "selective", "full", "auto"), metavar="POLICY",
                       help="activation recomputation: none, selective, full or auto (default: the "
                            "params' model.activation_checkpointing, auto)")
+    runp.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, metavar="STAGE",
+                      help="data parallel (torchrun): 1 shards the optimizer state across ranks, 2 also the "
+                           "gradients (reduce-scatter); 0, the default: every rank holds everything")
     runp.set_defaults(func=_cmd_run)
 
 

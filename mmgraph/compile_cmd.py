@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from mmgraph.config import load_params
+from mmgraph.config import load_params, rank_batch
 from mmgraph.errors import Problem, UserError
 from mmgraph.dump import write_dumps
 from mmgraph.ir import Phase
@@ -55,7 +55,7 @@ def _fit_numbers(s) -> str:
 
 
 def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool, verify: bool,
-                target_name: str = "cs2", remat=None, world_size: int = 1) -> int:
+                target_name: str = "cs2", remat=None, world_size: int = 1, zero: int = 0) -> int:
     from mmgraph.pipeline import compile_step
     from mmgraph.target import load_target
     from mmgraph.trace import trace_step
@@ -75,8 +75,13 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
               f"in {time.perf_counter() - start:.1f} s (nothing written)")
         return 0
     with model_dir_lock(model_dir, "compile"):       # one writer of MODEL_DIR/.compile.tmp
+        if world_size > 1 and mode == "train" and mbs is None:     # as each rank of `mmgraph run` compiles it
+            rb = rank_batch(data.batch_size, data.micro_batch_size, world_size)
+            mbs, accumulate = rb.micro_batch, rb.micro_batches > 1
+        else:
+            accumulate = False
         stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat,
-                              world_size=world_size)
+                              world_size=world_size, accumulate=accumulate, zero=zero)
         where = write_dumps(stages, model_dir, params_path, params, target)
     print(f"{'pass':<17} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:

@@ -50,11 +50,13 @@ def run_pass(name: str, fn: Pass, program: Program) -> Program:
 def compile_step(params: Params, mode: str = "train", verify: bool = False,
                  on_stage: Optional[Callable[[Stage], None]] = None, target: Optional[Target] = None,
                  micro_batch_size: Optional[int] = None, remat: Optional[str] = None,
-                 world_size: int = 1) -> list[Stage]:
+                 world_size: int = 1, accumulate: bool = False, zero: int = 0) -> list[Stage]:
     """Trace the step of ``params`` and lower it (for ``target``, when given: segments and a
     simulated schedule); returns every stage, first to last. ``remat`` overrides the params'
     ``model.activation_checkpointing``; ``world_size`` > 1 compiles a training step for that many
-    data-parallel ranks (gradient reduction in the graph)."""
+    data-parallel ranks (gradient reduction in the graph): ``accumulate``, the variant for the
+    last of several micro-steps (earlier ones run the stage before ``data_parallel``: no
+    communication); ``zero`` 2, gradients reduce-scattered (ZeRO-2)."""
     start = time.perf_counter()
     program = trace_step(params, mode, micro_batch_size)     # 00: one static ATen graph
     program = program.recorded(PassRecord("trace", time.perf_counter() - start, 0, len(program.ops())))
@@ -69,7 +71,8 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     if target is not None or policy not in ("none", "auto"):     # auto without a target: none
         passes.append(("remat", make_remat(policy, target, precision)))   # 04: kept vs recomputed
     if mode == "train" and world_size > 1:
-        passes.append(("data_parallel", make_data_parallel(world_size)))   # 05: collectives
+        passes.append(("data_parallel", make_data_parallel(world_size, accumulate=accumulate,   # 05: collectives
+                                                           shard_gradients=zero == 2)))
     if target is not None:
         data = params.input_for(mode)
         batch = data.batch_size if data else 1

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from mmgraph.config import load_params
+from mmgraph.config import load_params, rank_batch
+from mmgraph.ir import Program
 from mmgraph.errors import Problem, UserError
 from mmgraph.lock import model_dir_lock
 
@@ -24,63 +24,132 @@ def _device(name: Optional[str]) -> str:
     return "cuda"
 
 
-def _position(sampler, loader_batches_per_epoch: int, batches_done: int) -> None:
-    """Put the sampler where ``batches_done`` micro-batches of training leave it."""
-    sampler.epoch = batches_done // loader_batches_per_epoch
-    sampler.consumed = (batches_done % loader_batches_per_epoch) * sampler.batch_size
-
-
-def _batches(loader):
-    """Micro-batches forever, epoch after epoch (the sampler reshuffles per epoch)."""
-    while True:
-        for batch in loader:
-            yield batch
-
-
 def run(params_path: str, model_dir: str, *args, **kwargs) -> int:
-    """Train and/or evaluate, holding the model_dir's lock (one run or compile at a time)."""
+    """Train and/or evaluate, holding the model_dir's lock (one run or compile at a time; of a
+    data-parallel job, rank 0 holds it)."""
+    if os.environ.get("RANK", "0") != "0":
+        return _run(params_path, model_dir, *args, **kwargs)
     with model_dir_lock(model_dir, "run"):
         return _run(params_path, model_dir, *args, **kwargs)
 
 
+def _silent(*_args, **_kwargs) -> None:
+    return None
+
+
 def _run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
-        checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
-        executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False,
-        remat: Optional[str] = None) -> int:
-    from mmgraph.dump import write_dumps
-    from mmgraph.pipeline import compile_step
-    from mmgraph.runtime.data import make_loader
-    from mmgraph.runtime.runner import Runner
-    from mmgraph.target import load_target
+         checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
+         executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False,
+         remat: Optional[str] = None, zero: int = 0) -> int:
+    from mmgraph.runtime.distributed import from_env
 
     params = load_params(params_path, mode)
     dev = _device(device)
-    train_mode = mode in ("train", "train_and_eval")
+    ranks = from_env(dev)                       # torchrun's ranks: joins the process group
+    try:
+        return _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path, max_steps, target,
+                          executor, eval_executor, weight_streaming, remat, zero)
+    finally:
+        if ranks.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
+
+def _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path, max_steps, target, executor,
+               eval_executor, weight_streaming, remat, zero) -> int:
+    from mmgraph.models import initial_weights
+    from mmgraph.runtime.data import make_loader
+    from mmgraph.runtime.distributed import rank_share
+    from mmgraph.runtime.runner import Runner
+    from mmgraph.runtime.train import check_memory, loader_batch, train
+
+    say = print if ranks.main else _silent
+    train_mode = mode in ("train", "train_and_eval")
+    if train_mode and ranks.world_size > 1:
+        rank_share(params.train_input.batch_size, ranks, params.path, "train_input.batch_size")
     # Data first: a missing data_dir or image folder is reported before any compute.
-    train_loader = make_loader(params, "train", batch_size=_loader_batch(params.train_input)) if train_mode else None
+    train_loader = (make_loader(params, "train", batch_size=loader_batch(params, ranks), ranks=ranks)
+                    if train_mode else None)
     eval_loader = make_loader(params, "eval") if mode in ("eval", "train_and_eval") else None
     if train_mode:
-        check_memory(params, dev)
+        check_memory(params, dev, ranks)
+
+    programs = _programs(params, params_path, model_dir, target, remat, ranks, zero, weight_streaming,
+                         train_mode, eval_loader is not None, say)
+    runner = Runner(params, model_dir, programs.train, programs.eval, dev, executor=executor,
+                    eval_executor=eval_executor, weight_streaming=weight_streaming,
+                    weights=initial_weights(params), ranks=ranks, no_sync=programs.no_sync,
+                    zero=zero if ranks.world_size > 1 else 0)
+    if ranks.world_size > 1 and train_mode:
+        say(_data_parallel_line(params, ranks, runner, zero))
+    _start_weights(params, runner, checkpoint_path, say)
+    if train_mode:
+        train(params, runner, train_loader, eval_loader, max_steps or params.runconfig.max_steps, ranks, say)
+    if eval_loader is not None:
+        metrics = runner.evaluate(list(eval_loader[0]))
+        runner.log({"step": runner.step, **metrics}, "eval")
+        say(f"eval at step {runner.step}: loss {metrics['eval_loss']:.4f}, perplexity "
+            f"{metrics['perplexity']:.2f}, token accuracy {metrics['token_accuracy']:.3f}, answer accuracy "
+            f"{metrics['answer_accuracy']:.3f} ({metrics['answers']} answers)")
+    runner.close()
+    say(f"model_dir {model_dir}: compile/ (dumps, report.html), checkpoints/, metrics.jsonl, "
+        f"events/ (tensorboard --logdir {Path(model_dir) / 'events'})")
+    return 0
+
+
+@dataclass(frozen=True)
+class Programs:
+    train: Optional[Program]              # the last micro-step's program (data parallel: reduces)
+    no_sync: Optional[Program]            # data parallel, several micro-steps: the ones before the last
+    eval: Optional[Program]
+
+
+def _programs(params, params_path, model_dir, target, remat, ranks, zero, weight_streaming, train_mode,
+              evaluate, say) -> Programs:
+    """Compile what the run executes (dumps in MODEL_DIR/compile, written by rank 0)."""
+    from mmgraph.dump import write_dumps
+    from mmgraph.pipeline import compile_step
+    from mmgraph.target import load_target
 
     t0 = time.perf_counter()
     tgt = load_target(target)
-    train_program = eval_program = None
+    train_program = eval_program = no_sync = None
     if train_mode:
-        stages = compile_step(params, "train", target=tgt, remat=remat)
-        write_dumps(stages, model_dir, params_path, None, tgt)
+        world = ranks.world_size
+        rb = rank_batch(params.train_input.batch_size, params.train_input.micro_batch_size, world)
+        stages = compile_step(params, "train", target=tgt, remat=remat, world_size=world,
+                              micro_batch_size=rb.micro_batch if world > 1 else None,
+                              accumulate=world > 1 and rb.micro_batches > 1, zero=zero)
+        if ranks.main:
+            write_dumps(stages, model_dir, params_path, None, tgt)
         train_program = stages[-1].program
-    if eval_loader is not None:
+        if world > 1 and rb.micro_batches > 1:          # earlier micro-steps: the program before the collectives
+            no_sync = next(a.program for a, b in zip(stages, stages[1:]) if b.name == "data_parallel")
+    if evaluate:
         eval_program = compile_step(params, "eval", target=tgt if weight_streaming else None)[-1].program
-    print(f"compiled in {time.perf_counter() - t0:.1f} s; dumps in {Path(model_dir) / 'compile'}/")
+    say(f"compiled in {time.perf_counter() - t0:.1f} s; dumps in {Path(model_dir) / 'compile'}/")
+    return Programs(train_program, no_sync, eval_program)
 
-    runner = Runner(params, model_dir, train_program, eval_program, dev, executor=executor,
-                    eval_executor=eval_executor, weight_streaming=weight_streaming)
+
+def _data_parallel_line(params, ranks, runner, zero: int) -> str:
+    from mmgraph.runtime.zero import optimizer_state_bytes
+
+    rb = rank_batch(params.train_input.batch_size, params.train_input.micro_batch_size, ranks.world_size)
+    mine, whole = optimizer_state_bytes(runner.optimizer, runner.weights, runner.trainable)
+    buckets = runner.train_program.collectives
+    return (f"data parallel: {ranks.world_size} ranks, each {rb.batch} samples of the global batch "
+            f"{params.train_input.batch_size} in {rb.micro_batches} micro-batch(es) of {rb.micro_batch}; "
+            f"{len(buckets)} gradient bucket(s), {sum(b.bytes for b in buckets) / 1e6:.2f} MB reduced per step; "
+            f"{'ZeRO-' + str(zero) if zero else 'no ZeRO'}: optimizer state {mine / 1e6:.2f} MB on rank 0 "
+            f"(whole: {whole / 1e6:.2f} MB)")
+
+
+def _start_weights(params, runner, checkpoint_path, say) -> None:
+    """Resume from model_dir's checkpoints, else load the initial weights, if any."""
     resumed = runner.resume()
     initial = checkpoint_path or params.runconfig.checkpoint_path
     if resumed:
         note = f"; initial weights {initial} not loaded: resuming" if initial else ""
-        print(f"resumed from {resumed} (step {runner.step}){note}")
+        say(f"resumed from {resumed} (step {runner.step}){note}")
         runner.truncate_metrics()
     elif initial:
         states = params.runconfig.load_checkpoint_states
@@ -88,137 +157,4 @@ def _run(params_path: str, model_dir: str, mode: str, device: Optional[str] = No
             raise UserError(Problem(params.path, "runconfig.load_checkpoint_states", f"{states!r}: initial "
                                     "checkpoints load the model only (a run in the same model_dir resumes all)"))
         runner.load_initial(initial)
-        print(f"initial weights from {initial}")
-
-    if train_mode:
-        _train(params, runner, train_loader, eval_loader, max_steps or params.runconfig.max_steps, mode)
-    if eval_loader is not None:
-        metrics = runner.evaluate(list(eval_loader[0]))
-        runner.log({"step": runner.step, **metrics}, "eval")
-        print(f"eval at step {runner.step}: loss {metrics['eval_loss']:.4f}, perplexity "
-              f"{metrics['perplexity']:.2f}, token accuracy {metrics['token_accuracy']:.3f}, answer accuracy "
-              f"{metrics['answer_accuracy']:.3f} ({metrics['answers']} answers)")
-    runner.close()
-    print(f"model_dir {model_dir}: compile/ (dumps, report.html), checkpoints/, metrics.jsonl, "
-          f"events/ (tensorboard --logdir {Path(model_dir) / 'events'})")
-    return 0
-
-
-def _loader_batch(data) -> int:
-    """The loader's batch: the largest size that divides both batch_size and micro_batch_size,
-    so a batch that is not a multiple of micro_batch_size (the Model Zoo's 7B phase 1: 220/24)
-    is still a whole number of loader batches."""
-    mbs = data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size
-    return math.gcd(data.batch_size, mbs)
-
-
-def _available_bytes(device: str) -> int:
-    if device == "cuda":
-        return int(torch.cuda.mem_get_info()[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_memory(params, device: str) -> None:
-    """Before anything is allocated: a step holds its whole batch's tensors, a micro-batch at
-    least one saved activation per layer; refuse sizes that cannot fit in the memory available
-    (a lower bound: passing is no promise, failing is certain)."""
-    data, lay, text = params.train_input, params.layout(), params.model.text_model
-    mbs = data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size
-    seq, imgs = lay.max_sequence_length, lay.max_num_img
-    sample = 8 * (5 * seq + imgs * lay.num_patches) + 4 * imgs * math.prod(lay.image_data_size)
-    activation = 4 * seq * text.hidden_size * text.num_hidden_layers
-    held, working = data.batch_size * sample, mbs * activation
-    avail = _available_bytes(device)
-    if held + working > avail:
-        key = "batch_size" if held >= working else "micro_batch_size"
-        raise UserError(Problem(params.path, f"train_input.{key}", f"a step needs at least "
-                                f"{(held + working) / 1e9:,.1f} GB ({data.batch_size} samples of {sample:,} bytes held "
-                                f"for the step, {mbs} x {activation:,} bytes of activations per micro-batch); "
-                                f"{avail / 1e9:,.1f} GB of {device} memory are available"))
-
-
-def _step_batches(stream, loader_batches: int, mbs: int) -> list[dict]:
-    """One batch as micro-batches of ``mbs`` rows: loader batches joined and split, the last,
-    short one padded with unsupervised rows (``rows``: how many are real)."""
-    from mmgraph.runtime.runner import pad_batch
-
-    parts = [next(stream) for _ in range(loader_batches)]
-    if all(p["labels"].shape[0] == mbs for p in parts):
-        return parts
-    whole = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    n = whole["labels"].shape[0]
-    out = []
-    for start in range(0, n, mbs):
-        chunk = {k: v[start:start + mbs] for k, v in whole.items()}
-        rows = chunk["labels"].shape[0]
-        out.append({**pad_batch(chunk, mbs), "rows": rows})
-    return out
-
-
-def _train(params, runner, train_loader, eval_loader, max_steps: Optional[int], mode: str) -> None:
-    if not max_steps:
-        raise UserError(Problem(params.path, "runconfig.max_steps", "required to train (or pass --max_steps)"))
-    loader, sampler = train_loader
-    data = params.train_input
-    mbs = data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size
-    size = _loader_batch(data)
-    per_step = data.batch_size // size
-    per_epoch = len(sampler) // size if data.drop_last else math.ceil(len(sampler) / size)
-    if per_epoch == 0:
-        raise UserError(Problem(params.path, "train_input.batch_size", f"fewer samples ({len(sampler)}) "
-                                f"than one loader batch ({size})"))
-    first = runner.step
-    start = (runner.sampler_state or {}).get("batches_done", first * per_step)   # where the checkpoint left the data
-    _position(sampler, per_epoch, start)
-    stream = _batches(loader)
-    rc = params.runconfig
-    tokens_per_sample = params.layout().max_sequence_length
-    show_bar = sys.stderr.isatty()
-    bar = None
-    if show_bar:
-        from tqdm import tqdm
-        bar = tqdm(total=max_steps, initial=runner.step, desc="train", unit="step")
-    window = time.perf_counter()
-    position = {"batches_done": start}
-    while runner.step < max_steps:
-        result = runner.train_step(_step_batches(stream, per_step, mbs))
-        position = {"batches_done": start + (runner.step - first) * per_step}
-        sps = result.samples / result.seconds
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", samples_s=f"{sps:.1f}")
-        if result.step % rc.log_steps == 0 or result.step == max_steps:
-            record = {"step": result.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                      "samples_per_s": sps, "tokens_per_s": result.samples * tokens_per_sample / result.seconds,
-                      "real_tokens_per_s": result.tokens / result.seconds}       # non-pad tokens
-            runner.log(record)
-            elapsed = time.perf_counter() - window
-            eta = elapsed / max(result.step - first, 1) * (max_steps - result.step)
-            line = (f"step {result.step}/{max_steps}  loss {result.loss:.4f}  lr {result.lr:.2e}  "
-                    f"{sps:.1f} samples/s  {record['tokens_per_s']:.0f} tokens/s "
-                    f"({record['real_tokens_per_s']:.0f} real)  eta {eta:.0f} s")
-            (bar.write if bar is not None else print)(line)
-        if rc.checkpoint_steps and result.step % rc.checkpoint_steps == 0:
-            runner.save(position)
-        if eval_loader is not None and rc.eval_steps and result.step % rc.eval_steps == 0 and result.step < max_steps:
-            metrics = runner.evaluate(list(eval_loader[0]))
-            runner.log({"step": result.step, **metrics}, "eval")
-            (bar.write if bar is not None else print)(
-                f"eval at step {result.step}: loss {metrics['eval_loss']:.4f}, answer accuracy {metrics['answer_accuracy']:.3f}")
-    if bar is not None:
-        bar.close()
-    if not checkpoint_is_at(runner):
-        runner.save(position)
-
-
-def checkpoint_is_at(runner) -> bool:
-    from mmgraph.runtime import checkpoint
-
-    last = checkpoint.latest(runner.model_dir)
-    return last is not None and last.name == f"ckpt-{runner.step:06d}"
+        say(f"initial weights from {initial}")

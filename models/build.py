@@ -68,3 +68,10 @@ def init_projector(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     init_weights(module, cfg.text_model.initializer_range)
     _ffn_initializers(module, cfg.image_model_list.global_image_projection)
     return {f"image_model.projection.{k}": v.detach() for k, v in module.state_dict().items()}
+
+
+def initial_weights(params: Params, seed: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Every weight of the params' model, freshly initialized (``seed``, default the
+    runconfig's): what a run starts from when it neither resumes nor loads a checkpoint."""
+    model, _ = build_model(params, seed=params.runconfig.seed if seed is None else seed)
+    return {k: v.detach() for k, v in model.state_dict().items()}

@@ -166,8 +166,10 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] = None,
-                batch_size: Optional[int] = None):
-    """A DataLoader of micro-batches with the model's batch fields, from the params' input section."""
+                batch_size: Optional[int] = None, ranks=None):
+    """A DataLoader of micro-batches with the model's batch fields, from the params' input section.
+    Data parallel (``ranks`` of a world size > 1): this rank's part of every global batch
+    (``batch_size``), from whole global batches only (an epoch's last partial one is dropped)."""
     data = params.input_for(mode)
     layout = params.layout(mode)
     problems = []
@@ -185,9 +187,15 @@ def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] 
     ds.seed = data.shuffle_seed or 0
     mbs = batch_size or (data.micro_batch_size if isinstance(data.micro_batch_size, int) else data.batch_size)
     sampler = ResumableSampler(len(ds), mbs, data.shuffle, data.shuffle_seed, data.drop_last)
+    drop_last = data.drop_last
+    if ranks is not None and ranks.world_size > 1:
+        from mmgraph.runtime.distributed import RankSampler
+
+        base = ResumableSampler(len(ds), data.batch_size, data.shuffle, data.shuffle_seed, drop_last=True)
+        sampler, drop_last = RankSampler(base, data.batch_size, ranks), False
     workers = data.num_workers if num_workers is None else num_workers
     loader = NamedErrorsLoader(ds, batch_size=mbs, sampler=sampler, num_workers=workers,
-                                         drop_last=data.drop_last, persistent_workers=False)
+                               drop_last=drop_last, persistent_workers=False)
     return loader, sampler
 
 

@@ -53,6 +53,15 @@ def from_env(device_type: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     return Ranks(rank, world, local, dist.group.WORLD.group_name)
 
 
+def all_sum(values: list[float], ranks: Ranks, device: torch.device | str = "cpu") -> list[float]:
+    """``values`` summed over the ranks (unchanged for one process); float64, one collective."""
+    if ranks.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def bind_group(gm: fx.GraphModule, group: str) -> fx.GraphModule:
     """The program's collectives addressed to ``group`` (compiled with a placeholder name)."""
     changed = False

@@ -19,9 +19,9 @@ import torch
 
 from mmgraph.config import Params
 from mmgraph.errors import Problem, UserError
-from mmgraph.ir import LOSS_SCALE, InputKind, Program
-from mmgraph.models import build_model
+from mmgraph.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
 from mmgraph.runtime import checkpoint
+from mmgraph.runtime.distributed import SINGLE, Ranks, all_sum, bind_group
 from mmgraph.runtime.executors import Executor, make_executor
 from mmgraph.runtime.optim import LossScaler, Optimizer, learning_rate
 
@@ -40,31 +40,54 @@ class StepResult:
 class Runner:
     def __init__(self, params: Params, model_dir: str | Path, train: Optional[Program] = None,
                  eval_program: Optional[Program] = None, device: str = "cpu", executor: str = "reference",
-                 eval_executor: Optional[str] = None, weight_streaming: bool = False):
-        """``weight_streaming``: the parameter store (weights, optimizer state) stays in host
-        memory and each segment's weights are streamed to ``device`` when it runs."""
+                 eval_executor: Optional[str] = None, weight_streaming: bool = False, *,
+                 weights: dict[str, torch.Tensor], ranks: Ranks = SINGLE, no_sync: Optional[Program] = None,
+                 zero: int = 0):
+        """``weights``: every weight by name (the initializer's or a checkpoint's), taken over.
+        ``weight_streaming``: the parameter store (weights, optimizer state) stays in host
+        memory and each segment's weights are streamed to ``device`` when it runs.
+        Data parallel (``ranks``): ``train`` is the program compiled for the world size (its
+        collectives reduce the gradients), run for the last micro-batch of a step; ``no_sync`` the
+        plain program for the micro-batches before it; ``zero`` 1 or 2 shards the optimizer."""
         self.params, self.model_dir, self.device = params, Path(model_dir), torch.device(device)
+        self.ranks, self.zero = ranks, zero
         self.store_device = torch.device("cpu") if weight_streaming else self.device
-        self.train_program, self.eval_program = train, eval_program
+        self.train_program, self.eval_program, self.no_sync = train, eval_program, no_sync
         if weight_streaming:
             executor = eval_executor = "streaming"
+        if train is not None and train.world_size > 1:
+            _check_data_parallel(train, ranks, executor, weight_streaming)
+            if any(s.kind == InputKind.GRAD for s in train.inputs) != (no_sync is not None):
+                raise ValueError("an accumulating data-parallel program runs with a no-sync program, and only then")
+            bind_group(train.gm, ranks.group)
         self.train_exec: Optional[Executor] = make_executor(executor, train, params, self.device) if train else None
+        self.no_sync_exec = make_executor(executor, no_sync, params, self.device) if no_sync else None
         self.eval_exec: Optional[Executor] = (make_executor(eval_executor or executor, eval_program, params, self.device)
                                               if eval_program else None)
-        seed = params.runconfig.seed
-        torch.manual_seed(seed)
-        model, _ = build_model(params, seed=seed)
+        torch.manual_seed(params.runconfig.seed)
         pin = weight_streaming and self.device.type == "cuda"
         self.weights = {k: (v.detach().pin_memory() if pin else v.detach().to(self.store_device))
-                        for k, v in model.state_dict().items()}
+                        for k, v in weights.items()}
         self.trainable = [s.name for s in (train.inputs if train else []) if s.kind == InputKind.PARAM and s.trainable]
-        self.optimizer = Optimizer(params.optimizer, self.weights) if params.optimizer else None
+        self.optimizer = self._optimizer() if params.optimizer else None
         scaled = train is not None and any(s.name == LOSS_SCALE for s in train.inputs)
         self.scaler: Optional[LossScaler] = LossScaler(params.optimizer) if scaled and params.optimizer else None
         self.step = 0
         self.sampler_state: Optional[dict] = None
         self.metrics_path = self.model_dir / "metrics.jsonl"
         self._events = None
+
+    def _optimizer(self):
+        """The whole optimizer, or this rank's shard of it (ZeRO-1: state; ZeRO-2: state and
+        gradients, as the program's reduce-scatter hands them)."""
+        cfg, ranks = self.params.optimizer, self.ranks
+        if self.zero == 1 and ranks.world_size > 1:
+            from mmgraph.runtime.zero import ShardedOptimizer
+            return ShardedOptimizer(cfg, self.weights, self.trainable, ranks.rank, ranks.world_size)
+        if self.zero == 2 and ranks.world_size > 1:
+            from mmgraph.runtime.zero import GradShardOptimizer
+            return GradShardOptimizer(cfg, self.weights, self.train_program.collectives, ranks.rank, ranks.world_size)
+        return Optimizer(cfg, self.weights)
 
     # -- weights -------------------------------------------------------------------------
     def _expected(self) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -89,10 +112,14 @@ class Runner:
     def resume(self) -> Optional[Path]:
         """Continue from the newest usable checkpoint in model_dir, if any (damaged newer ones
         are reported on stdout and set aside)."""
+        if not self.ranks.main:          # rank 0 first: it sets damaged checkpoints aside
+            torch.distributed.barrier()
         found = checkpoint.load_usable(self.model_dir, self._expected())
+        if self.ranks.main and self.ranks.world_size > 1:
+            torch.distributed.barrier()
         if found is None:
             return None
-        for why in found.skipped:
+        for why in found.skipped if self.ranks.main else ():
             print(f"checkpoint damaged, not used: {why}")
         for k, v in found.weights.items():
             self.weights[k].copy_(v)
@@ -107,43 +134,62 @@ class Runner:
         return found.path
 
     # -- execution -----------------------------------------------------------------------
-    def _inputs(self, program: Program, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _inputs(self, program: Program, batch: dict[str, torch.Tensor], share: float = 1.0,
+                acc: Optional[dict[str, torch.Tensor]] = None) -> list[torch.Tensor]:
         for spec in program.inputs:
-            if spec.kind == InputKind.BATCH and spec.name != LOSS_SCALE and tuple(batch[spec.name].shape) != spec.shape:
+            if spec.kind == InputKind.BATCH and spec.name not in (LOSS_SCALE, GRAD_WEIGHT) \
+                    and tuple(batch[spec.name].shape) != spec.shape:
                 raise UserError(Problem(None, spec.name, f"batch shape {tuple(batch[spec.name].shape)} does not "
                                         f"match the compiled program's {spec.shape} (static shapes)"))
         return [self.weights[s.name] if s.kind == InputKind.PARAM else
-                self.scaler.seed(self.device) if s.name == LOSS_SCALE else batch[s.name].to(self.device)
-                for s in program.inputs]
+                self.scaler.seed(self.device) if s.name == LOSS_SCALE else
+                torch.tensor(share, dtype=torch.float32, device=self.device) if s.name == GRAD_WEIGHT else
+                acc[s.name] if s.kind == InputKind.GRAD else
+                batch[s.name].to(self.device) for s in program.inputs]
 
-    def micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        program = self.train_program
-        outs = self.train_exec(self._inputs(program, batch))
+    def micro_step(self, batch: dict[str, torch.Tensor], share: float = 1.0,
+                   acc: Optional[dict[str, torch.Tensor]] = None,
+                   sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch through the training program (``sync``; data parallel: it weighs the
+        gradients by ``share``, adds ``acc`` and reduces across ranks) or the no-sync program."""
+        program, run = (self.train_program, self.train_exec) if sync or self.no_sync is None else \
+            (self.no_sync, self.no_sync_exec)
+        outs = run(self._inputs(program, batch, share, acc))
         store = self.store_device
         grads = {spec.target: (g if g.device == store else g.to(store))      # back to the store
-                 for spec, g in zip(program.outputs, outs) if spec.kind == "grad"}
+                 for spec, g in zip(program.outputs, outs) if spec.kind in ("grad", "grad_shard")}
         return outs[0], grads
 
     def _weights_of(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
-        """Each micro-batch's share of the whole batch's loss: with ``num_tokens`` scaling its
+        """Each micro-batch's share of the (global) batch's loss: with ``num_tokens`` scaling its
         supervised tokens over the batch's, with ``batch_size`` scaling its (padded) rows over
-        the batch's real rows; padded rows have loss_mask 0 and so contribute nothing."""
+        the batch's real rows; padded rows have loss_mask 0 and so contribute nothing. Data
+        parallel: the totals are summed over the ranks."""
         if self.params.model.loss_scaling == "num_tokens":
             counts = [float(b["loss_mask"].sum()) for b in micro_batches]
-            total = sum(counts)
-            return [c / total if total else 1.0 / len(counts) for c in counts]
-        real = sum(b.get("rows", b["labels"].shape[0]) for b in micro_batches)
+            total = self._all_sum([sum(counts)])[0]
+            return [c / total if total else 1.0 / (len(counts) * self.ranks.world_size) for c in counts]
+        real = self._all_sum([float(sum(b.get("rows", b["labels"].shape[0]) for b in micro_batches))])[0]
         return [b["labels"].shape[0] / real for b in micro_batches]
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        """One optimizer step over the micro-batches of one batch: loss and gradients equal
-        the whole batch's at once (see ``_weights_of``)."""
-        start = time.perf_counter()
+    def _all_sum(self, values: list[float]) -> list[float]:
+        return all_sum(values, self.ranks, self.device)
+
+    def _gradients(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, torch.Tensor]]:
+        """The step's loss and gradients (the whole global batch's): each micro-batch weighted by
+        its share; the last runs the synchronising program when data parallel."""
         total: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), dtype=torch.float64)
         owned: set[int] = set()
-        for batch, share in zip(micro_batches, self._weights_of(micro_batches)):
-            part, grads = self.micro_step({k: v for k, v in batch.items() if k != "rows"})
+        shares = self._weights_of(micro_batches)
+        dp = self.train_program.world_size > 1
+        for i, (batch, share) in enumerate(zip(micro_batches, shares)):
+            batch = {k: v for k, v in batch.items() if k != "rows"}
+            if dp and i == len(micro_batches) - 1:       # weighs, adds the rest, reduces: the global sum
+                part, total = self.micro_step(batch, share, total if self.no_sync else None)
+                loss += part.detach().double().cpu() * share
+                break
+            part, grads = self.micro_step(batch, sync=False)
             loss += part.detach().double().cpu() * share
             for k, g in grads.items():
                 if k in total:
@@ -153,16 +199,27 @@ class Runner:
                     owned.add(g.data_ptr())
                 else:
                     total[k] = g * share
-        loss = float(loss)
+        return float(loss), total
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step over the micro-batches of one batch (this rank's part of it): loss
+        and gradients equal the whole global batch's at once (see ``_weights_of``)."""
+        start = time.perf_counter()
+        loss, total = self._gradients(micro_batches)
+        samples = sum(b.get("rows", b["labels"].shape[0]) for b in micro_batches)
+        tokens = int(sum((1 - b["key_padding_mask"]).sum() for b in micro_batches))
+        loss, samples, tokens = self._all_sum([loss, samples, tokens])
         if not math.isfinite(loss):
             self._diverged(f"loss is {loss}")
         finite = self.scaler.unscale(total) if self.scaler else True
+        if self.scaler and self.zero == 2:          # each rank holds other shards: agree
+            finite = self._all_sum([float(not finite)])[0] == 0
         if finite:
             norm = self.optimizer.clip(total)
             if not math.isfinite(norm):       # fp16 overflows were caught above: this is divergence
                 self._diverged(f"gradients are not finite (global norm {norm})")
             lr = self.optimizer.step(total)
-            bad = checkpoint.non_finite({k: self.weights[k] for k in total})
+            bad = checkpoint.non_finite({k: self.weights[k] for k in self.trainable})
             if bad:
                 self._diverged(f"the update made {len(bad)} weights non-finite (e.g. {bad[0]}; learning rate {lr:.3g})")
         else:                        # float16 overflow: the step is skipped, the scale lowered
@@ -170,9 +227,7 @@ class Runner:
         if self.scaler:
             self.scaler.update(finite)
         self.step += 1
-        samples = sum(b.get("rows", b["labels"].shape[0]) for b in micro_batches)
-        tokens = int(sum((1 - b["key_padding_mask"]).sum() for b in micro_batches))
-        return StepResult(self.step, loss, lr, norm, time.perf_counter() - start, samples, tokens)
+        return StepResult(self.step, loss, lr, norm, time.perf_counter() - start, int(samples), int(tokens))
 
     def _diverged(self, what: str) -> None:
         """Stop: nothing non-finite is ever saved, so the latest checkpoint is a good one."""
@@ -182,12 +237,13 @@ class Runner:
 
     def evaluate(self, batches) -> dict:
         """Loss (mean cross entropy over supervised tokens), perplexity and token accuracy.
-        A last, smaller batch is padded to the program's static size with unsupervised rows."""
+        A last, smaller batch is padded to the program's static size with unsupervised rows.
+        Data parallel: each rank evaluates every world-size-th batch; the sums are combined."""
         program = self.eval_program
         size = next(s.shape[0] for s in program.inputs if s.name == "labels")
         total_loss = total_tokens = correct = 0.0
         answers = answers_right = 0
-        for batch in batches:
+        for batch in list(batches)[self.ranks.rank::self.ranks.world_size]:
             batch = pad_batch(batch, size)
             logits = self.eval_exec(self._inputs(program, batch))[1]
             labels = batch["labels"].to(self.device)
@@ -199,24 +255,30 @@ class Runner:
             correct += float(hit.sum())
             a, r = answer_hits(mask.cpu(), hit.cpu())
             answers, answers_right = answers + a, answers_right + r
+        total_loss, total_tokens, correct, answers, answers_right = self._all_sum(
+            [total_loss, total_tokens, correct, answers, answers_right])
+        answers, answers_right = int(answers), int(answers_right)
         mean = total_loss / max(total_tokens, 1.0)
         return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)),
                 "token_accuracy": correct / max(total_tokens, 1.0), "eval_tokens": int(total_tokens),
                 "answer_accuracy": answers_right / max(answers, 1), "answers": answers}
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def save(self, sampler_state: Optional[dict] = None) -> Path:
-        state = {"step": self.step, "sampler": sampler_state}
+    def save(self, sampler_state: Optional[dict] = None) -> Optional[Path]:
+        """One checkpoint: every rank gathers the (sharded) optimizer state, rank 0 writes."""
+        state = {"step": self.step, "sampler": sampler_state, "world_size": self.ranks.world_size}
         if self.scaler:
             state["loss_scale"] = self.scaler.state_dict()
         opt = self.optimizer.state_dict() if self.optimizer else {}
+        if not self.ranks.main:
+            return None
         return checkpoint.save(self.model_dir, self.step, self.weights, opt, state,
                                self.params.runconfig.max_checkpoints)
 
     def truncate_metrics(self) -> None:
         """After a resume: drop the records of steps past the checkpoint's (they are redone),
         so metrics.jsonl continues without repeated steps."""
-        if not self.metrics_path.is_file():
+        if not self.ranks.main or not self.metrics_path.is_file():
             return
         lines = self.metrics_path.read_text().splitlines(keepends=True)
         keep = [line for line in lines if _step_of_record(line) <= self.step]
@@ -228,7 +290,11 @@ class Runner:
 
     def log(self, record: dict, split: str = "train") -> None:
         """A record in metrics.jsonl and its scalars as TensorBoard events (MODEL_DIR/events,
-        tags ``train/loss``, ``eval/answer_accuracy``, ...)."""
+        tags ``train/loss``, ``eval/answer_accuracy``, ...). Rank 0 only; each record carries
+        the world size."""
+        if not self.ranks.main:
+            return
+        record = {**record, "world_size": self.ranks.world_size}
         self.model_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"split": split, **record}) + "\n")
@@ -236,7 +302,7 @@ class Runner:
             from torch.utils.tensorboard import SummaryWriter
             self._events = SummaryWriter(str(self.model_dir / "events"))
         for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if k not in ("step", "world_size") and isinstance(v, (int, float)):
                 self._events.add_scalar(f"{split}/{k}", v, record["step"])
         self._events.flush()
 
@@ -244,6 +310,16 @@ class Runner:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+def _check_data_parallel(program: Program, ranks: Ranks, executor: str, weight_streaming: bool) -> None:
+    if program.world_size != ranks.world_size:
+        raise UserError(Problem(None, "WORLD_SIZE", f"the program is compiled for {program.world_size} ranks; "
+                                f"this job has {ranks.world_size}"))
+    if weight_streaming or executor != "reference":
+        what = "--weight_streaming" if weight_streaming else f"--executor {executor}"
+        raise UserError(Problem(None, what, "not supported with data parallel (world size > 1): "
+                                "the reference executor runs the program's collectives"))
 
 
 def _step_of_record(line: str) -> int:

@@ -162,3 +162,20 @@ class GradShardOptimizer:
                 flat = torch.cat([p.reshape(-1) for p in parts])
                 flat = torch.nn.functional.pad(flat, (0, b.numel - flat.numel()))
                 self.inner.state.setdefault(f"bucket{b.index}", {})[key] = flat[self._range(b)].clone()
+
+
+def optimizer_state_bytes(optimizer, weights: dict[str, torch.Tensor], trainable: list[str]) -> tuple[int, int]:
+    """(bytes of optimizer state this rank holds once the first step made it, bytes of the whole
+    state): Adam/AdamW keep two tensors per element, SGD with momentum one."""
+    if optimizer is None:
+        return 0, 0
+    cfg = optimizer.cfg
+    slots = 2 if cfg.optimizer_type in ("Adam", "AdamW") else int(bool(cfg.momentum))
+    whole = sum(weights[n].numel() * weights[n].element_size() for n in trainable)
+    if isinstance(optimizer, ShardedOptimizer):
+        mine = sum(weights[n].numel() * weights[n].element_size() for n in optimizer.owned())
+    elif isinstance(optimizer, GradShardOptimizer):
+        mine = sum(t.numel() * t.element_size() for t in optimizer.shards.values())
+    else:
+        mine = whole
+    return slots * mine, slots * whole

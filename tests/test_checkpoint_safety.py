@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from mmgraph.models import initial_weights
 from mmgraph.config import load_params
 from mmgraph.errors import UserError
 from mmgraph.pipeline import compile_step
@@ -41,7 +42,7 @@ def program():
 def _trained(tmp_path, program, steps=(1, 2)):
     """A model_dir with a checkpoint after each of ``steps``."""
     params = load_params(TINY2)
-    runner = Runner(params, tmp_path, train=program)
+    runner = Runner(params, tmp_path, train=program, weights=initial_weights(params))
     for step in range(max(steps)):
         runner.train_step(batches(params, step))
         if runner.step in steps:
@@ -54,7 +55,7 @@ def _trained(tmp_path, program, steps=(1, 2)):
 def test_a_diverging_update_stops_before_any_non_finite_checkpoint(tmp_path, program):
     good = _trained(tmp_path, program, steps=(1,))
     params = _params(tmp_path, optimizer={"learning_rate": 1.0e39})
-    runner = Runner(params, tmp_path, train=program)
+    runner = Runner(params, tmp_path, train=program, weights=initial_weights(params))
     assert runner.resume().name == "ckpt-000001"
     with pytest.raises(UserError) as info:                 # before: step 2 "succeeded" with inf weights
         runner.train_step(batches(params, 1))
@@ -69,12 +70,12 @@ def test_a_diverging_update_stops_before_any_non_finite_checkpoint(tmp_path, pro
 
 def test_non_finite_gradients_stop_the_step_before_the_update(tmp_path, program):
     params = load_params(TINY2)
-    runner = Runner(params, tmp_path, train=program)
+    runner = Runner(params, tmp_path, train=program, weights=initial_weights(params))
     before = {k: v.clone() for k, v in runner.weights.items()}
     real = runner.micro_step
 
-    def poisoned(batch):
-        loss, grads = real(batch)
+    def poisoned(batch, *args, **kwargs):
+        loss, grads = real(batch, *args, **kwargs)
         next(iter(grads.values())).fill_(float("inf"))
         return loss, grads
     runner.micro_step = poisoned
@@ -146,7 +147,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_whole_one(damage
     kept = {k: v.clone() for k, v in first.weights.items()}
     _trained(tmp_path, program, steps=(1, 2))
     hurt(checkpoint.checkpoint_dir(tmp_path) / "ckpt-000002" / file)
-    runner = Runner(load_params(TINY2), tmp_path, train=program)
+    runner = Runner(load_params(TINY2), tmp_path, train=program, weights=initial_weights(load_params(TINY2)))
     assert runner.resume().name == "ckpt-000001" and runner.step == 1
     out = capsys.readouterr().out
     assert out.startswith("checkpoint damaged, not used: ckpt-000002: ") and file in out and why in out
@@ -161,7 +162,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_whole_one(damage
 def test_no_usable_checkpoint_is_an_error_naming_the_files(tmp_path, program):
     _trained(tmp_path, program, steps=(1,))
     _shrink(checkpoint.checkpoint_dir(tmp_path) / "ckpt-000001" / "model.safetensors")
-    runner = Runner(load_params(TINY2), tmp_path, train=program)
+    runner = Runner(load_params(TINY2), tmp_path, train=program, weights=initial_weights(load_params(TINY2)))
     before = {k: v.clone() for k, v in runner.weights.items()}
     with pytest.raises(UserError) as info:
         runner.resume()
@@ -174,7 +175,7 @@ def test_no_usable_checkpoint_is_an_error_naming_the_files(tmp_path, program):
 def test_initial_weights_are_checked_before_anything_is_copied(tmp_path, program):
     runner = _trained(tmp_path / "src", program, steps=(1,))
     file = checkpoint.checkpoint_dir(tmp_path / "src") / "ckpt-000001" / "model.safetensors"
-    fresh = Runner(load_params(TINY2), tmp_path / "dst", train=program)
+    fresh = Runner(load_params(TINY2), tmp_path / "dst", train=program, weights=initial_weights(load_params(TINY2)))
     before = {k: v.clone() for k, v in fresh.weights.items()}
     for hurt, why in ((_shrink, "does not match the program's"), (_drop_key, "missing")):
         broken = tmp_path / f"{hurt.__name__}.safetensors"

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from mmgraph.models import initial_weights
 from mmgraph.cli import main
 from mmgraph.config import load_params
 from mmgraph.models import build_model, random_batch
@@ -35,7 +36,7 @@ def variant(tmp_path, config, connector=None):
 def test_variant_compiles_verified_and_trains_like_eager(tmp_path, name):
     params = load_params(CONFIGS / name)
     program = compile_step(params, verify=True)[-1].program         # numerics checked after every pass
-    runner = Runner(params, tmp_path, train=program)
+    runner = Runner(params, tmp_path, train=program, weights=initial_weights(params))
     initial = {k: v.clone() for k, v in runner.weights.items()}
     steps = 6
     ours = [runner.train_step(batches(params, step)).loss for step in range(steps)]

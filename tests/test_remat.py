@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from mmgraph.models import initial_weights
 from mmgraph.cli import main
 from mmgraph.config import load_params
 from mmgraph.ir import Phase
@@ -109,8 +110,8 @@ def test_runtime_trains_the_rewritten_program_like_the_plain_one(tmp_path, strea
     target = load_target("cs2") if streaming else None     # the streaming executor runs segments
     plain = compile_step(params, target=target, remat="none")[-1].program
     full = compile_step(params, target=target, remat="full")[-1].program
-    a = Runner(params, tmp_path / "a", train=plain, weight_streaming=streaming)
-    b = Runner(params, tmp_path / "b", train=full, weight_streaming=streaming)
+    a = Runner(params, tmp_path / "a", train=plain, weight_streaming=streaming, weights=initial_weights(params))
+    b = Runner(params, tmp_path / "b", train=full, weight_streaming=streaming, weights=initial_weights(params))
     from tests.test_runtime import batches
 
     for step in range(2):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmgraph.models import initial_weights
 from mmgraph.config import load_params
 from mmgraph.errors import UserError
 from mmgraph.models import build_model, random_batch
@@ -55,7 +56,7 @@ def eager_losses(params, steps, autocast=None):
 def test_lowered_program_trains_like_eager_pytorch(path, tmp_path):
     params = load_params(path)
     program = compile_step(params)[-1].program
-    runner = Runner(params, tmp_path, train=program)
+    runner = Runner(params, tmp_path, train=program, weights=initial_weights(params))
     initial = {k: v.clone() for k, v in runner.weights.items()}
     ours = [runner.train_step(batches(params, step)).loss for step in range(STEPS)]
     ref, ref_weights = eager_losses(params, STEPS)
@@ -79,7 +80,7 @@ def test_bf16_mixed_precision_is_compiled_in_and_trains_like_eager_autocast(tmp_
     program = compile_step(params, verify=True)[-1].program          # against eager under autocast
     assert program.precision == "bf16"
     assert any(n.meta["val"].dtype == torch.bfloat16 for n in program.ops() if "mm" in str(n.target))
-    runner = Runner(params, tmp_path / "md", train=program)
+    runner = Runner(params, tmp_path / "md", train=program, weights=initial_weights(params))
     ours = [runner.train_step(batches(params, step)).loss for step in range(5)]
     ref, ref_weights = eager_losses(params, 5, autocast=torch.bfloat16)
     for a, b in zip(ours, ref):
@@ -92,15 +93,15 @@ def test_bf16_mixed_precision_is_compiled_in_and_trains_like_eager_autocast(tmp_
 def test_resume_is_bit_exact(tmp_path):
     params = load_params(TINY2)
     program = compile_step(params)[-1].program
-    straight = Runner(params, tmp_path / "a", train=program)
+    straight = Runner(params, tmp_path / "a", train=program, weights=initial_weights(params))
     for step in range(6):
         straight.train_step(batches(params, step))
-    first = Runner(params, tmp_path / "b", train=program)
+    first = Runner(params, tmp_path / "b", train=program, weights=initial_weights(params))
     for step in range(3):
         first.train_step(batches(params, step))
     first.save()
     del first                                          # "killed"
-    second = Runner(params, tmp_path / "b", train=program)
+    second = Runner(params, tmp_path / "b", train=program, weights=initial_weights(params))
     assert second.resume() is not None and second.step == 3
     for step in range(3, 6):
         second.train_step(batches(params, step))
@@ -124,7 +125,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     params = load_params(TINY2)
-    runner = Runner(params, tmp_path, train=compile_step(params)[-1].program)
+    runner = Runner(params, tmp_path, train=compile_step(params)[-1].program, weights=initial_weights(params))
     runner.train_step(batches(params, 0))
     runner.save()
     for name in runner.trainable:
@@ -238,8 +239,8 @@ def test_compiled_executor_trains_like_the_reference(tmp_path):
     reorders reductions, so not bit for bit); frozen weights still untouched."""
     params = load_params(TINY2)
     program = compile_step(params)[-1].program
-    ref = Runner(params, tmp_path / "r", train=program)
-    comp = Runner(params, tmp_path / "c", train=program, executor="compiled")
+    ref = Runner(params, tmp_path / "r", train=program, weights=initial_weights(params))
+    comp = Runner(params, tmp_path / "c", train=program, executor="compiled", weights=initial_weights(params))
     initial = {k: v.clone() for k, v in comp.weights.items()}
     for step in range(4):
         a, b = ref.train_step(batches(params, step)), comp.train_step(batches(params, step))
@@ -255,8 +256,8 @@ def test_onnxruntime_eval_executor_matches_the_reference(tmp_path):
     params = load_params(TINY2, "eval")
     program = compile_step(params, "eval")[-1].program
     batch = [random_batch(params.layout("eval"), 8, seed=s) for s in (5, 6)]
-    ref = Runner(params, tmp_path, eval_program=program).evaluate(batch)
-    ort = Runner(params, tmp_path, eval_program=program, eval_executor="onnxruntime").evaluate(batch)
+    ref = Runner(params, tmp_path, eval_program=program, weights=initial_weights(params)).evaluate(batch)
+    ort = Runner(params, tmp_path, eval_program=program, eval_executor="onnxruntime", weights=initial_weights(params)).evaluate(batch)
     assert ort["answers"] == ref["answers"] and ort["eval_tokens"] == ref["eval_tokens"]
     assert abs(ort["eval_loss"] - ref["eval_loss"]) <= 1e-5 * ref["eval_loss"]
     assert ort["token_accuracy"] == pytest.approx(ref["token_accuracy"], abs=1e-6)
@@ -266,9 +267,9 @@ def test_executors_say_what_they_do_not_support(tmp_path):
     params = load_params(TINY2)
     program = compile_step(params)[-1].program
     with pytest.raises(UserError, match="onnxruntime runs eval programs only, not train"):
-        Runner(params, tmp_path, train=program, executor="onnxruntime")
+        Runner(params, tmp_path, train=program, executor="onnxruntime", weights=initial_weights(params))
     with pytest.raises(UserError, match="unknown executor 'fast'; one of reference, compiled, onnxruntime"):
-        Runner(params, tmp_path, train=program, executor="fast")
+        Runner(params, tmp_path, train=program, executor="fast", weights=initial_weights(params))
 
 
 def test_runconfig_checkpoint_path_starts_from_other_weights(shards, tmp_path, capsys):
@@ -304,7 +305,7 @@ def test_fp16_trains_with_dynamic_loss_scaling_like_eager_autocast(tmp_path):
     params = _fp16_params(tmp_path, initial_loss_scale=1024.0)
     program = compile_step(params, verify=True)[-1].program
     assert program.precision == "fp16" and program.inputs[-1].name == "loss_scale"
-    runner = Runner(params, tmp_path / "md", train=program)
+    runner = Runner(params, tmp_path / "md", train=program, weights=initial_weights(params))
     ours = [runner.train_step(batches(params, step)).loss for step in range(4)]
     # eager: autocast(float16), loss * scale backward, unscale, same optimizer
     model, _ = build_model(params, seed=params.runconfig.seed)
@@ -333,7 +334,7 @@ def test_fp16_trains_with_dynamic_loss_scaling_like_eager_autocast(tmp_path):
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
     params = _fp16_params(tmp_path, initial_loss_scale=2.0 ** 40, steps_per_increase=2)
     program = compile_step(params)[-1].program
-    runner = Runner(params, tmp_path / "md", train=program)
+    runner = Runner(params, tmp_path / "md", train=program, weights=initial_weights(params))
     before = {k: v.clone() for k, v in runner.weights.items()}
     first = runner.train_step(batches(params, 0))
     assert first.grad_norm == float("inf") and runner.scaler.scale == 2.0 ** 39
@@ -364,15 +365,15 @@ def test_weight_streaming_runs_segment_by_segment_like_the_reference(tmp_path):
     from mmgraph.target import load_target
     params = load_params(TINY2)
     program = compile_step(params, target=load_target("cs2"))[-1].program
-    plain = Runner(params, tmp_path / "a", train=program)
-    streamed = Runner(params, tmp_path / "b", train=program, weight_streaming=True)
+    plain = Runner(params, tmp_path / "a", train=program, weights=initial_weights(params))
+    streamed = Runner(params, tmp_path / "b", train=program, weight_streaming=True, weights=initial_weights(params))
     assert isinstance(streamed.train_exec, StreamingExecutor)
     assert sum(1 for n in streamed.train_exec.split.graph.nodes if n.op == "call_module") == len(program.segments)
     for step in range(3):
         assert plain.train_step(batches(params, step)).loss == streamed.train_step(batches(params, step)).loss
     assert all(torch.equal(plain.weights[k], streamed.weights[k]) for k in plain.weights)    # bit for bit
     with pytest.raises(UserError, match="the program has no segments"):
-        Runner(params, tmp_path / "c", train=compile_step(params)[-1].program, weight_streaming=True)
+        Runner(params, tmp_path / "c", train=compile_step(params)[-1].program, weight_streaming=True, weights=initial_weights(params))
 
 
 def test_cli_run_with_weight_streaming(shards, tmp_path, capsys):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from mmgraph.models import initial_weights
 from mmgraph.config import load_params
 from mmgraph.models import build_model, random_batch
 from mmgraph.pipeline import compile_step
@@ -79,22 +80,22 @@ def test_resume_with_random_transforms_is_bit_exact_and_metrics_do_not_repeat(sh
 
 
 def test_resume_uses_the_data_position_the_checkpoint_saved(shards, tmp_path, monkeypatch):  # noqa: F811
-    import mmgraph.run_cmd as run_cmd
+    import mmgraph.runtime.train as run_cmd
     from mmgraph.cli import main
     params = _write(tmp_path, shards, "p.yaml", runconfig={"checkpoint_steps": 1})
     md = tmp_path / "md"
     assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "1"]) == 0
     state_file = checkpoint.latest(md) / "state.json"
     state = json.loads(state_file.read_text())
-    assert state["sampler"] == {"batches_done": 1}
-    state["sampler"]["batches_done"] = 5                  # e.g. written by a run with another batch split
+    assert state["sampler"] == {"batches_done": 1, "samples_done": 8}
+    state["sampler"] = {"batches_done": 5}                # e.g. written by a run with another batch split
     state_file.write_text(json.dumps(state))
     seen = []
     real = run_cmd._position
     monkeypatch.setattr(run_cmd, "_position", lambda s, per_epoch, done: seen.append(done) or real(s, per_epoch, done))
     assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "2"]) == 0
     assert seen == [5]
-    assert json.loads((checkpoint.latest(md) / "state.json").read_text())["sampler"] == {"batches_done": 6}
+    assert json.loads((checkpoint.latest(md) / "state.json").read_text())["sampler"]["batches_done"] == 6
 
 
 # -- issue 14 item 8: absurd sizes stop before allocating -------------------------------------
@@ -125,7 +126,7 @@ def test_the_model_zoo_7b_phase_1_split_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("scaling", ["num_tokens", "batch_size"])
 def test_an_uneven_last_micro_batch_trains_like_the_whole_batch(tmp_path, scaling):
-    from mmgraph.run_cmd import _step_batches
+    from mmgraph.runtime.train import step_batches as _step_batches
     raw = yaml.safe_load(TINY2.read_text())
     # loss_weight scales batch_size loss scaling only (num_tokens requires 1.0, as in the Model Zoo)
     raw["model"].update(loss_scaling=scaling, loss_weight=0.25 if scaling == "batch_size" else 1.0)
@@ -137,7 +138,7 @@ def test_an_uneven_last_micro_batch_trains_like_the_whole_batch(tmp_path, scalin
     loader = iter([{k: v[i:i + 4] for k, v in whole.items()} for i in range(0, 20, 4)])   # loader batches of gcd 4
     micro = _step_batches(loader, 5, 8)
     assert [b["rows"] for b in micro] == [8, 8, 4] and micro[-1]["loss_mask"][4:].sum() == 0
-    runner = Runner(params, tmp_path / "md", train=compile_step(params)[-1].program)
+    runner = Runner(params, tmp_path / "md", train=compile_step(params)[-1].program, weights=initial_weights(params))
     result = runner.train_step(micro)
     assert result.samples == 20
 
@@ -162,4 +163,4 @@ def test_cli_trains_an_uneven_split(shards, tmp_path, capsys):  # noqa: F811
     md = tmp_path / "md"
     assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "2"]) == 0
     state = json.loads((checkpoint.latest(md) / "state.json").read_text())
-    assert state["step"] == 2 and state["sampler"] == {"batches_done": 6}     # loader batches of 4, 3 a step
+    assert state["step"] == 2 and state["sampler"]["batches_done"] == 6     # loader batches of 4, 3 a step

@@ -1,7 +1,7 @@
 """Params files in the Cerebras Model Zoo 2.3 multimodal schema."""
 
 from mmgraph.config.data import InputConfig, Transform
-from mmgraph.config.load import MODES, Params, SequenceLayout, load_params, num_image_tokens
+from mmgraph.config.load import MODES, Params, RankBatch, SequenceLayout, load_params, num_image_tokens, rank_batch
 from mmgraph.config.model import (
     FeedForwardNetworkConfig,
     ImageModelListConfig,
@@ -14,6 +14,6 @@ from mmgraph.config.run import RunConfig
 
 __all__ = [
     "MODES", "FeedForwardNetworkConfig", "ImageModelListConfig", "InputConfig", "LlamaModelConfig",
-    "ModelConfig", "OptimizerConfig", "Params", "RunConfig", "Scheduler", "SequenceLayout",
-    "Transform", "ViTModelConfig", "load_params", "num_image_tokens",
+    "ModelConfig", "OptimizerConfig", "Params", "RankBatch", "RunConfig", "Scheduler", "SequenceLayout",
+    "Transform", "ViTModelConfig", "load_params", "num_image_tokens", "rank_batch",
 ]

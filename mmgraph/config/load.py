@@ -95,6 +95,23 @@ def split_batch(batch_size: int, micro_batch_size) -> list[int]:
     return [micro_batch_size] * full + ([rest] if rest else [])
 
 
+@dataclass(frozen=True)
+class RankBatch:
+    """One data-parallel rank's part of a global batch (``batch_size`` is global, as the Model
+    Zoo's with ``num_csx``; ``micro_batch_size`` is per rank, capped at the rank's batch)."""
+
+    batch: int                    # samples this rank reads per step
+    micro_batch: int              # the compiled program's batch
+    micro_batches: int            # micro-steps per step (the last may be padded)
+
+
+def rank_batch(batch_size: int, micro_batch_size, world_size: int) -> RankBatch:
+    local = batch_size // world_size
+    mbs = micro_batch_size if isinstance(micro_batch_size, int) else local
+    mbs = min(mbs, local)
+    return RankBatch(local, mbs, len(split_batch(local, mbs)))
+
+
 def num_image_tokens(model: ModelConfig) -> int:
     """Tokens each image becomes in the LLM's sequence (Model Zoo's ``num_patches``).
 
