@@ -125,6 +125,7 @@ def train(params: Params, runner: Runner, train_loader, eval_loader, max_steps: 
         bar = tqdm(total=max_steps, initial=runner.step, desc="train", unit="step")
         say = bar.write
     window = time.perf_counter()
+    saved_at = runner.step if checkpoint_is_at(runner) else None   # decided alike on every rank
     while runner.step < max_steps:
         result = _guarded(ranks, runner, lambda: runner.train_step(step_batches(stream, per_step, rb.micro_batch)))
         sps = result.samples / result.seconds
@@ -143,6 +144,7 @@ def train(params: Params, runner: Runner, train_loader, eval_loader, max_steps: 
                 f"({record['real_tokens_per_s']:.0f} real)  eta {eta:.0f} s")
         if rc.checkpoint_steps and result.step % rc.checkpoint_steps == 0:
             _guarded(ranks, runner, lambda: runner.save(position.at(runner.step)))
+            saved_at = result.step
         if eval_loader is not None and rc.eval_steps and result.step % rc.eval_steps == 0 and result.step < max_steps:
             metrics = _guarded(ranks, runner, lambda: runner.evaluate(list(eval_loader[0])))
             runner.log({"step": result.step, **metrics}, "eval")
@@ -150,7 +152,7 @@ def train(params: Params, runner: Runner, train_loader, eval_loader, max_steps: 
                 f"answer accuracy {metrics['answer_accuracy']:.3f}")
     if bar is not None:
         bar.close()
-    if not checkpoint_is_at(runner):
+    if saved_at != runner.step:
         _guarded(ranks, runner, lambda: runner.save(position.at(runner.step)))
 
 
