@@ -70,6 +70,7 @@ bench: install
 	$(PY) -m benchmarks.bench_convert --out $(RESULTS)/convert.json
 	$(PY) -m benchmarks.bench_generate --out $(RESULTS)/generate.json
 	$(PY) -m benchmarks.bench_packing --out $(RESULTS)/packing.json
+	$(PY) -m benchmarks.bench_data_parallel --out $(RESULTS)/data_parallel.json
 	$(PY) -m benchmarks.report
 
 clean:

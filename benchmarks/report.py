@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
-ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate", "packing")
+ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate", "packing",
+         "data_parallel")
 BENCH_MINUTES = 19      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28) and bench_packing (about 2 min, not yet timed within make bench)
 
 
@@ -131,6 +132,7 @@ TITLES = {
     "generate": "Generation (`benchmarks/bench_generate.py`)",
     "remat": "Activation recomputation (`benchmarks/bench_remat.py`)",
     "packing": "Sequence packing (`benchmarks/bench_packing.py`)",
+    "data_parallel": "Data parallelism (`benchmarks/bench_data_parallel.py`)",
 }
 
 INTRO = {
@@ -246,6 +248,16 @@ LLaVA-Pretrain data is not on this machine), phase 2 = a LLaVA-665K-like mix (88
 log-normal text of median 180, 12% text only of median 500; an assumption likewise). The 7B
 rows are predictions: the cs2 simulation of the packed and unpacked 7B programs at 2048 times
 the sampled rows' real-token share."""
+
+INTRO["data_parallel"] = """\
+Two gloo ranks (torchrun, one thread each) against one process with two threads, the same global
+batch of 8 and micro-batch 4, through the runtime (`Runner.train_step` of the lowered programs, the
+data-parallel one with its bucketed all-reduces as graph nodes) on random batches of the small
+config. The hidden share of communication compares, per rank, the data-parallel micro-step with
+the same program whose all-reduces and waits are replaced by their inputs, and with the buckets'
+all-reduces alone: `1 - max(t_dp - t_without, 0) / t_comm`. ZeRO: the optimizer state each rank
+holds after the steps. The 7B rows are simulated (`passes/scaling.py`): SwarmX for cs2, a ring
+all-reduce over InfiniBand with bucketed overlap for h100."""
 
 TINY_EAGER_NOTE = """\
 Why tiny is low against eager PyTorch: its step is dominated by per-op overhead, and eager runs

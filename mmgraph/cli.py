@@ -22,7 +22,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from mmgraph.compile_cmd import run_compile
 
     return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify, args.target,
-                       remat=args.remat, world_size=args.world_size, zero=args.zero)
+                       remat=args.remat, world_size=args.world_size, zero=args.zero,
+                       bucket_bytes=_bucket_bytes(args.bucket_mb))
+
+
+def _bucket_bytes(mb: float) -> int:
+    if not mb > 0:
+        raise UserError(Problem(None, "--bucket_mb", f"must be positive, not {mb}"))
+    return int(mb * 1024 * 1024)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -67,7 +74,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     return run(args.params, args.model_dir, args.mode, args.device, args.checkpoint_path, args.max_steps,
                args.target, args.executor, args.eval_executor, args.weight_streaming, remat=args.remat,
-               zero=args.zero)
+               zero=args.zero, bucket_bytes=_bucket_bytes(args.bucket_mb))
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -98,6 +105,12 @@ def _common(sub: argparse.ArgumentParser, params: bool = True) -> None:
     if params:
         sub.add_argument("--params", required=True, metavar="FILE", help="params YAML")
     sub.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _bucket_arg(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--bucket_mb", type=float, default=25.0, metavar="MB",
+                     help="data parallel: the gradient buckets' cap in MB (default 25, as DDP's bucket_cap_mb); "
+                          "smaller buckets start communicating earlier in the backward")
 
 
 def _add_check(sub) -> None:
@@ -139,6 +152,7 @@ def _add_compile(sub) -> None:
     comp.add_argument("--world_size", type=int, default=1, metavar="N",
                       help="compile the training step for N data-parallel ranks: gradient reduction "
                            "(bucketed all-reduce) in the graph, as `torchrun ... mmgraph run` executes it")
+    _bucket_arg(comp)
     comp.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, metavar="STAGE",
                       help="with --world_size: 2 compiles ZeRO-2's reduce-scatter of the gradients instead of "
                            "an all-reduce (1 changes only the runtime's optimizer)")
@@ -184,6 +198,7 @@ def _add_run(sub) -> None:
     runp.add_argument("--remat", choices=("none", "selective", "full", "auto"), metavar="POLICY",
                       help="activation recomputation: none, selective, full or auto (default: the "
                            "params' model.activation_checkpointing, auto)")
+    _bucket_arg(runp)
     runp.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, metavar="STAGE",
                       help="data parallel (torchrun): 1 shards the optimizer state across ranks, 2 also the "
                            "gradients (reduce-scatter); 0, the default: every rank holds everything")

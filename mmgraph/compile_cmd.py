@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from mmgraph.config import load_params, rank_batch
 from mmgraph.errors import Problem, UserError
@@ -55,7 +56,8 @@ def _fit_numbers(s) -> str:
 
 
 def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool, verify: bool,
-                target_name: str = "cs2", remat=None, world_size: int = 1, zero: int = 0) -> int:
+                target_name: str = "cs2", remat=None, world_size: int = 1, zero: int = 0,
+                bucket_bytes: Optional[int] = None) -> int:
     from mmgraph.pipeline import compile_step
     from mmgraph.target import load_target
     from mmgraph.trace import trace_step
@@ -81,7 +83,7 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         else:
             accumulate = False
         stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat,
-                              world_size=world_size, accumulate=accumulate, zero=zero)
+                              world_size=world_size, accumulate=accumulate, zero=zero, bucket_bytes=bucket_bytes)
         where = write_dumps(stages, model_dir, params_path, params, target)
     print(f"{'pass':<17} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:

@@ -18,7 +18,7 @@ from mmgraph.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
-from mmgraph.passes.data_parallel import make_data_parallel, solo_group
+from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES, make_data_parallel, solo_group
 from mmgraph.passes.cost import make_cost
 from mmgraph.passes.remat import LEVELS, make_remat
 from mmgraph.passes.verify import verify_numerics, verify_structure
@@ -50,13 +50,15 @@ def run_pass(name: str, fn: Pass, program: Program) -> Program:
 def compile_step(params: Params, mode: str = "train", verify: bool = False,
                  on_stage: Optional[Callable[[Stage], None]] = None, target: Optional[Target] = None,
                  micro_batch_size: Optional[int] = None, remat: Optional[str] = None,
-                 world_size: int = 1, accumulate: bool = False, zero: int = 0) -> list[Stage]:
+                 world_size: int = 1, accumulate: bool = False, zero: int = 0,
+                 bucket_bytes: Optional[int] = None) -> list[Stage]:
     """Trace the step of ``params`` and lower it (for ``target``, when given: segments and a
     simulated schedule); returns every stage, first to last. ``remat`` overrides the params'
     ``model.activation_checkpointing``; ``world_size`` > 1 compiles a training step for that many
     data-parallel ranks (gradient reduction in the graph): ``accumulate``, the variant for the
     last of several micro-steps (earlier ones run the stage before ``data_parallel``: no
-    communication); ``zero`` 2, gradients reduce-scattered (ZeRO-2)."""
+    communication); ``zero`` 2, gradients reduce-scattered (ZeRO-2); ``bucket_bytes``, the
+    gradient buckets' cap (default 25 MB, as DDP's)."""
     start = time.perf_counter()
     program = trace_step(params, mode, micro_batch_size)     # 00: one static ATen graph
     program = program.recorded(PassRecord("trace", time.perf_counter() - start, 0, len(program.ops())))
@@ -71,8 +73,8 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     if target is not None or policy not in ("none", "auto"):     # auto without a target: none
         passes.append(("remat", make_remat(policy, target, precision)))   # 04: kept vs recomputed
     if mode == "train" and world_size > 1:
-        passes.append(("data_parallel", make_data_parallel(world_size, accumulate=accumulate,   # 05: collectives
-                                                           shard_gradients=zero == 2)))
+        passes.append(("data_parallel", make_data_parallel(                  # 05: collectives
+            world_size, bucket_bytes or DEFAULT_BUCKET_BYTES, accumulate=accumulate, shard_gradients=zero == 2)))
     if target is not None:
         data = params.input_for(mode)
         batch = data.batch_size if data else 1

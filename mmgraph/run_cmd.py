@@ -40,7 +40,7 @@ def _silent(*_args, **_kwargs) -> None:
 def _run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
          checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
          executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False,
-         remat: Optional[str] = None, zero: int = 0) -> int:
+         remat: Optional[str] = None, zero: int = 0, bucket_bytes: Optional[int] = None) -> int:
     from mmgraph.runtime.distributed import from_env
 
     params = load_params(params_path, mode)
@@ -48,14 +48,14 @@ def _run(params_path: str, model_dir: str, mode: str, device: Optional[str] = No
     ranks = from_env(dev)                       # torchrun's ranks: joins the process group
     try:
         return _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path, max_steps, target,
-                          executor, eval_executor, weight_streaming, remat, zero)
+                          executor, eval_executor, weight_streaming, remat, zero, bucket_bytes)
     finally:
         if ranks.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 def _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path, max_steps, target, executor,
-               eval_executor, weight_streaming, remat, zero) -> int:
+               eval_executor, weight_streaming, remat, zero, bucket_bytes) -> int:
     from mmgraph.models import initial_weights
     from mmgraph.runtime.data import make_loader
     from mmgraph.runtime.distributed import rank_share
@@ -73,7 +73,7 @@ def _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path
     if train_mode:
         check_memory(params, dev, ranks)
 
-    programs = _programs(params, params_path, model_dir, target, remat, ranks, zero, weight_streaming,
+    programs = _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket_bytes, weight_streaming,
                          train_mode, eval_loader is not None, say)
     runner = Runner(params, model_dir, programs.train, programs.eval, dev, executor=executor,
                     eval_executor=eval_executor, weight_streaming=weight_streaming,
@@ -103,8 +103,8 @@ class Programs:
     eval: Optional[Program]
 
 
-def _programs(params, params_path, model_dir, target, remat, ranks, zero, weight_streaming, train_mode,
-              evaluate, say) -> Programs:
+def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket_bytes, weight_streaming,
+              train_mode, evaluate, say) -> Programs:
     """Compile what the run executes (dumps in MODEL_DIR/compile, written by rank 0)."""
     from mmgraph.dump import write_dumps
     from mmgraph.pipeline import compile_step
@@ -118,7 +118,7 @@ def _programs(params, params_path, model_dir, target, remat, ranks, zero, weight
         rb = rank_batch(params.train_input.batch_size, params.train_input.micro_batch_size, world)
         stages = compile_step(params, "train", target=tgt, remat=remat, world_size=world,
                               micro_batch_size=rb.micro_batch if world > 1 else None,
-                              accumulate=world > 1 and rb.micro_batches > 1, zero=zero)
+                              accumulate=world > 1 and rb.micro_batches > 1, zero=zero, bucket_bytes=bucket_bytes)
         if ranks.main:
             write_dumps(stages, model_dir, params_path, None, tgt)
         train_program = stages[-1].program

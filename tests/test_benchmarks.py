@@ -259,3 +259,13 @@ def test_packing_benchmark_quick(capsys):
     result = {"phase1": {"ratio": 3.0}, "phase2": {"ratio": 1.2, "packed": row, "unpacked": {**row, "real_share": 0.45}}}
     found = targets.packing_targets(result)
     assert [t.status for t in found] == ["met", "missed"] and "real-share ratio 2.00x" in found[1].reason
+
+
+def test_data_parallel_benchmark_quick(capsys):
+    from benchmarks.bench_data_parallel import main as bench_dp
+
+    assert bench_dp(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 ranks x 1 thread (DDP) |" in out and "hidden share" in out and "ZeRO-1 state" in out
+    found = targets.data_parallel_targets({"hidden_share": 0.8, "zero1_state_ratio": 0.6})
+    assert [t.status for t in found] == ["met", "missed"]
