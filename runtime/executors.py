@@ -86,8 +86,9 @@ class CompiledExecutor(Executor):
 
 
 class OnnxRuntimeExecutor(Executor):
-    """The eval step exported to ONNX (weights are graph inputs, not constants) and run in
-    onnxruntime; the store's CPU tensors are passed without copies (numpy views)."""
+    """The eval program exported to ONNX (``runtime/onnx_program.py``: the program's own graph,
+    weights as graph inputs, not constants) and run in onnxruntime; the store's CPU tensors are
+    passed without copies (numpy views)."""
 
     name = "onnxruntime"
     modes = frozenset({"eval"})
@@ -97,21 +98,16 @@ class OnnxRuntimeExecutor(Executor):
         super().__init__(program, params, device)
         import onnxruntime as ort
 
-        from mmgraph.formats import export_onnx, onnx_skip_reason
+        from mmgraph.runtime.onnx_program import export_program
 
-        too_big = onnx_skip_reason(program)
-        if too_big:
-            raise UserError(Problem(None, "--eval_executor", f"onnxruntime cannot serve this model: {too_big.removeprefix('not written: ')}"))
-        batch = next(s.shape[0] for s in program.inputs if s.name == "labels")
         if path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mmgraph-ort-")
             path = Path(self._tmp.name) / "eval.onnx"
-        export_onnx(params, path, batch_size=batch)
+        export_program(program, path)
         options = ort.SessionOptions()
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.feeds = [i.name for i in self.session.get_inputs()]
-        index = {("model." + s.name if s.kind == InputKind.PARAM else s.name): i
-                 for i, s in enumerate(program.inputs)}
+        index = {s.name: i for i, s in enumerate(program.inputs)}
         missing = [f for f in self.feeds if f not in index]
         if missing:
             raise UserError(Problem(str(path), missing[0], "ONNX input has no program input"))

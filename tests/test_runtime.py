@@ -14,7 +14,7 @@ from mmgraph.pipeline import compile_step
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.optim import Optimizer, learning_rate
 from mmgraph.runtime.runner import Runner
-from tests.conftest import TINY1, TINY2
+from tests.conftest import ROOT, TINY1, TINY2
 
 STEPS, MICRO = 20, 2
 
@@ -381,3 +381,24 @@ def test_cli_run_with_weight_streaming(shards, tmp_path, capsys):
     assert main(["run", "--mode", "train_and_eval", "--weight_streaming", "--params", str(shards),
                  "--model_dir", str(tmp_path / "md"), "--max_steps", "2"]) == 0
     assert "answer accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", ["params_mm_llava_tiny_phase2.yaml", "params_cogvlm_tiny.yaml",
+                                    "params_mm1_tiny.yaml", "params_two_encoders_tiny.yaml"])
+def test_onnxruntime_runs_the_programs_own_export(config, monkeypatch):
+    """The executor exports the eval Program's graph (no nn.Module is built) and matches it."""
+    import mmgraph.models.build as build
+    from mmgraph.runtime.executors import make_executor
+
+    params = load_params(ROOT / "configs" / config, "eval")
+    program = compile_step(params, "eval")[-1].program
+    weights = initial_weights(params)
+    size = next(s.shape[0] for s in program.inputs if s.name == "labels")
+    batch = random_batch(params.layout("eval"), size, seed=4)
+    inputs = [weights[s.name] if s.kind.value == "param" else batch[s.name] for s in program.inputs]
+    monkeypatch.setattr(build, "build_model", lambda *a, **k: pytest.fail("the executor built the model"))
+    ort = make_executor("onnxruntime", program, params, torch.device("cpu"))
+    got, want = ort(inputs), program.gm(*inputs)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-4)
