@@ -1,0 +1,100 @@
+"""The import direction (docs/layering.md): each module imports only its own layer and the
+layers below it; the runtime imports neither models nor the converter. Every import counts,
+function-local ones too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Installed names of the source folders (pyproject's package-dir mapping).
+FOLDERS = {"mmgraph": ROOT / "mmgraph", "mmgraph.passes": ROOT / "passes", "mmgraph.runtime": ROOT / "runtime",
+           "mmgraph.models": ROOT / "models"}
+
+# Bottom to top. A module belongs to the first layer whose prefix names it.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("core", ("mmgraph.core",)),
+    ("models", ("mmgraph.models",)),
+    ("trace", ("mmgraph.trace",)),
+    ("passes", ("mmgraph.passes",)),
+    ("compiler", ("mmgraph.pipeline", "mmgraph.artifact")),
+    ("runtime", ("mmgraph.runtime",)),
+    ("top", ("mmgraph",)),          # commands, dumps, tools (convert, preprocess, generate, ...)
+]
+FORBIDDEN = {"runtime": ("mmgraph.models", "mmgraph.convert")}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in FOLDERS.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([package, *parts])
+            if any(name.startswith(other + ".") or name == other for other in FOLDERS if other != package
+                   and other.startswith(package + ".")):
+                continue                      # mmgraph/passes is not a folder of mmgraph: skip look-alikes
+            out[name] = path
+    return out
+
+
+def layer_of(module: str) -> int:
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer")
+
+
+def _imports(path: Path, module: str) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:                      # relative: resolve against the module's package
+                base = module.split(".")[: -node.level] if not path.name == "__init__.py" else module.split(".")[: len(module.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            found.append((node.lineno, name))
+            found += [(node.lineno, f"{name}.{a.name}") for a in node.names if f"{name}.{a.name}" in _MODULES]
+    return [(line, name) for line, name in found if name == "mmgraph" or name.startswith("mmgraph.")]
+
+
+_MODULES = _modules()
+
+
+def violations() -> list[str]:
+    out = []
+    for module, path in sorted(_MODULES.items()):
+        mine = layer_of(module)
+        for line, target in _imports(path, module):
+            if target == "mmgraph":
+                continue
+            theirs = layer_of(target)
+            where = f"{path.relative_to(ROOT)}:{line}: {module} ({LAYERS[mine][0]}) imports {target}"
+            if theirs > mine:
+                out.append(f"{where} ({LAYERS[theirs][0]}, above it)")
+            for banned in FORBIDDEN.get(LAYERS[mine][0], ()):
+                if target == banned or target.startswith(banned + "."):
+                    out.append(f"{where} (the {LAYERS[mine][0]} must not import {banned})")
+    return out
+
+
+def test_imports_go_down_the_layers_only():
+    found = violations()
+    assert not found, "imports against the layering (docs/layering.md):\n" + "\n".join(found)
+
+
+def test_the_check_sees_a_violation():
+    """The checker itself: an upward import in a synthetic module is reported."""
+    assert layer_of("mmgraph.core.ir") < layer_of("mmgraph.runtime.runner") < layer_of("mmgraph.cli")
+    fake = ROOT / "build" / "layering_probe.py"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text("def f():\n    from mmgraph.runtime.runner import Runner\n")
+    try:
+        assert _imports(fake, "mmgraph.core.probe") == [(2, "mmgraph.runtime.runner")]
+    finally:
+        fake.unlink()
