@@ -174,8 +174,9 @@ def test_a_killed_rank_ends_the_job_with_a_message_and_the_checkpoint_is_whole(s
     job = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not (md / "checkpoints" / "ckpt-000002").is_dir():
-            assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+        while len(checkpoint.list_checkpoints(md)) < 2:         # training is under way
+            assert job.poll() is None and time.monotonic() < deadline, \
+                "training did not start: " + (tmp_path / "job.log").read_text()[-3000:]
             time.sleep(0.2)
         victim = next(p for p in _children(job.pid) if _rank_of(p) == 1)
         os.kill(victim, signal.SIGKILL)
