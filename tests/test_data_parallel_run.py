@@ -149,11 +149,25 @@ def test_resume_two_ranks_then_one_equals_one_process(phase2, tmp_path):
 
 def _children(pid: int) -> list[int]:
     out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids = (task / "children").read_text().split()
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
         for k in kids:
             out += [int(k), *_children(int(k))]
     return out
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _rank_of(pid: int) -> int | None:
@@ -184,7 +198,9 @@ def test_a_killed_rank_ends_the_job_with_a_message_and_the_checkpoint_is_whole(s
         job.wait(timeout=120)                          # hard bound; the bound is 60 s
         took = time.monotonic() - killed
     finally:
-        if job.poll() is None:
+        if job.poll() is None:                          # the ranks may be in sessions of their own
+            for pid in _children(job.pid):
+                _kill(pid)
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     log.seek(0)
