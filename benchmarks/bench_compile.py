@@ -74,7 +74,7 @@ _TORCH_CHILD = """
 import json, re, sys, time
 t = time.perf_counter()
 import torch
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.models import build_model, random_batch
 from mmgraph.trace import micro_batch_size
 params = load_params(sys.argv[1])
@@ -189,7 +189,7 @@ def torch_compile_peer(params: Path, torch_repeats: int, mmgraph_repeats: int, b
 def mlir_peer(params_path: Path, repeats: int) -> dict:
     """torch-mlir's import (``to_mlir``) of the lowered program against ``trace_step`` and the
     whole ``compile_step``, alternating in this process after one warm-up of each."""
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
     from mmgraph.formats import to_mlir
     from mmgraph.pipeline import compile_step
     from mmgraph.trace import trace_step

@@ -36,7 +36,7 @@ SIZES = {  # (vision hidden, vision layers, text hidden, text layers, vocab)
 def make_checkpoint(folder: Path, size: str, shard: str) -> dict:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from mmgraph.convert.io import ShardWriter, parse_size
+    from mmgraph.core.tensorio import ShardWriter, parse_size
 
     vh, vl, th, tl, vocab = SIZES[size]
     cfg = LlavaConfig(

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from benchmarks.common import finish
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.preprocess import Layout, preprocess
 from mmgraph.runtime.data import make_loader
 from mmgraph.synth import synth

@@ -58,7 +58,7 @@ def _params_file(config: Path, folder: Path) -> Path:
 def worker(params_path: Path, steps: int, zero: int, bucket_bytes: int, out: Path) -> None:
     import torch.distributed as dist
 
-    from mmgraph.config import load_params, rank_batch
+    from mmgraph.core.config import load_params, rank_batch
     from mmgraph.models import initial_weights, random_batch
     from mmgraph.pipeline import compile_step
     from mmgraph.runtime.distributed import from_env
@@ -180,10 +180,10 @@ def simulated(config: Path = BIG2) -> dict:
     """The 7B phase-2 program on cs2 and h100, 1..16 systems."""
     from dataclasses import asdict
 
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
     from mmgraph.passes.scaling import scaling
     from mmgraph.pipeline import compile_step
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
 
     params = load_params(config)
     out = {"config": rel(config)}

@@ -46,7 +46,7 @@ def phase_path(params: Path, phase: str, workdir: Path) -> Path:
 
 def analytic(program) -> dict:
     """FLOPs and gradient figures of a lowered train program."""
-    from mmgraph.ir import InputKind, Phase
+    from mmgraph.core.ir import InputKind, Phase
 
     specs = {s.name: s for s in program.inputs if s.kind == InputKind.PARAM}
     grads = [specs[o.target] for o in program.outputs if o.kind == "grad"]
@@ -61,7 +61,7 @@ def analytic(program) -> dict:
 
 
 def run(params: Path, repeats: int, warmup: int = 2) -> dict:
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
     from mmgraph.models import initial_weights, random_batch
     from mmgraph.pipeline import compile_step
     from mmgraph.runtime.runner import Runner

@@ -47,7 +47,7 @@ def _single_image(path: Path, out: Path) -> Path:
 def run(config: Path, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
     from transformers import LlavaForConditionalGeneration
 
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
     from mmgraph.convert.convert import convert
     from mmgraph.generate import Generator
     from mmgraph.models import build_model

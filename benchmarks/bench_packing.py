@@ -12,7 +12,7 @@ datasets, which are not on this machine; assumptions stated so they can be repla
   sigma 0.9); every sample clipped to the row.
 On the CPU the small config (64 image tokens instead of 576) runs rows scaled by 64/576 (228
 tokens, the tiny config likewise with its own image tokens), every length scaled alike, so a
-row holds as many samples as at full size. Packing: first-fit decreasing (``mmgraph.packing``)
+row holds as many samples as at full size. Packing: first-fit decreasing (``mmgraph.core.packing``)
 with the row's image budget 3 (as many images as a row can hold).
 
 Measured: the lowered training step (``compile_step`` + the program's gm: forward, loss and
@@ -92,7 +92,7 @@ def unpacked_batch(samples, layout, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _params(path: Path, tmp: Path, phase: int, row: int, packed: bool, mbs: int):
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
 
     raw = yaml.safe_load(path.read_text())
     for key in ("train_input", "eval_input"):
@@ -108,12 +108,12 @@ def _params(path: Path, tmp: Path, phase: int, row: int, packed: bool, mbs: int)
 
 def measure(config: Path, phase: int, rows: int, repeats: int, seed: int = 0) -> dict:
     """Real tokens/s of the lowered step, unpacked and packed, on ``rows`` rows each."""
-    from mmgraph.ir import InputKind
+    from mmgraph.core.ir import InputKind
     from mmgraph.models import build_model, pack_batch
-    from mmgraph.packing import assign
+    from mmgraph.core.packing import assign
     from mmgraph.pipeline import compile_step
 
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
 
     p = load_params(config).layout().num_patches
     row = int(round(FULL_ROW * p / FULL_IMAGE))
@@ -152,9 +152,9 @@ def _no_grad(gm, args):
 
 def predict_cs2(phase: int, seed: int = 0) -> dict:
     """7B at 2048 on cs2: simulated tokens/s x the sampled rows' real-token share."""
-    from mmgraph.packing import assign
+    from mmgraph.core.packing import assign
     from mmgraph.pipeline import compile_step
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
 
     samples = [(t, i) for t, i in sample_lengths(phase, 4000, seed) if t + i * FULL_IMAGE <= FULL_ROW]
     lengths = [t + i * FULL_IMAGE for t, i in samples]
@@ -170,7 +170,7 @@ def predict_cs2(phase: int, seed: int = 0) -> dict:
                     raw[key] = dict(raw[key], packed=name == "packed", max_num_img=BUDGET if name == "packed" else 1)
             path = Path(tmp) / f"{name}.yaml"
             path.write_text(yaml.safe_dump(raw))
-            from mmgraph.config import load_params
+            from mmgraph.core.config import load_params
             sched = compile_step(load_params(path), target=load_target("cs2"))[-1].program.schedule
             out["micro_batch_size"] = sched.micro_batch_size
             out[name] = {"tokens_per_s": sched.tokens_per_s, "real_share": share[name],

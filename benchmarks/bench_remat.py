@@ -70,8 +70,8 @@ def _predicted_row(params, target, mbs: int, policy: str) -> dict:
 
 def predicted(path: Path, targets: tuple[str, ...]) -> list[dict]:
     """Per target: every policy at the params' micro-batch, and ``none`` at the largest that fits."""
-    from mmgraph.config import load_params
-    from mmgraph.target import load_target
+    from mmgraph.core.config import load_params
+    from mmgraph.core.target import load_target
     from mmgraph.trace import micro_batch_size
 
     params = load_params(path)
@@ -97,8 +97,8 @@ def trained_llm(path: Path, target: str = "cs2") -> dict:
 
     import yaml
 
-    from mmgraph.config import load_params
-    from mmgraph.target import load_target
+    from mmgraph.core.config import load_params
+    from mmgraph.core.target import load_target
     from mmgraph.trace import micro_batch_size
 
     raw = yaml.safe_load(path.read_text())
@@ -125,7 +125,7 @@ def _checkpointed(model):
 
 
 def measured(path: Path, batch_size: int, repeats: int, warmup: int) -> dict:
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
     from mmgraph.models import build_model
     from mmgraph.passes.verify import reference_inputs
     from mmgraph.pipeline import compile_step

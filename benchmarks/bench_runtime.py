@@ -51,7 +51,7 @@ import yaml
 
 from benchmarks.common import finish
 from benchmarks.targets import runtime_runs
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ROOT / "configs" / "params_mm_llava_small.yaml"
@@ -94,7 +94,7 @@ def lowered(params, streaming: bool):
     """The lowered training step; for weight streaming compiled for cs2 (as `mmgraph run` does),
     whose segments the streaming executor runs (the graph is the same)."""
     from mmgraph.pipeline import compile_step
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
 
     return compile_step(params, target=load_target("cs2") if streaming else None)[-1].program
 

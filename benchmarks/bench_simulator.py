@@ -29,13 +29,13 @@ from typing import Optional
 import torch
 
 from benchmarks.common import finish, time_interleaved
-from mmgraph.errors import UserError
+from mmgraph.core.errors import UserError
 from mmgraph.calibrate import host_target, measure
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.models import build_model, initial_weights, random_batch
 from mmgraph.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
-from mmgraph.target import Target, load_target
+from mmgraph.core.target import Target, load_target
 from mmgraph.trace import micro_batch_size
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -241,7 +241,7 @@ tokens, interleaved, median after a warm-up.""",
 INTRO["packing"] = """\
 Real (non-pad) tokens/s of the lowered training step (`compile_step` + the program's gm: forward,
 loss, backward) on the same number of rows, one sample per padded row against rows packed
-first-fit decreasing (`mmgraph.packing`), the small config with rows scaled by its image tokens
+first-fit decreasing (`mmgraph.core.packing`), the small config with rows scaled by its image tokens
 (64 of 576: rows of 228 hold as many samples as rows of 2048 at full size). Lengths: phase 1 =
 576 image tokens + 24..74 caption tokens (the issue's 600-650 a sample; an assumption, the
 LLaVA-Pretrain data is not on this machine), phase 2 = a LLaVA-665K-like mix (88% one image +

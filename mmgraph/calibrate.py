@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 import yaml
 
-from mmgraph.errors import Problem, UserError
-from mmgraph.target import Target, user_target_dir
+from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.target import Target, user_target_dir
 
 
 def _median_time(fn, repeats: int, sync=lambda: None, min_seconds: float = 0.2) -> float:
@@ -210,7 +210,7 @@ def _step_figures(partial: Target, device: str, repeats: int, sync) -> tuple[flo
 def _optimizer_figures(device: str, repeats: int, sync) -> tuple[float, float]:
     """The runtime's AdamW with clipping by global norm: elements per second and seconds per
     gradient tensor (``fit_optimizer``), re-measured while the fit is degenerate."""
-    from mmgraph.config.optim import OptimizerConfig
+    from mmgraph.core.config.optim import OptimizerConfig
     from mmgraph.runtime.optim import Optimizer
 
     cfg = OptimizerConfig(optimizer_type="AdamW", learning_rate=1e-4, weight_decay=0.01, max_gradient_norm=1.0)

@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
-from mmgraph.config import Params, SequenceLayout, ViTModelConfig, load_params
+from mmgraph.core.config import Params, SequenceLayout, ViTModelConfig, load_params
 from mmgraph.models import build_model, component_of
 from mmgraph.models.freeze import FreezeReport
 

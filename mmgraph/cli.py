@@ -8,7 +8,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from mmgraph import __version__
-from mmgraph.errors import EXIT_USER_ERROR, Problem, UserError
+from mmgraph.core.errors import EXIT_USER_ERROR, Problem, UserError
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

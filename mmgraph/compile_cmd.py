@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from mmgraph.config import load_params, rank_batch
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.config import load_params, rank_batch
+from mmgraph.core.errors import Problem, UserError
 from mmgraph.dump import write_dumps
-from mmgraph.ir import Phase
+from mmgraph.core.ir import Phase
 from mmgraph.lock import model_dir_lock
 from mmgraph.passes.cost import bottleneck_words
 
@@ -59,7 +59,7 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
                 target_name: str = "cs2", remat=None, world_size: int = 1, zero: int = 0,
                 bucket_bytes: Optional[int] = None) -> int:
     from mmgraph.pipeline import compile_step
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
     from mmgraph.trace import trace_step
 
     start = time.perf_counter()

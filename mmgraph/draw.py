@@ -10,7 +10,7 @@ from html import escape
 
 import networkx as nx
 
-from mmgraph.ir import Program
+from mmgraph.core.ir import Program
 
 COLLAPSE_ABOVE = 200
 _FILL = {"matmul": "#9ecae1", "attention": "#fdae6b", "reduction": "#a1d99b",

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from mmgraph import __version__
-from mmgraph.ir import InputKind, Phase, Program
+from mmgraph.core.ir import InputKind, Phase, Program
 from mmgraph.passes.cost import bottleneck_words
 
 _DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mmgraph.config import Params
-from mmgraph.ir import Program
+from mmgraph.core.config import Params
+from mmgraph.core.ir import Program
 from mmgraph.models import batch_fields, build_model, random_batch
 
 ONNX_PARAM_LIMIT = 50_000_000

@@ -22,8 +22,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from mmgraph.config import Params, load_params
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.config import Params, load_params
+from mmgraph.core.errors import Problem, UserError
 from mmgraph.preprocess import IMAGE, Encoder, Layout, Style
 
 

@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from mmgraph.errors import Problem, UserError, did_you_mean
+from mmgraph.core.errors import Problem, UserError, did_you_mean
 
 
 def _compile_dir(model_dir: str) -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mmgraph.errors import Problem, UserError, did_you_mean
+from mmgraph.core.errors import Problem, UserError, did_you_mean
 from mmgraph.preprocess import Layout, PackOptions, Style
 
 HOOKS = {"finetuning_llava_hook": "chat", "finetuning_llava_hook_prompt_completion": "prompt_completion"}

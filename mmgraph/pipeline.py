@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from mmgraph.config import Params
-from mmgraph.errors import UserError
-from mmgraph.ir import PassRecord, Program
+from mmgraph.core.config import Params
+from mmgraph.core.errors import UserError
+from mmgraph.core.ir import PassRecord, Program
 from mmgraph.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
@@ -23,7 +23,7 @@ from mmgraph.passes.cost import make_cost
 from mmgraph.passes.remat import LEVELS, make_remat
 from mmgraph.passes.verify import verify_numerics, verify_structure
 from mmgraph.passes.weight_streaming import make_weight_streaming, precision_of
-from mmgraph.target import Target
+from mmgraph.core.target import Target
 
 Pass = Callable[[Program], "tuple[Program, dict]"]
 
@@ -144,7 +144,7 @@ def choose_micro_batch(params: Params, mode: str, target: Target, remat: Optiona
 
 def _real_share(params: Params, mode: str) -> float:
     """Non-pad share of each row from the data's statistics (``stats.json``), else 1."""
-    from mmgraph.packing import real_token_share
+    from mmgraph.core.packing import real_token_share
 
     data = params.input_for(mode)
     share = real_token_share(data.data_dir, params.layout(mode).max_sequence_length) if data else None

@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 ROWS = ("input_ids", "loss_mask", "labels", "key_padding_mask", "token_modality_idx")
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -348,9 +348,9 @@ def preprocess(input_json: str, image_dir: str, tokenizer: str, output_dir: str,
                config: Optional[dict] = None, pack: Optional["PackOptions"] = None) -> dict:
     """Write the shards, ``stats.json`` and ``data_params.json``; returns the statistics. The
     output folder changes only when the run completes with at least one shard. With ``pack``,
-    rows hold several samples (``mmgraph.packing``) and the statistics say how many rows
+    rows hold several samples (``mmgraph.core.packing``) and the statistics say how many rows
     packing saved."""
-    from mmgraph.packing import PackStats
+    from mmgraph.core.packing import PackStats
     from mmgraph.shard_writer import OutputFolder
 
     inputs = input_json if isinstance(input_json, list) else [input_json]
@@ -423,7 +423,7 @@ class PackOptions:
     seed: int = 0
 
     def rows(self, window: list, layout: Layout, pad_id: int, stats) -> list:
-        from mmgraph.packing import pack
+        from mmgraph.core.packing import pack
 
         seed = self.seed + stats.rows_before           # each window its own (deterministic) seed
         return pack(window, layout.max_seq_length, layout.max_num_img, layout.num_patches, pad_id, seed, stats)

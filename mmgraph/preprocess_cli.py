@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 from mmgraph.preprocess import Layout, PackOptions, Style, preprocess
 
 
@@ -19,7 +19,7 @@ def _read_template(path: str) -> str:
 
 
 def _layout_from_params(path: str) -> Layout:
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
 
     lay = load_params(path, "train").layout("train")
     return Layout(lay.max_sequence_length, lay.num_patches, lay.max_num_img)

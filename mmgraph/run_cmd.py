@@ -10,9 +10,9 @@ from typing import Optional
 
 import torch
 
-from mmgraph.config import load_params, rank_batch
-from mmgraph.ir import Program
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.config import load_params, rank_batch
+from mmgraph.core.ir import Program
+from mmgraph.core.errors import Problem, UserError
 from mmgraph.lock import model_dir_lock
 
 
@@ -108,7 +108,7 @@ def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket
     """Compile what the run executes (dumps in MODEL_DIR/compile, written by rank 0)."""
     from mmgraph.dump import write_dumps
     from mmgraph.pipeline import compile_step
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
 
     t0 = time.perf_counter()
     tgt = load_target(target)

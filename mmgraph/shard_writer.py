@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 OURS = ("stats.json", "data_params.json")
 

@@ -25,13 +25,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import mmgraph.models as _models_pkg
-from mmgraph.config import Params
-from mmgraph.errors import Problem, UserError
-from mmgraph.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program, layer_of
+from mmgraph.core.config import Params
+from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program, layer_of
 from mmgraph.models import batch_fields, build_model, random_batch
 from mmgraph.models.multimodal import MultimodalModel
 from mmgraph.models.loss import lm_loss
-from mmgraph.opcost import node_bytes, node_flops, node_val
+from mmgraph.core.opcost import node_bytes, node_flops, node_val
 
 _SANITIZE = re.compile(r"[^0-9a-zA-Z_]")
 _MODEL_DIR = str(Path(_models_pkg.__file__).resolve().parent) + os.sep  # source or installed

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from mmgraph.config.load import Params
-from mmgraph.config.model import ModelConfig
+from mmgraph.core.config.load import Params
+from mmgraph.core.config.model import ModelConfig
 from mmgraph.models.freeze import FreezeReport, apply_freeze
 from mmgraph.models.layers import apply_initializer, init_weights
 from mmgraph.models.multimodal import MultimodalModel

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmgraph.config.model import ConnectorConfig
+from mmgraph.core.config.model import ConnectorConfig
 
 
 def _grid(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 
 @dataclass(frozen=True)

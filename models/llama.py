@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmgraph.config.model import LlamaModelConfig
+from mmgraph.core.config.model import LlamaModelConfig
 from mmgraph.models.attention import Attention, causal_padding_mask, rotary_cos_sin, segment_causal_mask
 from mmgraph.models.layers import FeedForwardNetwork, make_norm
 

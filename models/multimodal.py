@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mmgraph.config.model import ModelConfig
+from mmgraph.core.config.model import ModelConfig
 from mmgraph.models.connectors import make_connector
 from mmgraph.models.layers import FeedForwardNetwork
 from mmgraph.models.llama import LlamaModel

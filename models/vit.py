@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmgraph.config.model import ViTModelConfig
+from mmgraph.core.config.model import ViTModelConfig
 from mmgraph.models.attention import Attention
 from mmgraph.models.layers import FeedForwardNetwork
 

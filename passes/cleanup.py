@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from mmgraph.ir import Program
+from mmgraph.core.ir import Program
 from mmgraph.passes.util import copy_program, drop_dead
 
 aten = torch.ops.aten

@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
-from mmgraph.ir import Program, Schedule, SegmentTime
-from mmgraph.opcost import VIEW_OPS, node_bytes, node_flops, value_bytes
+from mmgraph.core.ir import Program, Schedule, SegmentTime
+from mmgraph.core.opcost import VIEW_OPS, node_bytes, node_flops, value_bytes
 from mmgraph.passes.fusion import op_class
 from mmgraph.passes.weight_streaming import Precision, _kernel_io_bytes
-from mmgraph.target import Target
+from mmgraph.core.target import Target
 
 _MATMUL_LIKE = ("matmul", "attention")
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from mmgraph.ir import GRAD_WEIGHT, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.core.ir import GRAD_WEIGHT, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.passes.util import copy_program
 
 aten = torch.ops.aten

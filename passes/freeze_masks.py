@@ -8,7 +8,7 @@ trainable parameter precedes.
 
 from __future__ import annotations
 
-from mmgraph.ir import Phase, Program
+from mmgraph.core.ir import Phase, Program
 from mmgraph.passes.util import copy_program, drop_dead
 
 

@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch.fx as fx
 
-from mmgraph.errors import Problem, UserError
-from mmgraph.ir import Kernel, Program
-from mmgraph.opcost import node_val
+from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.ir import Kernel, Program
+from mmgraph.core.opcost import node_val
 
 VIEW = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze",
         "squeeze", "slice", "select", "alias", "detach", "split", "split_with_sizes", "unbind",

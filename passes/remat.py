@@ -29,12 +29,12 @@ from typing import Optional
 
 import torch.fx as fx
 
-from mmgraph.ir import InputKind, Phase, Program, RematLayer, RematPlan
-from mmgraph.opcost import value_bytes
+from mmgraph.core.ir import InputKind, Phase, Program, RematLayer, RematPlan
+from mmgraph.core.opcost import value_bytes
 from mmgraph.passes.fusion import fusion, op_class
 from mmgraph.passes.util import copy_program, drop_dead
 from mmgraph.passes.weight_streaming import Precision, _kernel_io_bytes
-from mmgraph.target import Target
+from mmgraph.core.target import Target
 
 POLICIES = ("none", "selective", "full", "auto")
 LEVELS = ("none", "selective", "full")            # from least to most recompute

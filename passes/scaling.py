@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mmgraph.ir import Program
-from mmgraph.target import Target
+from mmgraph.core.ir import Program
+from mmgraph.core.target import Target
 
 SYSTEMS = (1, 2, 4, 8, 16)
 BUCKET_BYTES = 25 * 1024 * 1024

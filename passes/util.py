@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.fx as fx
 
-from mmgraph.ir import NodeInfo, Program
+from mmgraph.core.ir import NodeInfo, Program
 
 # Ops with effects that dead-code elimination must keep even when unused.
 _IMPURE = {torch.ops.aten._assert_tensor_metadata.default}

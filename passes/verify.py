@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mmgraph.config import Params
-from mmgraph.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
+from mmgraph.core.config import Params
+from mmgraph.core.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
 from mmgraph.models import build_model, random_batch
 
 

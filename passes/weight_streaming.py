@@ -22,10 +22,10 @@ from typing import Optional
 import networkx as nx
 import torch.fx as fx
 
-from mmgraph.ir import InputKind, Phase, Program, Segment
-from mmgraph.opcost import value_bytes
+from mmgraph.core.ir import InputKind, Phase, Program, Segment
+from mmgraph.core.opcost import value_bytes
 from mmgraph.passes.fusion import op_class
-from mmgraph.target import Target
+from mmgraph.core.target import Target
 
 
 @dataclass(frozen=True)

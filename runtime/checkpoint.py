@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 
 CHECKPOINTS = "checkpoints"
@@ -127,7 +127,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             raise UserError(Problem(str(path), None, "no finished checkpoint in this model_dir"))
         path = last
     if path.is_dir() and (path / "model.safetensors.index.json").is_file():      # sharded (mmgraph convert)
-        from mmgraph.convert.io import find_weights, read_entries
+        from mmgraph.core.tensorio import find_weights, read_entries
         return {k: e.load() for k, e in read_entries(find_weights(path)).items()}
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():

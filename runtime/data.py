@@ -14,8 +14,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from mmgraph.config import Params
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.config import Params
+from mmgraph.core.errors import Problem, UserError
 from mmgraph.runtime.shards import (BadImage, Expect, UnsafePath, confined, data_params_problems, inspect_shard,
                                     open_image, read_sample)
 from mmgraph.runtime.transforms import build_transforms
@@ -284,7 +284,7 @@ def describe_data(params: Params, mode: str = "train") -> Optional[str]:
 
 def _real_share_note(params: Params, mode: str) -> str:
     """``; real tokens 62% of each row`` from the data's statistics (real tokens/s = tokens/s x it)."""
-    from mmgraph.packing import real_token_share
+    from mmgraph.core.packing import real_token_share
 
     data = params.input_for(mode)
     share = real_token_share(data.data_dir, params.layout(mode).max_sequence_length)

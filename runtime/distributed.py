@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 # How long a collective may wait for a rank before the job ends (a dead rank must not hang it).
 DEFAULT_TIMEOUT_S = 60

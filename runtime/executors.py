@@ -27,9 +27,9 @@ from typing import Optional
 import torch
 from torch.fx.passes.split_module import split_module
 
-from mmgraph.config import Params
-from mmgraph.errors import Problem, UserError
-from mmgraph.ir import InputKind, Program
+from mmgraph.core.config import Params
+from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.ir import InputKind, Program
 
 
 class Executor:

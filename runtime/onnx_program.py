@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mmgraph.ir import Program
+from mmgraph.core.ir import Program
 
 OPSET = 20
 # torch ScalarType numbers -> ONNX TensorProto element types

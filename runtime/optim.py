@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from mmgraph.config import OptimizerConfig, Scheduler
+from mmgraph.core.config import OptimizerConfig, Scheduler
 
 
 def _one(s: Scheduler, step: int) -> float:

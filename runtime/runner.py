@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from mmgraph.config import Params
-from mmgraph.errors import Problem, UserError
-from mmgraph.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
+from mmgraph.core.config import Params
+from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.distributed import SINGLE, Ranks, all_sum, bind_group
 from mmgraph.runtime.executors import Executor, make_executor

@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from mmgraph.errors import Problem
+from mmgraph.core.errors import Problem
 
 EMPTY_SLOTS = ("", "None")          # mmgraph before this release, the Model Zoo
 DATA_PARAMS = "data_params.json"

@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
-from mmgraph.config import Params, rank_batch
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.config import Params, rank_batch
+from mmgraph.core.errors import Problem, UserError
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.distributed import Ranks
 from mmgraph.runtime.runner import Runner, pad_batch

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mmgraph.config import OptimizerConfig
+from mmgraph.core.config import OptimizerConfig
 from mmgraph.runtime.optim import Optimizer, clip_to_norm, squared_norm
 
 

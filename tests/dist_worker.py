@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.models import build_model, random_batch
-from mmgraph.ir import GRAD_WEIGHT, InputKind
+from mmgraph.core.ir import GRAD_WEIGHT, InputKind
 from mmgraph.pipeline import compile_step, run_pass
 from mmgraph.passes.data_parallel import make_data_parallel
 from mmgraph.runtime.distributed import bind_group, from_env

@@ -43,7 +43,7 @@ def test_compile_benchmark_quick():
 
 def test_simulator_benchmark_quick():
     from benchmarks.bench_simulator import format_table, run_rounds
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
 
     result = run_rounds(["tiny"], 1, 2, lambda: load_target("cs2"))   # any target runs; fidelity needs host
     assert len(result["ratio_rounds"]["tiny"]) == 2 and "Median of 2 rounds" in format_table(result)

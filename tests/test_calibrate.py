@@ -9,7 +9,7 @@ import pytest
 from mmgraph import calibrate
 from mmgraph.calibrate import DegenerateFit, fit_optimizer, fit_steps, fit_with_retries
 from mmgraph.cli import main
-from mmgraph.errors import UserError
+from mmgraph.core.errors import UserError
 
 
 def rows(overhead: float, efficiency: float, jitter: float = 0.0):
@@ -89,7 +89,7 @@ def test_the_command_writes_nothing_from_a_degenerate_fit(tmp_path, monkeypatch,
 
 
 def test_the_command_writes_a_plausible_fit(tmp_path, monkeypatch):
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
 
     monkeypatch.setenv("MMGRAPH_HOME", str(tmp_path))
     monkeypatch.setattr(calibrate, "measure", lambda device, size: _figures())
@@ -102,7 +102,7 @@ def test_real_measurement_gives_a_valid_target_or_a_named_refusal():
     """Measured for real: on an idle machine a valid host target, on a busy one possibly a
     refusal after the bounded re-measurements; both are correct outcomes, a degenerate target is not."""
     from mmgraph.calibrate import host_target, measure
-    from mmgraph.target import Target
+    from mmgraph.core.target import Target
 
     try:
         figures = measure(size=128, repeats=1)

@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mmgraph.models import initial_weights
-from mmgraph.config import load_params
-from mmgraph.errors import UserError
+from mmgraph.core.config import load_params
+from mmgraph.core.errors import UserError
 from mmgraph.pipeline import compile_step
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.runner import Runner
@@ -211,7 +211,7 @@ def test_a_full_disk_while_writing_is_a_named_error_and_loses_nothing(tmp_path, 
 
 FSIZE_SCRIPT = """
 import resource, signal, sys, torch
-from mmgraph.errors import UserError
+from mmgraph.core.errors import UserError
 from mmgraph.runtime import checkpoint
 md = sys.argv[1]
 checkpoint.save(md, 1, {"w": torch.ones(8)}, {"step_count": torch.tensor(1)}, {"step": 1}, max_keep=1)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from mmgraph.cli import main
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.dump import kernels_per_layer, load_program, write_dumps
 from mmgraph.formats import parse_mlir, to_mlir
-from mmgraph.ir import Phase
-from mmgraph.opcost import node_flops
+from mmgraph.core.ir import Phase
+from mmgraph.core.opcost import node_flops
 from mmgraph.passes.verify import reference_inputs, verify_numerics
 from mmgraph.pipeline import compile_step
 from tests.conftest import BIG1, BIG2, TINY1, TINY2

@@ -7,7 +7,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.pipeline import compile_step
 from tests.conftest import TINY1
 

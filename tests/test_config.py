@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mmgraph.config import load_params, num_image_tokens
-from mmgraph.errors import UserError
+from mmgraph.core.config import load_params, num_image_tokens
+from mmgraph.core.errors import UserError
 from tests.conftest import BIG1, BIG2, TINY1, TINY2
 
 

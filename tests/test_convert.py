@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 
 from mmgraph.cli import main
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.models import build_model
 from mmgraph.runtime.checkpoint import load_weights
 from tests.hf_tiny import make_hf_llava, make_llava_two_folder

@@ -285,7 +285,7 @@ def test_output_through_a_symlink_is_refused(zoo, tmp_path, capsys, how):
 def model_zoo_defaults():
     """mmgraph's config classes with the Model Zoo's defaults for the keys another change moves
     to them (Linear patch embedding, FFN without bias, mixed precision, loss_weight 0.0)."""
-    from mmgraph.config import model as m
+    from mmgraph.core.config import model as m
 
     flips = [(m.ViTModelConfig, "use_conv_patchified_embedding", False),
              (m.FeedForwardNetworkConfig, "use_bias", False),
@@ -306,7 +306,7 @@ def model_zoo_defaults():
 
 
 def test_converted_params_mean_the_same_model_under_either_defaults(zoo, tmp_path):
-    from mmgraph.config import ModelConfig
+    from mmgraph.core.config import ModelConfig
 
     root, _ = zoo
     assert run("--src-fmt", "hf", "--tgt-fmt", "native", "--output-dir", tmp_path / "n", root / "two") == 0

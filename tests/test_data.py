@@ -13,8 +13,8 @@ import yaml
 from PIL import Image
 
 from mmgraph.cli import main
-from mmgraph.config import load_params
-from mmgraph.errors import UserError
+from mmgraph.core.config import load_params
+from mmgraph.core.errors import UserError
 from mmgraph.preprocess import Encoder, Layout, SampleError, preprocess
 from mmgraph.runtime.data import make_loader
 from mmgraph.synth import COLORS, synth

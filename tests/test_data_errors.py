@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from mmgraph.cli import main
-from mmgraph.config import load_params
-from mmgraph.errors import UserError
+from mmgraph.core.config import load_params
+from mmgraph.core.errors import UserError
 from mmgraph.preprocess import Layout, preprocess
 from mmgraph.runtime.data import check_data, make_loader
 from mmgraph.synth import synth

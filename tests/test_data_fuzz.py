@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmgraph.cli import main
-from mmgraph.config import load_params
-from mmgraph.errors import UserError
+from mmgraph.core.config import load_params
+from mmgraph.core.errors import UserError
 from mmgraph.runtime.data import make_loader
 from tests.test_data_errors import params_for, shards
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from mmgraph.cli import main
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.preprocess import Encoder, Layout, Style, preprocess
 from mmgraph.runtime.data import make_loader
 from mmgraph.runtime.transforms import build_transforms

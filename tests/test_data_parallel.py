@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.fx as fx
 
-from mmgraph.config import load_params
-from mmgraph.ir import InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.core.config import load_params
+from mmgraph.core.ir import InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.passes.data_parallel import ALL_REDUCE, WAIT, make_data_parallel, plan_buckets
 from mmgraph.passes.verify import verify_structure
 from mmgraph.pipeline import compile_step, run_pass
@@ -178,7 +178,7 @@ def test_zero1_two_ranks_update_like_one_optimizer_with_half_the_state(tmp_path)
 @pytest.mark.parametrize("target_name", ["cs2", "h100"])
 def test_simulated_systems_scale_with_the_interconnect(target_name):
     from mmgraph.passes.scaling import scaling
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
 
     params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
     target = load_target(target_name)
@@ -202,7 +202,7 @@ def test_simulated_systems_scale_with_the_interconnect(target_name):
 
 
 def test_accumulate_variant_takes_the_summed_gradients_as_inputs(tiny_train):
-    from mmgraph.ir import InputKind
+    from mmgraph.core.ir import InputKind
 
     acc = run_pass("data_parallel", make_data_parallel(2, accumulate=True), tiny_train)
     verify_structure(acc, "data_parallel")

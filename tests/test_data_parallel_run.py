@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.runtime import checkpoint
 from tests.test_runtime import shards  # noqa: F401 - the module's data fixture
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.models import build_model, random_batch
 from tests.conftest import BIG1, BIG2, TINY1, TINY2
 

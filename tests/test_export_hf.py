@@ -218,7 +218,7 @@ def test_transformers_answers_like_mmgraph_generate(export, demo, cli_answers, i
 
 def test_transformers_tokens_equal_the_generator_tokens(export, demo):
     """Token for token (mmgraph's Generator, the code `mmgraph generate` runs)."""
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
     from mmgraph.generate import Generator
     gen = Generator(load_params(demo / "params.yaml", "eval"), str(demo / "md"), str(demo / "data" / "tokenizer"))
     qs = questions(demo, 1, 3) + questions(demo, 2, 2)
@@ -231,7 +231,7 @@ def test_processor_pixels_equal_the_eval_transforms(export, demo):
     import torch
     from PIL import Image
     from transformers import AutoProcessor
-    from mmgraph.config import load_params
+    from mmgraph.core.config import load_params
     from mmgraph.generate import Generator
     gen = Generator(load_params(demo / "params.yaml", "eval"), None, str(demo / "data" / "tokenizer"))
     names = [str(demo / "data" / "images" / n) for q in questions(demo, 2, 2) for n in q["image"]][:2]

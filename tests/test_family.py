@@ -12,7 +12,7 @@ import yaml
 
 from mmgraph.models import initial_weights
 from mmgraph.cli import main
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.models import build_model, random_batch
 from mmgraph.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
@@ -64,7 +64,7 @@ def test_visual_experts_equal_to_the_text_weights_change_nothing():
     text = base_raw["model"]["text_model"]
     text["extra_ffn_params"]["static_dual_expert"] = False
     text["extra_attention_params"]["static_dual_expert"] = False
-    from mmgraph.config import ModelConfig
+    from mmgraph.core.config import ModelConfig
     base, _ = build_model(ModelConfig.model_validate(base_raw["model"]), seed=1)
     cog, _ = build_model(params, seed=1)
     state = base.state_dict()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mmgraph.cli import main
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.generate import Generator
 from tests.conftest import TINY2
 

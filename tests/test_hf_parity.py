@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmgraph.config import ModelConfig
+from mmgraph.core.config import ModelConfig
 from mmgraph.convert.hf_params import llava_model_params
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
 from mmgraph.models import build_model

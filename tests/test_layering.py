@@ -14,7 +14,7 @@ FOLDERS = {"mmgraph": ROOT / "mmgraph", "mmgraph.passes": ROOT / "passes", "mmgr
 
 # Bottom to top. A module belongs to the first layer whose prefix names it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("mmgraph.core",)),
+    ("core", ("mmgraph.core", "mmgraph.configs")),    # configs: params files and targets (data)
     ("models", ("mmgraph.models",)),
     ("trace", ("mmgraph.trace",)),
     ("passes", ("mmgraph.passes",)),

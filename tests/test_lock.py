@@ -66,7 +66,7 @@ def test_a_second_run_is_refused_and_a_killed_holder_leaves_no_stale_lock(shards
 
 
 def test_the_lock_is_released_and_an_unused_model_dir_not_left_behind(tmp_path):
-    from mmgraph.errors import UserError
+    from mmgraph.core.errors import UserError
     from mmgraph.lock import model_dir_lock
     md = tmp_path / "md"
     with pytest.raises(UserError):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.models import build_model, component_of, random_batch
 from mmgraph.models.attention import Attention, apply_rotary, causal_padding_mask, rotary_cos_sin
 from mmgraph.models.layers import FeedForwardNetwork, RMSNorm, quick_gelu

@@ -13,7 +13,7 @@ import pytest
 
 from mmgraph.check import check
 from mmgraph.cli import main
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 
 ZOO = Path(__file__).parent / "data" / "modelzoo"
 FILES = sorted(ZOO.glob("Release_*/params_*.yaml"))   # the preprocessing YAMLs beside them are not params

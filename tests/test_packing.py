@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from mmgraph.config import load_params
-from mmgraph.ir import InputKind
+from mmgraph.core.config import load_params
+from mmgraph.core.ir import InputKind
 from mmgraph.models import build_model, pack_batch, pad_batch, random_batch
 from mmgraph.models.attention import segment_causal_mask
 from mmgraph.models.llama import constant_image_positions

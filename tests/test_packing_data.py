@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from mmgraph.cli import main
-from mmgraph.config import load_params
-from mmgraph.errors import UserError
-from mmgraph.packing import assign, unpack_row
+from mmgraph.core.config import load_params
+from mmgraph.core.errors import UserError
+from mmgraph.core.packing import assign, unpack_row
 from mmgraph.preprocess import Layout, PackOptions, preprocess
 from mmgraph.runtime.data import make_loader
 from mmgraph.synth import synth
@@ -138,9 +138,9 @@ def test_cli_pack_prints_rows(dataset, tmp_path, capsys):
 
 
 def test_real_token_share_from_stats_reaches_the_cost_pass(dataset, tmp_path):
-    from mmgraph.packing import real_token_share
+    from mmgraph.core.packing import real_token_share
     from mmgraph.pipeline import compile_step
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
 
     plain = run(dataset, tmp_path / "plain", 1)
     packed = run(dataset, tmp_path / "packed", 1, PackOptions(window=60, seed=0))

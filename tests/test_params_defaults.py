@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from mmgraph.cli import main
-from mmgraph.config import load_params
-from mmgraph.errors import UserError
+from mmgraph.core.config import load_params
+from mmgraph.core.errors import UserError
 from mmgraph.models import build_model
 from mmgraph.models.vit import ViTModel
 from tests.conftest import TINY1

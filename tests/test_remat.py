@@ -12,15 +12,15 @@ import yaml
 
 from mmgraph.models import initial_weights
 from mmgraph.cli import main
-from mmgraph.config import load_params
-from mmgraph.ir import Phase
+from mmgraph.core.config import load_params
+from mmgraph.core.ir import Phase
 from mmgraph.passes.cost import peak_breakdown
 from mmgraph.passes.remat import CLONE_PREFIX, crossing_values
 from mmgraph.passes.verify import VerificationError, reference_inputs, verify_numerics, verify_structure
 from mmgraph.passes.weight_streaming import precision_of
 from mmgraph.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
-from mmgraph.target import load_target
+from mmgraph.core.target import load_target
 from tests.conftest import CONFIGS, ROOT, TINY1, TINY2
 
 COGVLM = CONFIGS / "params_cogvlm_tiny.yaml"

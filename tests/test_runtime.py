@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mmgraph.models import initial_weights
-from mmgraph.config import load_params
-from mmgraph.errors import UserError
+from mmgraph.core.config import load_params
+from mmgraph.core.errors import UserError
 from mmgraph.models import build_model, random_batch
 from mmgraph.pipeline import compile_step
 from mmgraph.runtime import checkpoint
@@ -362,7 +362,7 @@ def test_programs_run_on_other_devices():
 
 def test_weight_streaming_runs_segment_by_segment_like_the_reference(tmp_path):
     from mmgraph.runtime.executors import StreamingExecutor
-    from mmgraph.target import load_target
+    from mmgraph.core.target import load_target
     params = load_params(TINY2)
     program = compile_step(params, target=load_target("cs2"))[-1].program
     plain = Runner(params, tmp_path / "a", train=program, weights=initial_weights(params))

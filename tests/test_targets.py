@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from mmgraph.cli import main
-from mmgraph.ir import Segment
+from mmgraph.core.ir import Segment
 from mmgraph.passes.cost import op_time, simulate
 from mmgraph.passes.weight_streaming import Precision
-from mmgraph.target import Target, load_target, shipped_targets
+from mmgraph.core.target import Target, load_target, shipped_targets
 from tests.conftest import CONFIGS, TINY1, TINY2
 
 DATA = Path(__file__).parent / "data" / "broken_targets"

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from mmgraph.models import initial_weights
-from mmgraph.config import load_params
+from mmgraph.core.config import load_params
 from mmgraph.models import build_model, random_batch
 from mmgraph.pipeline import compile_step
 from mmgraph.runtime import checkpoint

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mmgraph.convert.io import Entry
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.tensorio import Entry
+from mmgraph.core.errors import Problem, UserError
 
 VIT = "image_model.image_model_list.0.0."
 PROJ = "image_model.projection."

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Optional
 
 from mmgraph.convert.checkpoint import TEXT, Checkpoint
-from mmgraph.convert.io import parse_size
+from mmgraph.core.tensorio import parse_size
 from mmgraph.convert.read import read_hf, read_native, read_two_folder
 from mmgraph.convert.trained_with import locate, trained_with
 from mmgraph.convert.write import write_native, write_transformers, write_two_folder
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 FORMATS = {
     "native": "mmgraph weights (safetensors, Model Zoo names) + params.yaml",
@@ -60,7 +60,7 @@ def check(ck: Checkpoint) -> None:
     """Every parameter of the model present with the configured shape; nothing extra."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mmgraph.config import ModelConfig
+    from mmgraph.core.config import ModelConfig
     from mmgraph.models import build_model
 
     try:

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
           "gives helpful, detailed, and polite answers to the user's questions.")

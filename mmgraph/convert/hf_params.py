@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from mmgraph.errors import UserError
+from mmgraph.core.errors import UserError
 
 
 def _get(cfg: Any, key: str, default=None):

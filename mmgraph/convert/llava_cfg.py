@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 # The Model Zoo's defaults for keys a LLaVA config.json may omit (HF side, read).
 READ_DEFAULTS = {

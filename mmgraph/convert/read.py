@@ -11,10 +11,10 @@ import yaml
 from mmgraph.convert.checkpoint import (_BUFFERS, PROJ, TEXT, TOKENIZER_FILES, VIT, Checkpoint, _json,
                                         _maybe_json)
 from mmgraph.convert.hf_params import llava_model_params
-from mmgraph.convert.io import Entry, find_weights, read_entries
+from mmgraph.core.tensorio import Entry, find_weights, read_entries
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
 from mmgraph.convert.llava_cfg import FREEZE_VISION, anyres_note, read_llava_config
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 
 def _rename(entries: dict[str, Entry], fn: Callable[[str], Optional[str]], into: dict[str, Entry]) -> None:
@@ -272,7 +272,7 @@ def _model_params(vision_cfg: dict, text_cfg: dict, projector_type: str, layer: 
 
 
 def _init_projector(ck: Checkpoint) -> None:
-    from mmgraph.config import ModelConfig
+    from mmgraph.core.config import ModelConfig
     from mmgraph.models.build import init_projector
 
     weights = init_projector(ModelConfig.model_validate(ck.model))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 TEMPLATES = ("plain", "vicuna_v1", "chat")
 

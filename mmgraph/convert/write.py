@@ -12,10 +12,10 @@ import yaml
 
 from mmgraph.convert.checkpoint import PROJ, TEXT, TOKENIZER_FILES, VIT, Checkpoint
 from mmgraph.convert.hf_extras import image_processor_config, transforms_of, write_processor_files
-from mmgraph.convert.io import ShardWriter
+from mmgraph.core.tensorio import ShardWriter
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
 from mmgraph.convert.llava_cfg import llava_config_for_hf, preprocessor_defaults
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 
 def _items(keys: list[tuple[str, str]], ck: Checkpoint):

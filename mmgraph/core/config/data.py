@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AliasChoices, Field, field_validator
 
-from mmgraph.config.base import Section
+from mmgraph.core.config.base import Section
 
 PositiveInt = Annotated[int, Field(gt=0)]
 

@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from mmgraph.config.base import Section
-from mmgraph.errors import did_you_mean
+from mmgraph.core.config.base import Section
+from mmgraph.core.errors import did_you_mean
 
 NonNeg = Annotated[float, Field(ge=0.0)]
 

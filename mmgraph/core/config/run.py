@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 from pydantic import Field
 
-from mmgraph.config.base import Section
+from mmgraph.core.config.base import Section
 
 PositiveInt = Annotated[int, Field(gt=0)]
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mmgraph.errors import Problem, UserError
+from mmgraph.core.errors import Problem, UserError
 
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 _DTYPES = {  # safetensors dtype names

@@ -14,9 +14,9 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field, ValidationError
 
 import mmgraph.configs as _shipped_configs
-from mmgraph.config.base import Section
-from mmgraph.config.load import _format_errors, _read_yaml
-from mmgraph.errors import Problem, UserError, did_you_mean
+from mmgraph.core.config.base import Section
+from mmgraph.core.config.load import _format_errors, _read_yaml
+from mmgraph.core.errors import Problem, UserError, did_you_mean
 
 Positive = Annotated[float, Field(gt=0)]
 Share = Annotated[float, Field(gt=0, le=1)]

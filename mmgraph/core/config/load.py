@@ -14,13 +14,13 @@ from typing import Any, Optional
 import yaml
 from pydantic import ValidationError
 
-from mmgraph.config.base import Section, section_at
-from mmgraph.config.layouts import Normalized, normalize
-from mmgraph.config.data import InputConfig
-from mmgraph.config.model import FeedForwardNetworkConfig, ModelConfig, ViTModelConfig
-from mmgraph.config.optim import OptimizerConfig
-from mmgraph.config.run import RunConfig
-from mmgraph.errors import Problem, UserError, did_you_mean
+from mmgraph.core.config.base import Section, section_at
+from mmgraph.core.config.layouts import Normalized, normalize
+from mmgraph.core.config.data import InputConfig
+from mmgraph.core.config.model import FeedForwardNetworkConfig, ModelConfig, ViTModelConfig
+from mmgraph.core.config.optim import OptimizerConfig
+from mmgraph.core.config.run import RunConfig
+from mmgraph.core.errors import Problem, UserError, did_you_mean
 
 SECTIONS: dict[str, type[Section]] = {
     "train_input": InputConfig,

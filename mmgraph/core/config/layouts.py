@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmgraph.config.ignored import IGNORED_KEYS, strip_ignored
-from mmgraph.errors import did_you_mean
+from mmgraph.core.config.ignored import IGNORED_KEYS, strip_ignored
+from mmgraph.core.errors import did_you_mean
 
 MICRO_BATCH_FLAG = "csx.performance.micro_batch_size"
 _TRAINER_KEYS = {"init", "fit", "validate", "validate_all"}
