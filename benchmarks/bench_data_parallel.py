@@ -95,6 +95,7 @@ def worker(params_path: Path, steps: int, zero: int, bucket_bytes: int, out: Pat
         result["overlap"] = _overlap(runner, plain, micro[0], steps, barrier)
     out.write_text(json.dumps(result))
     if world > 1:
+        dist.barrier()                  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
 
 

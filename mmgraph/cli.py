@@ -74,7 +74,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     return run(args.params, args.model_dir, args.mode, args.device, args.checkpoint_path, args.max_steps,
                args.target, args.executor, args.eval_executor, args.weight_streaming, remat=args.remat,
-               zero=args.zero, bucket_bytes=_bucket_bytes(args.bucket_mb))
+               zero=args.zero, bucket_bytes=_bucket_bytes(args.bucket_mb), program_dir=args.program)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -198,6 +198,10 @@ def _add_run(sub) -> None:
     runp.add_argument("--remat", choices=("none", "selective", "full", "auto"), metavar="POLICY",
                       help="activation recomputation: none, selective, full or auto (default: the "
                            "params' model.activation_checkpointing, auto)")
+    runp.add_argument("--program", metavar="DIR",
+                      help="run the saved programs in DIR (a MODEL_DIR/programs folder written by `mmgraph compile`); "
+                           "refused when they were compiled from other params, target or versions. Default: "
+                           "MODEL_DIR/programs when it matches, else compile")
     _bucket_arg(runp)
     runp.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, metavar="STAGE",
                       help="data parallel (torchrun): 1 shards the optimizer state across ranks, 2 also the "

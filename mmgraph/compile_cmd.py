@@ -37,6 +37,23 @@ def choose_micro_batch(params, mode: str, target, remat=None) -> tuple[int, str]
     return choice.micro_batch_size, choice.policy
 
 
+def _save_programs(params, mode: str, model_dir: str, stages, target, remat, world_size: int, zero: int,
+                   bucket_bytes, resolved: dict):
+    """The artifact ``mmgraph run`` loads instead of tracing (MODEL_DIR/programs/MODE; with
+    several micro-batches per data-parallel rank, also the no-sync program before the collectives)."""
+    from mmgraph import artifact
+
+    wanted = artifact.fingerprint(params, mode, target=target.name, world_size=world_size, zero=zero,
+                                  bucket_bytes=bucket_bytes, remat=remat)
+    store = artifact.programs_dir(model_dir)
+    last = artifact.save(store / mode, stages[-1].program, wanted, resolved)
+    names = [s.name for s in stages]
+    if mode == "train" and "data_parallel" in names and any(
+            spec.kind.value == "grad" for spec in stages[-1].program.inputs):
+        artifact.save(store / "train.no_sync", stages[names.index("data_parallel") - 1].program, wanted, resolved)
+    return last
+
+
 def _section(mode: str) -> str:
     return "eval_input" if mode == "eval" else "train_input"
 
@@ -68,6 +85,7 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         raise UserError(Problem(None, "--world_size", f"must be at least 1, not {world_size}"))
     target = load_target(target_name)
     data = params.input_for(mode)
+    requested_remat = remat
     mbs = None
     if data is not None and data.micro_batch_size in ("auto", "explore"):
         mbs, remat = choose_micro_batch(params, mode, target, remat)
@@ -85,6 +103,8 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat,
                               world_size=world_size, accumulate=accumulate, zero=zero, bucket_bytes=bucket_bytes)
         where = write_dumps(stages, model_dir, params_path, params, target)
+        saved = _save_programs(params, mode, model_dir, stages, target, requested_remat, world_size, zero,
+                               bucket_bytes, {"micro_batch": mbs, "remat": remat})
     print(f"{'pass':<17} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:
         p, rec = stage.program, stage.program.history[-1]
@@ -102,7 +122,8 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
     if mode == "train":
         print(scaling_summary(stages[-1].program, target))
     checked = " (verified after every pass)" if verify else ""
-    print(f"compiled in {time.perf_counter() - start:.1f} s{checked}; dumps in {where}/ (report.html)")
+    print(f"compiled in {time.perf_counter() - start:.1f} s{checked}; dumps in {where}/ (report.html); "
+          f"program for `mmgraph run` in {saved}/")
     if not sched.fits:
         plan = stages[-1].program.remat
         if plan is not None and all(layer.policy == "full" for layer in plan.layers):

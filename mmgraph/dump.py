@@ -297,6 +297,9 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
     else:
         artifacts["eval.onnx"] = skip
     rep = report(stages, params_path)
+    from mmgraph.artifact import code_sha256
+
+    rep["program_code_sha256"] = code_sha256(last)      # GraphModule.code: what runs; program.py prints it
     if last.schedule is not None and target is not None and last.mode == "train" and target.interconnect is not None:
         from dataclasses import asdict
 

@@ -37,25 +37,47 @@ def _silent(*_args, **_kwargs) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The command line of ``mmgraph run`` past the params, mode and model_dir."""
+
+    device: str = "cpu"
+    checkpoint_path: Optional[str] = None
+    max_steps: Optional[int] = None
+    target: str = "cs2"
+    executor: str = "reference"
+    eval_executor: Optional[str] = None
+    weight_streaming: bool = False
+    remat: Optional[str] = None
+    zero: int = 0
+    bucket_bytes: Optional[int] = None
+    program_dir: Optional[str] = None
+
+
 def _run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
          checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
          executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False,
-         remat: Optional[str] = None, zero: int = 0, bucket_bytes: Optional[int] = None) -> int:
+         remat: Optional[str] = None, zero: int = 0, bucket_bytes: Optional[int] = None,
+         program_dir: Optional[str] = None) -> int:
     from mmgraph.runtime.distributed import from_env
 
     params = load_params(params_path, mode)
-    dev = _device(device)
-    ranks = from_env(dev)                       # torchrun's ranks: joins the process group
+    opts = RunOptions(_device(device), checkpoint_path, max_steps, target, executor, eval_executor, weight_streaming,
+                      remat, zero, bucket_bytes, program_dir)
+    ranks = from_env(opts.device)               # torchrun's ranks: joins the process group
+    done = False
     try:
-        return _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path, max_steps, target,
-                          executor, eval_executor, weight_streaming, remat, zero, bucket_bytes)
+        rc = _run_ranks(params, params_path, model_dir, mode, ranks, opts)
+        done = True
+        return rc
     finally:
         if ranks.world_size > 1 and torch.distributed.is_initialized():
+            if done:                      # no rank tears its connections down while another still uses them
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
-def _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path, max_steps, target, executor,
-               eval_executor, weight_streaming, remat, zero, bucket_bytes) -> int:
+def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts: RunOptions) -> int:
     from mmgraph.models import initial_weights
     from mmgraph.runtime.data import make_loader
     from mmgraph.runtime.distributed import rank_share
@@ -64,6 +86,10 @@ def _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path
 
     say = print if ranks.main else _silent
     train_mode = mode in ("train", "train_and_eval")
+    original = params
+    remat = opts.remat
+    if train_mode:
+        params, remat = _resolve_auto(params, model_dir, opts, ranks, say)
     if train_mode and ranks.world_size > 1:
         rank_share(params.train_input.batch_size, ranks, params.path, "train_input.batch_size")
     # Data first: a missing data_dir or image folder is reported before any compute.
@@ -71,10 +97,12 @@ def _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path
                     if train_mode else None)
     eval_loader = make_loader(params, "eval") if mode in ("eval", "train_and_eval") else None
     if train_mode:
-        check_memory(params, dev, ranks)
+        check_memory(params, opts.device, ranks)
 
-    programs = _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket_bytes, weight_streaming,
-                         train_mode, eval_loader is not None, say)
+    programs = _programs(params, params_path, model_dir, opts.target, remat, ranks, opts.zero, opts.bucket_bytes,
+                         opts.weight_streaming, train_mode, eval_loader is not None, say, opts.program_dir, original)
+    dev, executor, eval_executor, weight_streaming = opts.device, opts.executor, opts.eval_executor, opts.weight_streaming
+    zero, checkpoint_path, max_steps = opts.zero, opts.checkpoint_path, opts.max_steps
     runner = Runner(params, model_dir, programs.train, programs.eval, dev, executor=executor,
                     eval_executor=eval_executor, weight_streaming=weight_streaming,
                     weights=initial_weights(params), ranks=ranks, no_sync=programs.no_sync,
@@ -96,6 +124,32 @@ def _run_ranks(params, params_path, model_dir, mode, dev, ranks, checkpoint_path
     return 0
 
 
+def _resolve_auto(params, model_dir: str, opts: RunOptions, ranks, say):
+    """``micro_batch_size: auto`` (or ``explore``) decided once, as compile decides it: read from
+    the matching saved program when there is one, else chosen now. Returns (params with the
+    micro-batch resolved, remat policy)."""
+    from mmgraph import artifact
+    from mmgraph.core.target import load_target
+
+    data = params.train_input
+    if data is None or data.micro_batch_size not in ("auto", "explore"):
+        return params, opts.remat
+    tgt = load_target(opts.target)
+    store = Path(opts.program_dir) if opts.program_dir else artifact.programs_dir(model_dir)
+    wanted = artifact.fingerprint(params, "train", target=tgt.name, world_size=ranks.world_size, zero=opts.zero,
+                                  bucket_bytes=opts.bucket_bytes, remat=opts.remat)
+    where, _ = artifact.find(store, "train", wanted)
+    resolved = (artifact.read_fingerprint(where) or {}).get("resolved", {}) if where else {}
+    if resolved.get("micro_batch"):
+        say(f"micro_batch_size auto: {resolved['micro_batch']} with remat {resolved.get('remat')} "
+            f"(as compiled, {where})")
+        return params.with_micro_batch("train", resolved["micro_batch"]), opts.remat
+    from mmgraph.compile_cmd import choose_micro_batch
+
+    mbs, policy = choose_micro_batch(params, "train", tgt, opts.remat)
+    return params.with_micro_batch("train", mbs), policy if opts.remat is None else opts.remat
+
+
 @dataclass(frozen=True)
 class Programs:
     train: Optional[Program]              # the last micro-step's program (data parallel: reduces)
@@ -104,30 +158,92 @@ class Programs:
 
 
 def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket_bytes, weight_streaming,
-              train_mode, evaluate, say) -> Programs:
-    """Compile what the run executes (dumps in MODEL_DIR/compile, written by rank 0)."""
-    from mmgraph.dump import write_dumps
-    from mmgraph.pipeline import compile_step
+              train_mode, evaluate, say, program_dir=None, original=None) -> Programs:
+    """The programs the run executes: the saved artifacts (MODEL_DIR/programs, or ``program_dir``)
+    when their fingerprints match, else compiled (dumps in MODEL_DIR/compile and the artifacts
+    written by rank 0). ``original``: the params before ``auto`` was resolved (fingerprints are
+    of what the user wrote)."""
+    from mmgraph import artifact
     from mmgraph.core.target import load_target
 
     t0 = time.perf_counter()
     tgt = load_target(target)
+    store = Path(program_dir) if program_dir else artifact.programs_dir(model_dir)
+    world = ranks.world_size
     train_program = eval_program = no_sync = None
+    compiled: list[str] = []
     if train_mode:
-        world = ranks.world_size
+        wanted = artifact.fingerprint(original or params, "train", target=tgt.name, world_size=world, zero=zero,
+                                      bucket_bytes=bucket_bytes, remat=remat)
         rb = rank_batch(params.train_input.batch_size, params.train_input.micro_batch_size, world)
-        stages = compile_step(params, "train", target=tgt, remat=remat, world_size=world,
-                              micro_batch_size=rb.micro_batch if world > 1 else None,
-                              accumulate=world > 1 and rb.micro_batches > 1, zero=zero, bucket_bytes=bucket_bytes)
-        if ranks.main:
-            write_dumps(stages, model_dir, params_path, None, tgt)
-        train_program = stages[-1].program
-        if world > 1 and rb.micro_batches > 1:          # earlier micro-steps: the program before the collectives
-            no_sync = next(a.program for a, b in zip(stages, stages[1:]) if b.name == "data_parallel")
+        names = ["train", "train.no_sync"] if world > 1 and rb.micro_batches > 1 else ["train"]
+        found = _load_saved(store, names, wanted, program_dir, say)
+        if found is None:
+            stages = _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb)
+            if ranks.main:
+                from mmgraph.dump import write_dumps
+
+                write_dumps(stages, model_dir, params_path, None, tgt)
+                _save(store, names, stages, wanted, {"micro_batch": params.train_input.micro_batch_size, "remat": remat})
+            found = [stages[-1].program] + ([_before_data_parallel(stages)] if len(names) > 1 else [])
+            compiled.append(f"train (dumps in {Path(model_dir) / 'compile'}/)")
+        train_program, no_sync = found[0], (found[1] if len(found) > 1 else None)
     if evaluate:
-        eval_program = compile_step(params, "eval", target=tgt if weight_streaming else None)[-1].program
-    say(f"compiled in {time.perf_counter() - t0:.1f} s; dumps in {Path(model_dir) / 'compile'}/")
+        wanted = artifact.fingerprint(original or params, "eval", target=tgt.name)
+        found = _load_saved(store, ["eval"], wanted, program_dir, say)
+        if found is None:
+            from mmgraph.pipeline import compile_step
+
+            eval_program = compile_step(params, "eval", target=tgt)[-1].program
+            if ranks.main:
+                artifact.save(store / "eval", eval_program, wanted)
+            compiled.append("eval")
+        else:
+            eval_program = found[0]
+    if compiled:
+        say(f"compiled {' and '.join(compiled)} in {time.perf_counter() - t0:.1f} s; saved in {store}/")
     return Programs(train_program, no_sync, eval_program)
+
+
+def _load_saved(store: Path, names: list[str], wanted: dict, program_dir, say) -> Optional[list]:
+    """The saved programs ``names`` when all match ``wanted``; else None (saying why), or an
+    error when the user named the folder (``--program``)."""
+    from mmgraph import artifact
+
+    found = []
+    for name in names:
+        where, why = artifact.find(store, name, wanted)
+        if where is None:
+            if program_dir:
+                raise UserError(Problem(str(Path(program_dir) / name), "--program", f"does not match this run: {why}"))
+            say(f"compiling {names[0]}: {why}")
+            return None
+        t0 = time.perf_counter()
+        found.append(artifact.load(where))
+        say(f"loaded program {where} in {time.perf_counter() - t0:.2f} s (nothing traced; code sha256 "
+            f"{artifact.code_sha256(found[-1])[:12]})")
+    return found
+
+
+def _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb) -> list:
+    from mmgraph.pipeline import compile_step
+
+    return compile_step(params, "train", target=tgt, remat=remat, world_size=world,
+                        micro_batch_size=rb.micro_batch if world > 1 else None,
+                        accumulate=world > 1 and rb.micro_batches > 1, zero=zero, bucket_bytes=bucket_bytes)
+
+
+def _before_data_parallel(stages) -> Program:
+    """Earlier micro-steps of a data-parallel step: the program before the collectives."""
+    return next(a.program for a, b in zip(stages, stages[1:]) if b.name == "data_parallel")
+
+
+def _save(store: Path, names: list[str], stages, wanted: dict, resolved: Optional[dict] = None) -> None:
+    from mmgraph import artifact
+
+    artifact.save(store / names[0], stages[-1].program, wanted, resolved)
+    if len(names) > 1:
+        artifact.save(store / names[1], _before_data_parallel(stages), wanted, resolved)
 
 
 def _data_parallel_line(params, ranks, runner, zero: int) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -75,6 +75,15 @@ class Params:
 
     def layout(self, mode: str = "train") -> SequenceLayout:
         return sequence_layout(self.model, self.input_for(mode))
+
+    def with_micro_batch(self, mode: str, micro_batch_size: int) -> "Params":
+        """These params with ``micro_batch_size`` resolved (``auto`` decided by the compiler) in
+        the section ``mode`` reads: derived values are resolved once, then read everywhere."""
+        section = "eval_input" if mode == "eval" and self.eval_input is not None else "train_input"
+        if getattr(self, section) is None:
+            section = "eval_input"
+        data = getattr(self, section)
+        return replace(self, **{section: data.model_copy(update={"micro_batch_size": micro_batch_size})})
 
     def micro_batch_sizes(self, mode: str = "train") -> list[int]:
         """The micro-batches one step of ``mode`` runs, in order: ``batch_size`` split into

@@ -1,0 +1,320 @@
+"""The program artifact: a lowered Program saved so ``mmgraph run`` executes it without tracing.
+
+``MODEL_DIR/programs/NAME/`` (NAME: ``train``, ``train.no_sync``, ``eval``) holds
+- ``program.json``: the FX graph as data (nodes with their op, target, arguments and value
+  shapes) and every typed field of the Program (input/output specs, node infos, kernels,
+  segments, schedule, remat plan, collectives); targets are resolved on load only from an
+  allowlist (``torch.ops.aten``, ``prims``, ``_c10d_functional``, ``operator.getitem``) and
+  typed fields only into the IR's own dataclasses, so loading never executes anything from
+  the file (no pickle, no ``exec``);
+- ``fingerprint.json``: what the program was compiled from (the params' keys that reach the
+  program, mode, micro-batch, target, world size, ZeRO stage, bucket size, remat policy, torch
+  and mmgraph versions) and the sha256 of its code (``GraphModule.code``: the ``program.py``
+  of the dumps is printed from the same graph).
+
+``fingerprint`` says what a run wants; ``differences`` names what changed (a params key, a
+version, the target) when an artifact does not match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import operator
+import shutil
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from mmgraph import __version__
+from mmgraph.core import ir
+from mmgraph.core.config import Params
+from mmgraph.core.errors import Problem, UserError
+
+FORMAT = 1
+NAMESPACES = ("aten", "prims", "_c10d_functional")
+# Input keys that never reach the program (where the data is and how it is read).
+DATA_ONLY = {"data_dir", "img_data_dir", "transforms", "shuffle", "shuffle_seed", "drop_last", "num_workers",
+             "noaugment", "data_processor"}
+
+
+# -- fingerprint ---------------------------------------------------------------------------------
+def _flat(prefix: str, value: Any, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def fingerprint(params: Params, mode: str, *, target: Optional[str], world_size: int = 1, zero: int = 0,
+                bucket_bytes: Optional[int] = None, remat: Optional[str] = None) -> dict:
+    """What a program of ``params`` for ``mode`` is compiled from (JSON-able); settings that do
+    not change the program are normalised away (ZeRO-1 is DDP's program; one rank has no buckets)."""
+    from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES
+
+    parallel = mode == "train" and world_size > 1
+    section = "eval_input" if mode == "eval" else "train_input"
+    data = params.input_for(mode)
+    keys: dict = {}
+    _flat("model", params.model.model_dump(mode="json"), keys)
+    if data is not None:
+        _flat(section, {k: v for k, v in data.model_dump(mode="json").items() if k not in DATA_ONLY}, keys)
+    return {"format": FORMAT, "mmgraph": __version__, "torch": torch.__version__, "mode": mode, "target": target,
+            "world_size": world_size if parallel else 1, "zero": zero if parallel and zero == 2 else 0,
+            "bucket_bytes": (bucket_bytes or DEFAULT_BUCKET_BYTES) if parallel else None, "remat": remat,
+            "params": keys}
+
+
+def differences(saved: dict, wanted: dict) -> list[str]:
+    """What differs between a saved fingerprint and the wanted one, in words."""
+    out = []
+    for key in wanted:
+        if key in ("params", "code_sha256", "resolved"):
+            continue
+        if saved.get(key) != wanted[key]:
+            out.append(f"{key} {saved.get(key)!r} -> {wanted[key]!r}")
+    a, b = saved.get("params", {}), wanted.get("params", {})
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            out.append(f"params key {key} changed ({a.get(key)!r} -> {b.get(key)!r})" if key in a and key in b
+                       else f"params key {key} {'added' if key in b else 'removed'}")
+    return out
+
+
+def code_sha256(program: ir.Program) -> str:
+    return hashlib.sha256(program.gm.code.encode()).hexdigest()
+
+
+# -- values -> JSON ------------------------------------------------------------------------------
+def _dataclasses() -> dict[str, type]:
+    from mmgraph.passes.data_parallel import Bucket
+
+    classes = [ir.InputSpec, ir.OutputSpec, ir.NodeInfo, ir.PassRecord, ir.Kernel, ir.Segment, ir.SegmentTime,
+               ir.Schedule, ir.RematLayer, ir.RematPlan, Bucket]
+    return {c.__name__: c for c in classes}
+
+
+_ENUMS = {"InputKind": ir.InputKind, "Phase": ir.Phase}
+_MEMORY_FORMATS = {str(f).split(".")[-1]: f for f in (torch.contiguous_format, torch.channels_last,
+                                                      torch.channels_last_3d, torch.preserve_format)}
+_LAYOUTS = {"strided": torch.strided, "sparse_coo": torch.sparse_coo}
+
+
+def _enc(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if v == v and v not in (float("inf"), float("-inf")) else {"float": repr(v)}
+    if isinstance(v, fx.Node):
+        return {"node": v.name}
+    if isinstance(v, torch.dtype):
+        return {"dtype": str(v).removeprefix("torch.")}
+    if isinstance(v, torch.device):
+        return {"device": str(v)}
+    if isinstance(v, torch.memory_format):
+        return {"memory_format": str(v).split(".")[-1]}
+    if isinstance(v, torch.layout):
+        return {"layout": str(v).split(".")[-1]}
+    if isinstance(v, Enum):
+        return {"enum": type(v).__name__, "value": v.value}
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {"dataclass": type(v).__name__,
+                "fields": {f.name: _enc(getattr(v, f.name)) for f in dataclasses.fields(v)}}
+    if isinstance(v, tuple):
+        return {"tuple": [_enc(x) for x in v]}
+    if isinstance(v, list):
+        return [_enc(x) for x in v]
+    if isinstance(v, dict):
+        return {"dict": [[_enc(k), _enc(x)] for k, x in v.items()]}
+    raise TypeError(f"cannot save a {type(v).__name__} in a program artifact")
+
+
+def _dec(v: Any, nodes: Optional[dict] = None, where: str = "") -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [_dec(x, nodes, where) for x in v]
+    if not isinstance(v, dict) or len(v) not in (1, 2):
+        raise ValueError(f"{where}: unexpected value {str(v)[:80]}")
+    if "float" in v:
+        return float(v["float"])
+    if "node" in v:
+        if nodes is None or v["node"] not in nodes:
+            raise ValueError(f"{where}: refers to unknown node {v['node']!r}")
+        return nodes[v["node"]]
+    if "dtype" in v:
+        dtype = getattr(torch, v["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{where}: unknown dtype {v['dtype']!r}")
+        return dtype
+    if "device" in v:
+        return torch.device(v["device"])
+    if "memory_format" in v:
+        return _MEMORY_FORMATS[v["memory_format"]]
+    if "layout" in v:
+        return _LAYOUTS[v["layout"]]
+    if "enum" in v:
+        return _ENUMS[v["enum"]](v["value"])
+    if "tuple" in v:
+        return tuple(_dec(x, nodes, where) for x in v["tuple"])
+    if "dict" in v:
+        return {_dec(k, nodes, where): _dec(x, nodes, where) for k, x in v["dict"]}
+    if "dataclass" in v:
+        cls = _dataclasses().get(v["dataclass"])
+        if cls is None:
+            raise ValueError(f"{where}: unknown type {v['dataclass']!r}")
+        return cls(**{k: _dec(x, nodes, where) for k, x in v["fields"].items()})
+    raise ValueError(f"{where}: unexpected value {str(v)[:80]}")
+
+
+# -- the graph -----------------------------------------------------------------------------------
+def _target_name(target) -> str:
+    if target is operator.getitem:
+        return "operator.getitem"
+    if isinstance(target, torch._ops.OpOverload) and target.namespace in NAMESPACES:
+        return f"{target.namespace}.{target._schema.name.split('::')[1]}.{target._overloadname}"
+    raise TypeError(f"cannot save call target {target!r} in a program artifact")
+
+
+def _resolve(name: str):
+    if name == "operator.getitem":
+        return operator.getitem
+    namespace, _, rest = name.partition(".")
+    op, _, overload = rest.rpartition(".")
+    if namespace not in NAMESPACES or not op:
+        raise ValueError(f"call target {name!r} is not an allowed op")
+    packet = getattr(getattr(torch.ops, namespace), op, None)
+    found = getattr(packet, overload, None) if packet is not None else None
+    if not isinstance(found, torch._ops.OpOverload):
+        raise ValueError(f"unknown op {name!r} (this torch has no such overload)")
+    return found
+
+
+def _val(v) -> Any:
+    if isinstance(v, torch.Tensor):
+        return {"shape": list(v.shape), "stride": list(v.stride()), "dtype": str(v.dtype).removeprefix("torch.")}
+    if isinstance(v, (tuple, list)):
+        return [_val(x) for x in v]
+    return None
+
+
+def _unval(v):
+    if isinstance(v, dict):
+        return torch.empty_strided(v["shape"], v["stride"], dtype=getattr(torch, v["dtype"]), device="meta")
+    if isinstance(v, list):
+        return tuple(_unval(x) for x in v)
+    return None
+
+
+def _graph_to_json(gm: fx.GraphModule) -> list[dict]:
+    out = []
+    for n in gm.graph.nodes:
+        entry = {"name": n.name, "op": n.op, "args": _enc(n.args), "kwargs": _enc(n.kwargs),
+                 "val": _val(n.meta.get("val"))}
+        if n.op == "call_function":
+            entry["target"] = _target_name(n.target)
+        elif n.op == "placeholder":
+            entry["target"] = n.target
+        elif n.op != "output":
+            raise TypeError(f"cannot save a {n.op} node in a program artifact")
+        out.append(entry)
+    return out
+
+
+def _graph_from_json(entries: list[dict], where: str) -> fx.GraphModule:
+    graph = fx.Graph()
+    nodes: dict[str, fx.Node] = {}
+    for e in entries:
+        at = f"{where}: node {e.get('name')!r}"
+        args, kwargs = _dec(e["args"], nodes, at), _dec(e["kwargs"], nodes, at)
+        if e["op"] == "placeholder":
+            node = graph.placeholder(str(e["target"]))
+        elif e["op"] == "call_function":
+            node = graph.create_node("call_function", _resolve(e["target"]), tuple(args), kwargs, name=e["name"])
+        elif e["op"] == "output":
+            node = graph.output(args[0])
+        else:
+            raise ValueError(f"{at}: op {e['op']!r} is not allowed")
+        if node.name != e["name"] and e["op"] != "output":
+            raise ValueError(f"{at}: the name did not survive (got {node.name!r})")
+        if e.get("val") is not None:
+            node.meta["val"] = _unval(e["val"])
+        nodes[e["name"]] = node
+    graph.lint()
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+# -- save / load ---------------------------------------------------------------------------------
+def save(folder: str | Path, program: ir.Program, wanted: dict, resolved: Optional[dict] = None) -> Path:
+    """Write ``program`` and its fingerprint to ``folder`` (a temporary name, then renamed);
+    ``resolved``: what compile decided for ``auto`` settings (micro-batch, remat policy)."""
+    folder = Path(folder)
+    fields = {f.name: _enc(getattr(program, f.name)) for f in dataclasses.fields(program) if f.name != "gm"}
+    doc = {"format": FORMAT, "graph": _graph_to_json(program.gm), "fields": fields}
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "program.json").write_text(json.dumps(doc))
+    stamp = {**wanted, "resolved": resolved or {}, "code_sha256": code_sha256(program)}
+    (tmp / "fingerprint.json").write_text(json.dumps(stamp, indent=1))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def read_fingerprint(folder: str | Path) -> Optional[dict]:
+    path = Path(folder) / "fingerprint.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def load(folder: str | Path) -> ir.Program:
+    """The Program saved in ``folder``; a UserError naming the file and what is wrong when it is
+    malformed or names an op outside the allowlist."""
+    path = Path(folder) / "program.json"
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, this mmgraph reads {FORMAT}")
+        gm = _graph_from_json(doc["graph"], str(path))
+        fields = {k: _dec(v, None, f"{path}: {k}") for k, v in doc["fields"].items()}
+        program = ir.Program(gm=gm, **fields)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise UserError(Problem(str(path), None, f"not a usable program artifact: {err}")) from None
+    saved = read_fingerprint(folder) or {}
+    if saved.get("code_sha256") not in (None, code_sha256(program)):
+        raise UserError(Problem(str(path), None, "the program's code does not hash to its fingerprint's "
+                                "code_sha256 (a changed or damaged artifact)"))
+    return program
+
+
+def programs_dir(model_dir: str | Path) -> Path:
+    """Where compile and run keep the artifacts: ``MODEL_DIR/programs``."""
+    return Path(model_dir) / "programs"
+
+
+def find(folder: str | Path, name: str, wanted: dict) -> tuple[Optional[Path], str]:
+    """``(folder/name, "")`` when a saved program there matches ``wanted``, else ``(None, why)``."""
+    where = Path(folder) / name
+    saved = read_fingerprint(where)
+    if saved is None or not (where / "program.json").is_file():
+        return None, f"no saved {name} program in {folder}"
+    diffs = differences(saved, wanted)
+    if diffs:
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        return None, "; ".join(diffs[:3]) + more
+    return where, ""

@@ -1,0 +1,159 @@
+"""The program artifact: compile once, run the saved program (issue 16 item 1, item 4's
+micro-batch agreement): round trips of every stage, a run that traces nothing and trains like
+one that compiled, recompiles that name the changed key, ``--program``, refused tampering."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+
+from mmgraph import artifact
+from mmgraph.cli import main
+from mmgraph.core.config import load_params
+from mmgraph.core.ir import InputKind
+from mmgraph.core.target import load_target
+from mmgraph.models import initial_weights, random_batch
+from mmgraph.pipeline import compile_step
+from tests.conftest import ROOT
+from tests.test_runtime import shards  # noqa: F401 - the module's data fixture
+
+FIELDS = ("inputs", "outputs", "info", "mode", "precision", "history", "kernels", "refusals", "segments",
+          "schedule", "remat", "world_size", "collectives")
+
+
+@pytest.mark.parametrize("config, mode, world", [("params_mm_llava_tiny_phase2.yaml", "train", 2),
+                                                 ("params_mm1_tiny.yaml", "eval", 1),
+                                                 ("params_cogvlm_tiny.yaml", "train", 1)])
+def test_every_stage_round_trips(config, mode, world, tmp_path):
+    params = load_params(ROOT / "configs" / config)
+    stages = compile_step(params, mode, target=load_target("cs2"), world_size=world, remat="selective")
+    weights = initial_weights(params)
+    for stage in stages:
+        saved = artifact.save(tmp_path / stage.name, stage.program, {"mode": mode})
+        back = artifact.load(saved)
+        assert back.gm.code == stage.program.gm.code, stage.name
+        for f in FIELDS:
+            assert getattr(back, f) == getattr(stage.program, f), (stage.name, f)
+    if world == 1:                                   # the last one runs alike, bit for bit
+        program = stages[-1].program
+        size = next(s.shape[0] for s in program.inputs if s.kind == InputKind.BATCH)
+        batch = random_batch(params.layout(mode), size, seed=1)
+        args = [weights[s.name] if s.kind == InputKind.PARAM else batch[s.name] for s in program.inputs]
+        assert all(torch.equal(a, b) for a, b in zip(program.gm(*args), back.gm(*args)))
+
+
+def _params(tmp_path, shards_path, **model):  # noqa: F811
+    raw = yaml.safe_load(shards_path.read_text())
+    raw["model"]["text_model"].update(model)
+    raw["runconfig"].update(checkpoint_steps=3)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _weights(md):
+    from safetensors.torch import load_file
+
+    return load_file(str(md / "checkpoints" / "ckpt-000003" / "model.safetensors"))
+
+
+def test_run_loads_the_compiled_program_traces_nothing_and_trains_alike(shards, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import mmgraph.pipeline
+    import mmgraph.trace
+
+    params = _params(tmp_path, shards)
+    plain = tmp_path / "plain"
+    assert main(["run", "--params", str(params), "--model_dir", str(plain), "--max_steps", "3"]) == 0
+    assert "compiling train: no saved train program" in capsys.readouterr().out
+    md = tmp_path / "md"
+    assert main(["compile", "--params", str(params), "--model_dir", str(md)]) == 0
+    report = json.loads((md / "compile" / "report.json").read_text())
+    fingerprint = artifact.read_fingerprint(md / "programs" / "train")
+    assert report["program_code_sha256"] == fingerprint["code_sha256"]
+
+    def no_tracing(*_a, **_k):
+        raise AssertionError("the run traced")
+    monkeypatch.setattr(mmgraph.trace, "trace_step", no_tracing)
+    monkeypatch.setattr(mmgraph.pipeline, "trace_step", no_tracing)
+    assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"loaded program {md / 'programs' / 'train'}" in out and "nothing traced" in out
+    assert artifact.code_sha256(artifact.load(md / "programs" / "train")) == report["program_code_sha256"]
+    a, b = _weights(plain), _weights(md)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_changed_key_recompiles_and_says_which(shards, tmp_path, capsys):  # noqa: F811
+    md = tmp_path / "md"
+    assert main(["compile", "--params", str(_params(tmp_path, shards)), "--model_dir", str(md)]) == 0
+    changed = _params(tmp_path, shards, max_position_embeddings=256)
+    assert main(["run", "--params", str(changed), "--model_dir", str(md), "--max_steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "compiling train: params key model.text_model.max_position_embeddings changed (128 -> 256)" in out
+    # the run saved what it compiled: the next one loads it
+    assert main(["run", "--params", str(changed), "--model_dir", str(md), "--max_steps", "2"]) == 0
+    assert "loaded program" in capsys.readouterr().out
+
+
+def test_program_dir_runs_a_given_artifact_and_refuses_another(shards, tmp_path, capsys):  # noqa: F811
+    built = tmp_path / "built"
+    params = _params(tmp_path, shards)
+    assert main(["compile", "--params", str(params), "--model_dir", str(built)]) == 0
+    assert main(["run", "--params", str(params), "--model_dir", str(tmp_path / "a"), "--max_steps", "1",
+                 "--program", str(built / "programs")]) == 0
+    assert "loaded program" in capsys.readouterr().out
+    assert main(["run", "--params", str(params), "--model_dir", str(tmp_path / "b"), "--max_steps", "1",
+                 "--program", str(built / "programs"), "--target", "cs3"]) == 2
+    err = capsys.readouterr().err
+    assert "--program: does not match this run: target 'cs2' -> 'cs3'" in err
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda doc: doc["graph"][-2].update(target="builtins.eval"), "is not an allowed op"),
+    (lambda doc: doc["graph"][-2].update(target="aten.no_such_op.default"), "unknown op"),
+    (lambda doc: doc["fields"].update(mode={"dataclass": "Popen", "fields": {}}), "unknown type"),
+])
+def test_a_tampered_artifact_is_refused_never_executed(shards, tmp_path, capsys, tamper, message):  # noqa: F811
+    md = tmp_path / "md"
+    params = _params(tmp_path, shards)
+    assert main(["compile", "--params", str(params), "--model_dir", str(md)]) == 0
+    path = md / "programs" / "train" / "program.json"
+    doc = json.loads(path.read_text())
+    tamper(doc)
+    path.write_text(json.dumps(doc))
+    assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not a usable program artifact" in err and message in err
+
+
+def test_a_changed_graph_fails_its_code_hash(shards, tmp_path, capsys):  # noqa: F811
+    md = tmp_path / "md"
+    params = _params(tmp_path, shards)
+    assert main(["compile", "--params", str(params), "--model_dir", str(md)]) == 0
+    path = md / "programs" / "train" / "program.json"
+    doc = json.loads(path.read_text())
+    node = next(n for n in doc["graph"] if n.get("target") == "aten.mul.Tensor")
+    node["target"] = "aten.add.Tensor"                     # still an allowed op: only the hash tells
+    path.write_text(json.dumps(doc))
+    assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "1"]) == 2
+    assert "does not hash to its fingerprint's code_sha256" in capsys.readouterr().err
+
+
+def test_run_and_compile_resolve_auto_micro_batch_alike(shards, tmp_path, capsys):  # noqa: F811
+    raw = yaml.safe_load(shards.read_text())
+    raw["train_input"]["micro_batch_size"] = "auto"
+    params = tmp_path / "auto.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    assert main(["run", "--params", str(params), "--model_dir", str(tmp_path / "a"), "--max_steps", "1"]) == 0
+    ran = re.search(r"micro_batch_size auto: (\d+) with remat (\w+)", capsys.readouterr().out).groups()
+    md = tmp_path / "md"
+    assert main(["compile", "--params", str(params), "--model_dir", str(md)]) == 0
+    compiled = re.search(r"micro_batch_size auto: (\d+) with remat (\w+)", capsys.readouterr().out).groups()
+    assert ran == compiled
+    assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"micro_batch_size auto: {compiled[0]} with remat {compiled[1]} (as compiled" in out and "loaded program" in out
