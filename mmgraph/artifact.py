@@ -34,6 +34,7 @@ from mmgraph import __version__
 from mmgraph.core import ir
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.files import swap_folder
 
 FORMAT = 1
 NAMESPACES = ("aten", "prims", "_c10d_functional")
@@ -262,13 +263,7 @@ def save(folder: str | Path, program: ir.Program, wanted: dict, resolved: Option
     (tmp / "program.json").write_text(json.dumps(doc))
     stamp = {**wanted, "resolved": resolved or {}, "code_sha256": code_sha256(program)}
     (tmp / "fingerprint.json").write_text(json.dumps(stamp, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return swap_folder(tmp, folder)
 
 
 def read_fingerprint(folder: str | Path) -> Optional[dict]:

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from mmgraph import __version__
+from mmgraph.core.files import swap_folder
 from mmgraph.core.ir import InputKind, Phase, Program
 from mmgraph.passes.cost import bottleneck_words
 
@@ -315,10 +316,4 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
         artifacts["report.html"] = "written"
     rep["artifacts"] = artifacts
     (tmp / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    old = model_dir / ".compile.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return swap_folder(tmp, final)
