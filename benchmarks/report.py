@@ -28,7 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
 ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate", "packing",
-         "data_parallel")
+         "data_parallel", "startup")
 BENCH_MINUTES = 19      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28) and bench_packing (about 2 min, not yet timed within make bench)
 
 
@@ -133,6 +133,7 @@ TITLES = {
     "remat": "Activation recomputation (`benchmarks/bench_remat.py`)",
     "packing": "Sequence packing (`benchmarks/bench_packing.py`)",
     "data_parallel": "Data parallelism (`benchmarks/bench_data_parallel.py`)",
+    "startup": "Start-up with the program artifact (`benchmarks/bench_startup.py`)",
 }
 
 INTRO = {
@@ -258,6 +259,13 @@ the same program whose all-reduces and waits are replaced by their inputs, and w
 all-reduces alone: `1 - max(t_dp - t_without, 0) / t_comm`. ZeRO: the optimizer state each rank
 holds after the steps. The 7B rows are simulated (`passes/scaling.py`): SwarmX for cs2, a ring
 all-reduce over InfiniBand with bucketed overlap for h100."""
+
+INTRO["startup"] = """\
+`mmgraph run CPU --max_steps 1` in a fresh process, from its start to its first step's line (Python
+and torch imports, params, data, the program, one step), in a model_dir whose `programs/` matches
+(the run loads the artifact `mmgraph compile` saved: no tracing) and in one without (the run traces
+and lowers), interleaved, medians. The 7B row is the LLaVA-7B phase-2 train step traced and lowered
+for cs2 on the meta device against saving and loading its artifact."""
 
 TINY_EAGER_NOTE = """\
 Why tiny is low against eager PyTorch: its step is dominated by per-op overhead, and eager runs

@@ -192,7 +192,7 @@ def _step_figures(partial: Target, device: str, repeats: int, sync) -> tuple[flo
     op_efficiency + ops x overhead``, the roofline summed over its ops with the figures measured
     so far (``partial``: no overhead, efficiency 1). Re-measured while the fit is degenerate."""
     from mmgraph.passes.cost import node_time
-    from mmgraph.passes.weight_streaming import Precision
+    from mmgraph.core.precision import Precision
 
     steps = []
     for shape in ((32, 32, 4, 4), (128, 128, 8, 2)):          # tiny ops; larger ops

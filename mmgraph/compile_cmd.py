@@ -179,10 +179,9 @@ def _memory_source(target) -> str:
 def no_fit_arithmetic(program, params) -> str:
     """The smallest peak (everything recomputed), what it is made of, where it occurs."""
     from mmgraph.passes.cost import peak_breakdown
-    from mmgraph.passes.weight_streaming import precision_of
 
     sched, plan = program.schedule, program.remat
-    b = peak_breakdown(program, precision_of(params.model))
+    b = peak_breakdown(program, params.precision)
     return (f"the smallest peak any policy reaches (full) is {_size(sched.peak_memory_bytes)}, in segment "
             f"'{b['segment']}': kept activations {_size(b['kept'])} + one layer's working set "
             f"{_size(b['recomputed'] + b['working'])} (recomputed values {_size(b['recomputed'])}, largest kernel "

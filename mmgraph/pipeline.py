@@ -22,7 +22,7 @@ from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES, make_data_paralle
 from mmgraph.passes.cost import make_cost
 from mmgraph.passes.remat import LEVELS, make_remat
 from mmgraph.passes.verify import verify_numerics, verify_structure
-from mmgraph.passes.weight_streaming import make_weight_streaming, precision_of
+from mmgraph.passes.weight_streaming import make_weight_streaming
 from mmgraph.core.target import Target
 
 Pass = Callable[[Program], "tuple[Program, dict]"]
@@ -68,7 +68,7 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
         ("cleanup", cleanup),                                # 02: no-ops, CSE, dead code
         ("fusion", fusion),                                  # 03: ops -> kernels (op classes)
     ]
-    precision = precision_of(params.model)
+    precision = params.precision
     policy = remat or params.model.activation_checkpointing
     if target is not None or policy not in ("none", "auto"):     # auto without a target: none
         passes.append(("remat", make_remat(policy, target, precision)))   # 04: kept vs recomputed

@@ -89,10 +89,7 @@ def autocast_dtype(params: Params) -> Optional[torch.dtype]:
     traced under autocast, so the program itself holds the casts and low-precision matmuls
     (weights stay fp32 in the store; gradients come out fp32). ``cbfloat16`` (a Cerebras
     format) is computed as bfloat16."""
-    model = params.model
-    if not model.mixed_precision:
-        return None
-    return torch.float16 if model.fp16_type == "float16" else torch.bfloat16
+    return params.precision.autocast_dtype
 
 
 def micro_batch_size(params: Params, mode: str) -> int:

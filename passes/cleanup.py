@@ -6,21 +6,13 @@ import torch
 import torch.fx as fx
 
 from mmgraph.core.ir import Program
+from mmgraph.core.ops import cleanup_role
 from mmgraph.passes.util import copy_program, drop_dead
 
-aten = torch.ops.aten
-
-_IDENTITY = {aten.detach.default, aten.alias.default, aten.lift_fresh_copy.default}
-_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
-_ASSERTS = {aten._assert_tensor_metadata.default}
-# Ops whose result depends on more than their arguments: never merged.
-_NOT_CSE = {aten.empty.memory_format, aten.empty_like.default, aten.rand.default,
-            aten.randn.default, aten.native_dropout.default, aten.bernoulli.p}
-
-
 def _shape(node) -> tuple | None:
+    """(shape, dtype) of a node's value: a reshape to the same of both is a no-op."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+    return (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else None
 
 
 def _key(node: fx.Node):
@@ -40,17 +32,18 @@ def cleanup(program: Program) -> tuple[Program, dict]:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _ASSERTS:
+        role = cleanup_role(node)            # the op registry says what cleanup may drop
+        if role == "assert":
             gm.graph.erase_node(node)
             info.pop(node.name, None)
             counts["asserts"] += 1
             continue
         replacement = None
-        if node.target in _IDENTITY:
+        if role == "identity":
             replacement, kind = node.args[0], "identities"
-        elif node.target in _RESHAPES and _shape(node) is not None and _shape(node) == _shape(node.args[0]):
+        elif role == "reshape" and _shape(node) is not None and _shape(node) == _shape(node.args[0]):
             replacement, kind = node.args[0], "noop_reshapes"
-        elif node.target not in _NOT_CSE and not str(node.target).endswith("_"):
+        elif role != "fresh" and not str(node.target).endswith("_"):      # fresh: depends on more than its args
             key = _key(node)
             try:
                 hash(key)

@@ -23,18 +23,12 @@ from dataclasses import replace
 from typing import Optional
 
 from mmgraph.core.ir import Program, Schedule, SegmentTime
-from mmgraph.core.opcost import VIEW_OPS, node_bytes, node_flops, value_bytes
-from mmgraph.passes.fusion import op_class
-from mmgraph.passes.weight_streaming import Precision, _kernel_io_bytes
+from mmgraph.core.opcost import kernel_io_bytes, node_bytes, node_flops, value_bytes
+from mmgraph.core.ops import is_transcendental, moves_bytes, op_class
+from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target
 
 _MATMUL_LIKE = ("matmul", "attention")
-
-
-# Ops whose cost per element is a transcendental function (exp, log, sin, ...), not a FLOP.
-TRANSCENDENTAL = {"exp", "log", "sigmoid", "silu", "gelu", "tanh", "erf", "sin", "cos", "_softmax",
-                  "_log_softmax", "sigmoid_backward", "silu_backward", "gelu_backward", "tanh_backward",
-                  "_log_softmax_backward_data", "_softmax_backward_data", "pow", "rsqrt"}
 
 
 def op_time(flops: int, nbytes: float, matmul: bool, target: Target, precision: Precision,
@@ -50,13 +44,12 @@ def op_time(flops: int, nbytes: float, matmul: bool, target: Target, precision: 
 
 def node_time(node, target: Target, precision: Precision, flops: int | None = None) -> float:
     """One ATen op run on its own (targets that run op by op): views pay the overhead only."""
-    if node.op != "call_function" or node.target in VIEW_OPS:
+    if not moves_bytes(node):
         return target.compute.kernel_overhead_s
     flops = node_flops(node) if flops is None else flops
     cls = op_class(node)
-    opname = getattr(node.target, "__name__", "").split(".")[0]
     return op_time(flops, node_bytes(node, precision.bytes), cls in _MATMUL_LIKE, target, precision,
-                   attention=cls == "attention", transcendental_elements=flops if opname in TRANSCENDENTAL else 0)
+                   attention=cls == "attention", transcendental_elements=flops if is_transcendental(node) else 0)
 
 
 def segment_compute_s(program: Program, seg, target: Target, precision: Precision,
@@ -66,7 +59,7 @@ def segment_compute_s(program: Program, seg, target: Target, precision: Precisio
     for kid in seg.kernels:
         k = kernels[kid]
         if target.compute.granularity == "kernel":
-            io = _kernel_io_bytes(k, nodes, precision.bytes)
+            io = kernel_io_bytes(k, nodes, precision.bytes)
             total += op_time(k.flops, io, k.kind in _MATMUL_LIKE, target, precision)
             continue
         total += sum(node_time(nodes[name], target, precision, program.info[name].flops) for name in k.nodes)
@@ -181,7 +174,7 @@ def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_
               real_token_share: float = 1.0):
     """``real_token_share``: non-pad share of each row (the data's statistics), for real tokens/s."""
     def cost(program: Program) -> tuple[Program, dict]:
-        mbs = next(s.shape[0] for s in program.inputs if s.name == "text_input_ids")
+        mbs = program.batch_size
         kernels = {k.id: k for k in program.kernels}
         nodes = {n.name: n for n in program.gm.graph.nodes}
         compute = [segment_compute_s(program, seg, target, precision, kernels, nodes) for seg in program.segments]

@@ -1,6 +1,6 @@
 """fusion: group ops into kernels the way dataflow compilers do (TVM FuseOps op classes).
 
-Op classes: ``view`` and ``elementwise`` ops fuse into their producer's kernel; a
+Op classes (from the op registry, ``mmgraph.core.ops``): ``view`` and ``elementwise`` ops fuse into their producer's kernel; a
 ``reduction`` (sum, mean, softmax, norms, loss) becomes one kernel with its elementwise
 prologue, and several reductions over the same rows share it (softmax, RMSNorm); a
 ``matmul`` starts a kernel and takes its elementwise epilogue; ``attention`` and ``opaque``
@@ -22,59 +22,11 @@ import torch.fx as fx
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import Kernel, Program
 from mmgraph.core.opcost import node_val
-
-VIEW = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze",
-        "squeeze", "slice", "select", "alias", "detach", "split", "split_with_sizes", "unbind",
-        "as_strided", "lift_fresh_copy", "_assert_tensor_metadata", "clone", "getitem"}
-REDUCTION = {"sum", "mean", "amax", "amin", "max", "_softmax", "_log_softmax", "native_layer_norm",
-             "native_layer_norm_backward", "_log_softmax_backward_data", "_softmax_backward_data",
-             "nll_loss_forward", "nll_loss_backward", "var_mean", "var", "native_group_norm",
-             "native_group_norm_backward", "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward",
-             "avg_pool2d", "avg_pool2d_backward"}
-MATMUL = {"mm", "addmm", "bmm", "convolution", "convolution_backward", "baddbmm"}
-ATTENTION_PREFIX = "_scaled_dot_product"
-OPAQUE = {"scatter", "gather", "embedding", "embedding_dense_backward", "index", "index_put", "cumsum"}
-# Elementwise, broadcast and injective ops (TVM's classes up to injective).
-ELEMENTWISE = {
-    "add", "sub", "rsub", "mul", "div", "neg", "pow", "sqrt", "rsqrt", "reciprocal", "exp", "log",
-    "abs", "sign", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "where", "eq", "ne",
-    "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "bitwise_and",
-    "bitwise_or", "bitwise_not", "sin", "cos", "tanh", "sigmoid", "relu", "gelu", "silu", "erf",
-    "_to_copy", "copy", "fill", "masked_fill", "cat", "constant_pad_nd", "slice_backward", "select_backward", "tril",
-    "triu", "gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward",
-    "threshold_backward", "native_dropout", "native_dropout_backward", "bernoulli", "rand",
-    "randn", "lerp", "addcmul", "addcdiv", "exp2", "log1p", "expm1", "floor", "ceil", "round",
-    "trunc", "remainder", "fmod", "isnan", "isinf", "nan_to_num", "hardtanh", "leaky_relu",
-    "elu", "mish", "softplus",
-}
-# Ops that make a tensor from nothing but shapes and constants: computed where they are used.
-SOURCES = {"new_zeros", "zeros", "empty", "full", "arange", "scalar_tensor", "ones_like",
-           "zeros_like", "full_like", "empty_like", "ones"}
+from mmgraph.core.ops import op_class
 
 
 def _is_cast(node: fx.Node) -> bool:
     return getattr(node.target, "__name__", "").split(".")[0] == "_to_copy"
-
-
-def op_class(node: fx.Node) -> str:
-    if node.op != "call_function":
-        return "input"
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    if name in VIEW:
-        return "view"
-    if name.startswith(ATTENTION_PREFIX):
-        return "attention"
-    if name in MATMUL:
-        return "matmul"
-    if name in REDUCTION:
-        return "reduction"
-    if name in OPAQUE:
-        return "opaque"
-    if name in SOURCES:
-        return "source"
-    if name in ELEMENTWISE:
-        return "elementwise"
-    return "unsupported"
 
 
 @dataclass

@@ -30,10 +30,11 @@ from typing import Optional
 import torch.fx as fx
 
 from mmgraph.core.ir import InputKind, Phase, Program, RematLayer, RematPlan
-from mmgraph.core.opcost import value_bytes
-from mmgraph.passes.fusion import fusion, op_class
+from mmgraph.core.opcost import kernel_io_bytes, value_bytes
+from mmgraph.core.ops import op_class
+from mmgraph.passes.fusion import fusion
 from mmgraph.passes.util import copy_program, drop_dead
-from mmgraph.passes.weight_streaming import Precision, _kernel_io_bytes
+from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target
 
 POLICIES = ("none", "selective", "full", "auto")
@@ -189,7 +190,7 @@ class _Fixed:
 def _fixed(g: _Graph, tallies: dict, target: Optional[Target], precision: Precision) -> _Fixed:
     program = g.program
     nodes = {n.name: n for n in program.gm.graph.nodes}
-    work = max((_kernel_io_bytes(k, nodes, g.fb) for k in program.kernels or ()), default=0)
+    work = max((kernel_io_bytes(k, nodes, g.fb) for k in program.kernels or ()), default=0)
     scores = 0
     for node in program.ops():
         shape = program.info[node.name].shape

@@ -93,7 +93,7 @@ class NumericReport:
 def reference_inputs(program: Program, params: Params, seed: int = 0):
     """Real weights (seeded), a random batch, and the eager model holding those weights."""
     model, _ = build_model(params, seed=seed)
-    batch_size = next(s.shape[0] for s in program.inputs if s.name == "text_input_ids")
+    batch_size = program.batch_size
     batch = random_batch(params.layout(program.mode), batch_size, seed=seed + 1)
     state = dict(model.named_parameters())
     seed = torch.ones(())                                 # float16 programs: gradients unscaled

@@ -23,27 +23,10 @@ import networkx as nx
 import torch.fx as fx
 
 from mmgraph.core.ir import InputKind, Phase, Program, Segment
-from mmgraph.core.opcost import value_bytes
-from mmgraph.passes.fusion import op_class
+from mmgraph.core.opcost import kernel_io_bytes, value_bytes
+from mmgraph.core.precision import Precision
+from mmgraph.core.ops import op_class
 from mmgraph.core.target import Target
-
-
-@dataclass(frozen=True)
-class Precision:
-    """What the step computes and moves in: ``fp32``, or ``bf16``/``fp16`` with mixed precision."""
-
-    name: str
-
-    @property
-    def bytes(self) -> int:
-        return 4 if self.name == "fp32" else 2
-
-
-
-def precision_of(model_cfg) -> Precision:
-    if not model_cfg.mixed_precision:
-        return Precision("fp32")
-    return Precision("fp16" if model_cfg.fp16_type == "float16" else "bf16")
 
 
 def kernel_order(program: Program) -> list[int]:
@@ -143,7 +126,7 @@ def _weight_streaming(program: Program, target: Target, precision: Precision) ->
         w = sorted(weights(run))
         grads = sorted(g for kid in run for g in grad_kernel.get(kid, []))
         layers = tuple(dict.fromkeys(kernels[k].layer for k in run))
-        working = max(_kernel_io_bytes(kernels[k], nodes, fb) for k in run)
+        working = max(kernel_io_bytes(kernels[k], nodes, fb) for k in run)
         segments.append(Segment(
             id=i, phase=kernels[run[0]].phase, layers=layers, kernels=tuple(run), weights=tuple(w),
             weight_bytes=sum(param_bytes[p] for p in w), grads=tuple(grads),
@@ -173,19 +156,3 @@ def _backward_readers(node: fx.Node, program: Program) -> list[fx.Node]:
         elif op_class(u) == "view":
             todo.extend(u.users)
     return out
-
-
-def _kernel_io_bytes(kernel, nodes, float_bytes: Optional[int] = None) -> int:
-    """Bytes a kernel reads from and writes to memory (values crossing its boundary)."""
-    members = set(kernel.nodes)
-    total = 0
-    seen = set()
-    for name in kernel.nodes:
-        node = nodes[name]
-        for a in node.all_input_nodes:
-            if a.name not in members and a.name not in seen:
-                seen.add(a.name)
-                total += value_bytes(a, float_bytes)
-        if any(u.name not in members for u in node.users if u.op == "call_function") and op_class(node) != "view":
-            total += value_bytes(node, float_bytes)
-    return total

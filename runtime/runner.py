@@ -240,7 +240,7 @@ class Runner:
         A last, smaller batch is padded to the program's static size with unsupervised rows.
         Data parallel: each rank evaluates every world-size-th batch; the sums are combined."""
         program = self.eval_program
-        size = next(s.shape[0] for s in program.inputs if s.name == "labels")
+        size = program.batch_size
         total_loss = total_tokens = correct = 0.0
         answers = answers_right = 0
         for batch in list(batches)[self.ranks.rank::self.ranks.world_size]:

@@ -269,3 +269,13 @@ def test_data_parallel_benchmark_quick(capsys):
     assert "| 2 ranks x 1 thread (DDP) |" in out and "hidden share" in out and "ZeRO-1 state" in out
     found = targets.data_parallel_targets({"hidden_share": 0.8, "zero1_state_ratio": 0.6})
     assert [t.status for t in found] == ["met", "missed"]
+
+
+def test_startup_benchmark_quick(capsys):
+    from benchmarks.bench_startup import main as bench_startup
+
+    assert bench_startup(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| loaded from the artifact |" in out and "| traced and lowered |" in out
+    found = targets.startup_targets({"ratio": 0.5, "artifact": {"median_s": 2.0}, "traced": {"median_s": 4.0}})
+    assert found[0].status == "missed" and "tracing adds 2.0 s" in found[0].reason

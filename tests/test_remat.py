@@ -17,7 +17,6 @@ from mmgraph.core.ir import Phase
 from mmgraph.passes.cost import peak_breakdown
 from mmgraph.passes.remat import CLONE_PREFIX, crossing_values
 from mmgraph.passes.verify import VerificationError, reference_inputs, verify_numerics, verify_structure
-from mmgraph.passes.weight_streaming import precision_of
 from mmgraph.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
 from mmgraph.core.target import load_target
@@ -99,7 +98,7 @@ def test_memory_and_flops_by_policy_on_the_target():
     base = runs["none"].flops()
     assert runs["full"].flops() - extra["full"] == base
     assert all(r.schedule.bottleneck in ("compute", "stream-in", "stream-out") for r in runs.values())
-    parts = peak_breakdown(runs["full"], precision_of(params.model))      # what the no-fit error names
+    parts = peak_breakdown(runs["full"], params.precision)      # what the no-fit error names
     assert parts["recomputed"] > 0 and parts["segment"].startswith("backward")
     assert sum(parts[k] for k in ("kept", "recomputed", "working", "buffers")) == peak["full"]
 

@@ -12,7 +12,7 @@ import yaml
 from mmgraph.cli import main
 from mmgraph.core.ir import Segment
 from mmgraph.passes.cost import op_time, simulate
-from mmgraph.passes.weight_streaming import Precision
+from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target, load_target, shipped_targets
 from tests.conftest import CONFIGS, TINY1, TINY2
 

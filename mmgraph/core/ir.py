@@ -222,6 +222,11 @@ class Program:
     def ops(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function"]
 
+    @property
+    def batch_size(self) -> int:
+        """The (micro-)batch the program was traced for: the leading size of its batch inputs."""
+        return next(s.shape[0] for s in self.inputs if s.kind == InputKind.BATCH and s.shape)
+
     def flops(self, phase: Optional[Phase] = None) -> int:
         return sum(i.flops for n, i in self.info.items() if phase is None or i.phase == phase)
 

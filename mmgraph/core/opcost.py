@@ -1,29 +1,19 @@
 """FLOPs and bytes moved by one ATen op, from the shapes in ``node.meta['val']``.
 
-Matmul-class ops count 2 FLOPs per multiply-add; other compute ops one FLOP per output
-element (reductions: per input element); views, metadata ops and allocations count zero.
+How an op's FLOPs are counted is its op registry entry's (``mmgraph.core.ops``): matmul-class
+ops 2 per multiply-add; other compute ops one per output element (some reductions: per input
+element); views, metadata ops and allocations zero.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
-aten = torch.ops.aten
-
-# Ops that only reinterpret or re-label memory: no FLOPs, no bytes.
-VIEW_OPS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
-    aten.transpose.int, aten.permute.default, aten.expand.default, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.slice.Tensor, aten.select.int,
-    aten.detach.default, aten.alias.default, aten.as_strided.default, aten.split.Tensor,
-    aten.split_with_sizes.default, aten.unbind.int, aten.lift_fresh_copy.default,
-    aten._assert_tensor_metadata.default,
-}
+from mmgraph.core.ops import info, moves_bytes, op_class, op_name
 
 
 def _vals(x: Any) -> list[torch.Tensor]:
@@ -49,53 +39,56 @@ def node_val(node: Any) -> list[torch.Tensor]:
     return _vals(node.meta.get("val")) if isinstance(node, fx.Node) else []
 
 
-def node_flops(node: fx.Node) -> int:
-    t = node.target
-    if node.op != "call_function" or t in VIEW_OPS or t is operator.getitem:
-        return 0
-    args = [node_val(a) for a in node.args]
-    out = node_val(node)
+def _matmul_flops(args, out, node) -> int:
     shape = lambda i: args[i][0].shape if i < len(args) and args[i] else None  # noqa: E731
-    if t == aten.mm.default:
+    name = op_name(node)
+    if name == "mm":
         (m, k), (_, n) = shape(0), shape(1)
         return 2 * m * k * n
-    if t == aten.addmm.default:
+    if name == "addmm":
         (m, k), (_, n) = shape(1), shape(2)
         return 2 * m * k * n + m * n
-    if t == aten.bmm.default:
+    if name == "bmm":
         (b, m, k), (_, _, n) = shape(0), shape(1)
         return 2 * b * m * k * n
-    if t == aten.convolution.default:
+    if name == "convolution":
         w = shape(1)  # (out_c, in_c/groups, kh, kw)
         return 2 * _numel(out[0].shape) * _numel(w[1:])
-    if t == aten.convolution_backward.default:
-        w = shape(2)
-        grad_out = shape(0)
-        mask = node.args[-1]
-        per = 2 * _numel(grad_out) * _numel(w[1:])
-        return per * sum(1 for m in mask[:2] if m)
-    if "scaled_dot_product" in str(t):
-        q, k = shape(0), shape(1)
-        if "backward" in str(t):
-            q, k = shape(1), shape(2)
-            return 2 * (4 * _numel(q[:-1]) * k[-2] * q[-1])
-        return 4 * _numel(q[:-1]) * k[-2] * q[-1]
-    if t in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten._log_softmax.default,
-             aten._softmax.default, aten.sum.default, aten.native_layer_norm.default):
-        return _numel(args[0][0].shape) if args and args[0] else 0
-    if t in (aten.embedding.default, aten.scatter.src, aten.cat.default, aten.clone.default,
-             aten._to_copy.default, aten.zeros.default, aten.full.default, aten.empty.memory_format,
-             aten.new_zeros.default, aten.ones_like.default, aten.zeros_like.default,
-             aten.full_like.default, aten.empty_like.default, aten.arange.default,
-             aten.arange.start_step, aten.scalar_tensor.default, aten.slice_backward.default,
-             aten.select_backward.default, aten.copy.default, aten.fill.Scalar):
+    w, grad_out, mask = shape(2), shape(0), node.args[-1]       # convolution_backward
+    return 2 * _numel(grad_out) * _numel(w[1:]) * sum(1 for m in mask[:2] if m)
+
+
+def _attention_flops(args, out, node) -> int:
+    backward = "backward" in op_name(node)
+    q, k = (args[1][0].shape, args[2][0].shape) if backward else (args[0][0].shape, args[1][0].shape)
+    once = 4 * _numel(q[:-1]) * k[-2] * q[-1]
+    return 2 * once if backward else once
+
+
+# FLOPs formulas an op registry entry names (mmgraph.core.ops.Op.flops)
+FORMULAS = {
+    "zero": lambda args, out, node: 0,
+    "out": lambda args, out, node: sum(_numel(o.shape) for o in out),
+    "in": lambda args, out, node: _numel(args[0][0].shape) if args and args[0] else 0,
+    "mm": _matmul_flops, "addmm": _matmul_flops, "bmm": _matmul_flops, "convolution": _matmul_flops,
+    "convolution_backward": _matmul_flops,
+    "attention": _attention_flops, "attention_backward": _attention_flops,
+}
+
+
+def node_flops(node: fx.Node) -> int:
+    """FLOPs of one call, by its registry entry's formula (one per output element when the op
+    is not registered); views and metadata ops count zero."""
+    if not moves_bytes(node):
         return 0
-    return sum(_numel(o.shape) for o in out)
+    op = info(node)
+    formula = FORMULAS[op.flops if op is not None else "out"]
+    return formula([node_val(a) for a in node.args], node_val(node), node)
 
 
 def node_bytes(node: fx.Node, float_bytes: Optional[int] = None) -> int:
     """Bytes read and written by the op if it ran alone (views: zero)."""
-    if node.op != "call_function" or node.target in VIEW_OPS or node.target is operator.getitem:
+    if not moves_bytes(node):
         return 0
     read = sum(_nbytes(v, float_bytes) for a in node.args for v in node_val(a))
     return read + sum(_nbytes(o, float_bytes) for o in node_val(node))
@@ -104,3 +97,19 @@ def node_bytes(node: fx.Node, float_bytes: Optional[int] = None) -> int:
 def value_bytes(node: fx.Node, float_bytes: Optional[int] = None) -> int:
     """Bytes of the values ``node`` produces."""
     return sum(_nbytes(v, float_bytes) for v in node_val(node))
+
+
+def kernel_io_bytes(kernel, nodes, float_bytes: Optional[int] = None) -> int:
+    """Bytes a kernel reads from and writes to memory (values crossing its boundary)."""
+    members = set(kernel.nodes)
+    total = 0
+    seen = set()
+    for name in kernel.nodes:
+        node = nodes[name]
+        for a in node.all_input_nodes:
+            if a.name not in members and a.name not in seen:
+                seen.add(a.name)
+                total += value_bytes(a, float_bytes)
+        if any(u.name not in members for u in node.users if u.op == "call_function") and op_class(node) != "view":
+            total += value_bytes(node, float_bytes)
+    return total

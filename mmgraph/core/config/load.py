@@ -76,6 +76,13 @@ class Params:
     def layout(self, mode: str = "train") -> SequenceLayout:
         return sequence_layout(self.model, self.input_for(mode))
 
+    @property
+    def precision(self):
+        """What the step computes and moves in (``mmgraph.core.precision``): fp32, bf16 or fp16."""
+        from mmgraph.core.precision import precision_of
+
+        return precision_of(self.model)
+
     def with_micro_batch(self, mode: str, micro_batch_size: int) -> "Params":
         """These params with ``micro_batch_size`` resolved (``auto`` decided by the compiler) in
         the section ``mode`` reads: derived values are resolved once, then read everywhere."""
