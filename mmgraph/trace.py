@@ -27,8 +27,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import mmgraph.models as _models_pkg
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program, layer_of
+from mmgraph.core.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.models import batch_fields, build_model, random_batch
+from mmgraph.models.anatomy import is_head, is_llm_layer, layer_of, unused_parameters
 from mmgraph.models.multimodal import MultimodalModel
 from mmgraph.models.loss import lm_loss
 from mmgraph.core.opcost import node_bytes, node_flops, node_val
@@ -68,20 +69,6 @@ class _Interpret(torch.nn.Module):
 
     def forward(self, *args):
         return fx.Interpreter(self.g).run(*args)
-
-
-def unused_parameters(model: MultimodalModel) -> set[str]:
-    """Parameters the step never reads: encoder blocks after ``image_layer_idx`` and the
-    encoder's final norm (LLaVA takes features before it)."""
-    out = set()
-    for i, (encoder, _) in enumerate(model.image_model.image_model_list):
-        prefix = f"image_model.image_model_list.{i}.0.encoder.transformer_encoder"
-        used = encoder.config.num_layers_used
-        for name, _ in encoder.encoder.transformer_encoder.named_parameters():
-            m = re.match(r"layers\.(\d+)\.", name)
-            if (m and int(m.group(1)) >= used) or (name.startswith("norm.") and not encoder.config.uses_final_norm):
-                out.add(f"{prefix}.{name}")
-    return out
 
 
 def autocast_dtype(params: Params) -> Optional[torch.dtype]:
@@ -287,9 +274,9 @@ def _split_top(nodes: list[fx.Node], module: dict, forward: set) -> dict[fx.Node
     for node in nodes:
         layer = layer_of(module.get(node, ""))
         ins = node.all_input_nodes
-        if node in forward and ("lm_head" in module.get(node, "") or any(a in after_head for a in ins)):
+        if node in forward and (is_head(module.get(node, "")) or any(a in after_head for a in ins)):
             after_head.add(node)
-        if node not in forward and (layer.startswith("text_model.layers") or any(a in after_llm_bwd for a in ins)):
+        if node not in forward and (is_llm_layer(layer) or any(a in after_llm_bwd for a in ins)):
             after_llm_bwd.add(node)
         if layer == "top" and node.op == "call_function":
             if node in forward and node in after_head:

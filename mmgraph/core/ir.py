@@ -6,7 +6,6 @@ Nodes are ATen ops in an ``fx.Graph``; every parameter and batch field is a plac
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Optional
@@ -250,24 +249,3 @@ class Program:
 
     def recorded(self, record: PassRecord) -> "Program":
         return replace(self, history=self.history + (record,))
-
-
-_LAYER = re.compile(r"layers\.(\d+)")
-
-
-def layer_of(module: str) -> str:
-    """Coarse location for reports and weight-streaming segments."""
-    if module.startswith("image_model.image_model_list."):
-        idx = module.split(".")[2]
-        m = _LAYER.search(module)
-        return f"image_model.encoder{idx}." + (f"layers.{m.group(1)}" if m else "embeddings")
-    if module.startswith("image_model"):
-        return "image_model.projection"
-    if module.startswith("text_model"):
-        m = _LAYER.search(module)
-        if m:
-            return f"text_model.layers.{m.group(1)}"
-        if "lm_head" in module or "transformer_decoder.norm" in module:
-            return "text_model.head"
-        return "text_model.embeddings" if "embedding_layer" in module else "text_model"
-    return "top" if module == "" else module   # the model's own forward: image scatter, loss
