@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.h5schema import PACKED_FIELDS, ROW_FIELDS
 
 ROWS = ("input_ids", "loss_mask", "labels", "key_padding_mask", "token_modality_idx")
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -407,7 +408,7 @@ def preprocess(input_json: str, image_dir: str, tokenizer: str, output_dir: str,
         out.write_json("stats.json", result)
         params = _data_params(config, tokenizer, output_dir, image_dir, phase, layout, style, stats, _WORKER)
         if pack is not None:
-            params["features"] += ["segment_ids", "position_ids"]
+            params["features"] += list(PACKED_FIELDS)
             params["dataset"]["packed"] = True
             params["post-process"]["n_rows"] = packing.rows_after
         out.write_json("data_params.json", params)
@@ -456,7 +457,7 @@ def _data_params(config, tokenizer, output_dir, image_dir, phase, layout, style,
         vocab_size=len(tok.tok) if hasattr(tok, "tok") else None)
     base.setdefault("dataset", {}).update(num_patches=layout.num_patches, max_num_img=layout.max_num_img,
                                           is_multimodal=True, template=style.resolved(phase), phase=phase)
-    base["features"] = ["text_input_ids", "loss_mask", "labels", "key_padding_mask", "token_modality_idx"]
+    base["features"] = list(ROW_FIELDS)
     base["post-process"] = {"n_examples": stats.written, "discarded": sum(stats.skipped.values()),
                             "successful": stats.written, "processed": stats.written + sum(stats.skipped.values()),
                             "num_tokens": stats.tokens, "loss_valid_tokens": stats.supervised}

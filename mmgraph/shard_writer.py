@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmgraph.core.h5schema import DATA, HAS_IMG, IMG_DATA_LOC, IMG_PATH
 from mmgraph.core.errors import Problem, UserError
 
 OURS = ("stats.json", "data_params.json")
@@ -68,13 +69,13 @@ class OutputFolder:
         n = rows.shape[0]
         buffer = io.BytesIO()
         with h5py.File(buffer, "w") as f:
-            f.create_dataset("data", data=rows, dtype="i4", chunks=(1, *rows.shape[1:]), compression="gzip")
+            f.create_dataset(DATA, data=rows, dtype="i4", chunks=(1, *rows.shape[1:]), compression="gzip")
             names = np.array([[p.encode() for p in row] for row in paths], dtype="S").reshape(n, -1)
-            f.create_dataset("img_path", data=names, dtype=h5py.string_dtype("utf-8"),
+            f.create_dataset(IMG_PATH, data=names, dtype=h5py.string_dtype("utf-8"),
                              chunks=(1, names.shape[1]), compression="gzip")
-            f.create_dataset("has_img", data=np.array([[any(p != "None" for p in row)] for row in paths]),
+            f.create_dataset(HAS_IMG, data=np.array([[any(p != "None" for p in row)] for row in paths]),
                              dtype=np.bool_, chunks=(1, 1), compression="gzip")
-            f.create_dataset("img_data_loc", data=locs, dtype="i4", chunks=(1, *locs.shape[1:]), compression="gzip")
+            f.create_dataset(IMG_DATA_LOC, data=locs, dtype="i4", chunks=(1, *locs.shape[1:]), compression="gzip")
             f.attrs.update(attrs)
             f.attrs["n_examples"] = n
         self._write(f"data-{self.shards:05d}.h5", buffer.getvalue())

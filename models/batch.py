@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from mmgraph.core.config.load import SequenceLayout
+from mmgraph.core.h5schema import PACKED_FIELDS
 
 BATCH_FIELDS = ("image_data", "text_input_ids", "image_data_loc", "labels", "loss_mask",
                 "key_padding_mask", "token_modality_idx")
-PACKED_FIELDS = ("segment_ids", "position_ids")
 
 
 def batch_fields(layout: SequenceLayout) -> tuple[str, ...]:

@@ -16,12 +16,11 @@ import torch
 
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.h5schema import ROW_FIELDS, row_fields
 from mmgraph.runtime.shards import (BadImage, Expect, UnsafePath, confined, data_params_problems, inspect_shard,
                                     open_image, read_sample)
 from mmgraph.runtime.transforms import build_transforms
 
-FIELDS = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "token_modality_idx")
-PACKED_FIELDS = ("segment_ids", "position_ids")     # rows 6 and 7 of a packed shard
 
 
 class MultimodalH5Dataset(torch.utils.data.Dataset):
@@ -78,7 +77,7 @@ class MultimodalH5Dataset(torch.utils.data.Dataset):
                 raise UserError(Problem(str(self.files[k]), where, f"image {name} cannot be transformed to "
                                         f"{tuple(self.image_size)}: {err}")) from None
         data = torch.from_numpy(data)                                               # (5 or 7, S)
-        out = {field: data[r] for r, field in enumerate(FIELDS + PACKED_FIELDS[:data.shape[0] - 5])}
+        out = {field: data[r] for r, field in enumerate(row_fields(data.shape[0] > len(ROW_FIELDS)))}
         out["image_data"] = images                                                  # (I, C, H, W)
         out["image_data_loc"] = torch.from_numpy(loc)                               # (I, P)
         return out

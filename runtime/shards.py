@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from mmgraph.core.h5schema import DATA, row_fields
 from mmgraph.core.errors import Problem
 
 EMPTY_SLOTS = ("", "None")          # mmgraph before this release, the Model Zoo
@@ -124,7 +125,7 @@ def inspect_shard(path: Path, want: Expect) -> tuple[int, list[Problem]]:
                                             f"do not fit in {S}"))
             else:
                 _packing_problem(f, want, name, problems)
-                rows = [_int_dataset(f, "data", (7 if want.packed else 5, S), name, problems),
+                rows = [_int_dataset(f, DATA, (len(row_fields(want.packed)), S), name, problems),
                         _int_dataset(f, "img_data_loc", (I, P), name, problems)]
             if "img_path" not in f or not hasattr(f["img_path"], "shape"):
                 problems.append(Problem(name, "img_path", "dataset missing (not an mmgraph / Model Zoo multimodal shard)"))
