@@ -107,6 +107,8 @@ _LAYOUTS = {"strided": torch.strided, "sparse_coo": torch.sparse_coo}
 
 
 def _enc(v: Any) -> Any:
+    if isinstance(v, Enum):                         # before str: the IR's enums are str enums
+        return {"enum": type(v).__name__, "value": v.value}
     if v is None or isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, float):
@@ -121,8 +123,6 @@ def _enc(v: Any) -> Any:
         return {"memory_format": str(v).split(".")[-1]}
     if isinstance(v, torch.layout):
         return {"layout": str(v).split(".")[-1]}
-    if isinstance(v, Enum):
-        return {"enum": type(v).__name__, "value": v.value}
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return {"dataclass": type(v).__name__,
                 "fields": {f.name: _enc(getattr(v, f.name)) for f in dataclasses.fields(v)}}
@@ -216,7 +216,7 @@ def _graph_to_json(gm: fx.GraphModule) -> list[dict]:
     out = []
     for n in gm.graph.nodes:
         entry = {"name": n.name, "op": n.op, "args": _enc(n.args), "kwargs": _enc(n.kwargs),
-                 "val": _val(n.meta.get("val"))}
+                 "val": _val(n.meta.get("val")), "stack_trace": n.meta.get("stack_trace")}
         if n.op == "call_function":
             entry["target"] = _target_name(n.target)
         elif n.op == "placeholder":
@@ -245,6 +245,8 @@ def _graph_from_json(entries: list[dict], where: str) -> fx.GraphModule:
             raise ValueError(f"{at}: the name did not survive (got {node.name!r})")
         if e.get("val") is not None:
             node.meta["val"] = _unval(e["val"])
+        if isinstance(e.get("stack_trace"), str):              # where the op came from, for the printout
+            node.meta["stack_trace"] = e["stack_trace"]
         nodes[e["name"]] = node
     graph.lint()
     return fx.GraphModule(torch.nn.Module(), graph)

@@ -38,6 +38,8 @@ def test_every_stage_round_trips(config, mode, world, tmp_path):
         assert back.gm.code == stage.program.gm.code, stage.name
         for f in FIELDS:
             assert getattr(back, f) == getattr(stage.program, f), (stage.name, f)
+        assert [type(s.kind) for s in back.inputs] == [type(s.kind) for s in stage.program.inputs]
+        assert {type(i.phase) for i in back.info.values()} <= {type(i.phase) for i in stage.program.info.values()}
     if world == 1:                                   # the last one runs alike, bit for bit
         program = stages[-1].program
         size = next(s.shape[0] for s in program.inputs if s.kind == InputKind.BATCH)
@@ -82,7 +84,10 @@ def test_run_loads_the_compiled_program_traces_nothing_and_trains_alike(shards, 
     assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "3"]) == 0
     out = capsys.readouterr().out
     assert f"loaded program {md / 'programs' / 'train'}" in out and "nothing traced" in out
-    assert artifact.code_sha256(artifact.load(md / "programs" / "train")) == report["program_code_sha256"]
+    loaded = artifact.load(md / "programs" / "train")
+    assert artifact.code_sha256(loaded) == report["program_code_sha256"]
+    from mmgraph.dump import program_source                 # program.py prints exactly the graph that runs
+    assert program_source(loaded) == (md / "compile" / "program.py").read_text()
     a, b = _weights(plain), _weights(md)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
