@@ -109,6 +109,8 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
                     zero=zero if ranks.world_size > 1 else 0)
     if ranks.world_size > 1 and train_mode:
         say(_data_parallel_line(params, ranks, runner, zero))
+    elif zero:
+        say(f"--zero {zero}: one process holds everything (ZeRO shards across torchrun's ranks)")
     _start_weights(params, runner, checkpoint_path, say)
     if train_mode:
         train(params, runner, train_loader, eval_loader, max_steps or params.runconfig.max_steps, ranks, say)

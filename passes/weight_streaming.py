@@ -71,55 +71,10 @@ def _weight_streaming(program: Program, target: Target, precision: Precision) ->
     def weights(run):
         return set().union(*(params_of[k] for k in run))
 
-    # 2. merge weightless runs into a neighbour of the same phase
-    merged: list[list[int]] = []
-    pending: list[int] = []
-    for run in runs:
-        if not weights(run):
-            if merged and kernels[merged[-1][0]].phase == kernels[run[0]].phase and not pending:
-                merged[-1].extend(run)
-            else:
-                pending.extend(run)
-            continue
-        if pending and kernels[pending[0]].phase == kernels[run[0]].phase:
-            run = pending + run
-        elif pending:
-            merged.append(pending)
-        pending = []
-        merged.append(run)
-    if pending:
-        merged.append(pending)
-
-    # 3. split runs whose weights exceed one buffer
-    buffer = target.memory.bytes * target.memory.weight_buffer_share / 2
-    split: list[list[int]] = []
-    splits = 0
-    for run in merged:
-        chunk: list[int] = []
-        for kid in run:
-            if chunk and sum(param_bytes[p] for p in weights(chunk + [kid])) > buffer:
-                split.append(chunk)
-                splits += 1
-                chunk = []
-            chunk.append(kid)
-        split.append(chunk)
-
-    # 4. activations kept for backward: made in forward, read in backward
-    seg_of_kernel = {kid: i for i, run in enumerate(split) for kid in run}
-    saved_at, freed_at = [0] * len(split), [0] * len(split)
-    param_nodes = {n for n, s in spec_of.items() if s.kind == InputKind.PARAM}
-    for node in program.ops():
-        info = program.info[node.name]
-        if info.phase != Phase.FORWARD or op_class(node) == "view":
-            continue
-        if node.all_input_nodes and set(node.all_input_nodes) <= param_nodes:
-            continue      # a weight's cast (mixed precision): the streamed weight, not an activation
-        readers = _backward_readers(node, program)
-        if not readers:
-            continue
-        size = value_bytes(node, fb)
-        saved_at[seg_of_kernel[owner[node.name]]] += size
-        freed_at[max(seg_of_kernel[owner[r.name]] for r in readers)] += size
+    merged = _merge_weightless(runs, kernels, weights)                       # 2.
+    split, splits = _split_by_buffer(merged, weights, param_bytes,          # 3.
+                                     target.memory.bytes * target.memory.weight_buffer_share / 2)
+    saved_at, freed_at = _kept_activations(program, split, spec_of, owner, fb)   # 4.
 
     segments = []
     for i, run in enumerate(split):
@@ -142,6 +97,67 @@ def _weight_streaming(program: Program, target: Target, precision: Precision) ->
         "precision": precision.name,
     }
     return replace(program, segments=tuple(segments)), notes
+
+
+def _merge_weightless(runs: list[list[int]], kernels: dict, weights) -> list[list[int]]:
+    """2. Runs without weights join a neighbour of the same phase (the next one when the previous
+    is of another phase)."""
+    merged: list[list[int]] = []
+    pending: list[int] = []
+    for run in runs:
+        if not weights(run):
+            if merged and kernels[merged[-1][0]].phase == kernels[run[0]].phase and not pending:
+                merged[-1].extend(run)
+            else:
+                pending.extend(run)
+            continue
+        if pending and kernels[pending[0]].phase == kernels[run[0]].phase:
+            run = pending + run
+        elif pending:
+            merged.append(pending)
+        pending = []
+        merged.append(run)
+    if pending:
+        merged.append(pending)
+    return merged
+
+
+def _split_by_buffer(merged: list[list[int]], weights, param_bytes: dict, buffer: float) -> tuple[list, int]:
+    """3. Runs whose weights exceed one weight buffer are cut; returns the runs and the cuts."""
+    split: list[list[int]] = []
+    splits = 0
+    for run in merged:
+        chunk: list[int] = []
+        for kid in run:
+            if chunk and sum(param_bytes[p] for p in weights(chunk + [kid])) > buffer:
+                split.append(chunk)
+                splits += 1
+                chunk = []
+            chunk.append(kid)
+        split.append(chunk)
+    return split, splits
+
+
+def _kept_activations(program: Program, split: list[list[int]], spec_of: dict, owner: dict,
+                      fb: int) -> tuple[list[int], list[int]]:
+    """4. Per segment, bytes of activations made in the forward and read in the backward (saved
+    there), and of those whose last backward reader runs there (freed there)."""
+    seg_of_kernel = {kid: i for i, run in enumerate(split) for kid in run}
+    saved_at, freed_at = [0] * len(split), [0] * len(split)
+    param_nodes = {n for n, s in spec_of.items() if s.kind == InputKind.PARAM}
+    for node in program.ops():
+        info = program.info[node.name]
+        if info.phase != Phase.FORWARD or op_class(node) == "view":
+            continue
+        if node.all_input_nodes and set(node.all_input_nodes) <= param_nodes:
+            continue      # a weight's cast (mixed precision): the streamed weight, not an activation
+        readers = _backward_readers(node, program)
+        if not readers:
+            continue
+        size = value_bytes(node, fb)
+        saved_at[seg_of_kernel[owner[node.name]]] += size
+        freed_at[max(seg_of_kernel[owner[r.name]] for r in readers)] += size
+    return saved_at, freed_at
 
 
 def _backward_readers(node: fx.Node, program: Program) -> list[fx.Node]:

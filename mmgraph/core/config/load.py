@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from mmgraph.core.config.base import Section, section_at
+from mmgraph.core.config.batching import split_batch
 from mmgraph.core.config.layouts import Normalized, normalize
 from mmgraph.core.config.data import InputConfig
 from mmgraph.core.config.model import FeedForwardNetworkConfig, ModelConfig, ViTModelConfig
@@ -101,31 +102,6 @@ class Params:
         if data is None:
             return []
         return split_batch(data.batch_size, data.micro_batch_size)
-
-
-def split_batch(batch_size: int, micro_batch_size) -> list[int]:
-    """``batch_size`` in pieces of ``micro_batch_size``; the remainder is a last, smaller piece."""
-    if not isinstance(micro_batch_size, int) or micro_batch_size >= batch_size:
-        return [batch_size]
-    full, rest = divmod(batch_size, micro_batch_size)
-    return [micro_batch_size] * full + ([rest] if rest else [])
-
-
-@dataclass(frozen=True)
-class RankBatch:
-    """One data-parallel rank's part of a global batch (``batch_size`` is global, as the Model
-    Zoo's with ``num_csx``; ``micro_batch_size`` is per rank, capped at the rank's batch)."""
-
-    batch: int                    # samples this rank reads per step
-    micro_batch: int              # the compiled program's batch
-    micro_batches: int            # micro-steps per step (the last may be padded)
-
-
-def rank_batch(batch_size: int, micro_batch_size, world_size: int) -> RankBatch:
-    local = batch_size // world_size
-    mbs = micro_batch_size if isinstance(micro_batch_size, int) else local
-    mbs = min(mbs, local)
-    return RankBatch(local, mbs, len(split_batch(local, mbs)))
 
 
 def num_image_tokens(model: ModelConfig) -> int:
