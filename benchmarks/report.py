@@ -348,15 +348,12 @@ def _table(name: str, r: dict) -> str:
         return f"(could not format with bench_{name}.format_table: {err!r})\n\n| key | value |\n|---|---|\n{rows}"
 
 
-def render(results: Path = RESULTS, out: Path = OUT, plots: Path = PLOTS, now: Optional[dict] = None) -> str:
-    """Write ``out`` (and the plots) from the result files in ``results``; returns the text."""
-    data = load_results(results)
-    if now is None:
-        from benchmarks.common import environment
-        now = environment()
-    plots.mkdir(parents=True, exist_ok=True)
-    names = [n for n in ORDER if n in data] + sorted(n for n in data if n not in ORDER)
+AREA_OF = {"convert": "conversion", "generate": "generation", "data_parallel": "data parallel",
+           "startup": "start-up"}
 
+
+def _preamble(data: dict, names: list[str], now: dict, results: Path) -> list[str]:
+    """Where the figures come from: the machines, the dates, whether a GPU was there."""
     metas = {n: data[n].get("meta") for n in names}
     machines: dict[str, list[str]] = {}
     for n in names:
@@ -396,7 +393,10 @@ def render(results: Path = RESULTS, out: Path = OUT, plots: Path = PLOTS, now: O
     lines += ["Every comparison is a ratio against its peer measured in the same run, with the peer "
               "named: the median of the repeats after warm-up, with min and max; absolute times are "
               "context. Where a figure has fewer than 5 repeats, its table says so.", ""]
+    return lines
 
+
+def _targets(data: dict) -> list:
     targets = []
     for area, fn in TARGETS.items():
         found = fn(data.get(area))
@@ -404,42 +404,57 @@ def render(results: Path = RESULTS, out: Path = OUT, plots: Path = PLOTS, now: O
             for t in found:
                 t.status, t.reason = "not measured yet", "only a `--quick` run (a plumbing check) is in the results"
         targets += found
+    return targets
+
+
+def _section(name: str, r: dict, targets: list, plots: Path, out: Path, written: set) -> list[str]:
+    """One benchmark's section: how it was run, what it measures, its table, plots, notes, targets."""
+    lines = [f"## {TITLES.get(name, name)}", ""]
+    meta = r.get("meta")
+    if meta:
+        quick = " (**quick mode**: a plumbing check at tiny size, not a measurement)" if _quick(r) else ""
+        lines += [f"Measured {meta['date'].replace('T', ' ')}; git {meta.get('git') or '?'}; "
+                  f"`{' '.join(['python -m', 'benchmarks.bench_' + name] + meta.get('argv', []))}`{quick}.", ""]
+    if name in INTRO:
+        lines += [INTRO[name], ""]
+    lines += [_table(name, r), ""]
+    if name in PLOTTERS:
+        try:
+            charts = PLOTTERS[name](r)
+        except (KeyError, StopIteration, TypeError, ZeroDivisionError) as err:
+            print(f"report: no plot for {name}: {err!r}", file=sys.stderr)
+            charts = {}
+        for stem, svg in charts.items():
+            path = plots / f"{stem}.svg"
+            path.write_text(svg)
+            written.add(path.name)
+            lines += [f"![{stem}]({os.path.relpath(path, out.parent)})", ""]
+    for text in notes(name, r):
+        lines += [text, ""]
+    area = [t for t in targets if t.area == AREA_OF.get(name, name)]
+    if area:
+        lines += [targets_table(area, full=False), ""]
+    return lines
+
+
+def render(results: Path = RESULTS, out: Path = OUT, plots: Path = PLOTS, now: Optional[dict] = None) -> str:
+    """Write ``out`` (and the plots) from the result files in ``results``; returns the text."""
+    data = load_results(results)
+    if now is None:
+        from benchmarks.common import environment
+        now = environment()
+    plots.mkdir(parents=True, exist_ok=True)
+    names = [n for n in ORDER if n in data] + sorted(n for n in data if n not in ORDER)
+    lines = _preamble(data, names, now, results)
+    targets = _targets(data)
     lines += ["## Targets", "", targets_table(targets), ""]
     missed = [t for t in targets if t.status == "missed"]
     unmeasured = [t for t in targets if t.status == "not measured yet"]
-    lines.append(f"{sum(t.status == 'met' for t in targets)} met, {len(missed)} missed, "
-                 f"{len(unmeasured)} not measured yet.")
-    lines.append("")
-
-    written = set()
+    lines += [f"{sum(t.status == 'met' for t in targets)} met, {len(missed)} missed, "
+              f"{len(unmeasured)} not measured yet.", ""]
+    written: set = set()
     for name in names:
-        r = data[name]
-        lines += [f"## {TITLES.get(name, name)}", ""]
-        meta = r.get("meta")
-        if meta:
-            quick = " (**quick mode**: a plumbing check at tiny size, not a measurement)" if _quick(r) else ""
-            lines += [f"Measured {meta['date'].replace('T', ' ')}; git {meta.get('git') or '?'}; "
-                      f"`{' '.join(['python -m', 'benchmarks.bench_' + name] + meta.get('argv', []))}`{quick}.", ""]
-        if name in INTRO:
-            lines += [INTRO[name], ""]
-        lines += [_table(name, r), ""]
-        if name in PLOTTERS:
-            try:
-                charts = PLOTTERS[name](r)
-            except (KeyError, StopIteration, TypeError, ZeroDivisionError) as err:
-                print(f"report: no plot for {name}: {err!r}", file=sys.stderr)
-                charts = {}
-            for stem, svg in charts.items():
-                path = plots / f"{stem}.svg"
-                path.write_text(svg)
-                written.add(path.name)
-                rel = os.path.relpath(path, out.parent)
-                lines += [f"![{stem}]({rel})", ""]
-        for text in notes(name, r):
-            lines += [text, ""]
-        area = [t for t in targets if t.area == {"convert": "conversion", "generate": "generation"}.get(name, name)]
-        if area:
-            lines += [targets_table(area, full=False), ""]
+        lines += _section(name, data[name], targets, plots, out, written)
     if "generate" not in data:
         lines += [f"## {TITLES['generate']}", "", "Not measured yet: no `benchmarks/results/generate.json` "
                   "(`make bench` runs `benchmarks/bench_generate.py` when it exists).", ""]
