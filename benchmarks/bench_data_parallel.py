@@ -95,8 +95,11 @@ def worker(params_path: Path, steps: int, zero: int, bucket_bytes: int, out: Pat
         result["overlap"] = _overlap(runner, plain, micro[0], steps, barrier)
     out.write_text(json.dumps(result))
     if world > 1:
+        from mmgraph.run_cmd import leave
+
         dist.barrier()                  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
+        leave(0)                        # as `mmgraph run`'s ranks end (see run_cmd.leave)
 
 
 def _state_bytes(optimizer) -> int:

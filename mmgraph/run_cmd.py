@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +70,23 @@ def _run(params_path: str, model_dir: str, mode: str, device: Optional[str] = No
     try:
         rc = _run_ranks(params, params_path, model_dir, mode, ranks, opts)
         done = True
-        return rc
     finally:
         if ranks.world_size > 1 and torch.distributed.is_initialized():
             if done:                      # no rank tears its connections down while another still uses them
                 torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+    if ranks.world_size > 1:
+        leave(rc)
+    return rc
+
+
+def leave(rc: int) -> None:
+    """End a data-parallel rank now that everything is written: gloo's worker threads can still
+    hold collective work at interpreter teardown, which aborts the process (SIGABRT, "terminate
+    called without an active exception"; pytorch/pytorch#179291), so the rank exits without it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts: RunOptions) -> int:

@@ -157,3 +157,6 @@ def zero_check(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     {"program": program_check, "zero": zero_check, "accumulate": accumulate_check, "zero2": zero2_check}[sys.argv[1]](Path(sys.argv[2]))
+    from mmgraph.run_cmd import leave
+
+    leave(0)                      # without interpreter teardown, as `mmgraph run`'s ranks end
