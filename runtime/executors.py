@@ -30,12 +30,17 @@ from torch.fx.passes.split_module import split_module
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import InputKind, Program
+from mmgraph.core.ops import CLASSES, op_class
 
 
 class Executor:
+    """What an executor runs is declared, not discovered: program modes, devices, and the op
+    registry's classes (``mmgraph.core.ops``; None: any op, registered or not)."""
+
     name = ""
     modes: frozenset[str] = frozenset({"train", "eval"})
     devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    op_classes: Optional[frozenset[str]] = frozenset(CLASSES) - {"collective"}
 
     def __init__(self, program: Program, params: Params, device: torch.device):
         self.program = program
@@ -61,6 +66,7 @@ def placed(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModu
 
 class ReferenceExecutor(Executor):
     name = "reference"
+    op_classes = None                       # the program's own ATen code: collectives included
 
     def __init__(self, program: Program, params: Params, device: torch.device):
         super().__init__(program, params, device)
@@ -207,4 +213,11 @@ def make_executor(name: str, program: Program, params: Params, device: torch.dev
     if device.type not in cls.devices:
         raise UserError(Problem(None, "--executor", f"{name} runs on {', '.join(sorted(cls.devices))} only, "
                                 f"not {device.type}"))
+    if cls.op_classes is not None:
+        for node in program.ops():
+            kind = op_class(node)
+            if kind not in cls.op_classes:
+                what = "not in the op registry" if kind == "unsupported" else f"a {kind} op"
+                raise UserError(Problem(None, "--executor", f"{name} does not run {node.target} (node %{node.name}: "
+                                        f"{what}); the reference executor runs every op"))
     return cls(program, params, device)

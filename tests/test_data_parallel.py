@@ -262,3 +262,15 @@ def test_compile_world_size_dumps_collectives_and_reports_scaling(tmp_path, caps
     report = json.loads((dumps / "report.json").read_text())
     assert [p["systems"] for p in report["scaling"]["points"]] == [1, 2, 4, 8, 16]
     assert "Data parallel on N systems" in (dumps / "report.html").read_text()
+
+
+def test_executors_declare_what_they_run(tiny_train):
+    """The registry's classes in the executors' declarations: collectives only in the reference."""
+    from mmgraph.core.errors import UserError
+    from mmgraph.runtime.executors import make_executor
+
+    dp = run_pass("data_parallel", make_data_parallel(2), tiny_train)
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    with pytest.raises(UserError, match=r"compiled does not run _c10d_functional.all_reduce.default \(node %all_reduce"):
+        make_executor("compiled", dp, params, torch.device("cpu"))
+    assert make_executor("reference", dp, params, torch.device("cpu")) is not None
