@@ -127,7 +127,7 @@ def _checkpointed(model):
 def measured(path: Path, batch_size: int, repeats: int, warmup: int) -> dict:
     from mmgraph.core.config import load_params
     from mmgraph.models import build_model
-    from mmgraph.passes.verify import reference_inputs
+    from mmgraph.pipeline import reference_inputs
     from mmgraph.pipeline import compile_step
 
     torch.manual_seed(0)

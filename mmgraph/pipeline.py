@@ -21,7 +21,7 @@ from mmgraph.passes.fusion import fusion
 from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES, make_data_parallel, solo_group
 from mmgraph.passes.cost import make_cost
 from mmgraph.passes.remat import LEVELS, make_remat
-from mmgraph.passes.verify import verify_numerics, verify_structure
+from mmgraph.passes.verify import NumericReport, program_inputs, verify_numerics, verify_structure
 from mmgraph.passes.weight_streaming import make_weight_streaming
 from mmgraph.core.target import Target
 
@@ -102,9 +102,29 @@ def _check(stage: Stage, params: Params, verify: bool, numeric: bool, on_stage) 
             # A data-parallel program runs in a group of one: its sums over ranks are the local
             # gradients, which eager PyTorch gives.
             with solo_group(stage.program):
-                verify_numerics(stage.program, params, stage.name)
+                verify_against_eager(stage.program, params, stage.name)
     if on_stage is not None:
         on_stage(stage)
+
+
+def reference(program: Program, params: Params, seed: int = 0):
+    """The eager model (seeded weights) and a random batch of the program's size: what the
+    numeric verifier compares a program with."""
+    from mmgraph.models import build_model, random_batch
+
+    model, _ = build_model(params, seed=seed)
+    return model, random_batch(params.layout(program.mode), program.batch_size, seed=seed + 1)
+
+
+def reference_inputs(program: Program, params: Params, seed: int = 0):
+    """(eager model, batch, the program's inputs from them)."""
+    model, batch = reference(program, params, seed)
+    return model, batch, program_inputs(program, model, batch)
+
+
+def verify_against_eager(program: Program, params: Params, after: str, seed: int = 0,
+                         rtol: float = 1e-5) -> NumericReport:
+    return verify_numerics(program, *reference(program, params, seed), after, rtol)
 
 
 @dataclass(frozen=True)

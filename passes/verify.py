@@ -1,7 +1,8 @@
 """Checks a Program after a pass: structure always; numerics against eager PyTorch on request.
 
-Numerics: the program runs on real weights (seeded) and a random batch, and its loss and every
-gradient it outputs must equal eager PyTorch autograd on the same module and batch.
+Numerics: the program runs on the weights of an eager model and a batch (both made by the
+pipeline, ``mmgraph.pipeline.reference``), and its loss and every gradient it outputs must equal
+eager PyTorch autograd on the same module and batch.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmgraph.core.config import Params
 from mmgraph.core.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
-from mmgraph.models import build_model, random_batch
 
 
 class VerificationError(AssertionError):
@@ -90,21 +89,18 @@ class NumericReport:
     grads_checked: int
 
 
-def reference_inputs(program: Program, params: Params, seed: int = 0):
-    """Real weights (seeded), a random batch, and the eager model holding those weights."""
-    model, _ = build_model(params, seed=seed)
-    batch_size = program.batch_size
-    batch = random_batch(params.layout(program.mode), batch_size, seed=seed + 1)
+def program_inputs(program: Program, model, batch: dict) -> list[torch.Tensor]:
+    """The program's inputs from the eager model's weights and a batch (the reference the
+    pipeline builds: passes do not build models)."""
     state = dict(model.named_parameters())
-    seed = torch.ones(())                                 # float16 programs: gradients unscaled
-    flat = [state[s.name] if s.kind == InputKind.PARAM else seed if s.name in (LOSS_SCALE, GRAD_WEIGHT) else batch[s.name]
-            for s in program.inputs]
-    return model, batch, flat
+    one = torch.ones(())                                  # float16 programs: gradients unscaled
+    return [state[s.name] if s.kind == InputKind.PARAM else one if s.name in (LOSS_SCALE, GRAD_WEIGHT)
+            else batch[s.name] for s in program.inputs]
 
 
-def verify_numerics(program: Program, params: Params, after: str, seed: int = 0,
-                    rtol: float = 1e-5) -> NumericReport:
-    model, batch, flat = reference_inputs(program, params, seed)
+def verify_numerics(program: Program, model, batch: dict, after: str, rtol: float = 1e-5) -> NumericReport:
+    """The program's loss and gradients against eager autograd of ``model`` on ``batch``."""
+    flat = program_inputs(program, model, batch)
     with torch.no_grad():
         outs = program.gm(*[t.detach() for t in flat])
     grads_wanted = [s.target for s in program.outputs if s.kind == "grad"]

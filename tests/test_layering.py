@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("mmgraph.runtime",)),
     ("top", ("mmgraph",)),          # commands, dumps, tools (convert, preprocess, generate, ...)
 ]
-FORBIDDEN = {"runtime": ("mmgraph.models", "mmgraph.convert")}
+FORBIDDEN = {"runtime": ("mmgraph.models", "mmgraph.convert"), "passes": ("mmgraph.models",)}
 
 
 def _modules() -> dict[str, Path]:
