@@ -113,19 +113,17 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
 
     programs = _programs(params, params_path, model_dir, opts.target, remat, ranks, opts.zero, opts.bucket_bytes,
                          opts.weight_streaming, train_mode, eval_loader is not None, say, opts.program_dir, original)
-    dev, executor, eval_executor, weight_streaming = opts.device, opts.executor, opts.eval_executor, opts.weight_streaming
-    zero, checkpoint_path, max_steps = opts.zero, opts.checkpoint_path, opts.max_steps
-    runner = Runner(params, model_dir, programs.train, programs.eval, dev, executor=executor,
-                    eval_executor=eval_executor, weight_streaming=weight_streaming,
+    runner = Runner(params, model_dir, programs.train, programs.eval, opts.device, executor=opts.executor,
+                    eval_executor=opts.eval_executor, weight_streaming=opts.weight_streaming,
                     weights=initial_weights(params), ranks=ranks, no_sync=programs.no_sync,
-                    zero=zero if ranks.world_size > 1 else 0)
+                    zero=opts.zero if ranks.world_size > 1 else 0)
     if ranks.world_size > 1 and train_mode:
-        say(_data_parallel_line(params, ranks, runner, zero))
-    elif zero:
-        say(f"--zero {zero}: one process holds everything (ZeRO shards across torchrun's ranks)")
-    _start_weights(params, runner, checkpoint_path, say)
+        say(_data_parallel_line(params, ranks, runner, opts.zero))
+    elif opts.zero:
+        say(f"--zero {opts.zero}: one process holds everything (ZeRO shards across torchrun's ranks)")
+    _start_weights(params, runner, opts.checkpoint_path, say)
     if train_mode:
-        train(params, runner, train_loader, eval_loader, max_steps or params.runconfig.max_steps, ranks, say)
+        train(params, runner, train_loader, eval_loader, opts.max_steps or params.runconfig.max_steps, ranks, say)
     if eval_loader is not None:
         metrics = runner.evaluate(list(eval_loader[0]))
         runner.log({"step": runner.step, **metrics}, "eval")

@@ -21,7 +21,7 @@ import torch
 from mmgraph.core.config import Params, rank_batch
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.runtime import checkpoint
-from mmgraph.runtime.distributed import Ranks
+from mmgraph.runtime.distributed import SINGLE, Ranks
 from mmgraph.runtime.runner import Runner, pad_batch
 
 
@@ -82,7 +82,7 @@ def place_data(params: Params, runner: Runner, sampler, ranks: Ranks) -> DataPos
     """Position the sampler where the resumed checkpoint left the data; the position saver."""
     data = params.train_input
     saved = runner.sampler_state or {}
-    single = loader_batch(params, Ranks(0, 1, 0, None))
+    single = loader_batch(params, SINGLE)
     if ranks.world_size == 1:
         size = single
         per_step = data.batch_size // size
@@ -164,7 +164,7 @@ def _guarded(ranks: Ranks, runner: Runner, work: Callable):
     try:
         return work()
     except (RuntimeError, torch.distributed.DistError) as err:
-        if ranks.world_size == 1 or not _is_communication(err):
+        if not _is_communication(err):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         last = checkpoint.latest(runner.model_dir)
