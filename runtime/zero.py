@@ -119,7 +119,16 @@ class GradShardOptimizer:
         return clip_to_norm(grads, torch.sqrt(total), self.cfg.max_gradient_norm)
 
     @torch.no_grad()
+    def refresh(self) -> None:
+        """Take this rank's shards from the weights as they are now: the weights are the truth
+        (a checkpoint or initial weights copied in after this optimizer was built), the shards
+        only this rank's working copy of them."""
+        for b in self.buckets:
+            self.shards[f"bucket{b.index}"].copy_(self._flat(b)[self._range(b)])
+
+    @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor]) -> float:
+        self.refresh()                  # never update a stale copy: nothing else may write one
         lr = self.inner.step(grads)
         for b in self.buckets:
             shard = self.shards[f"bucket{b.index}"]
