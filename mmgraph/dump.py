@@ -298,9 +298,9 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
     else:
         artifacts["eval.onnx"] = skip
     rep = report(stages, params_path)
-    from mmgraph.artifact import code_sha256
+    from mmgraph.artifact import program_sha256
 
-    rep["program_code_sha256"] = code_sha256(last)      # GraphModule.code: what runs; program.py prints it
+    rep["program_sha256"] = program_sha256(last)      # its code (program.py prints it) and typed fields
     if last.schedule is not None and target is not None and last.mode == "train" and target.interconnect is not None:
         from dataclasses import asdict
 

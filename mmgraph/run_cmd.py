@@ -232,8 +232,8 @@ def _load_saved(store: Path, names: list[str], wanted: dict, program_dir, say) -
             return None
         t0 = time.perf_counter()
         found.append(artifact.load(where))
-        say(f"loaded program {where} in {time.perf_counter() - t0:.2f} s (nothing traced; code sha256 "
-            f"{artifact.code_sha256(found[-1])[:12]})")
+        say(f"loaded program {where} in {time.perf_counter() - t0:.2f} s (nothing traced; program sha256 "
+            f"{artifact.program_sha256(found[-1])[:12]})")
     return found
 
 
