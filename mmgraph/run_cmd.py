@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -92,7 +92,7 @@ def leave(rc: int) -> None:
 def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts: RunOptions) -> int:
     from mmgraph.models import initial_weights
     from mmgraph.runtime.data import make_loader
-    from mmgraph.runtime.distributed import rank_share
+    from mmgraph.runtime.distributed import agree, rank_share
     from mmgraph.runtime.runner import Runner
     from mmgraph.runtime.train import check_memory, loader_batch, train
 
@@ -108,6 +108,8 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
     train_loader = (make_loader(params, "train", batch_size=loader_batch(params, ranks), ranks=ranks)
                     if train_mode else None)
     eval_loader = make_loader(params, "eval") if mode in ("eval", "train_and_eval") else None
+    if ranks.world_size > 1:                    # before anything a difference could derail
+        agree(ranks, _identity(original, params, mode, model_dir, opts, train_loader, eval_loader))
     if train_mode:
         check_memory(params, opts.device, ranks)
 
@@ -134,6 +136,29 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
     say(f"model_dir {model_dir}: compile/ (dumps, report.html), checkpoints/, metrics.jsonl, "
         f"events/ (tensorboard --logdir {Path(model_dir) / 'events'})")
     return 0
+
+
+def _identity(original, params, mode: str, model_dir: str, opts: RunOptions, train_loader, eval_loader) -> dict:
+    """What every rank of a job must share, as flat keys: the program's fingerprint (the params
+    that shape it), the optimizer and runconfig, the command line and the data each split reads."""
+    from mmgraph import artifact
+
+    out: dict = {}
+    for m in ("train", "eval") if mode == "train_and_eval" else (mode,):
+        stamp = artifact.fingerprint(original, m, target=opts.target, zero=opts.zero,
+                                     bucket_bytes=opts.bucket_bytes, remat=opts.remat)
+        out.update({f"program.{k}": v for k, v in stamp.pop("params").items()})
+        out.update({f"program.{k}": v for k, v in stamp.items()})
+    sections = {"optimizer": params.optimizer, "runconfig": params.runconfig}
+    for name, section in sections.items():
+        if section is not None:
+            out.update({f"{name}.{k}": v for k, v in section.model_dump(mode="json").items()})
+    out.update({f"option.{k}": v for k, v in asdict(opts).items()})
+    out["model_dir"] = str(Path(model_dir).resolve())
+    for split, loader in (("train", train_loader), ("eval", eval_loader)):
+        if loader is not None:
+            out.update({f"data.{split}.{k}": v for k, v in loader[0].dataset.identity().items()})
+    return out
 
 
 def _resolve_auto(params, model_dir: str, opts: RunOptions, ranks, say):

@@ -47,6 +47,11 @@ class MultimodalH5Dataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def identity(self) -> dict:
+        """What says two ranks read the same data: the shards (resolved paths and sizes) and the
+        sample count."""
+        return {"shards": [f"{p.resolve()} ({p.stat().st_size} bytes)" for p in self.files], "samples": len(self)}
+
     def _file(self, k: int):
         import h5py
 
