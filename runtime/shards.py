@@ -206,6 +206,8 @@ def read_sample(f, path: Path, row: int, want: Expect) -> tuple[np.ndarray, list
             raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (vocab_size {want.vocab_size})")
     if ((loc < 0) | (loc > S)).any():
         raise ValueError(f"img_data_loc {int(loc[(loc < 0) | (loc > S)][0])} is outside 0..{S}")
+    if want.packed and data.shape[0] == len(row_fields(True)):
+        _check_packed(data)
     names = ["" if n in EMPTY_SLOTS else n for n in names]
     for j, n in enumerate(names):
         if n and (loc[j] >= S).any():
@@ -213,6 +215,43 @@ def read_sample(f, path: Path, row: int, want: Expect) -> tuple[np.ndarray, list
         if not n and (loc[j] < S).any():
             raise ValueError(f"image slot {j} is empty but img_data_loc places it in the sequence (padding is {S})")
     return data, names, loc
+
+
+def _check_packed(data: np.ndarray) -> None:
+    """A packed row's own fields as ``preprocess --pack`` writes them (core/packing.py): samples
+    first, numbered 1, 2, ... in ``segment_ids`` and counted 0, 1, ... in ``position_ids``, then
+    padding (segment 0, position 0, ``key_padding_mask`` 1). Anything else would let samples
+    attend to each other or rotate at wrong positions; raises ``ValueError`` naming the position."""
+    fields = row_fields(True)
+    seg, pos = data[fields.index("segment_ids")], data[fields.index("position_ids")]
+    padding = data[fields.index("key_padding_mask")] != 0
+    real = seg != 0
+    n = int(real.sum())
+    if (seg < 0).any():
+        raise ValueError(f"segment_ids {int(seg[seg < 0][0])} is negative (samples are 1, 2, ...; padding 0)")
+    if not real[:n].all():
+        at = int(np.flatnonzero(~real[:n])[0])
+        raise ValueError(f"segment_ids: padding (0) at position {at} before the last sample's tokens "
+                         f"(samples come first, then padding)")
+    ids = seg[:n]
+    steps = np.diff(ids, prepend=0)
+    if n and ((steps != 0) & (steps != 1)).any():
+        at = int(np.flatnonzero((steps != 0) & (steps != 1))[0])
+        raise ValueError(f"segment_ids {int(ids[at])} at position {at}: samples are numbered 1, 2, ... in "
+                         f"order, each in one run")
+    starts = np.flatnonzero(steps)                         # where each sample begins
+    within = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+    if not np.array_equal(pos[:n], within):
+        at = int(np.flatnonzero(pos[:n] != within)[0])
+        raise ValueError(f"position_ids {int(pos[at])} at position {at}: expected {int(within[at])} (0, 1, ... "
+                         f"within each sample)")
+    if (pos[n:] != 0).any():
+        at = n + int(np.flatnonzero(pos[n:] != 0)[0])
+        raise ValueError(f"position_ids {int(pos[at])} at padding position {at} (expected 0)")
+    if (padding != ~real).any():
+        at = int(np.flatnonzero(padding != ~real)[0])
+        raise ValueError(f"key_padding_mask {int(padding[at])} at position {at} disagrees with segment_ids "
+                         f"{int(seg[at])}")
 
 
 def _llava_rows(data: np.ndarray, names: list[str], want: Expect) -> tuple[np.ndarray, np.ndarray]:
