@@ -208,7 +208,8 @@ def check_data(params: Params, mode: str = "train") -> tuple[int, list[Problem]]
 
     Shards readable and shaped as the params say (sequence length, ``max_num_img``, tokens per
     image), ``data_params.json`` consistent with them, every sample's token ids and image
-    positions in range, every image present inside ``img_data_dir``. Images are not decoded."""
+    positions in range, every image present inside ``img_data_dir``, of an allowed format and a size
+    that decodes (and pads to a square) safely. Images are verified, not decoded."""
     data = params.input_for(mode)
     if data is None or not data.data_dir:
         return 0, []
@@ -251,6 +252,7 @@ def _check_rows(path: Path, n: int, want: Expect, img_dir: Optional[str], limit:
                         image = confined(img_dir, name)
                         if not image.is_file():
                             raise ValueError(f"image {name} not found in {img_dir}")
+                        open_image(image, decode=False)      # format, size, padded size; BadImage
                 except ValueError as err:          # UnsafePath is a ValueError
                     if len(problems) < limit:
                         problems.append(Problem(str(path), f"sample {row}", str(err)))

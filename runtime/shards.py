@@ -29,6 +29,7 @@ import numpy as np
 
 from mmgraph.core.h5schema import DATA, row_fields
 from mmgraph.core.errors import Problem
+from mmgraph.runtime.transforms import square_fits
 
 EMPTY_SLOTS = ("", "None")          # mmgraph before this release, the Model Zoo
 DATA_PARAMS = "data_params.json"
@@ -60,15 +61,25 @@ def _resolved(folder: str) -> Path:
     return Path(folder).resolve()
 
 
+# The formats an image may have, by content (PIL otherwise picks any plug-in it has: a PostScript
+# file named .png would reach Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 def open_image(path: Path, decode: bool = True):
-    """The image at ``path`` as RGB, fully decoded; a decompression bomb is an error (PIL checks
-    the size when it opens the file). ``decode=False`` only verifies the file (preprocess)."""
+    """The image at ``path`` as RGB, fully decoded. Only ``IMAGE_FORMATS``; a decompression bomb
+    is an error (PIL checks the size when it opens the file), and so is an image whose padded
+    square would be one (a 1 x 60000 strip): both before any pixel is decoded. ``decode=False``
+    only opens and verifies the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=IMAGE_FORMATS) as img:
+                too_big = square_fits(*img.size)
+                if too_big:
+                    raise BadImage(f"image {path.name} is too large to decode safely: {too_big}")
                 if not decode:
                     img.verify()
                     return None
@@ -78,7 +89,11 @@ def open_image(path: Path, decode: bool = True):
         raise BadImage(f"image {path.name} is too large to decode safely ({err})") from None
     except FileNotFoundError:
         raise BadImage(f"image {path} not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError:
+        raise BadImage(f"image {path.name} cannot be read: not one of {', '.join(IMAGE_FORMATS)}") from None
+    except (OSError, SyntaxError, ValueError, MemoryError) as err:
+        if isinstance(err, BadImage):
+            raise
         first = str(err).splitlines()[0] if str(err) else err.__class__.__name__
         raise BadImage(f"image {path.name} cannot be read: {first}") from None
 
