@@ -61,12 +61,16 @@ def check(ck: Checkpoint) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from mmgraph.core.config import ModelConfig
+    from mmgraph.core.config.load import semantic_problems
     from mmgraph.models import build_model
 
     try:
         cfg = ModelConfig.model_validate(ck.model)
     except Exception as err:  # noqa: BLE001 - pydantic lists the problems
         raise UserError(Problem(ck.config_file, "model", f"the params are not valid: {err}")) from None
+    problems = semantic_problems(ck.config_file, {"model": cfg})    # check's limits, before anything is built
+    if problems:
+        raise UserError(problems)
     ck.cfg = cfg
     model, _ = build_model(cfg, fake_mode=FakeTensorMode())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -80,6 +84,9 @@ def check(ck: Checkpoint) -> None:
         if e.shape != shape:
             raise UserError(Problem(str(e.file), e.key, f"shape {e.shape} does not match the config's {shape} "
                                     f"(mmgraph {k})"))
+        if not e.dtype.is_floating_point:
+            raise UserError(Problem(str(e.file), e.key, f"dtype {str(e.dtype).removeprefix('torch.')}: a weight "
+                                    f"must be floating point (mmgraph {k})"))
     for k, e in ck.entries.items():
         if k not in expected:
             raise UserError(Problem(str(e.file), e.key, f"no such parameter in the configured model ({k})"))

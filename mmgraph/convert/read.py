@@ -45,6 +45,14 @@ def read_hf(src: Path, config: Optional[Path] = None) -> Checkpoint:
                             "model_type llava) nor image_model/ + text_model/"))
 
 
+def _section(cfg: dict, key: str, path: Path) -> dict:
+    """A nested config (``text_config``, ``vision_config``): an object, or empty when absent."""
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(Problem(str(path), key, f"a JSON {type(value).__name__}, not an object"))
+    return value
+
+
 def _text_folder(src: Path) -> Optional[Path]:
     for name in ("text_model", "text_model_llava"):
         if (src / name).is_dir():
@@ -59,7 +67,8 @@ def read_two_folder(src: Path, config_root: Optional[Path] = None) -> Checkpoint
     cfg_root = config_root or src
     cfg_image, cfg_text = cfg_root / "image_model", cfg_root / text_dir.name
     vision_cfg = _json(cfg_image / "config.json")
-    vision_cfg = vision_cfg.get("vision_config", vision_cfg)          # a full CLIPConfig also works
+    if "vision_config" in vision_cfg:                                  # a full CLIPConfig also works
+        vision_cfg = _section(vision_cfg, "vision_config", cfg_image / "config.json")
     llava_path = cfg_text / "config.json"
     llava_cfg = _json(llava_path)
     lmsys = cfg_text / "config_lmsys.json"
@@ -101,7 +110,7 @@ def read_two_folder(src: Path, config_root: Optional[Path] = None) -> Checkpoint
 def read_transformers(src: Path, cfg_path: Optional[Path] = None) -> Checkpoint:
     cfg_path = cfg_path or src / "config.json"
     cfg = _json(cfg_path)
-    vision_cfg, text_cfg = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+    vision_cfg, text_cfg = _section(cfg, "vision_config", cfg_path), _section(cfg, "text_config", cfg_path)
     if vision_cfg.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
         raise UserError(Problem(str(cfg_path), "vision_config.model_type",
                                 f"{vision_cfg.get('model_type')!r}: only CLIP vision towers convert"))
@@ -262,6 +271,8 @@ def _model_params(vision_cfg: dict, text_cfg: dict, projector_type: str, layer: 
                 raise UserError(Problem(str(where), key, f"missing from the {name}"))
     try:
         return llava_model_params(vision_cfg, text_cfg, projector_type, vision_feature_layer=layer, select_feature=select)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as err:
+        raise UserError(Problem(str(where), None, f"a config value of the wrong kind ({err})")) from None
     except UserError as err:
         text = str(err)
         key = ("mm_projector_type" if "projector" in text else "rope_scaling" if "rope" in text
