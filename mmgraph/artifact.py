@@ -29,7 +29,6 @@ import importlib
 import json
 import keyword
 import operator
-import shutil
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +40,7 @@ from mmgraph import __version__
 from mmgraph.core import ir
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.files import swap_folder
+from mmgraph.core.files import building
 
 FORMAT = 2
 NAMESPACES = ("aten", "prims", "_c10d_functional")
@@ -350,13 +349,24 @@ def save(folder: str | Path, program: ir.Program, wanted: dict, resolved: Option
     folder = Path(folder)
     fields = _fields(program)
     doc = {"format": FORMAT, "graph": _graph_to_json(program.gm), "fields": fields}
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "program.json").write_text(json.dumps(doc))
     stamp = {**wanted, "resolved": resolved or {}, "program_sha256": _sha256(program.gm.code, fields)}
-    (tmp / "fingerprint.json").write_text(json.dumps(stamp, indent=1))
-    return swap_folder(tmp, folder)
+    with building(folder) as tmp:
+        (tmp / "program.json").write_text(json.dumps(doc))
+        (tmp / "fingerprint.json").write_text(json.dumps(stamp, indent=1))
+    return folder
+
+
+def save_stages(store: Path, mode: str, stages, wanted: dict, resolved: Optional[dict] = None) -> Path:
+    """The programs ``mmgraph run`` loads for ``mode`` (``store/MODE``), from the compile's
+    stages: the last one, and, when it accumulates gradients across data-parallel micro-steps,
+    also ``train.no_sync``: the program before the collectives, for the micro-steps before the
+    last. compile and run save through here alike."""
+    last = save(store / mode, stages[-1].program, wanted, resolved)
+    names = [s.name for s in stages]
+    if mode == "train" and "data_parallel" in names and any(
+            spec.kind == ir.InputKind.GRAD for spec in stages[-1].program.inputs):
+        save(store / "train.no_sync", stages[names.index("data_parallel") - 1].program, wanted, resolved)
+    return last
 
 
 def read_fingerprint(folder: str | Path) -> Optional[dict]:

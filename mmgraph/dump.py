@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import platform
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from mmgraph import __version__
-from mmgraph.core.files import swap_folder
+from mmgraph.core.files import building
 from mmgraph.core.ir import InputKind, Phase, Program
 from mmgraph.passes.cost import bottleneck_words
 
@@ -270,16 +269,19 @@ def _versions() -> dict:
 
 def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, target=None) -> Path:
     """Write every stage, the program (Python, MLIR), the kernel drawings, ONNX of the eval
-    forward (small models, with ``params``) and the report; swap the folder in at the end."""
+    forward (small models, with ``params``) and the report; swap the folder in at the end (an
+    error on the way, a full disk included, leaves the previous dumps and no temporary folder)."""
+    model_dir = Path(model_dir)
+    final = model_dir / "compile"
+    with building(final) as tmp:
+        _write_dumps(tmp, stages, params_path, params, target)
+    return final
+
+
+def _write_dumps(tmp: Path, stages, params_path: str, params, target) -> None:
     from mmgraph.draw import kernel_graph, to_dot, to_svg
     from mmgraph.formats import export_onnx, onnx_skip_reason, to_mlir
 
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    final = model_dir / "compile"
-    tmp = model_dir / ".compile.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     for i, stage in enumerate(stages):
         (tmp / f"{i:02d}-{stage.name}.txt").write_text(format_program(stage.program, stage.name))
     last = stages[-1].program
@@ -316,4 +318,3 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
         artifacts["report.html"] = "written"
     rep["artifacts"] = artifacts
     (tmp / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    return swap_folder(tmp, final)

@@ -218,10 +218,8 @@ def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket
         if found is None:
             stages = _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb)
             if ranks.main:
-                from mmgraph.dump import write_dumps
-
-                write_dumps(stages, model_dir, params_path, None, tgt)
-                _save(store, names, stages, wanted, {"micro_batch": params.train_input.micro_batch_size, "remat": remat})
+                _write_cache(lambda: _dumps_and_program(stages, model_dir, params_path, tgt, store, wanted, {
+                    "micro_batch": params.train_input.micro_batch_size, "remat": remat}))
             found = [stages[-1].program] + ([_before_data_parallel(stages)] if len(names) > 1 else [])
             compiled.append(f"train (dumps in {Path(model_dir) / 'compile'}/)")
         train_program, no_sync = found[0], (found[1] if len(found) > 1 else None)
@@ -231,9 +229,10 @@ def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket
         if found is None:
             from mmgraph.pipeline import compile_step
 
-            eval_program = compile_step(params, "eval", target=tgt)[-1].program
+            eval_stages = compile_step(params, "eval", target=tgt)
+            eval_program = eval_stages[-1].program
             if ranks.main:
-                artifact.save(store / "eval", eval_program, wanted)
+                _write_cache(lambda: artifact.save_stages(store, "eval", eval_stages, wanted))
             compiled.append("eval")
         else:
             eval_program = found[0]
@@ -275,12 +274,22 @@ def _before_data_parallel(stages) -> Program:
     return next(a.program for a, b in zip(stages, stages[1:]) if b.name == "data_parallel")
 
 
-def _save(store: Path, names: list[str], stages, wanted: dict, resolved: Optional[dict] = None) -> None:
+def _dumps_and_program(stages, model_dir, params_path, tgt, store: Path, wanted: dict, resolved: dict) -> None:
     from mmgraph import artifact
+    from mmgraph.dump import write_dumps
 
-    artifact.save(store / names[0], stages[-1].program, wanted, resolved)
-    if len(names) > 1:
-        artifact.save(store / names[1], _before_data_parallel(stages), wanted, resolved)
+    write_dumps(stages, model_dir, params_path, None, tgt)
+    artifact.save_stages(store, "train", stages, wanted, resolved)
+
+
+def _write_cache(write) -> None:
+    """The dumps and the saved programs are a cache of the compile: when they cannot be written
+    (a full disk) the run says so and goes on with the programs it holds."""
+    try:
+        write()
+    except OSError as err:
+        print(f"mmgraph: warning: could not save the dumps or the compiled program ({err.strerror or err}); "
+              f"training goes on, the next run compiles again", file=sys.stderr)
 
 
 def _data_parallel_line(params, ranks, runner, zero: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class Runner:
         self.sampler_state: Optional[dict] = None
         self.metrics_path = self.model_dir / "metrics.jsonl"
         self._events = None
+        self._log_failed = False
 
     def _optimizer(self):
         """The whole optimizer, or this rank's shard of it (ZeRO-1: state; ZeRO-2: state and
@@ -295,16 +297,22 @@ class Runner:
         if not self.ranks.main:
             return
         record = {**record, "world_size": self.ranks.world_size}
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"split": split, **record}) + "\n")
-        if self._events is None:
-            from torch.utils.tensorboard import SummaryWriter
-            self._events = SummaryWriter(str(self.model_dir / "events"))
-        for k, v in record.items():
-            if k not in ("step", "world_size") and isinstance(v, (int, float)):
-                self._events.add_scalar(f"{split}/{k}", v, record["step"])
-        self._events.flush()
+        try:
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"split": split, **record}) + "\n")
+            if self._events is None:
+                from torch.utils.tensorboard import SummaryWriter
+                self._events = SummaryWriter(str(self.model_dir / "events"))
+            for k, v in record.items():
+                if k not in ("step", "world_size") and isinstance(v, (int, float)):
+                    self._events.add_scalar(f"{split}/{k}", v, record["step"])
+            self._events.flush()
+        except OSError as err:          # a full disk: the log is lost, training (and checkpoints) go on
+            if not self._log_failed:
+                print(f"mmgraph: warning: cannot write {self.metrics_path} or the TensorBoard events "
+                      f"({err.strerror or err}); training goes on, later records may be missing", file=sys.stderr)
+            self._log_failed = True
 
     def close(self) -> None:
         if self._events is not None:

@@ -267,3 +267,66 @@ def test_run_and_compile_resolve_auto_micro_batch_alike(shards, tmp_path, capsys
     assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "1"]) == 0
     out = capsys.readouterr().out
     assert f"micro_batch_size auto: {compiled[0]} with remat {compiled[1]} (as compiled" in out and "loaded program" in out
+
+
+def _no_space(monkeypatch, where) -> None:
+    """Writes whose path ``where`` accepts fail as on a full disk (ENOSPC)."""
+    import builtins
+    import errno
+    import io
+    from pathlib import Path
+
+    real_write, real_open = Path.write_text, builtins.open
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def write_text(self, *a, **k):
+        if where(str(self)):
+            full(self)
+        return real_write(self, *a, **k)
+
+    def open_(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax") and where(str(file)):
+            full(file)
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+
+
+def test_a_full_disk_for_the_dumps_program_and_log_is_a_warning_in_run(shards, tmp_path, capsys,  # noqa: F811
+                                                                       monkeypatch):
+    """The artifact, the dumps and metrics.jsonl once ended `run` with an OSError traceback and
+    left .tmp folders that broke the next run: they are a cache and a log; checkpoints still
+    stop the run (tests/test_checkpoint_safety.py)."""
+    md = tmp_path / "md"
+    params = _params(tmp_path, shards)
+    _no_space(monkeypatch, lambda p: ".tmp-" in p or p.endswith("metrics.jsonl"))
+    assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: could not save the dumps or the compiled program (No space left on device)" in err
+    assert f"warning: cannot write {md / 'metrics.jsonl'}" in err and err.count("cannot write") == 1
+    assert (md / "checkpoints" / "ckpt-000003").is_dir()
+    assert not list(md.rglob("*.tmp*")) and not (md / "compile").exists()
+    monkeypatch.undo()
+    assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "4"]) == 0
+    assert "compiling train: no saved train program" in capsys.readouterr().out
+    assert (md / "compile" / "program.py").is_file() and not list(md.rglob("*.tmp*"))
+
+
+def test_a_full_disk_in_compile_is_exit_2_and_keeps_the_previous_dumps(shards, tmp_path, capsys,  # noqa: F811
+                                                                       monkeypatch):
+    md = tmp_path / "md"
+    params = _params(tmp_path, shards)
+    assert main(["compile", "--params", str(params), "--model_dir", str(md)]) == 0
+    before = (md / "compile" / "report.json").read_text()
+    (md / ".compile.tmp").mkdir()                     # a leftover of an older release's failed compile
+    _no_space(monkeypatch, lambda p: ".tmp-" in p)
+    assert main(["compile", "--params", str(params), "--model_dir", str(md), "--target", "cs3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmgraph: error: {md}: cannot write the dumps and the program (No space left on "
+                          "device)") and "Traceback" not in err
+    assert (md / "compile" / "report.json").read_text() == before
+    assert not list(md.rglob("*.tmp*"))
