@@ -54,7 +54,7 @@ def format_program(program: Program, title: str) -> str:
                                       for k, v in program.history[-1].notes.items()))
     lines.append("")
     for node, spec in zip([n for n in program.gm.graph.nodes if n.op == "placeholder"], program.inputs):
-        role = "batch" if spec.kind == InputKind.BATCH else ("trainable" if spec.trainable else "frozen")
+        role = ("trainable" if spec.trainable else "frozen") if spec.kind == InputKind.PARAM else spec.kind.value
         lines.append(f"%{node.name}: {_type(spec.shape, spec.dtype)}  # input {role} {spec.name}")
     lines.append("")
     if program.remat is not None and program.segments is None:

@@ -18,9 +18,10 @@ from typing import Optional
 
 import torch
 
-from mmgraph.core.config import Params
+from mmgraph.core.config import Params, rank_batch
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
+from mmgraph.core.rng import rng_inputs
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.distributed import SINGLE, Ranks, all_sum, bind_group
 from mmgraph.runtime.executors import Executor, make_executor
@@ -70,6 +71,7 @@ class Runner:
         self.weights = {k: (v.detach().pin_memory() if pin else v.detach().to(self.store_device))
                         for k, v in weights.items()}
         self.trainable = [s.name for s in (train.inputs if train else []) if s.kind == InputKind.PARAM and s.trainable]
+        self._dropout = train is not None and any(s.kind == InputKind.RNG for s in train.inputs)
         self.optimizer = self._optimizer() if params.optimizer else None
         scaled = train is not None and any(s.name == LOSS_SCALE for s in train.inputs)
         self.scaler: Optional[LossScaler] = LossScaler(params.optimizer) if scaled and params.optimizer else None
@@ -174,6 +176,14 @@ class Runner:
         real = self._all_sum([float(sum(b.get("rows", b["labels"].shape[0]) for b in micro_batches))])[0]
         return [b["labels"].shape[0] / real for b in micro_batches]
 
+    def _first_sample(self) -> int:
+        """The stream position of this rank's first row in this step: ``step`` global batches
+        done, then the ranks before this one (dropout's masks follow the sample, not the rank
+        or the micro-batch: models/rng.py)."""
+        data = self.params.train_input
+        rb = rank_batch(data.batch_size, data.micro_batch_size, self.ranks.world_size)
+        return self.step * data.batch_size + self.ranks.rank * rb.batch
+
     def _all_sum(self, values: list[float]) -> list[float]:
         return all_sum(values, self.ranks, self.device)
 
@@ -185,8 +195,13 @@ class Runner:
         owned: set[int] = set()
         shares = self._weights_of(micro_batches)
         dp = self.train_program.world_size > 1
+        first = self._first_sample()
         for i, (batch, share) in enumerate(zip(micro_batches, shares)):
             batch = {k: v for k, v in batch.items() if k != "rows"}
+            rows = batch["labels"].shape[0]
+            if self._dropout:
+                batch |= rng_inputs(self.params.runconfig.seed, first, rows, self.device)
+            first += rows
             if dp and i == len(micro_batches) - 1:       # weighs, adds the rest, reduces: the global sum
                 part, total = self.micro_step(batch, share, total if self.no_sync else None)
                 loss += part.detach().double().cpu() * share

@@ -131,6 +131,17 @@ def test_two_ranks_train_like_one_process_phase1(shards, tmp_path):  # noqa: F81
     _assert_same_training(_weights(tmp_path / "one"), _weights(tmp_path / "two"), frozen)
 
 
+def test_two_ranks_with_dropout_train_like_one_process(shards, tmp_path):  # noqa: F811
+    """Dropout's masks follow the sample (models/rng.py): 2 ranks and 1 process draw the same."""
+    params = _params(tmp_path, shards, "drop.yaml", train={"batch_size": 8, "micro_batch_size": 2})
+    raw = yaml.safe_load(params.read_text())
+    raw["model"]["text_model"].update(dropout_rate=0.1, attention_dropout_rate=0.1, embd_pdrop=0.1)
+    params.write_text(yaml.safe_dump(raw))
+    _single(params, tmp_path / "one")
+    _torchrun(params, tmp_path / "two")
+    _assert_same_training(_weights(tmp_path / "one"), _weights(tmp_path / "two"), _frozen(params))
+
+
 def test_resume_two_ranks_then_one_equals_one_process(phase2, tmp_path):
     params, one = phase2
     half = STEPS // 2
