@@ -90,7 +90,8 @@ def leave(rc: int) -> None:
 
 
 def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts: RunOptions) -> int:
-    from mmgraph.models import initial_weights
+    from mmgraph.models import build_model, initial_weights
+    from mmgraph.models.anatomy import no_weight_decay
     from mmgraph.runtime.data import make_loader
     from mmgraph.runtime.distributed import agree, rank_share
     from mmgraph.runtime.runner import Runner
@@ -118,6 +119,7 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
     runner = Runner(params, model_dir, programs.train, programs.eval, opts.device, executor=opts.executor,
                     eval_executor=opts.eval_executor, weight_streaming=opts.weight_streaming,
                     weights=initial_weights(params), ranks=ranks, no_sync=programs.no_sync,
+                    no_decay=no_weight_decay(build_model(params, device="meta")[0]),
                     zero=opts.zero if ranks.world_size > 1 else 0)
     if ranks.world_size > 1 and train_mode:
         say(_data_parallel_line(params, ranks, runner, opts.zero))
@@ -296,6 +298,17 @@ def _data_parallel_line(params, ranks, runner, zero: int) -> str:
             f"(whole: {whole / 1e6:.2f} MB)")
 
 
+def _modelzoo_checkpoint(path: str) -> bool:
+    """A Model Zoo .mdl (a file, or a folder of checkpoint_<N>.mdl without mmgraph checkpoints)."""
+    from mmgraph.convert.modelzoo import find_mdl
+
+    p = Path(path)
+    if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "model.safetensors").is_file()
+                       or (p / "model.safetensors.index.json").is_file()):
+        return False
+    return p.suffix == ".mdl" or find_mdl(p) is not None
+
+
 def _start_weights(params, runner, checkpoint_path, say) -> None:
     """Resume from model_dir's checkpoints, else load the initial weights, if any."""
     resumed = runner.resume()
@@ -304,6 +317,21 @@ def _start_weights(params, runner, checkpoint_path, say) -> None:
         note = f"; initial weights {initial} not loaded: resuming" if initial else ""
         say(f"resumed from {resumed} (step {runner.step}){note}")
         runner.truncate_metrics()
+    elif initial and _modelzoo_checkpoint(initial):
+        from mmgraph.convert.modelzoo import training_start
+
+        opt = params.optimizer.optimizer_type if params.optimizer else None
+        start = training_start(Path(initial), params.model, params.runconfig.load_checkpoint_states,
+                               runner.trainable, runner.no_decay, opt)
+        runner.load_initial(str(start.path), start.weights)
+        for note in start.notes:
+            say(f"note: {note}")
+        if start.step:
+            runner.start_at(start.step, start.optimizer)
+            say(f"initial weights from {start.path} (the Model Zoo's .mdl), step {start.step}"
+                + (", optimizer state" if start.optimizer else ""))
+        else:
+            say(f"initial weights from {start.path} (the Model Zoo's .mdl)")
     elif initial:
         states = params.runconfig.load_checkpoint_states
         if states is not None and {s.strip() for s in states.split(",")} - {"model"}:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
 from mmgraph.convert.checkpoint import Checkpoint, _maybe_json
@@ -29,7 +31,8 @@ from mmgraph.core import mdl
 from mmgraph.core.config import ModelConfig
 from mmgraph.core.config.release import (model_class, params_for_release, sections_of, version_string)
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.mdl_layout import from_modelzoo, to_modelzoo
+from mmgraph.core.mdl_layout import from_modelzoo, modelzoo_name, to_modelzoo
+from mmgraph.core.tensorio import Entry
 
 _STEP = re.compile(r"checkpoint_(\d+)\.mdl$")
 
@@ -126,3 +129,112 @@ def write_modelzoo(ck: Checkpoint, out: Path, release: tuple[int, int], default_
     if ck.tokenizer is not None:
         _copy_tokenizer(ck.tokenizer, out / "tokenizer")
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# a training run's start (`mmgraph run --checkpoint_path X.mdl`)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MdlStart:
+    """What a run takes from a .mdl: weights (mmgraph's names and layout), and where the
+    checkpoint's states are asked for and match, the optimizer state (``Optimizer.state_dict``
+    form) and the step."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: Optional[dict] = None
+    step: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _states(value: Optional[str]) -> set[str]:
+    """``load_checkpoint_states`` as the Model Zoo reads it: unset or ``all`` is every state."""
+    if value is None or value.strip() == "all":
+        return {"model", "optimizer", "global_step", "schedulers", "dataloader"}
+    return {s.strip() for s in value.split(",") if s.strip()}
+
+
+def training_start(src: Path, cfg: ModelConfig, states: Optional[str], trainable: list[str],
+                   no_decay: frozenset[str], optimizer_type: Optional[str]) -> MdlStart:
+    path = find_mdl(src)
+    if path is None:
+        raise UserError(Problem(str(src), None, "no .mdl checkpoint here"))
+    file = mdl.read(path)
+    wanted = _states(states)
+    state = file.subtree("model")
+    if not isinstance(state, dict) or not state:
+        raise UserError(Problem(str(path), "model", "no model state dict in this checkpoint"))
+    weights = {k: e.load() for k, e in from_modelzoo(state, cfg, str(path)).items()}
+    out = MdlStart(path, weights)
+    step = file.subtree("global_step")
+    if "global_step" in wanted and isinstance(step, int) and not isinstance(step, bool) and step > 0:
+        out.step = step
+    if "optimizer" in wanted and out.step:
+        try:
+            out.optimizer = _optimizer_state(file, state, cfg, trainable, no_decay, optimizer_type, out.step)
+        except _Mismatch as why:
+            out.notes.append(f"{path}: optimizer state not loaded ({why}); the optimizer starts afresh")
+    if "dataloader" in wanted and out.step:
+        out.notes.append(f"{path}: the data continue at step {out.step}'s batch (the sampler's own state is "
+                         "not read)")
+    return out
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _param_order(state: dict, cfg: ModelConfig) -> list[str]:
+    """mmgraph's names in the Model Zoo's ``named_parameters`` order (the state dict's order,
+    each parameter once: ``ln_f`` is the final norm's first name)."""
+    from mmgraph.core.mdl_layout import FINAL_NORM, LN_F, native_name
+
+    seen: list[str] = []
+    for key in state:
+        name = native_name(key, cfg)
+        if name is not None and name.startswith(LN_F):
+            name = FINAL_NORM + name[len(LN_F):]
+        if name is not None and name not in seen:
+            seen.append(name)
+    return seen
+
+
+def _optimizer_state(file: mdl.MdlFile, state: dict, cfg: ModelConfig, trainable: list[str],
+                     no_decay: frozenset[str], optimizer_type: Optional[str], step: int) -> Optional[dict]:
+    """The .mdl's optimizer state under mmgraph's names and layout: its state is indexed in the
+    order of its param groups (group 0 decayed, group 1 not: ``optim_utils.py``
+    ``_partition_params_groups_with_weight_decay``), each in ``named_parameters`` order."""
+    from mmgraph.core.mdl_layout import transform
+
+    opt = file.subtree("optimizer")
+    if not isinstance(opt, dict) or not opt.get("state"):
+        raise _Mismatch("the checkpoint has none")
+    if optimizer_type not in ("Adam", "AdamW"):
+        raise _Mismatch(f"the params' optimizer is {optimizer_type}; Adam / AdamW states are read")
+    wanted = set(trainable)
+    order = [n for n in _param_order(state, cfg) if n in wanted]
+    if set(order) != wanted:
+        raise _Mismatch(f"{len(wanted - set(order))} trainable weights are not in the checkpoint")
+    groups = [[n for n in order if n not in no_decay], [n for n in order if n in no_decay]]
+    names = groups[0] + groups[1]
+    theirs = [g.get("params") for g in opt.get("param_groups") or [] if isinstance(g, dict)]
+    ours = [list(range(len(groups[0]))), list(range(len(groups[0]), len(names)))]
+    if [list(p) for p in theirs if p] != [p for p in ours if p]:
+        raise _Mismatch(f"its param groups hold {[len(p or []) for p in theirs]} weights, the params train "
+                        f"{[len(p) for p in ours]} (decayed, not decayed)")
+    out: dict = {"step_count": torch.tensor(step)}
+    for index, name in enumerate(names):
+        entry = opt["state"].get(index)
+        if not isinstance(entry, dict):
+            raise _Mismatch(f"no state for weight {index} ({name})")
+        fn = transform(name, cfg, False)
+        for key in ("exp_avg", "exp_avg_sq"):
+            e = entry.get(key)
+            shape = tuple(state[modelzoo_name(name, cfg)].shape)
+            if not isinstance(e, Entry) or tuple(e.shape) != shape:
+                raise _Mismatch(f"optimizer.state.{index}.{key} is not a {list(shape)} tensor ({name})")
+            t = e.load()
+            out[f"{name}::{key}"] = fn(t) if fn else t
+    return out
