@@ -298,26 +298,18 @@ def _data_parallel_line(params, ranks, runner, zero: int) -> str:
             f"(whole: {whole / 1e6:.2f} MB)")
 
 
-def _modelzoo_checkpoint(path: str) -> bool:
-    """A Model Zoo .mdl (a file, or a folder of checkpoint_<N>.mdl without mmgraph checkpoints)."""
-    from mmgraph.convert.modelzoo import find_mdl
-
-    p = Path(path)
-    if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "model.safetensors").is_file()
-                       or (p / "model.safetensors.index.json").is_file()):
-        return False
-    return p.suffix == ".mdl" or find_mdl(p) is not None
-
-
 def _start_weights(params, runner, checkpoint_path, say) -> None:
-    """Resume from model_dir's checkpoints, else load the initial weights, if any."""
+    """Resume from model_dir's checkpoints, else load the initial weights, if any (a Model Zoo
+    .mdl: its weights, and its step and optimizer state as ``load_checkpoint_states`` asks)."""
+    from mmgraph.convert.modelzoo import is_modelzoo_checkpoint
+
     resumed = runner.resume()
     initial = checkpoint_path or params.runconfig.checkpoint_path
     if resumed:
         note = f"; initial weights {initial} not loaded: resuming" if initial else ""
         say(f"resumed from {resumed} (step {runner.step}){note}")
         runner.truncate_metrics()
-    elif initial and _modelzoo_checkpoint(initial):
+    elif initial and is_modelzoo_checkpoint(initial):
         from mmgraph.convert.modelzoo import training_start
 
         opt = params.optimizer.optimizer_type if params.optimizer else None

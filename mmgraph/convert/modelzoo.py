@@ -41,7 +41,7 @@ def find_mdl(src: Path) -> Optional[Path]:
     """The .mdl a source names: the file itself, or the newest ``checkpoint_<N>.mdl`` (else the
     only ``.mdl``) in a folder; None when there is none."""
     if src.is_file():
-        return src if mdl.is_mdl(src) else None
+        return src if src.suffix == ".mdl" or mdl.is_mdl(src) else None
     if not src.is_dir():
         return None
     found = sorted(p for p in src.iterdir() if p.suffix == ".mdl" and p.is_file())
@@ -52,6 +52,27 @@ def find_mdl(src: Path) -> Optional[Path]:
         raise UserError(Problem(str(src), None, f"{len(found)} .mdl files here ({', '.join(p.name for p in found[:4])}"
                                 "); name the one to convert"))
     return found[0] if found else None
+
+
+def is_modelzoo_checkpoint(path: str | Path) -> bool:
+    """A Model Zoo .mdl: a file, or a folder of ``checkpoint_<N>.mdl`` that is not one of
+    mmgraph's (no ``checkpoints/``, no ``model.safetensors``)."""
+    p = Path(path)
+    if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "model.safetensors").is_file()
+                       or (p / "model.safetensors.index.json").is_file()):
+        return False
+    return p.suffix == ".mdl" or find_mdl(p) is not None
+
+
+def model_weights(src: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's weights of a .mdl, in mmgraph's names and layout."""
+    path = find_mdl(src)
+    if path is None:
+        raise UserError(Problem(str(src), None, "no .mdl checkpoint here"))
+    state = mdl.read(path).subtree("model")
+    if not isinstance(state, dict) or not state:
+        raise UserError(Problem(str(path), "model", "no model state dict in this checkpoint"))
+    return {k: e.load() for k, e in from_modelzoo(state, cfg, str(path)).items()}
 
 
 def _params_file(path: Path) -> dict:
@@ -161,13 +182,10 @@ def training_start(src: Path, cfg: ModelConfig, states: Optional[str], trainable
     path = find_mdl(src)
     if path is None:
         raise UserError(Problem(str(src), None, "no .mdl checkpoint here"))
+    out = MdlStart(path, model_weights(path, cfg))
     file = mdl.read(path)
     wanted = _states(states)
     state = file.subtree("model")
-    if not isinstance(state, dict) or not state:
-        raise UserError(Problem(str(path), "model", "no model state dict in this checkpoint"))
-    weights = {k: e.load() for k, e in from_modelzoo(state, cfg, str(path)).items()}
-    out = MdlStart(path, weights)
     step = file.subtree("global_step")
     if "global_step" in wanted and isinstance(step, int) and not isinstance(step, bool) and step > 0:
         out.step = step

@@ -271,7 +271,7 @@ def _load(path: Path, key: str, dtype: torch.dtype) -> torch.Tensor:
 
     with h5py.File(path, "r") as f:
         array = read_dataset(f[key], str(path))
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = torch.from_numpy(np.array(array, order="C"))         # keeps 0-d tensors 0-d
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
