@@ -104,6 +104,12 @@ def _as_model(ck: Checkpoint, name: str) -> None:
     multimodal_simple; the same weights, other names (in a .mdl) and freeze patterns."""
     if ck.model.get("name", "multimodal_simple") == name:
         return
+    images = ck.model.get("image_model_list") or {}
+    models = images.get("image_models") or []
+    if name == "llava" and (len(models) != 1 or images.get("connector") or (isinstance(models[0], dict) and len(
+            models[0].get("image_model") or []) > 1)):
+        raise UserError(Problem(ck.config_file, "model.image_model_list", "--model llava: the llava model has one "
+                                "image encoder and one projector (no per-encoder projection, no connector)"))
     pairs = _FREEZE_TO_LLAVA if name == "llava" else tuple((b, a) for a, b in _FREEZE_TO_LLAVA)
     freeze = ck.model.get("freeze") or []
     freeze = [freeze] if isinstance(freeze, str) else freeze
