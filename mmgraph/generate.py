@@ -44,7 +44,8 @@ class Generator:
         if weights:
             from mmgraph.convert.modelzoo import is_modelzoo_checkpoint, model_weights
 
-            self._load(weights, model_weights(Path(weights), params.model) if is_modelzoo_checkpoint(weights)
+            shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+            self._load(weights, model_weights(Path(weights), params.model, shapes) if is_modelzoo_checkpoint(weights)
                        else load_weights(weights))
         self.model.eval()
         self.data = params.eval_input or params.train_input

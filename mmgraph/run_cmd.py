@@ -314,7 +314,8 @@ def _start_weights(params, runner, checkpoint_path, say) -> None:
 
         opt = params.optimizer.optimizer_type if params.optimizer else None
         start = training_start(Path(initial), params.model, params.runconfig.load_checkpoint_states,
-                               runner.trainable, runner.no_decay, opt)
+                               runner.trainable, runner.no_decay, opt,
+                               {k: tuple(v.shape) for k, v in runner.weights.items()})
         runner.load_initial(str(start.path), start.weights)
         for note in start.notes:
             say(f"note: {note}")

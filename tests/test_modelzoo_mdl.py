@@ -343,3 +343,16 @@ def test_cstorch_load_reads_what_mmgraph_writes(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-3:] == ["81", "0", "2.10.0"]
+
+
+def test_run_refuses_an_mdl_of_another_shape_before_reading_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(FIX)
+    raw = PARAMS["mm_simple"].read_text().replace("vocab_size: 128", "vocab_size: 96")
+    (tmp_path / "p.yaml").write_text(raw)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(FIX / "data", tmp_path / "data")
+    assert main(["run", "CPU", "--mode", "train", "--params", "p.yaml", "--model_dir", str(tmp_path / "m"),
+                 "--checkpoint_path", str(FIX / "mm_simple" / "initial.mdl"), "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{FIX / 'mm_simple' / 'initial.mdl'}: model.model.text_model.embedding_layer.word_embeddings.weight: "
+            "shape [128, 64] does not match the params' [96, 64]") in err, err

@@ -64,15 +64,25 @@ def is_modelzoo_checkpoint(path: str | Path) -> bool:
     return p.suffix == ".mdl" or find_mdl(p) is not None
 
 
-def model_weights(src: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's weights of a .mdl, in mmgraph's names and layout."""
+def model_weights(src: Path, cfg: ModelConfig,
+                  shapes: Optional[dict[str, tuple[int, ...]]] = None) -> dict[str, torch.Tensor]:
+    """The model's weights of a .mdl, in mmgraph's names and layout. ``shapes``: what the model
+    holds; a tensor of another shape is refused before anything is read (the caller checks the
+    rest: missing and extra keys, with its own strictness)."""
     path = find_mdl(src)
     if path is None:
         raise UserError(Problem(str(src), None, "no .mdl checkpoint here"))
     state = mdl.read(path).subtree("model")
     if not isinstance(state, dict) or not state:
         raise UserError(Problem(str(path), "model", "no model state dict in this checkpoint"))
-    return {k: e.load() for k, e in from_modelzoo(state, cfg, str(path)).items()}
+    entries = from_modelzoo(state, cfg, str(path))
+    if shapes is not None:
+        bad = [Problem(str(path), f"model.{modelzoo_name(k, cfg)}", f"shape {list(e.shape)} does not match the "
+                       f"params' {list(shapes[k])} (mmgraph {k})") for k, e in entries.items()
+               if k in shapes and tuple(e.shape) != tuple(shapes[k])]
+        if bad:
+            raise UserError(bad)
+    return {k: e.load() for k, e in entries.items()}
 
 
 def _params_file(path: Path) -> dict:
@@ -178,11 +188,12 @@ def _states(value: Optional[str]) -> set[str]:
 
 
 def training_start(src: Path, cfg: ModelConfig, states: Optional[str], trainable: list[str],
-                   no_decay: frozenset[str], optimizer_type: Optional[str]) -> MdlStart:
+                   no_decay: frozenset[str], optimizer_type: Optional[str],
+                   shapes: Optional[dict[str, tuple[int, ...]]] = None) -> MdlStart:
     path = find_mdl(src)
     if path is None:
         raise UserError(Problem(str(src), None, "no .mdl checkpoint here"))
-    out = MdlStart(path, model_weights(path, cfg))
+    out = MdlStart(path, model_weights(path, cfg, shapes))
     file = mdl.read(path)
     wanted = _states(states)
     state = file.subtree("model")
