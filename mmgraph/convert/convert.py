@@ -17,7 +17,9 @@ Formats (``mmgraph convert list``):
   weight layout of that release's converters and the params in its layout (``modelzoo.py``).
   A ``cs-X.Y`` source that is mmgraph's safetensors (what ``cs-X.Y`` meant before) is read as
   ``native``, with a note.
-The model is ``mm_simple`` (the Model Zoo's README) or ``mmsimple-llava`` (its registry's name).
+The model is ``mm_simple`` (the Model Zoo's README) or ``mmsimple-llava`` (its registry's name),
+or ``llava`` (the Model Zoo's llava model: the same weights under its names); without
+``--model``, the source's.
 """
 
 from __future__ import annotations
