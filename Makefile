@@ -72,6 +72,7 @@ bench: install
 	$(PY) -m benchmarks.bench_packing --out $(RESULTS)/packing.json
 	$(PY) -m benchmarks.bench_data_parallel --out $(RESULTS)/data_parallel.json
 	$(PY) -m benchmarks.bench_startup --out $(RESULTS)/startup.json
+	$(PY) -m benchmarks.bench_modelzoo --out $(RESULTS)/modelzoo.json
 	$(PY) -m benchmarks.report
 
 clean:

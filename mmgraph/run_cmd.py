@@ -90,7 +90,8 @@ def leave(rc: int) -> None:
 
 
 def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts: RunOptions) -> int:
-    from mmgraph.models import initial_weights
+    from mmgraph.models import build_model, initial_weights
+    from mmgraph.models.anatomy import no_weight_decay
     from mmgraph.runtime.data import make_loader
     from mmgraph.runtime.distributed import agree, rank_share
     from mmgraph.runtime.runner import Runner
@@ -118,6 +119,7 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
     runner = Runner(params, model_dir, programs.train, programs.eval, opts.device, executor=opts.executor,
                     eval_executor=opts.eval_executor, weight_streaming=opts.weight_streaming,
                     weights=initial_weights(params), ranks=ranks, no_sync=programs.no_sync,
+                    no_decay=no_weight_decay(build_model(params, device="meta")[0]),
                     zero=opts.zero if ranks.world_size > 1 else 0)
     if ranks.world_size > 1 and train_mode:
         say(_data_parallel_line(params, ranks, runner, opts.zero))
@@ -306,13 +308,32 @@ def _data_parallel_line(params, ranks, runner, zero: int) -> str:
 
 
 def _start_weights(params, runner, checkpoint_path, say) -> None:
-    """Resume from model_dir's checkpoints, else load the initial weights, if any."""
+    """Resume from model_dir's checkpoints, else load the initial weights, if any (a Model Zoo
+    .mdl: its weights, and its step and optimizer state as ``load_checkpoint_states`` asks)."""
+    from mmgraph.convert.modelzoo import is_modelzoo_checkpoint
+
     resumed = runner.resume()
     initial = checkpoint_path or params.runconfig.checkpoint_path
     if resumed:
         note = f"; initial weights {initial} not loaded: resuming" if initial else ""
         say(f"resumed from {resumed} (step {runner.step}){note}")
         runner.truncate_metrics()
+    elif initial and is_modelzoo_checkpoint(initial):
+        from mmgraph.convert.modelzoo import training_start
+
+        opt = params.optimizer.optimizer_type if params.optimizer else None
+        start = training_start(Path(initial), params.model, params.runconfig.load_checkpoint_states,
+                               runner.trainable, runner.no_decay, opt,
+                               {k: tuple(v.shape) for k, v in runner.weights.items()})
+        runner.load_initial(str(start.path), start.weights)
+        for note in start.notes:
+            say(f"note: {note}")
+        if start.step:
+            runner.start_at(start.step, start.optimizer)
+            say(f"initial weights from {start.path} (the Model Zoo's .mdl), step {start.step}"
+                + (", optimizer state" if start.optimizer else ""))
+        else:
+            say(f"initial weights from {start.path} (the Model Zoo's .mdl)")
     elif initial:
         states = params.runconfig.load_checkpoint_states
         if states is not None and {s.strip() for s in states.split(",")} - {"model"}:

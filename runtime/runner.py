@@ -44,15 +44,16 @@ class Runner:
                  eval_program: Optional[Program] = None, device: str = "cpu", executor: str = "reference",
                  eval_executor: Optional[str] = None, weight_streaming: bool = False, *,
                  weights: dict[str, torch.Tensor], ranks: Ranks = SINGLE, no_sync: Optional[Program] = None,
-                 zero: int = 0):
+                 zero: int = 0, no_decay: frozenset[str] = frozenset()):
         """``weights``: every weight by name (the initializer's or a checkpoint's), taken over.
+        ``no_decay``: the weights weight decay skips (the Model Zoo's rule: biases and norms).
         ``weight_streaming``: the parameter store (weights, optimizer state) stays in host
         memory and each segment's weights are streamed to ``device`` when it runs.
         Data parallel (``ranks``): ``train`` is the program compiled for the world size (its
         collectives reduce the gradients), run for the last micro-batch of a step; ``no_sync`` the
         plain program for the micro-batches before it; ``zero`` 1 or 2 shards the optimizer."""
         self.params, self.model_dir, self.device = params, Path(model_dir), torch.device(device)
-        self.ranks, self.zero = ranks, zero
+        self.ranks, self.zero, self.no_decay = ranks, zero, frozenset(no_decay)
         self.store_device = torch.device("cpu") if weight_streaming else self.device
         self.train_program, self.eval_program, self.no_sync = train, eval_program, no_sync
         if weight_streaming:
@@ -85,23 +86,26 @@ class Runner:
         """The whole optimizer, or this rank's shard of it (ZeRO-1: state; ZeRO-2: state and
         gradients, as the program's reduce-scatter hands them)."""
         cfg, ranks = self.params.optimizer, self.ranks
+        decay = {n: False for n in self.no_decay}
         if self.zero == 1 and ranks.world_size > 1:
             from mmgraph.runtime.zero import ShardedOptimizer
-            return ShardedOptimizer(cfg, self.weights, self.trainable, ranks.rank, ranks.world_size)
+            return ShardedOptimizer(cfg, self.weights, self.trainable, ranks.rank, ranks.world_size, decay=decay)
         if self.zero == 2 and ranks.world_size > 1:
             from mmgraph.runtime.zero import GradShardOptimizer
-            return GradShardOptimizer(cfg, self.weights, self.train_program.collectives, ranks.rank, ranks.world_size)
-        return Optimizer(cfg, self.weights)
+            return GradShardOptimizer(cfg, self.weights, self.train_program.collectives, ranks.rank, ranks.world_size,
+                                      no_decay=self.no_decay)
+        return Optimizer(cfg, self.weights, decay)
 
     # -- weights -------------------------------------------------------------------------
     def _expected(self) -> dict[str, tuple[tuple, torch.dtype]]:
         """Every weight the run holds (the program's parameters and the rest of the model)."""
         return {k: (tuple(v.shape), v.dtype) for k, v in self.weights.items()}
 
-    def load_initial(self, path: str) -> None:
-        """Initial weights (the model only) from a checkpoint, model_dir or converted folder:
-        every key and shape checked (floating dtypes are cast) before anything is copied."""
-        loaded = checkpoint.load_weights(path)
+    def load_initial(self, path: str, loaded: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Initial weights (the model only) from a checkpoint, model_dir or converted folder (or
+        ``loaded``, read from ``path`` by the caller): every key and shape checked (floating
+        dtypes are cast) before anything is copied."""
+        loaded = checkpoint.load_weights(path) if loaded is None else loaded
         strict = not self.params.runconfig.disable_strict_checkpoint_loading
         expected = self._expected()
         problems = [p for p in checkpoint.check_tensors(path, loaded, expected, exact_dtype=False)
@@ -112,6 +116,21 @@ class Runner:
         for k, v in loaded.items():
             if k in self.weights:
                 self.weights[k].copy_(v)
+
+    def start_at(self, step: int, optimizer_state: Optional[dict] = None) -> None:
+        """Continue another tool's run at ``step`` (the schedule and the data go on from there),
+        with its optimizer state when given (``Optimizer.state_dict`` form, checked here)."""
+        state = optimizer_state or {"step_count": torch.tensor(step)}
+        expected = self._expected()
+        problems = [Problem(None, k, "does not match a weight of the program") for k, v in state.items()
+                    if k != "step_count" and (k.rpartition("::")[0] not in expected
+                                              or tuple(v.shape) != expected[k.rpartition("::")[0]][0])]
+        if problems:
+            raise UserError(problems)
+        self.step = step
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict({k: (v if k == "step_count" else v.to(self.store_device))
+                                            for k, v in state.items()})
 
     def resume(self) -> Optional[Path]:
         """Continue from the newest usable checkpoint in model_dir, if any (damaged newer ones

@@ -279,3 +279,11 @@ def test_startup_benchmark_quick(capsys):
     assert "| loaded from the artifact |" in out and "| traced and lowered |" in out
     found = targets.startup_targets({"ratio": 0.5, "artifact": {"median_s": 2.0}, "traced": {"median_s": 4.0}})
     assert found[0].status == "missed" and "tracing adds 2.0 s" in found[0].reason
+
+
+def test_modelzoo_benchmark_quick(capsys):
+    from benchmarks.bench_modelzoo import main as bench_modelzoo
+
+    assert bench_modelzoo(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| mmgraph (`mmgraph run`, reference executor) |" in out and "skipped: not asked (--quick)" in out

@@ -14,7 +14,9 @@ from mmgraph.convert.hf_params import llava_model_params
 from mmgraph.core.tensorio import Entry, find_weights, read_entries
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
 from mmgraph.convert.llava_cfg import FREEZE_VISION, anyres_note, read_llava_config
+from mmgraph.core.config.release import sections_of
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.mdl import is_mdl
 
 
 def _rename(entries: dict[str, Entry], fn: Callable[[str], Optional[str]], into: dict[str, Entry]) -> None:
@@ -176,13 +178,15 @@ def read_native(src: Path, config: Optional[Path]) -> Checkpoint:
     if not params_path.is_file():
         raise UserError(Problem(str(params_path), None, "does not exist (pass --config PARAMS)"))
     params, model = _read_params(params_path)
-    if src.is_file() and src.suffix == ".mdl":
-        raise UserError(Problem(str(src), None, "a Cerebras .mdl checkpoint: mmgraph reads safetensors (its own "
-                                "checkpoints, `mmgraph convert` output) and Hugging Face .bin files"))
+    if src.is_file() and (src.suffix == ".mdl" or is_mdl(src)):
+        raise UserError(Problem(str(src), None, "a Cerebras .mdl checkpoint: convert it with --src-fmt cs-X.Y "
+                                "(e.g. cs-2.10)"))
     files = [src] if src.is_file() else find_weights(src)
     entries = read_entries(files)
     meta = _maybe_json(folder / "convert.json") or {}
     notes = _complete_from_weights(model, entries, str(params_path))
+    if isinstance(params.get("model"), dict) and params["model"] is not model:
+        _complete_from_weights(params["model"], entries, str(params_path))     # the params.yaml written out
     tok = folder / "tokenizer"
     return Checkpoint(entries, model, meta.get("source", {}), tokenizer=tok if tok.is_dir() else None,
                       preprocessor=meta.get("preprocessor"), params=params, config_file=str(params_path),
@@ -190,19 +194,20 @@ def read_native(src: Path, config: Optional[Path]) -> Checkpoint:
 
 
 def _read_params(path: Path) -> tuple[dict, dict]:
-    """The params file and its model section (the 2.3 layout's ``model``, or ``trainer.init.model``)."""
+    """The params file and its model section, through the translation ``check`` and ``run``
+    apply: the 2.3 layout's ``model``, the ``trainer:`` layout's ``trainer.init.model``
+    (``image_encoder`` / ``projection_layer``), the llava model's keys."""
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(Problem(str(path), None, f"not a valid YAML file ({str(err).splitlines()[0]})")) from None
-    model = None
-    if isinstance(params, dict):
-        model = params.get("model")
-        trainer = params.get("trainer")
-        if model is None and isinstance(trainer, dict) and isinstance(trainer.get("init"), dict):
-            model = trainer["init"].get("model")
+    if not isinstance(params, dict):
+        raise UserError(Problem(str(path), "model", "missing (a params file with a model section)"))
+    model = sections_of(params, str(path)).get("model")
     if not isinstance(model, dict):
         raise UserError(Problem(str(path), "model", "missing (a params file with a model section)"))
+    if model == params.get("model"):
+        model = params["model"]                 # the same mapping: what the weights fill in is written back
     return params, model
 
 
