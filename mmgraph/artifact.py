@@ -4,7 +4,8 @@
 - ``program.json``: the FX graph as data (nodes with their op, target, arguments and value
   shapes) and every typed field of the Program (input/output specs, node infos, kernels,
   segments, schedule, remat plan, collectives); targets are resolved on load only from an
-  allowlist (``torch.ops.aten``, ``prims``, ``_c10d_functional``, ``operator.getitem``) and
+  allowlist (``torch.ops.aten``, ``prims``, ``_c10d_functional``, mmgraph's own ``dropout_keep``,
+  ``operator.getitem``) and
   typed fields only into the IR's own dataclasses; every name that reaches generated code is
   checked first (node names are identifiers, keyword arguments the op's own, stack traces one
   line per frame), so nothing from the file runs (no pickle, no ``exec`` of its text);
@@ -38,12 +39,13 @@ import torch.fx as fx
 
 from mmgraph import __version__
 from mmgraph.core import ir
+from mmgraph.core import rng as _rng  # noqa: F401 - registers mmgraph::dropout_keep, an op programs may call
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.files import building
 
 FORMAT = 2
-NAMESPACES = ("aten", "prims", "_c10d_functional")
+NAMESPACES = ("aten", "prims", "_c10d_functional", "mmgraph")     # mmgraph: its own ops (core/rng.py)
 # Input keys that never reach the program (where the data is and how it is read).
 DATA_ONLY = {"data_dir", "img_data_dir", "transforms", "shuffle", "shuffle_seed", "drop_last", "num_workers",
              "noaugment", "data_processor"}

@@ -1,21 +1,14 @@
-"""Dropout with counter-based random numbers: the same masks in eager PyTorch and in the
-compiled program, on any device, for any split of a batch over micro-batches and ranks.
+"""Dropout whose masks are the same in eager PyTorch and in the compiled program, on any device,
+for any split of a batch over micro-batches and ranks: counter-based random numbers
+(``mmgraph.core.rng``: the ``mmgraph::dropout_keep`` op) keyed by the run's seed, the row's
+sample (its position in the training stream, not in the dataset), the dropout site and the
+element. The program takes the seed and the rows' sample indices as inputs (``rng_seed``,
+``sample_index``: ``InputKind.RNG``), so
 
-A mask element is a hash of four integers: the run's seed, the global index of the sample its
-row belongs to (the position of the sample in the training stream, not in the dataset), the
-dropout site (every ``Dropout`` module of a model has its own number, given in build order),
-and the element's index within the row. Nothing is drawn from a generator's state, so:
-
-- the program takes the seed and the rows' sample indices as inputs (``rng_seed``,
-  ``sample_index``: ``InputKind.RNG``), and a resumed run makes the masks it would have made;
+- a resumed run makes the masks it would have made;
 - a sample gets the same masks whether it is trained in one process or on rank 3 of 8, in the
-  first micro-batch or the last, so data-parallel runs equal one process with dropout on;
+  first micro-batch or the last: data-parallel runs equal one process with dropout on;
 - recomputation (remat) makes the masks again from the same inputs: they are pure values.
-
-The hash is ``lowbias32`` (C. Wellons, "Prospecting for hash functions", 2018), applied twice
-with keys mixed in, computed exactly in int64 arithmetic (32-bit products split in 16-bit
-halves: no signed overflow on any backend). The top 24 bits of the result compared with
-``p * 2**24`` decide whether an element is dropped.
 """
 
 from __future__ import annotations
@@ -27,42 +20,7 @@ import torch
 from torch import nn
 
 from mmgraph.core.ir import RNG_FIELDS, RNG_SEED, SAMPLE_INDEX  # noqa: F401 - the program's inputs
-from mmgraph.core.rng import rng_inputs  # noqa: F401 - their values
-
-_M32 = 0xFFFFFFFF
-_M16 = 0xFFFF
-_SEED_SALT, _SITE_SALT, _ROW_SALT = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``(x * c) mod 2**32`` for ``x`` in [0, 2**32) and a constant ``c`` < 2**32, exactly:
-    (hi * 2**16 + lo) * c = ((hi * c) mod 2**16) * 2**16 + lo * c (mod 2**32); every product
-    stays below 2**49."""
-    lo, hi = x & _M16, x >> 16
-    return ((((hi * c) & _M16) << 16) + lo * c) & _M32
-
-
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 of int64 values in [0, 2**32): a well-mixed 32-bit hash."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def hash32_int(x: int) -> int:
-    """``hash32`` of one Python int in [0, 2**32) (for constants: a site's number)."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def _key32(x: torch.Tensor) -> torch.Tensor:
-    """Any int64 (a sample index may exceed 2**32) folded into [0, 2**32)."""
-    return (x & _M32) ^ hash32((x >> 32) & _M32)
+from mmgraph.core.rng import hash32, hash32_int, image_rows, rng_inputs, uniform24  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -71,32 +29,24 @@ class Rng:
     of the tensors dropout sees (samples in the language model; images in the encoders)."""
 
     seed: torch.Tensor
-    rows: torch.Tensor
+    rows: torch.Tensor            # (B,) the samples' indices in the training stream
+    images: int = 0               # > 0: the tensors' rows are the samples' images (B * images)
 
     @classmethod
     def of(cls, seed: torch.Tensor, sample_index: torch.Tensor) -> "Rng":
         return cls(seed, sample_index)
 
     def per_image(self, images: int) -> "Rng":
-        """Keys of the ``B * images`` image rows (B, I flattened): sample b's image i."""
-        slot = torch.arange(images, device=self.rows.device, dtype=torch.int64)
-        rows = hash32(_key32(self.rows)[:, None] ^ _ROW_SALT) ^ slot[None, :]       # (B, I)
-        return Rng(self.seed, rows.reshape(-1))
+        """For the image encoders, whose rows are sample b's image i (B, I flattened)."""
+        return Rng(self.seed, self.rows, images)
+
+    def row_keys(self) -> torch.Tensor:
+        """One key per row of the tensors dropout sees."""
+        return image_rows(self.rows, self.images) if self.images else self.rows
 
     def uniform24(self, shape: tuple[int, ...], site: int) -> torch.Tensor:
         """(rows, *rest) int64 values in [0, 2**24), a function of (seed, row key, site, index)."""
-        n_rows, rest = shape[0], shape[1:]
-        if self.rows.shape[0] != n_rows:
-            raise ValueError(f"dropout: {self.rows.shape[0]} row keys for a tensor of {n_rows} rows")
-        seed = hash32(_key32(self.seed.to(torch.int64)) ^ _SEED_SALT)           # ()
-        site_key = hash32(seed ^ hash32_int((site * 2 + 1) ^ _SITE_SALT))      # ()
-        row = hash32(_key32(self.rows) ^ site_key)                              # (rows,)
-        numel = 1
-        for d in rest:
-            numel *= d
-        index = torch.arange(numel, device=self.rows.device, dtype=torch.int64).reshape(1, *rest)
-        row = row.reshape(n_rows, *([1] * len(rest)))
-        return hash32(hash32(index ^ row) ^ seed) >> 8
+        return uniform24(list(shape), self.seed, self.rows, site, self.images)
 
 
 class Dropout(nn.Module):
@@ -121,8 +71,9 @@ class Dropout(nn.Module):
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
     def keep_mask(self, shape, rng: Rng) -> torch.Tensor:
-        """True where an element is kept: its 24-bit draw at or above ``p * 2**24``."""
-        return rng.uniform24(tuple(shape), self.site) >= int(round(self.p * (1 << 24)))
+        """True where an element is kept: its 24-bit draw at or above ``p * 2**24`` (one op)."""
+        return torch.ops.mmgraph.dropout_keep(list(shape), rng.seed, rng.rows, rng.images, self.site,
+                                               int(round(self.p * (1 << 24))))
 
     def extra_repr(self) -> str:
         return f"p={self.p}, site={self.site}"

@@ -112,9 +112,11 @@ def test_a_rows_mask_follows_its_sample_not_its_place_in_the_batch():
     assert torch.equal(drop.keep_mask((2, 5, 7), _rng([13, 14])), whole[3:5])
     assert torch.equal(drop.keep_mask((1, 5, 7), _rng([10])), whole[:1])
     assert not torch.equal(whole[0], whole[1])
-    images = _rng([10, 11]).per_image(3)                   # image rows: sample b's image i
-    assert images.rows.shape == (6,) and len(set(images.rows.tolist())) == 6
-    assert torch.equal(_rng([11]).per_image(3).rows, images.rows[3:])
+    images = _rng([10, 11]).per_image(3).row_keys()      # image rows: sample b's image i
+    assert images.shape == (6,) and len(set(images.tolist())) == 6
+    assert torch.equal(_rng([11]).per_image(3).row_keys(), images[3:])
+    mask = drop.keep_mask((6, 4), _rng([10, 11]).per_image(3))
+    assert torch.equal(drop.keep_mask((3, 4), _rng([11]).per_image(3)), mask[3:])
 
 
 def test_training_without_random_inputs_is_refused():
@@ -158,3 +160,23 @@ def test_a_resumed_run_with_dropout_is_bit_exact(tmp_path):
         runner.train_step([b])
     assert all(torch.equal(straight.weights[k], unchanged.weights[k]) for k in straight.weights)
     assert any(not torch.equal(straight.weights[k], runner.weights[k]) for k in runner.trainable)
+
+
+def test_a_program_with_dropout_is_one_op_per_mask_and_round_trips_as_an_artifact(tmp_path):
+    """The mask is one op (mmgraph::dropout_keep, pure: it recomputes), which the artifact's
+    allowlist takes: the loaded program computes what the compiled one does, bit for bit."""
+    from mmgraph import artifact
+    from mmgraph.core.rng import rng_inputs
+    from mmgraph.models import initial_weights, random_batch
+
+    params = load_params(_dropout_params(tmp_path))
+    program = compile_step(params, "train")[-1].program
+    ops = [str(n.target) for n in program.gm.graph.nodes if n.op == "call_function"]
+    assert ops.count("mmgraph.dropout_keep.default") >= 8
+    assert not any(o.startswith(("aten.bitwise_xor", "aten.__rshift__", "aten.__lshift__")) for o in ops)
+    back = artifact.load(artifact.save(tmp_path / "train", program, {"mode": "train"}))
+    weights = initial_weights(params)
+    batch = random_batch(params.layout("train"), program.batch_size, seed=3) | rng_inputs(9, 100, program.batch_size)
+    args = [weights[s.name] if s.kind == InputKind.PARAM else batch[s.name] for s in program.inputs]
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(program.gm(*args), back.gm(*args)))
