@@ -12,7 +12,8 @@ There the pass rewrites the program into that set, into the forms cstorch itself
 - sources with shapes and dtypes left implicit (``scalar_tensor``, ``ones_like``, ``new_zeros``,
   ...) into ``full``, ``zeros``, ``ones`` with both spelled out;
 - fills of the right dtype: an integer fill (``scatter.value``, ``full``, ...) into a floating tensor
-  becomes a float (CIRH wants a constant float there);
+  becomes a float (CIRH wants a constant float there), a float fill into a bool or integer tensor
+  (``constant_pad_nd`` of a mask) an integer;
 - ops only the CPU trace of a joint graph makes, into their decompositions: ``slice_backward`` /
   ``select_backward`` into a scatter into zeros, ``silu_backward`` into sigmoid arithmetic,
   ``_scaled_dot_product_flash_attention_for_cpu`` and its backward into ``bmm``, ``_softmax`` and
@@ -333,25 +334,30 @@ RULES: dict = {
 }
 
 
-def _float_fills(node: fx.Node) -> bool:
-    """An integer Scalar argument of an op making a floating tensor becomes a float (CIRH: "Not
-    constant float"); returns whether it changed anything."""
+def _typed_fills(node: fx.Node) -> bool:
+    """A Scalar argument in the kind of the tensor the op makes: a float into a floating tensor
+    (CIRH: "Not constant float" for an integer), an integer into an integer or bool tensor (a
+    float there aborts the tool: "expected floating point type"; Torch-MLIR has no bool Scalar).
+    Returns whether it changed anything."""
     schema = getattr(node.target, "_schema", None)
     vals = node_val(node)
-    if schema is None or not vals or not vals[0].dtype.is_floating_point:
+    if schema is None or not vals:
         return False
+    floating = vals[0].dtype.is_floating_point or vals[0].dtype.is_complex
+
+    def typed(value):
+        if floating and isinstance(value, int):                      # bool is an int
+            return float(value)
+        if not floating and (isinstance(value, bool) or (isinstance(value, float) and value.is_integer())):
+            return int(value)
+        return value
+
     scalars = {a.name for a in schema.arguments if str(a.type) in ("Scalar", "Optional[Scalar]", "number")}
-    if not scalars:
-        return False
-    changed = False
-    args = list(node.args)
-    for i, (arg, value) in enumerate(zip(schema.arguments, args)):
-        if arg.name in scalars and isinstance(value, int) and not isinstance(value, bool):
-            args[i], changed = float(value), True
-    kwargs = dict(node.kwargs)
-    for name, value in kwargs.items():
-        if name in scalars and isinstance(value, int) and not isinstance(value, bool):
-            kwargs[name], changed = float(value), True
+    args = [typed(v) if a.name in scalars else v for a, v in zip(schema.arguments, node.args)]
+    args += list(node.args[len(args):])
+    kwargs = {k: typed(v) if k in scalars else v for k, v in node.kwargs.items()}
+    changed = any(type(a) is not type(b) for a, b in zip(args, node.args)) or \
+        any(type(kwargs[k]) is not type(v) for k, v in node.kwargs.items())
     if changed:
         node.args, node.kwargs = tuple(args), kwargs
     return changed
@@ -405,7 +411,7 @@ def legalize_for(program: Program, op_set: Optional[OpSet], target_name: str) ->
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or is_legal(node, op_set):
             if op_set is not None and node.op == "call_function":
-                fills += _float_fills(node)
+                fills += _typed_fills(node)
                 wrapped += _numbers_as_tensors(rw, node)
             continue
         rule = RULES.get(node.target)
@@ -420,11 +426,11 @@ def legalize_for(program: Program, op_set: Optional[OpSet], target_name: str) ->
         rewritten[key] = rewritten.get(key, 0) + 1
     dead = drop_dead(gm, info)
     if op_set is not None:                  # the new ops' fills too
-        fills += sum(_float_fills(n) for n in gm.graph.nodes if n.op == "call_function")
+        fills += sum(_typed_fills(n) for n in gm.graph.nodes if n.op == "call_function")
     new = program.with_pass_result(gm, info)
     refuse_illegal(new, op_set, target_name)
     notes = {"op_set": op_set.name if op_set else "registry", "rewritten": sum(rewritten.values()),
-             "added": rw.emitted, "removed": dead, "float_fills": fills,
+             "added": rw.emitted, "removed": dead, "typed_fills": fills,
              "numbers_as_tensors": wrapped}
     notes.update({f"rewrote {k}": v for k, v in sorted(rewritten.items())})
     return new, notes
