@@ -37,7 +37,7 @@ import torch.fx as fx
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import NodeInfo, Program
 from mmgraph.core.opcost import node_bytes, node_flops, node_val
-from mmgraph.core.ops import OpSet, is_legal, mlir_name
+from mmgraph.core.ops import OpSet, is_legal, mlir_name, op_class
 from mmgraph.core.target import Target
 from mmgraph.passes.util import copy_program, drop_dead
 
@@ -453,10 +453,11 @@ def refuse_illegal(program: Program, op_set: Optional[OpSet], target_name: str) 
     problems = []
     for name, nodes in bad.items():
         first = program.info[nodes[0].name]
-        why = (f"not in {target_name}'s op set {op_set.name}" if op_set is not None
-               else "not in the op registry")
-        more = f" (and {len(nodes) - 1} more)" if len(nodes) > 1 else ""
+        if op_class(nodes[0]) == "unsupported":
+            why = "not in the op registry (mmgraph/core/ops.py)"
+        else:
+            why = f"not in its op set {op_set.name} (configs/targets/{op_set.name}.ops), and legalize has no rewrite for it"
+        more = f" and {len(nodes) - 1} more" if len(nodes) > 1 else ""
         problems.append(Problem(None, None, f"op {name} (node %{nodes[0].name}{more}) in layer {first.layer}, "
-                                f"module {first.module or 'the model forward'} does not lower on {target_name}: "
-                                f"{why}, and legalize has no rewrite for it"))
+                                f"module {first.module or 'the model forward'} does not lower on {target_name}: {why}"))
     raise UserError(problems)
