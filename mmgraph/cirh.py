@@ -117,7 +117,7 @@ def lower(tool: Path, mlir_text: str, strict: bool = False, timeout_s: float = T
 
 
 _STAT = re.compile(r"^\s*(cirh\.[\w.]+)\s*,\s*(\d+)\s*$")
-_ERROR = re.compile(r"^(?:[^:\n]*:(\d+):\d+: )?error: (.*)$")
+_ERROR = re.compile(r"^(?:[^\s:]*:(\d+)(?::\d+)?: )?error: (.*)$")
 _OP = re.compile(r"(torch\.(?:aten|prim|operator)\.?[\w.]*|cirh\.\w+)")
 
 
@@ -218,8 +218,8 @@ def check_program(program: Program, checked: str, mlir_text: str, where: str, ta
         what += f" (node %{node.name}, layer {info.layer}, module {info.module or 'the model forward'})"
     mode = " in strict-soundness mode (mixed precision)" if low.strict else ""
     raise UserError(Problem(where, None, f"{TOOL} refuses {checked} for {target_name}{mode}: "
-                            f"{what}{at}: {low.error} (to see it: {ENV}=off mmgraph compile ... writes "
-                            f"compile/program.mlir; then {' '.join(low.command)}, with func.func written func)"))
+                            f"{what}{at}: {low.error} (with {ENV}=off, compile writes program.mlir unchecked; the "
+                            f"tool's command: {' '.join(low.command)}, on it with func.func written func)"))
 
 
 def cirh_report(found: Found, lowering: Optional[Lowering], checked: str) -> dict:

@@ -14,6 +14,7 @@ There the pass rewrites the program into that set, into the forms cstorch itself
 - fills of the right dtype: an integer fill (``scatter.value``, ``full``, ...) into a floating tensor
   becomes a float (CIRH wants a constant float there), a float fill into a bool or integer tensor
   (``constant_pad_nd`` of a mask) an integer;
+- dtypes the lowering refuses in strict-soundness mode: a bool mask padded as int32;
 - ops only the CPU trace of a joint graph makes, into their decompositions: ``slice_backward`` /
   ``select_backward`` into a scatter into zeros, ``silu_backward`` into sigmoid arithmetic,
   ``_scaled_dot_product_flash_attention_for_cpu`` and its backward into ``bmm``, ``_softmax`` and
@@ -183,6 +184,24 @@ def _source(make, value_at: Optional[int] = None, fixed=None) -> Callable:
 def _empty(rw: _Rewriter, node: fx.Node):
     out = _val(node)
     return rw.emit(aten.empty.memory_format, (_shape(node),), _source_kwargs(out.dtype, out.device))
+
+
+# --- dtypes the lowering refuses -----------------------------------------------------------------
+
+def _pad_bool(rw: _Rewriter, node: fx.Node):
+    """A bool mask padded as int32, then compared back (strict-soundness mode: "constant_pad_nd
+    ... unsupported on bool. Please use one of ... bfloat16, float16, float32, int16, int32")."""
+    x, pad = node.args[0], node.args[1]
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    wide = rw.emit(aten._to_copy.default, (x,), {"dtype": torch.int32})
+    padded = rw.emit(aten.constant_pad_nd.default, (wide, pad, int(bool(value))))
+    return rw.emit(aten.ne.Tensor, (padded, rw.const(0, torch.int32)))
+
+
+# Legal ops in a dtype the lowering refuses: (the dtype's test, the rewrite).
+DTYPE_RULES: dict = {
+    aten.constant_pad_nd.default: (lambda node: _val(node).dtype == torch.bool, _pad_bool),
+}
 
 
 # --- backward-only and CPU-only ops: decompositions --------------------------------------------
@@ -409,6 +428,13 @@ def legalize_for(program: Program, op_set: Optional[OpSet], target_name: str) ->
     rewritten: dict[str, int] = {}
     fills = wrapped = 0
     for node in list(gm.graph.nodes):
+        dtype_rule = DTYPE_RULES.get(node.target) if op_set is not None else None
+        if dtype_rule is not None and dtype_rule[0](node):
+            rw.node = node
+            _replace(node, dtype_rule[1](rw, node))
+            key = f"{mlir_name(node.target)} ({_val(node).dtype})"
+            rewritten[key] = rewritten.get(key, 0) + 1
+            continue
         if node.op != "call_function" or is_legal(node, op_set):
             if op_set is not None and node.op == "call_function":
                 fills += _typed_fills(node)

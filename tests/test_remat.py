@@ -85,9 +85,11 @@ def test_verify_catches_a_kept_set_that_does_not_match():
 
 
 def test_memory_and_flops_by_policy_on_the_target():
+    """On a program with fused attention (a GPU target keeps it): legalized for the wafer, the tiny
+    model's attention scores, recomputed by selective, outweigh what selective saves."""
     params = load_params(TINY2)
-    cs2 = load_target("cs2")
-    runs = {p: compile_step(params, target=cs2, remat=p)[-1].program for p in ("none", "selective", "full")}
+    target = load_target("h100")
+    runs = {p: compile_step(params, target=target, remat=p)[-1].program for p in ("none", "selective", "full")}
     peak = {p: r.schedule.peak_memory_bytes for p, r in runs.items()}
     extra = {p: r.schedule.recompute_flops for p, r in runs.items()}
     kept = {p: r.remat.kept_bytes for p, r in runs.items()}
