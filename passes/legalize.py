@@ -14,7 +14,8 @@ There the pass rewrites the program into that set, into the forms cstorch itself
 - fills of the right dtype: an integer fill (``scatter.value``, ``full``, ...) into a floating tensor
   becomes a float (CIRH wants a constant float there), a float fill into a bool or integer tensor
   (``constant_pad_nd`` of a mask) an integer;
-- dtypes the lowering refuses in strict-soundness mode: a bool mask padded as int32;
+- forms the lowering refuses: a bool mask padded as int32 (strict-soundness mode), a
+  ``convolution_backward`` asked for every gradient (its results must all be tensors);
 - ops only the CPU trace of a joint graph makes, into their decompositions: ``slice_backward`` /
   ``select_backward`` into a scatter into zeros, ``silu_backward`` into sigmoid arithmetic,
   ``_scaled_dot_product_flash_attention_for_cpu`` and its backward into ``bmm``, ``_softmax`` and
@@ -186,7 +187,7 @@ def _empty(rw: _Rewriter, node: fx.Node):
     return rw.emit(aten.empty.memory_format, (_shape(node),), _source_kwargs(out.dtype, out.device))
 
 
-# --- dtypes the lowering refuses -----------------------------------------------------------------
+# --- legal ops in forms the lowering refuses ----------------------------------------------------
 
 def _pad_bool(rw: _Rewriter, node: fx.Node):
     """A bool mask padded as int32, then compared back (strict-soundness mode: "constant_pad_nd
@@ -198,9 +199,19 @@ def _pad_bool(rw: _Rewriter, node: fx.Node):
     return rw.emit(aten.ne.Tensor, (padded, rw.const(0, torch.int32)))
 
 
-# Legal ops in a dtype the lowering refuses: (the dtype's test, the rewrite).
-DTYPE_RULES: dict = {
+def _all_grads(rw: _Rewriter, node: fx.Node):
+    """convolution_backward with every output asked for: the lowering types each result as a
+    tensor ("op result #0 must be Any Torch tensor type, but got '!torch.none'"); the input
+    gradient nobody reads (the image's) is then dead work the target may drop."""
+    args = list(node.args)
+    args[-1] = [True, True, True]
+    return rw.emit(aten.convolution_backward.default, tuple(args), dict(node.kwargs))
+
+
+# Legal ops in a form the lowering refuses: (the test, the rewrite).
+FORM_RULES: dict = {
     aten.constant_pad_nd.default: (lambda node: _val(node).dtype == torch.bool, _pad_bool),
+    aten.convolution_backward.default: (lambda node: not all(node.args[-1]), _all_grads),
 }
 
 
@@ -428,11 +439,11 @@ def legalize_for(program: Program, op_set: Optional[OpSet], target_name: str) ->
     rewritten: dict[str, int] = {}
     fills = wrapped = 0
     for node in list(gm.graph.nodes):
-        dtype_rule = DTYPE_RULES.get(node.target) if op_set is not None else None
-        if dtype_rule is not None and dtype_rule[0](node):
+        form = FORM_RULES.get(node.target) if op_set is not None else None
+        if form is not None and form[0](node):
             rw.node = node
-            _replace(node, dtype_rule[1](rw, node))
-            key = f"{mlir_name(node.target)} ({_val(node).dtype})"
+            _replace(node, form[1](rw, node))
+            key = f"{mlir_name(node.target)} (form)"
             rewritten[key] = rewritten.get(key, 0) + 1
             continue
         if node.op != "call_function" or is_legal(node, op_set):
