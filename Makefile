@@ -89,7 +89,7 @@ test-all: install cirh-tool-if-possible
 # (7B at 8/16/32 layers, 5 runs each; torch.compile's cold first call, 3 runs) about 5, the
 # runtime's small and medium configs (and both on CUDA where there is a GPU) about 4.
 RESULTS := benchmarks/results
-bench: install
+bench: install cirh-tool-if-possible
 	$(PY) -m benchmarks.bench_compile --out $(RESULTS)/compile.json
 	$(PY) -m benchmarks.bench_simulator --rounds 3 --repeats 9 --out $(RESULTS)/simulator.json
 	$(PY) -m benchmarks.bench_runtime --out $(RESULTS)/runtime.json
@@ -101,6 +101,7 @@ bench: install
 	$(PY) -m benchmarks.bench_packing --out $(RESULTS)/packing.json
 	$(PY) -m benchmarks.bench_data_parallel --out $(RESULTS)/data_parallel.json
 	$(PY) -m benchmarks.bench_startup --out $(RESULTS)/startup.json
+	$(PY) -m benchmarks.bench_legalize --out $(RESULTS)/legalize.json
 	$(PY) -m benchmarks.report
 
 clean:

@@ -28,7 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
 ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate", "packing",
-         "data_parallel", "startup")
+         "data_parallel", "startup", "legalize")
 BENCH_MINUTES = 19      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28) and bench_packing (about 2 min, not yet timed within make bench)
 
 
@@ -134,6 +134,7 @@ TITLES = {
     "packing": "Sequence packing (`benchmarks/bench_packing.py`)",
     "data_parallel": "Data parallelism (`benchmarks/bench_data_parallel.py`)",
     "startup": "Start-up with the program artifact (`benchmarks/bench_startup.py`)",
+    "legalize": "Legalization for the wafer and the vendor's lowering (`benchmarks/bench_legalize.py`)",
 }
 
 INTRO = {
@@ -266,6 +267,17 @@ and torch imports, params, data, the program, one step), in a model_dir whose `p
 (the run loads the artifact `mmgraph compile` saved: no tracing) and in one without (the run traces
 and lowers), interleaved, medians. The 7B row is the LLaVA-7B phase-2 train step traced and lowered
 for cs2 on the meta device against saving and loading its artifact."""
+
+INTRO["legalize"] = """\
+What the `legalize` pass costs and gives (docs/compiler.md, "Legality per target"). Compile: the
+LLaVA-7B phase-2 train step for cs2 through `compile_step` in one process, with legalization (cs2's
+op set `cirh-2.10.0`) and without (the same target with no op set), interleaved. CPU step: the small
+config's program compiled for a GPU target (h100: no rewrite, fused attention kept: the host
+program), for cs2 without legalization (the program as before) and legalized for cs2 (what `mmgraph
+run` executes with its default target), each run by `Runner.train_step` on the CPU. Lowering:
+every train and eval program of `configs/` and the Model Zoo's multimodal params files (train,
+micro-batch 1), legalized for cs2, through Cerebras's own `torch-cirh-opt -refine-types
+-torch-to-cirh-pipeline` (strict-soundness mode for mixed precision)."""
 
 TINY_EAGER_NOTE = """\
 Why tiny is low against eager PyTorch: its step is dominated by per-op overhead, and eager runs

@@ -53,17 +53,22 @@ class _Rewriter:
     def __init__(self, gm: fx.GraphModule, info: dict[str, NodeInfo]):
         self.gm, self.info = gm, info
         self.node: Optional[fx.Node] = None
-        self.fake_mode = next((v.fake_mode for n in gm.graph.nodes for v in node_val(n)
-                               if hasattr(v, "fake_mode")), None)
+        # The trace's fake mode: new values are made in it too (torch-mlir's importer reads fake
+        # tensors); None for a program whose values are meta tensors (a loaded artifact).
+        fake = next((v for n in gm.graph.nodes for v in node_val(n) if hasattr(v, "fake_mode")), None)
+        self.fake_mode = fake.fake_mode if fake is not None else None
+        self.device = _device(fake) if fake is not None else torch.device("cpu")
         self.attention: dict[fx.Node, dict] = {}      # forward attention node -> its decomposition
         self.emitted = 0
 
-    def emit(self, target, args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
+    def emit(self, target, args: tuple, kwargs: Optional[dict] = None, like=None) -> fx.Node:
+        """A new op before the one being replaced. ``like``: a value with the new op's shape and
+        dtype (the replaced op's own, for a one-for-one rewrite), so none is computed."""
         kwargs = kwargs or {}
         with self.gm.graph.inserting_before(self.node):
             new = self.gm.graph.call_function(target, tuple(args), kwargs)
         new.meta.update({k: v for k, v in self.node.meta.items() if k in _KEEP_META})
-        new.meta["val"] = self._value(target, args, kwargs)
+        new.meta["val"] = like if like is not None else self._value(target, args, kwargs)
         vals = node_val(new)
         self.info[new.name] = replace(self.info[self.node.name], shape=tuple(vals[0].shape) if vals else (),
                                       dtype=vals[0].dtype if vals else None, flops=node_flops(new),
@@ -72,28 +77,57 @@ class _Rewriter:
         return new
 
     def _value(self, target, args, kwargs):
+        """The new op's value: its shape and dtype found on the meta device (several times faster
+        than dispatching the op to fake tensors), then made a fake tensor of the trace."""
         def val(a):
             if isinstance(a, fx.Node):
-                return a.meta["val"]
+                return _meta(a.meta["val"])
             if isinstance(a, (list, tuple)):
                 return type(a)(val(x) for x in a)
+            if isinstance(a, torch.device):
+                return torch.device("meta")
             return a
         if target is operator.getitem:
-            return val(args[0])[args[1]]
+            return args[0].meta["val"][args[1]]
+        out = target(*val(list(args)), **{k: val(v) for k, v in kwargs.items()})
+        return self._fake(out)
+
+    def _fake(self, v):
+        """A meta value as a fake tensor of the trace (no dispatch: the converter wraps it)."""
         if self.fake_mode is None:
-            raise RuntimeError("legalize needs the program's fake values (a traced program)")
-        with self.fake_mode:
-            return target(*val(list(args)), **{k: val(v) for k, v in kwargs.items()})
+            return v
+        if isinstance(v, (list, tuple)):
+            return type(v)(self._fake(x) for x in v)
+        if not isinstance(v, torch.Tensor):
+            return v
+        return self.fake_mode.fake_tensor_converter.from_meta_and_device(self.fake_mode, v, self.device)
 
     def const(self, value, dtype: torch.dtype) -> fx.Node:
         """A 0-d tensor holding ``value`` (what cstorch passes Tensor overloads)."""
         if dtype.is_floating_point:
             value = float(value)
-        return self.emit(aten.full.default, ([], value), _source_kwargs(dtype, self._device()))
+        return self.emit(aten.full.default, ([], value), _source_kwargs(dtype, self._device()),
+                         like=self._fake(torch.empty((), dtype=dtype, device="meta")))
 
     def _device(self):
         vals = node_val(self.node)
-        return vals[0].device if vals else torch.device("cpu")
+        return _device(vals[0]) if vals else torch.device("cpu")
+
+
+def _device(v: torch.Tensor) -> torch.device:
+    """Where a source op makes its tensor: the program's device (the CPU a program is traced
+    on; values computed here live on the meta device)."""
+    return torch.device("cpu") if v.device.type == "meta" else v.device
+
+
+def _meta(v):
+    """``v`` as a contiguous meta tensor (strides are the executor's business: shapes and dtypes
+    are what the passes read, and ``view_copy`` of a strided meta tensor would be refused)."""
+    if isinstance(v, torch.Tensor):
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    if isinstance(v, (list, tuple)):
+        return type(v)(_meta(x) for x in v)
+    return v
 
 
 def _source_kwargs(dtype: torch.dtype, device) -> dict:
@@ -111,16 +145,16 @@ def _shape(node) -> list[int]:
 # --- views: their functional forms -------------------------------------------------------------
 
 def _view(rw: _Rewriter, node: fx.Node):
-    return rw.emit(aten.view_copy.default, (node.args[0], _shape(node)))
+    return rw.emit(aten.view_copy.default, (node.args[0], _shape(node)), like=_val(node))
 
 
 def _expand(rw: _Rewriter, node: fx.Node):
-    return rw.emit(aten.expand_copy.default, (node.args[0], _shape(node)))
+    return rw.emit(aten.expand_copy.default, (node.args[0], _shape(node)), like=_val(node))
 
 
 def _as_copy(copy) -> Callable:
-    """The same arguments, the ``*_copy`` overload."""
-    return lambda rw, node: rw.emit(copy, node.args, dict(node.kwargs))
+    """The same arguments, the ``*_copy`` overload (the same value: tuples for split)."""
+    return lambda rw, node: rw.emit(copy, node.args, dict(node.kwargs), like=node.meta["val"])
 
 
 def _unbind(rw: _Rewriter, node: fx.Node):
@@ -142,7 +176,7 @@ def _tensor_overload(tensor_op, position: int = 1) -> Callable:
         args = list(node.args)
         anchor = args[0] if isinstance(args[0], fx.Node) else next(a for a in args if isinstance(a, fx.Node))
         args[position] = rw.const(args[position], _scalar_dtype(anchor, args[position]))
-        return rw.emit(tensor_op, tuple(args), dict(node.kwargs))
+        return rw.emit(tensor_op, tuple(args), dict(node.kwargs), like=_val(node))
     return rule
 
 
@@ -150,15 +184,15 @@ def _rsub(rw: _Rewriter, node: fx.Node):
     x, c = node.args[0], node.args[1]
     alpha = node.args[2] if len(node.args) > 2 else node.kwargs.get("alpha", 1)
     other = rw.const(c, _scalar_dtype(x, c))
-    return rw.emit(aten.sub.Tensor, (other, x), {"alpha": alpha} if alpha != 1 else {})
+    return rw.emit(aten.sub.Tensor, (other, x), {"alpha": alpha} if alpha != 1 else {}, like=_val(node))
 
 
 def _clamp_min(rw: _Rewriter, node: fx.Node):
-    return rw.emit(aten.clamp.default, (node.args[0], node.args[1], None))
+    return rw.emit(aten.clamp.default, (node.args[0], node.args[1], None), like=_val(node))
 
 
 def _clamp_max(rw: _Rewriter, node: fx.Node):
-    return rw.emit(aten.clamp.default, (node.args[0], None, node.args[1]))
+    return rw.emit(aten.clamp.default, (node.args[0], None, node.args[1]), like=_val(node))
 
 
 def _where_scalar(rw: _Rewriter, node: fx.Node):
@@ -166,7 +200,7 @@ def _where_scalar(rw: _Rewriter, node: fx.Node):
     dtype = _val(node).dtype
     a = a if isinstance(a, fx.Node) else rw.const(a, dtype)
     b = b if isinstance(b, fx.Node) else rw.const(b, dtype)
-    return rw.emit(aten.where.self, (cond, a, b))
+    return rw.emit(aten.where.self, (cond, a, b), like=_val(node))
 
 
 # --- sources: shape and dtype spelled out ------------------------------------------------------
@@ -178,13 +212,13 @@ def _source(make, value_at: Optional[int] = None, fixed=None) -> Callable:
         value = fixed if fixed is not None else (node.args[value_at] if value_at is not None else None)
         args = (_shape(node),) if value is None else (_shape(node), float(value) if out.dtype.is_floating_point
                                                       and not isinstance(value, bool) else value)
-        return rw.emit(make, args, _source_kwargs(out.dtype, out.device))
+        return rw.emit(make, args, _source_kwargs(out.dtype, _device(out)), like=out)
     return rule
 
 
 def _empty(rw: _Rewriter, node: fx.Node):
     out = _val(node)
-    return rw.emit(aten.empty.memory_format, (_shape(node),), _source_kwargs(out.dtype, out.device))
+    return rw.emit(aten.empty.memory_format, (_shape(node),), _source_kwargs(out.dtype, _device(out)), like=out)
 
 
 # --- legal ops in forms the lowering refuses ----------------------------------------------------
@@ -218,15 +252,17 @@ FORM_RULES: dict = {
 # --- backward-only and CPU-only ops: decompositions --------------------------------------------
 
 def _zeros_like_sizes(rw: _Rewriter, grad: fx.Node, sizes) -> fx.Node:
-    val = _val(grad)
-    return rw.emit(aten.zeros.default, ([int(s) for s in sizes],), _source_kwargs(val.dtype, val.device))
+    val, shape = _val(grad), [int(s) for s in sizes]
+    return rw.emit(aten.zeros.default, (shape,), _source_kwargs(val.dtype, _device(val)),
+                   like=rw._fake(torch.empty(shape, dtype=val.dtype, device="meta")))
 
 
 def _slice_backward(rw: _Rewriter, node: fx.Node):
     grad, sizes, dim, start, end, step = node.args
     size = int(sizes[dim])
     start, end = _clip(start, size), _clip(end, size)
-    return rw.emit(aten.slice_scatter.default, (_zeros_like_sizes(rw, grad, sizes), grad, dim, start, end, step))
+    return rw.emit(aten.slice_scatter.default, (_zeros_like_sizes(rw, grad, sizes), grad, dim, start, end, step),
+                   like=_val(node))
 
 
 def _clip(i: int, size: int) -> int:
@@ -238,7 +274,8 @@ def _clip(i: int, size: int) -> int:
 
 def _select_backward(rw: _Rewriter, node: fx.Node):
     grad, sizes, dim, index = node.args
-    return rw.emit(aten.select_scatter.default, (_zeros_like_sizes(rw, grad, sizes), grad, dim, index))
+    return rw.emit(aten.select_scatter.default, (_zeros_like_sizes(rw, grad, sizes), grad, dim, index),
+                   like=_val(node))
 
 
 def _silu_backward(rw: _Rewriter, node: fx.Node):
@@ -247,7 +284,7 @@ def _silu_backward(rw: _Rewriter, node: fx.Node):
     s = rw.emit(aten.sigmoid.default, (x,))
     one_minus = rw.emit(aten.add.Scalar, (rw.emit(aten.neg.default, (s,)), 1.0))
     inner = rw.emit(aten.add.Scalar, (rw.emit(aten.mul.Tensor, (x, one_minus)), 1.0))
-    return rw.emit(aten.mul.Tensor, (rw.emit(aten.mul.Tensor, (grad, s)), inner))
+    return rw.emit(aten.mul.Tensor, (rw.emit(aten.mul.Tensor, (grad, s)), inner), like=_val(node))
 
 
 def _attention_args(node: fx.Node, names: tuple[str, ...]) -> dict:
@@ -276,7 +313,7 @@ def _attention(rw: _Rewriter, node: fx.Node):
     if mask is not None or a["is_causal"]:
         s4 = rw.emit(aten.view_copy.default, (scores, [b, h, L, s]))
         if a["is_causal"]:
-            upper = rw.emit(aten.full.default, ([L, s], float("-inf")), _source_kwargs(dtype, _val(q).device))
+            upper = rw.emit(aten.full.default, ([L, s], float("-inf")), _source_kwargs(dtype, _device(_val(q))))
             s4 = rw.emit(aten.add.Tensor, (s4, rw.emit(aten.triu.default, (upper, 1))))
         if mask is not None and _val(mask).dtype == torch.bool:
             s4 = rw.emit(aten.masked_fill.Tensor, (s4, rw.emit(aten.logical_not.default, (mask,)),
