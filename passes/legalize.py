@@ -106,12 +106,8 @@ class _Rewriter:
         """A 0-d tensor holding ``value`` (what cstorch passes Tensor overloads)."""
         if dtype.is_floating_point:
             value = float(value)
-        return self.emit(aten.full.default, ([], value), _source_kwargs(dtype, self._device()),
+        return self.emit(aten.full.default, ([], value), _source_kwargs(dtype, self.device),
                          like=self._fake(torch.empty((), dtype=dtype, device="meta")))
-
-    def _device(self):
-        vals = node_val(self.node)
-        return _device(vals[0]) if vals else torch.device("cpu")
 
 
 def _device(v: torch.Tensor) -> torch.device:
@@ -205,11 +201,11 @@ def _where_scalar(rw: _Rewriter, node: fx.Node):
 
 # --- sources: shape and dtype spelled out ------------------------------------------------------
 
-def _source(make, value_at: Optional[int] = None, fixed=None) -> Callable:
+def _source(make, value_at: Optional[int] = None) -> Callable:
     """``make(shape, [value,] dtype=...)`` with the node's own shape, dtype and device."""
     def rule(rw: _Rewriter, node: fx.Node):
         out = _val(node)
-        value = fixed if fixed is not None else (node.args[value_at] if value_at is not None else None)
+        value = node.args[value_at] if value_at is not None else None
         args = (_shape(node),) if value is None else (_shape(node), float(value) if out.dtype.is_floating_point
                                                       and not isinstance(value, bool) else value)
         return rw.emit(make, args, _source_kwargs(out.dtype, _device(out)), like=out)
