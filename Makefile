@@ -85,7 +85,7 @@ test-all: install cirh-tool-if-possible
 	$(PY) -m pytest -q -n 2 -m ''
 
 # Every benchmark at its modest default size, results as JSON, then BENCHMARKS.md and its plots
-# (benchmarks/plots/) rendered from them. About 17 minutes on 2 cores (bench_remat about 4): the compile benchmark
+# (benchmarks/plots/) rendered from them. About 30 minutes on 2 cores (bench_remat about 4, bench_legalize about 12): the compile benchmark
 # (7B at 8/16/32 layers, 5 runs each; torch.compile's cold first call, 3 runs) about 5, the
 # runtime's small and medium configs (and both on CUDA where there is a GPU) about 4.
 RESULTS := benchmarks/results

@@ -4,7 +4,8 @@ CPU runs afterwards, and whether every program lowers with Cerebras's own tool.
     python -m benchmarks.bench_legalize                  # everything (about 15 minutes on 2 cores)
     python -m benchmarks.bench_legalize --quick          # the tiny config, 1-2 repeats (tests)
 
-Three measurements, each in this one run:
+Three measurements, each comparing peers measured in the same run (``--parts`` reruns some of
+them and keeps the others from ``--out``, with the date they were measured):
 
 - ``compile``: ``compile_step`` of the LLaVA-7B phase-2 train step for cs2 (trace, every pass,
   cost), with legalization (cs2 as shipped: ``ops: cirh-2.10.0``) against without (the same target
@@ -102,19 +103,20 @@ def step_time(params_path: Path, repeats: int, warmup: int = 2) -> dict:
     torch.manual_seed(0)
     batch = random_batch(params.layout(), micro_batch_size(params, "train"), seed=1)
     programs = {"host/GPU (h100)": load_target("h100"), **{f"cs2 {k}": t for k, t in _targets().items()}}
-    fns, ops, losses = {}, {}, {}
+    fns, ops, losses, code = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, target) in enumerate(programs.items()):
             program = compile_step(params, "train", target=target)[-1].program
-            ops[name] = len(program.ops())
+            ops[name], code[name] = len(program.ops()), program.gm.code
             runner = Runner(params, Path(tmp) / str(i), train=program, weights=initial_weights(params))
             losses[name] = float(runner.micro_step(batch)[0])
             fns[name] = lambda r=runner: r.train_step([batch])
         times = time_interleaved(fns, repeats, warmup)
     base = times["cs2 not legalized"]["median_s"]
     return {"params": rel(params_path), "batch": int(batch["labels"].shape[0]), "threads": torch.get_num_threads(),
-            "repeats": repeats, "rows": [{"program": k, "ops": ops[k], "loss": losses[k], **times[k],
-                                          "ratio": times[k]["median_s"] / base} for k in programs]}
+            "repeats": repeats, "host_code_unchanged": code["host/GPU (h100)"] == code["cs2 not legalized"],
+            "rows": [{"program": k, "ops": ops[k], "loss": losses[k], **times[k],
+                      "ratio": times[k]["median_s"] / base} for k in programs]}
 
 
 def _lower_one(params_path: Path, mode: str, micro_batch, found) -> dict:
@@ -156,7 +158,7 @@ def lowering(quick: bool) -> dict:
         for path in sorted(ZOO.glob("Release_*/params_*.yaml")):
             rows.append(_lower_one(path, "train", 1, found))
             print(_row_line(rows[-1]), flush=True)
-    return {"tool": str(found.path) if found.path else None, "found": found.how,
+    return {"tool": rel(found.path) if found.path else None, "found": found.how.replace(str(ROOT) + "/", ""),
             "tool_sha256": cirh.sha256(found.path) if found.path else None, "rows": rows}
 
 
@@ -165,12 +167,16 @@ def _row_line(row: dict) -> str:
     return f"{row['params']} {row['mode']}: {row['rewritten']} ops rewritten, {verdict}"
 
 
-def run(quick: bool, repeats: int) -> dict:
+PARTS = ("compile", "step", "lowering")
+
+
+def run(quick: bool, repeats: int, parts=PARTS) -> dict:
     if quick:
         return {"quick": True, "compile": compile_time(TINY, 1), "step": step_time(TINY, 2, 1),
                 "lowering": lowering(True)}
-    return {"compile": compile_time(BIG2, repeats), "step": step_time(SMALL, 3 * repeats),
-            "lowering": lowering(False)}
+    jobs = {"compile": lambda: compile_time(BIG2, repeats), "step": lambda: step_time(SMALL, 7 * repeats),
+            "lowering": lambda: lowering(False)}
+    return {part: jobs[part]() for part in parts}
 
 
 def format_table(r: dict) -> str:
@@ -197,8 +203,12 @@ def format_table(r: dict) -> str:
     for row in s["rows"]:
         lines.append(f"| {row['program']} | {row['ops']:,} | {row['median_s'] * 1e3:.1f} | {row['min_s'] * 1e3:.1f} | "
                      f"{row['max_s'] * 1e3:.1f} | {row['ratio']:.3f} |")
+    if "host_code_unchanged" in s:
+        lines += ["", "The host/GPU program's code is " + ("identical to" if s["host_code_unchanged"] else
+                                                            "**not** identical to") +
+                  " the program before legalization (`GraphModule.code`): legalize rewrites nothing for it."]
     low = r["lowering"]
-    lines += ["", f"Lowering with the vendor's tool ({low['found']}):", "",
+    lines += ["", f"Lowering with the vendor's tool ({low['found'].replace(str(ROOT) + '/', '')}):", "",
               "| params | mode | precision | micro-batch | ops | rewritten | compile s | CIRH ops | tool s | result |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for row in low["rows"]:
@@ -218,9 +228,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the tiny config, 1-2 repeats")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated parts to run; with --out, the others are kept from that file")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    result = run(args.quick, args.repeats)
+    parts = [p for p in args.parts.split(",") if p]
+    result = run(args.quick, args.repeats, parts)
+    if not args.quick and args.out and args.out.is_file() and set(parts) != set(PARTS):
+        import json
+
+        kept = json.loads(args.out.read_text())
+        old = {k: {**kept[k], "measured": kept[k].get("measured", kept.get("meta", {}).get("date"))}
+               for k in PARTS if k in kept and k not in parts}
+        result = {**old, **result}
     return finish(result, format_table(result), args.out)
 
 

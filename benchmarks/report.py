@@ -29,7 +29,7 @@ PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
 ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate", "packing",
          "data_parallel", "startup", "legalize")
-BENCH_MINUTES = 19      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28) and bench_packing (about 2 min, not yet timed within make bench)
+BENCH_MINUTES = 31      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28), bench_packing (about 2 min, not yet timed within make bench) and bench_legalize (about 12 min on a quiet machine, estimated: 40 programs, 26 of them 7B or 13B, compiled and lowered; 26 min measured on a shared one, 2026-12-01)
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -322,6 +322,20 @@ def notes(name: str, r: dict) -> list[str]:
                            f"(up to 3 a row against 1); measured {m['ratio']:.2f}x (step medians "
                            f"{u['median_s']:.3f} s unpacked, min-max {u['min_s']:.3f}-{u['max_s']:.3f}; "
                            f"{p['median_s']:.3f} s packed, {p['min_s']:.3f}-{p['max_s']:.3f}).")
+    if name == "legalize" and not r.get("quick"):
+        dates = {part: r[part]["measured"][:10] for part in ("compile", "step", "lowering")
+                 if isinstance(r.get(part), dict) and r[part].get("measured")}
+        if dates:
+            out.append("Parts measured in an earlier run of the script (`--parts` reruns the others): "
+                       + ", ".join(f"{k} on {v}" for k, v in dates.items()) + ".")
+        out.append(
+            "The 2-core machine was shared while these ran (load average 6 to 13): the 7B compile took about "
+            "three times its time on a quiet machine (the Compile section), both variants alike; the ratios "
+            "are of interleaved runs. The host/GPU program is the program as it was (its code is identical), "
+            "so its step differs from the unlegalized cs2 program's by noise only. The legalized cs2 program, "
+            "what `mmgraph run` executes with its default target, runs its functional copies as views on the "
+            "CPU (the executors' `AS_VIEW`; 1.3x without) and is left with the 0-d constants of the Tensor "
+            "overloads and attention as bmm/softmax: about 20% more ops.")
     if name == "runtime" and any(row["peak_mb"] is None for x in runtime_runs(r) for row in x["train"]):
         out.append("Peak memory was not measured in this run.")
     return out
