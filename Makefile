@@ -85,7 +85,7 @@ test-all: install cirh-tool-if-possible
 	$(PY) -m pytest -q -n 2 -m ''
 
 # Every benchmark at its modest default size, results as JSON, then BENCHMARKS.md and its plots
-# (benchmarks/plots/) rendered from them. About 30 minutes on 2 cores (bench_remat about 4, bench_legalize about 12): the compile benchmark
+# (benchmarks/plots/) rendered from them. About 35 minutes on 2 cores (bench_remat about 4, bench_legalize about 12, bench_modelzoo about 4): the compile benchmark
 # (7B at 8/16/32 layers, 5 runs each; torch.compile's cold first call, 3 runs) about 5, the
 # runtime's small and medium configs (and both on CUDA where there is a GPU) about 4.
 RESULTS := benchmarks/results
@@ -102,6 +102,7 @@ bench: install cirh-tool-if-possible
 	$(PY) -m benchmarks.bench_data_parallel --out $(RESULTS)/data_parallel.json
 	$(PY) -m benchmarks.bench_startup --out $(RESULTS)/startup.json
 	$(PY) -m benchmarks.bench_legalize --out $(RESULTS)/legalize.json
+	$(PY) -m benchmarks.bench_modelzoo --out $(RESULTS)/modelzoo.json
 	$(PY) -m benchmarks.report
 
 clean:

@@ -28,7 +28,7 @@ from benchmarks.common import finish
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {  # (vision hidden, vision layers, text hidden, text layers, vocab)
     "quick": (64, 2, 128, 2, 1000),
-    "tiny": (32, 1, 64, 1, 256),
+    "tiny": (32, 2, 64, 1, 256),       # two vision layers: vision_feature_layer -2 needs them
     "default": (1024, 8, 2048, 8, 32000),
 }
 

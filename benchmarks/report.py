@@ -28,8 +28,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
 ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate", "packing",
-         "data_parallel", "startup", "legalize")
-BENCH_MINUTES = 31      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28), bench_packing (about 2 min, not yet timed within make bench) and bench_legalize (about 12 min on a quiet machine, estimated: 40 programs, 26 of them 7B or 13B, compiled and lowered; 26 min measured on a shared one, 2026-12-01)
+         "data_parallel", "startup", "modelzoo", "legalize")
+BENCH_MINUTES = 35      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before bench_modelzoo (about 4 min with the Model Zoo, 2026-12-01), the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28), bench_packing (about 2 min, not yet timed within make bench) and bench_legalize (about 12 min on a quiet machine, estimated: 40 programs, 26 of them 7B or 13B, compiled and lowered; 26 min measured on a shared one, 2026-12-01)
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -123,6 +123,7 @@ PLOTTERS = {"compile": plot_compile, "simulator": plot_simulator, "runtime": plo
 
 # -- texts ---------------------------------------------------------------------------------------
 TITLES = {
+    "modelzoo": "mmgraph and the Model Zoo's trainer (`benchmarks/bench_modelzoo.py`)",
     "compile": "Compile (`benchmarks/bench_compile.py`)",
     "simulator": "Simulator fidelity (`benchmarks/bench_simulator.py`)",
     "runtime": "Runtime speed and memory (`benchmarks/bench_runtime.py`)",
@@ -239,6 +240,17 @@ image, the same token ids): `mmgraph.generate.Generator` (KV cache allocated onc
 `LlavaForConditionalGeneration.generate` (greedy, its default cache), both for exactly N new
 tokens, interleaved, median after a warm-up.""",
 }
+
+INTRO["modelzoo"] = """\
+Training steps/s of `mmgraph run` and of the real Cerebras Model Zoo 2.10 trainer (`cszoo fit`,
+cerebras-pytorch 2.10.0, torch 2.4.0, CPU) on the same tiny config, data and initial weights: the
+parity fixture (`tests/fixtures/modelzoo`, mm_simple: 3-block ViT on 32 px, 2-layer LLaMA with hidden
+size 64, batch 4, fp32), from its `initial.mdl` with its 2.10 params file. The tools run in fresh
+processes, alternating (the order flips every round), one torch thread each; a step's time is the
+time between the arrivals of the step-1 and step-10 log lines, over 9 steps (set-up, compilation and
+the first step excluded). Both report the same first loss: the same model, weights and batch. The
+Model Zoo runs only where its venv is (docs/params.md has the recipe); otherwise the row says
+skipped. At this size both are dominated by per-step overheads, not arithmetic."""
 
 INTRO["packing"] = """\
 Real (non-pad) tokens/s of the lowered training step (`compile_step` + the program's gm: forward,

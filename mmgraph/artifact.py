@@ -5,12 +5,16 @@
   shapes) and every typed field of the Program (input/output specs, node infos, kernels,
   segments, schedule, remat plan, collectives); targets are resolved on load only from an
   allowlist (``torch.ops.aten``, ``prims``, ``_c10d_functional``, ``operator.getitem``) and
-  typed fields only into the IR's own dataclasses, so loading never executes anything from
-  the file (no pickle, no ``exec``);
+  typed fields only into the IR's own dataclasses; every name that reaches generated code is
+  checked first (node names are identifiers, keyword arguments the op's own, stack traces one
+  line per frame), so nothing from the file runs (no pickle, no ``exec`` of its text);
 - ``fingerprint.json``: what the program was compiled from (the params' keys that reach the
   program, mode, micro-batch, target, world size, ZeRO stage, bucket size, remat policy, torch
-  and mmgraph versions) and the sha256 of its code (``GraphModule.code``: the ``program.py``
-  of the dumps is printed from the same graph).
+  and mmgraph versions, the sha256 of the compiler's own source: trace, pipeline, artifact,
+  core, models and passes) and ``program_sha256``: the hash of the program's code
+  (``GraphModule.code``, which the dumps' ``program.py`` prints) and of every typed field
+  (input and output specs, kernels, ...). Load checks it before the GraphModule is built; an
+  artifact without it is refused.
 
 ``fingerprint`` says what a run wants; ``differences`` names what changed (a params key, a
 version, the target) when an artifact does not match.
@@ -19,10 +23,12 @@ version, the target) when an artifact does not match.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib
 import json
+import keyword
 import operator
-import shutil
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -34,9 +40,9 @@ from mmgraph import __version__
 from mmgraph.core import ir
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.files import swap_folder
+from mmgraph.core.files import building
 
-FORMAT = 1
+FORMAT = 2
 NAMESPACES = ("aten", "prims", "_c10d_functional")
 # Input keys that never reach the program (where the data is and how it is read).
 DATA_ONLY = {"data_dir", "img_data_dir", "transforms", "shuffle", "shuffle_seed", "drop_last", "num_workers",
@@ -52,6 +58,30 @@ def _flat(prefix: str, value: Any, out: dict) -> None:
         out[prefix] = value
 
 
+# What shapes a program: its source is hashed into every fingerprint, so a changed compiler or
+# model recompiles instead of running a stale program.
+COMPILER_MODULES = ("mmgraph.core", "mmgraph.models", "mmgraph.passes", "mmgraph.trace", "mmgraph.pipeline",
+                    "mmgraph.artifact")
+
+
+@functools.cache
+def compiler_sha256() -> str:
+    """sha256 over the source files of ``COMPILER_MODULES`` (path and text, in a fixed order)."""
+    files: list[tuple[str, Path]] = []
+    for name in COMPILER_MODULES:
+        module = importlib.import_module(name)
+        locations = getattr(module, "__path__", None)
+        if locations:                                       # a package: every .py below it
+            for root in locations:
+                files += [(f"{name}/{f.relative_to(root).as_posix()}", f) for f in Path(root).rglob("*.py")]
+        else:
+            files.append((name, Path(module.__file__)))
+    digest = hashlib.sha256()
+    for label, path in sorted(files):
+        digest.update(label.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def fingerprint(params: Params, mode: str, *, target: Optional[str], world_size: int = 1, zero: int = 0,
                 bucket_bytes: Optional[int] = None, remat: Optional[str] = None) -> dict:
     """What a program of ``params`` for ``mode`` is compiled from (JSON-able); settings that do
@@ -65,7 +95,8 @@ def fingerprint(params: Params, mode: str, *, target: Optional[str], world_size:
     _flat("model", params.model.model_dump(mode="json"), keys)
     if data is not None:
         _flat(section, {k: v for k, v in data.model_dump(mode="json").items() if k not in DATA_ONLY}, keys)
-    return {"format": FORMAT, "mmgraph": __version__, "torch": torch.__version__, "mode": mode, "target": target,
+    return {"format": FORMAT, "mmgraph": __version__, "torch": torch.__version__, "compiler": compiler_sha256(),
+            "mode": mode, "target": target,
             "world_size": world_size if parallel else 1, "zero": zero if parallel and zero == 2 else 0,
             "bucket_bytes": (bucket_bytes or DEFAULT_BUCKET_BYTES) if parallel else None, "remat": remat,
             "params": keys}
@@ -75,9 +106,12 @@ def differences(saved: dict, wanted: dict) -> list[str]:
     """What differs between a saved fingerprint and the wanted one, in words."""
     out = []
     for key in wanted:
-        if key in ("params", "code_sha256", "resolved"):
+        if key in ("params", "program_sha256", "resolved"):
             continue
-        if saved.get(key) != wanted[key]:
+        if key == "compiler" and saved.get(key) != wanted[key]:
+            was = str(saved.get(key))[:12]
+            out.append(f"the compiler's source changed (trace, models, passes, core: {was} -> {wanted[key][:12]})")
+        elif saved.get(key) != wanted[key]:
             out.append(f"{key} {saved.get(key)!r} -> {wanted[key]!r}")
     a, b = saved.get("params", {}), wanted.get("params", {})
     for key in sorted(set(a) | set(b)):
@@ -87,8 +121,19 @@ def differences(saved: dict, wanted: dict) -> list[str]:
     return out
 
 
-def code_sha256(program: ir.Program) -> str:
-    return hashlib.sha256(program.gm.code.encode()).hexdigest()
+def _sha256(code: str, fields: dict) -> str:
+    digest = hashlib.sha256(code.encode())
+    digest.update(b"\0" + json.dumps(fields, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _fields(program: ir.Program) -> dict:
+    return {f.name: _enc(getattr(program, f.name)) for f in dataclasses.fields(program) if f.name != "gm"}
+
+
+def program_sha256(program: ir.Program) -> str:
+    """The hash of what runs: the program's code and every typed field (specs, kernels, ...)."""
+    return _sha256(program.gm.code, _fields(program))
 
 
 # -- values -> JSON ------------------------------------------------------------------------------
@@ -206,7 +251,10 @@ def _val(v) -> Any:
 
 def _unval(v):
     if isinstance(v, dict):
-        return torch.empty_strided(v["shape"], v["stride"], dtype=getattr(torch, v["dtype"]), device="meta")
+        dtype = getattr(torch, str(v["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {str(v['dtype'])[:40]!r}")
+        return torch.empty_strided(v["shape"], v["stride"], dtype=dtype, device="meta")
     if isinstance(v, list):
         return tuple(_unval(x) for x in v)
     return None
@@ -227,29 +275,71 @@ def _graph_to_json(gm: fx.GraphModule) -> list[dict]:
     return out
 
 
-def _graph_from_json(entries: list[dict], where: str) -> fx.GraphModule:
+# Characters that end a line of Python source besides "\n" (fx splits stack traces on "\n" only
+# and prints a frame's code as a comment) or have no business in a comment.
+_LINE_BREAKS = {"\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"}
+
+
+def _identifier(name: Any, at: str, what: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
+        raise ValueError(f"{at}: {what} {str(name)[:80]!r} is not a plain identifier")
+    return name
+
+
+def _check_kwargs(target, kwargs: dict, at: str) -> None:
+    allowed = {a.name for a in target._schema.arguments} if isinstance(target, torch._ops.OpOverload) else set()
+    for key in kwargs:
+        _identifier(key, at, "keyword argument")
+        if key not in allowed:
+            raise ValueError(f"{at}: {target} takes no keyword argument {key!r}")
+
+
+def _check_stack_trace(text: Any, at: str) -> Optional[str]:
+    if text is None:
+        return None
+    if not isinstance(text, str) or any(c in _LINE_BREAKS or (not c.isprintable() and c not in "\n\t")
+                                        for c in text):
+        raise ValueError(f"{at}: the stack trace has characters a source comment cannot hold")
+    return text
+
+
+def _graph_from_json(entries: list[dict], where: str) -> fx.Graph:
+    """The graph the entries describe, every name checked; nothing is compiled or run."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: graph is not a list of nodes")
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
     for e in entries:
-        at = f"{where}: node {e.get('name')!r}"
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: a node is not an object")
+        at = f"{where}: node {str(e.get('name'))[:80]!r}"
         args, kwargs = _dec(e["args"], nodes, at), _dec(e["kwargs"], nodes, at)
-        if e["op"] == "placeholder":
-            node = graph.placeholder(str(e["target"]))
-        elif e["op"] == "call_function":
-            node = graph.create_node("call_function", _resolve(e["target"]), tuple(args), kwargs, name=e["name"])
-        elif e["op"] == "output":
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise ValueError(f"{at}: args or kwargs of the wrong type")
+        if e["op"] == "output":
             node = graph.output(args[0])
         else:
-            raise ValueError(f"{at}: op {e['op']!r} is not allowed")
-        if node.name != e["name"] and e["op"] != "output":
-            raise ValueError(f"{at}: the name did not survive (got {node.name!r})")
+            name = _identifier(e["name"], at, "node name")
+            if e["op"] == "placeholder":
+                if e.get("target") != name or args or kwargs:
+                    raise ValueError(f"{at}: a placeholder is its name, with no arguments")
+                node = graph.placeholder(name)
+            elif e["op"] == "call_function":
+                target = _resolve(e["target"])
+                _check_kwargs(target, kwargs, at)
+                node = graph.create_node("call_function", target, args, kwargs, name=name)
+            else:
+                raise ValueError(f"{at}: op {e['op']!r} is not allowed")
+            if node.name != name:
+                raise ValueError(f"{at}: the name did not survive (got {node.name!r})")
         if e.get("val") is not None:
             node.meta["val"] = _unval(e["val"])
-        if isinstance(e.get("stack_trace"), str):              # where the op came from, for the printout
-            node.meta["stack_trace"] = e["stack_trace"]
-        nodes[e["name"]] = node
+        trace = _check_stack_trace(e.get("stack_trace"), at)
+        if trace is not None:                                  # where the op came from, for the printout
+            node.meta["stack_trace"] = trace
+        nodes[node.name] = node
     graph.lint()
-    return fx.GraphModule(torch.nn.Module(), graph)
+    return graph
 
 
 # -- save / load ---------------------------------------------------------------------------------
@@ -257,15 +347,26 @@ def save(folder: str | Path, program: ir.Program, wanted: dict, resolved: Option
     """Write ``program`` and its fingerprint to ``folder`` (a temporary name, then renamed);
     ``resolved``: what compile decided for ``auto`` settings (micro-batch, remat policy)."""
     folder = Path(folder)
-    fields = {f.name: _enc(getattr(program, f.name)) for f in dataclasses.fields(program) if f.name != "gm"}
+    fields = _fields(program)
     doc = {"format": FORMAT, "graph": _graph_to_json(program.gm), "fields": fields}
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "program.json").write_text(json.dumps(doc))
-    stamp = {**wanted, "resolved": resolved or {}, "code_sha256": code_sha256(program)}
-    (tmp / "fingerprint.json").write_text(json.dumps(stamp, indent=1))
-    return swap_folder(tmp, folder)
+    stamp = {**wanted, "resolved": resolved or {}, "program_sha256": _sha256(program.gm.code, fields)}
+    with building(folder) as tmp:
+        (tmp / "program.json").write_text(json.dumps(doc))
+        (tmp / "fingerprint.json").write_text(json.dumps(stamp, indent=1))
+    return folder
+
+
+def save_stages(store: Path, mode: str, stages, wanted: dict, resolved: Optional[dict] = None) -> Path:
+    """The programs ``mmgraph run`` loads for ``mode`` (``store/MODE``), from the compile's
+    stages: the last one, and, when it accumulates gradients across data-parallel micro-steps,
+    also ``train.no_sync``: the program before the collectives, for the micro-steps before the
+    last. compile and run save through here alike."""
+    last = save(store / mode, stages[-1].program, wanted, resolved)
+    names = [s.name for s in stages]
+    if mode == "train" and "data_parallel" in names and any(
+            spec.kind == ir.InputKind.GRAD for spec in stages[-1].program.inputs):
+        save(store / "train.no_sync", stages[names.index("data_parallel") - 1].program, wanted, resolved)
+    return last
 
 
 def read_fingerprint(folder: str | Path) -> Optional[dict]:
@@ -279,23 +380,32 @@ def read_fingerprint(folder: str | Path) -> Optional[dict]:
 
 def load(folder: str | Path) -> ir.Program:
     """The Program saved in ``folder``; a UserError naming the file and what is wrong when it is
-    malformed or names an op outside the allowlist."""
+    malformed, names an op outside the allowlist or a name that is not an identifier, or does
+    not hash to its fingerprint. The hash is checked on the code printed from the checked graph
+    before that code is compiled."""
     path = Path(folder) / "program.json"
     try:
+        saved = read_fingerprint(folder)
+        if saved is None or not isinstance(saved.get("program_sha256"), str):
+            raise ValueError(f"{Path(folder) / 'fingerprint.json'} is missing or has no program_sha256")
         doc = json.loads(path.read_text())
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"format {doc.get('format')!r}, this mmgraph reads {FORMAT}")
-        gm = _graph_from_json(doc["graph"], str(path))
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"format {doc.get('format') if isinstance(doc, dict) else None!r}, this mmgraph reads "
+                             f"{FORMAT}")
+        graph = _graph_from_json(doc["graph"], str(path))
+        if not isinstance(doc["fields"], dict):
+            raise ValueError("fields is not an object")
         fields = {k: _dec(v, None, f"{path}: {k}") for k, v in doc["fields"].items()}
-        program = ir.Program(gm=gm, **fields)
+        code = graph.python_code(root_module="self").src
+        if _sha256(code, doc["fields"]) != saved["program_sha256"]:
+            raise ValueError("the program does not hash to its fingerprint's program_sha256 (a changed or "
+                             "damaged artifact)")
+        program = ir.Program(gm=fx.GraphModule(torch.nn.Module(), graph), **fields)
     except UserError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, IndexError,
+            SyntaxError, RecursionError) as err:
         raise UserError(Problem(str(path), None, f"not a usable program artifact: {err}")) from None
-    saved = read_fingerprint(folder) or {}
-    if saved.get("code_sha256") not in (None, code_sha256(program)):
-        raise UserError(Problem(str(path), None, "the program's code does not hash to its fingerprint's "
-                                "code_sha256 (a changed or damaged artifact)"))
     return program
 
 

@@ -243,7 +243,8 @@ def _add_convert(sub) -> None:
                     "folder is written beside its final name and renamed at the end.")
     conv.add_argument("src", nargs="?", metavar="SRC", help="checkpoint folder or file, a model_dir (its latest "
                                                            "checkpoint), or `list`")
-    conv.add_argument("--model", default="mm_simple", help="mm_simple (default) or mmsimple-llava: the same")
+    conv.add_argument("--model", default=None, help="mm_simple or mmsimple-llava (the same: the multimodal_simple "
+                      "model), or llava (the Model Zoo's llava model: its names in a .mdl); default: the source's")
     conv.add_argument("--src-fmt", dest="src_fmt", metavar="FMT", help="native, hf, llava or cs-X.Y (= native)")
     conv.add_argument("--tgt-fmt", dest="tgt_fmt", metavar="FMT", help="native, hf, llava or cs-X.Y (= native)")
     conv.add_argument("--output-dir", dest="output_dir", metavar="OUT")

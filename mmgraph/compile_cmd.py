@@ -40,19 +40,12 @@ def choose_micro_batch(params, mode: str, target, remat=None) -> tuple[int, str]
 
 def _save_programs(params, mode: str, model_dir: str, stages, target, remat, world_size: int, zero: int,
                    bucket_bytes, resolved: dict):
-    """The artifact ``mmgraph run`` loads instead of tracing (MODEL_DIR/programs/MODE; with
-    several micro-batches per data-parallel rank, also the no-sync program before the collectives)."""
+    """The artifact ``mmgraph run`` loads instead of tracing (MODEL_DIR/programs/MODE)."""
     from mmgraph import artifact
 
     wanted = artifact.fingerprint(params, mode, target=target.name, world_size=world_size, zero=zero,
                                   bucket_bytes=bucket_bytes, remat=remat)
-    store = artifact.programs_dir(model_dir)
-    last = artifact.save(store / mode, stages[-1].program, wanted, resolved)
-    names = [s.name for s in stages]
-    if mode == "train" and "data_parallel" in names and any(
-            spec.kind.value == "grad" for spec in stages[-1].program.inputs):
-        artifact.save(store / "train.no_sync", stages[names.index("data_parallel") - 1].program, wanted, resolved)
-    return last
+    return artifact.save_stages(artifact.programs_dir(model_dir), mode, stages, wanted, resolved)
 
 
 def _section(mode: str) -> str:
@@ -95,7 +88,7 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         print(f"{params_path}: valid; {mode} step traced to {len(program.ops())} ops "
               f"in {time.perf_counter() - start:.1f} s (nothing written)")
         return 0
-    with model_dir_lock(model_dir, "compile"):       # one writer of MODEL_DIR/.compile.tmp
+    with model_dir_lock(model_dir, "compile"):       # one writer of MODEL_DIR/compile and programs
         if world_size > 1 and mode == "train" and mbs is None:     # as each rank of `mmgraph run` compiles it
             rb = rank_batch(data.batch_size, data.micro_batch_size, world_size)
             mbs, accumulate = rb.micro_batch, rb.micro_batches > 1
@@ -105,9 +98,13 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
                               world_size=world_size, accumulate=accumulate, zero=zero, bucket_bytes=bucket_bytes)
         mlir = to_mlir(stages[-1].program)
         check = vendor_check(stages, mlir, params_path, target)     # exit 2 when the tool refuses it
-        where = write_dumps(stages, model_dir, params_path, params, target, mlir=mlir, cirh=check)
-        saved = _save_programs(params, mode, model_dir, stages, target, requested_remat, world_size, zero,
-                               bucket_bytes, {"micro_batch": mbs, "remat": remat})
+        try:
+            where = write_dumps(stages, model_dir, params_path, params, target, mlir=mlir, cirh=check)
+            saved = _save_programs(params, mode, model_dir, stages, target, requested_remat, world_size, zero,
+                                   bucket_bytes, {"micro_batch": mbs, "remat": remat})
+        except OSError as err:              # a full disk: what compile is for could not be written
+            raise UserError(Problem(str(model_dir), None, f"cannot write the dumps and the program "
+                                    f"({err.strerror or err}); the previous ones are as they were")) from None
     print(f"{'pass':<17} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:
         p, rec = stage.program, stage.program.history[-1]

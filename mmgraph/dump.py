@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import platform
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from mmgraph import __version__
-from mmgraph.core.files import swap_folder
+from mmgraph.core.files import building
 from mmgraph.core.ir import InputKind, Phase, Program
 from mmgraph.passes.cost import bottleneck_words
 
@@ -55,7 +54,7 @@ def format_program(program: Program, title: str) -> str:
                                       for k, v in program.history[-1].notes.items()))
     lines.append("")
     for node, spec in zip([n for n in program.gm.graph.nodes if n.op == "placeholder"], program.inputs):
-        role = "batch" if spec.kind == InputKind.BATCH else ("trainable" if spec.trainable else "frozen")
+        role = ("trainable" if spec.trainable else "frozen") if spec.kind == InputKind.PARAM else spec.kind.value
         lines.append(f"%{node.name}: {_type(spec.shape, spec.dtype)}  # input {role} {spec.name}")
     lines.append("")
     if program.remat is not None and program.segments is None:
@@ -272,16 +271,19 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
                 mlir: str | None = None, cirh=None) -> Path:
     """Write every stage, the program (Python, MLIR: ``mlir`` when the caller made it already),
     the vendor tool's CIRH (``cirh``: ``mmgraph.cirh.Check``), the kernel drawings, ONNX of the
-    eval forward (small models, with ``params``) and the report; swap the folder in at the end."""
+    eval forward (small models, with ``params``) and the report; swap the folder in at the end (an
+    error on the way, a full disk included, leaves the previous dumps and no temporary folder)."""
+    model_dir = Path(model_dir)
+    final = model_dir / "compile"
+    with building(final) as tmp:
+        _write_dumps(tmp, stages, params_path, params, target, mlir, cirh)
+    return final
+
+
+def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str | None, cirh) -> None:
     from mmgraph.draw import kernel_graph, to_dot, to_svg
     from mmgraph.formats import export_onnx, onnx_skip_reason, to_mlir
 
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    final = model_dir / "compile"
-    tmp = model_dir / ".compile.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     for i, stage in enumerate(stages):
         (tmp / f"{i:02d}-{stage.name}.txt").write_text(format_program(stage.program, stage.name))
     last = stages[-1].program
@@ -290,7 +292,7 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
     artifacts = {"program.py": "written", "program.mlir": "written"}
     if cirh is not None and cirh.lowering is not None:
         (tmp / "program.cirh.mlir").write_text(cirh.lowering.text)
-        artifacts["program.cirh.mlir"] = f"written ({cirh.checked} program)"
+        artifacts["program.cirh.mlir"] = f"written (from {cirh.checked})"
     elif cirh is not None:
         artifacts["program.cirh.mlir"] = f"not written: {cirh.found.how}"
     if last.kernels is not None:
@@ -305,9 +307,9 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
     else:
         artifacts["eval.onnx"] = skip
     rep = report(stages, params_path)
-    from mmgraph.artifact import code_sha256
+    from mmgraph.artifact import program_sha256
 
-    rep["program_code_sha256"] = code_sha256(last)      # GraphModule.code: what runs; program.py prints it
+    rep["program_sha256"] = program_sha256(last)      # its code (program.py prints it) and typed fields
     if cirh is not None:
         rep["cirh"] = cirh.report()
     if last.schedule is not None and target is not None and last.mode == "train" and target.interconnect is not None:
@@ -325,4 +327,3 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
         artifacts["report.html"] = "written"
     rep["artifacts"] = artifacts
     (tmp / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    return swap_folder(tmp, final)

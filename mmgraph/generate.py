@@ -42,7 +42,11 @@ class Generator:
                                None, check_images=False, style=Style(template=template, chat_template=chat_template))
         self.model, _ = build_model(params, device=device, seed=seed)
         if weights:
-            self._load(weights, load_weights(weights))
+            from mmgraph.convert.modelzoo import is_modelzoo_checkpoint, model_weights
+
+            shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+            self._load(weights, model_weights(Path(weights), params.model, shapes) if is_modelzoo_checkpoint(weights)
+                       else load_weights(weights))
         self.model.eval()
         self.data = params.eval_input or params.train_input
         self.transform = build_transforms(self.data.transforms)
@@ -278,9 +282,14 @@ def _has_eval(path: str) -> bool:
     import yaml
 
     try:
-        return "eval_input" in (yaml.safe_load(Path(path).read_text()) or {})
+        raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return False
+    trainer = raw.get("trainer") if isinstance(raw, dict) else None
+    if isinstance(trainer, dict):              # the 2.4+ layout: a validation loader
+        return any(isinstance(trainer.get(k), dict) and trainer[k].get("val_dataloader")
+                   for k in ("fit", "validate"))
+    return isinstance(raw, dict) and "eval_input" in raw
 
 
 def _batch(gen: Generator, question_file: str, image_folder: Optional[str], answers_file: Optional[str],

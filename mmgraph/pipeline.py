@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from mmgraph.core.config import Params
 from mmgraph.core.errors import UserError
-from mmgraph.core.ir import PassRecord, Program
+from mmgraph.core.ir import InputKind, PassRecord, Program
 from mmgraph.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
@@ -114,9 +114,14 @@ def reference(program: Program, params: Params, seed: int = 0):
     """The eager model (seeded weights) and a random batch of the program's size: what the
     numeric verifier compares a program with."""
     from mmgraph.models import build_model, random_batch
+    from mmgraph.models.rng import rng_inputs
 
     model, _ = build_model(params, seed=seed)
-    return model, random_batch(params.layout(program.mode), program.batch_size, seed=seed + 1)
+    model.train(program.mode == "train")
+    batch = random_batch(params.layout(program.mode), program.batch_size, seed=seed + 1)
+    if any(s.kind == InputKind.RNG for s in program.inputs):      # dropout: the same masks in both
+        batch |= rng_inputs(seed + 7, 1000 * seed + 3, program.batch_size)
+    return model, batch
 
 
 def reference_inputs(program: Program, params: Params, seed: int = 0):

@@ -182,7 +182,7 @@ class Encoder:
         if not path.is_file():
             raise SampleError("missing_image", f"image {name} not found in {self.image_dir}")
         try:
-            open_image(path, decode=False)
+            open_image(path)                    # decoded: what the loader will do with it
         except BadImage as err:
             raise SampleError("unreadable_image", str(err)) from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -90,9 +90,10 @@ def leave(rc: int) -> None:
 
 
 def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts: RunOptions) -> int:
-    from mmgraph.models import initial_weights
+    from mmgraph.models import build_model, initial_weights
+    from mmgraph.models.anatomy import no_weight_decay
     from mmgraph.runtime.data import make_loader
-    from mmgraph.runtime.distributed import rank_share
+    from mmgraph.runtime.distributed import agree, rank_share
     from mmgraph.runtime.runner import Runner
     from mmgraph.runtime.train import check_memory, loader_batch, train
 
@@ -108,6 +109,8 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
     train_loader = (make_loader(params, "train", batch_size=loader_batch(params, ranks), ranks=ranks)
                     if train_mode else None)
     eval_loader = make_loader(params, "eval") if mode in ("eval", "train_and_eval") else None
+    if ranks.world_size > 1:                    # before anything a difference could derail
+        agree(ranks, _identity(original, params, mode, model_dir, opts, train_loader, eval_loader))
     if train_mode:
         check_memory(params, opts.device, ranks)
 
@@ -116,6 +119,7 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
     runner = Runner(params, model_dir, programs.train, programs.eval, opts.device, executor=opts.executor,
                     eval_executor=opts.eval_executor, weight_streaming=opts.weight_streaming,
                     weights=initial_weights(params), ranks=ranks, no_sync=programs.no_sync,
+                    no_decay=no_weight_decay(build_model(params, device="meta")[0]),
                     zero=opts.zero if ranks.world_size > 1 else 0)
     if ranks.world_size > 1 and train_mode:
         say(_data_parallel_line(params, ranks, runner, opts.zero))
@@ -134,6 +138,29 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
     say(f"model_dir {model_dir}: compile/ (dumps, report.html), checkpoints/, metrics.jsonl, "
         f"events/ (tensorboard --logdir {Path(model_dir) / 'events'})")
     return 0
+
+
+def _identity(original, params, mode: str, model_dir: str, opts: RunOptions, train_loader, eval_loader) -> dict:
+    """What every rank of a job must share, as flat keys: the program's fingerprint (the params
+    that shape it), the optimizer and runconfig, the command line and the data each split reads."""
+    from mmgraph import artifact
+
+    out: dict = {}
+    for m in ("train", "eval") if mode == "train_and_eval" else (mode,):
+        stamp = artifact.fingerprint(original, m, target=opts.target, zero=opts.zero,
+                                     bucket_bytes=opts.bucket_bytes, remat=opts.remat)
+        out.update({f"program.{k}": v for k, v in stamp.pop("params").items()})
+        out.update({f"program.{k}": v for k, v in stamp.items()})
+    sections = {"optimizer": params.optimizer, "runconfig": params.runconfig}
+    for name, section in sections.items():
+        if section is not None:
+            out.update({f"{name}.{k}": v for k, v in section.model_dump(mode="json").items()})
+    out.update({f"option.{k}": v for k, v in asdict(opts).items()})
+    out["model_dir"] = str(Path(model_dir).resolve())
+    for split, loader in (("train", train_loader), ("eval", eval_loader)):
+        if loader is not None:
+            out.update({f"data.{split}.{k}": v for k, v in loader[0].dataset.identity().items()})
+    return out
 
 
 def _resolve_auto(params, model_dir: str, opts: RunOptions, ranks, say):
@@ -193,10 +220,8 @@ def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket
         if found is None:
             stages = _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb)
             if ranks.main:
-                from mmgraph.dump import write_dumps
-
-                write_dumps(stages, model_dir, params_path, None, tgt)
-                _save(store, names, stages, wanted, {"micro_batch": params.train_input.micro_batch_size, "remat": remat})
+                _write_cache(lambda: _dumps_and_program(stages, model_dir, params_path, tgt, store, wanted, {
+                    "micro_batch": params.train_input.micro_batch_size, "remat": remat}))
             found = [stages[-1].program] + ([_before_data_parallel(stages)] if len(names) > 1 else [])
             compiled.append(f"train (dumps in {Path(model_dir) / 'compile'}/)")
         train_program, no_sync = found[0], (found[1] if len(found) > 1 else None)
@@ -206,9 +231,10 @@ def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket
         if found is None:
             from mmgraph.pipeline import compile_step
 
-            eval_program = compile_step(params, "eval", target=tgt)[-1].program
+            eval_stages = compile_step(params, "eval", target=tgt)
+            eval_program = eval_stages[-1].program
             if ranks.main:
-                artifact.save(store / "eval", eval_program, wanted)
+                _write_cache(lambda: artifact.save_stages(store, "eval", eval_stages, wanted))
             compiled.append("eval")
         else:
             eval_program = found[0]
@@ -232,8 +258,8 @@ def _load_saved(store: Path, names: list[str], wanted: dict, program_dir, say) -
             return None
         t0 = time.perf_counter()
         found.append(artifact.load(where))
-        say(f"loaded program {where} in {time.perf_counter() - t0:.2f} s (nothing traced; code sha256 "
-            f"{artifact.code_sha256(found[-1])[:12]})")
+        say(f"loaded program {where} in {time.perf_counter() - t0:.2f} s (nothing traced; program sha256 "
+            f"{artifact.program_sha256(found[-1])[:12]})")
     return found
 
 
@@ -250,12 +276,22 @@ def _before_data_parallel(stages) -> Program:
     return next(a.program for a, b in zip(stages, stages[1:]) if b.name == "data_parallel")
 
 
-def _save(store: Path, names: list[str], stages, wanted: dict, resolved: Optional[dict] = None) -> None:
+def _dumps_and_program(stages, model_dir, params_path, tgt, store: Path, wanted: dict, resolved: dict) -> None:
     from mmgraph import artifact
+    from mmgraph.dump import write_dumps
 
-    artifact.save(store / names[0], stages[-1].program, wanted, resolved)
-    if len(names) > 1:
-        artifact.save(store / names[1], _before_data_parallel(stages), wanted, resolved)
+    write_dumps(stages, model_dir, params_path, None, tgt)
+    artifact.save_stages(store, "train", stages, wanted, resolved)
+
+
+def _write_cache(write) -> None:
+    """The dumps and the saved programs are a cache of the compile: when they cannot be written
+    (a full disk) the run says so and goes on with the programs it holds."""
+    try:
+        write()
+    except OSError as err:
+        print(f"mmgraph: warning: could not save the dumps or the compiled program ({err.strerror or err}); "
+              f"training goes on, the next run compiles again", file=sys.stderr)
 
 
 def _data_parallel_line(params, ranks, runner, zero: int) -> str:
@@ -272,13 +308,32 @@ def _data_parallel_line(params, ranks, runner, zero: int) -> str:
 
 
 def _start_weights(params, runner, checkpoint_path, say) -> None:
-    """Resume from model_dir's checkpoints, else load the initial weights, if any."""
+    """Resume from model_dir's checkpoints, else load the initial weights, if any (a Model Zoo
+    .mdl: its weights, and its step and optimizer state as ``load_checkpoint_states`` asks)."""
+    from mmgraph.convert.modelzoo import is_modelzoo_checkpoint
+
     resumed = runner.resume()
     initial = checkpoint_path or params.runconfig.checkpoint_path
     if resumed:
         note = f"; initial weights {initial} not loaded: resuming" if initial else ""
         say(f"resumed from {resumed} (step {runner.step}){note}")
         runner.truncate_metrics()
+    elif initial and is_modelzoo_checkpoint(initial):
+        from mmgraph.convert.modelzoo import training_start
+
+        opt = params.optimizer.optimizer_type if params.optimizer else None
+        start = training_start(Path(initial), params.model, params.runconfig.load_checkpoint_states,
+                               runner.trainable, runner.no_decay, opt,
+                               {k: tuple(v.shape) for k, v in runner.weights.items()})
+        runner.load_initial(str(start.path), start.weights)
+        for note in start.notes:
+            say(f"note: {note}")
+        if start.step:
+            runner.start_at(start.step, start.optimizer)
+            say(f"initial weights from {start.path} (the Model Zoo's .mdl), step {start.step}"
+                + (", optimizer state" if start.optimizer else ""))
+        else:
+            say(f"initial weights from {start.path} (the Model Zoo's .mdl)")
     elif initial:
         states = params.runconfig.load_checkpoint_states
         if states is not None and {s.strip() for s in states.split(",")} - {"model"}:

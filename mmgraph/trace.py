@@ -27,10 +27,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import mmgraph.models as _models_pkg
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.core.ir import LOSS_SCALE, RNG_FIELDS, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.models import batch_fields, build_model, random_batch
 from mmgraph.models.anatomy import is_head, is_llm_layer, layer_of, unused_parameters
 from mmgraph.models.multimodal import MultimodalModel
+from mmgraph.models.rng import has_dropout, rng_inputs
 from mmgraph.models.loss import lm_loss
 from mmgraph.core.opcost import node_bytes, node_flops, node_val
 
@@ -95,12 +96,17 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
     batch_size = batch_size or micro_batch_size(params, mode)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model, report = build_model(params, fake_mode=fake)
+    model.train(mode == "train")                            # dropout only in training
     unused = unused_parameters(model)
     frozen = report.frozen
     for name, p in model.named_parameters():
         p.requires_grad_(mode == "train" and name not in unused)
     real = random_batch(layout, batch_size, seed=0)
     fields = batch_fields(layout)
+    dropout = mode == "train" and has_dropout(model)      # masks from inputs (models/rng.py)
+    if dropout:
+        real |= rng_inputs(0, 0, batch_size)
+        fields += RNG_FIELDS
     batch = [fake.from_tensor(real[k]) for k in fields]
 
     amp = autocast_dtype(params)
@@ -137,7 +143,8 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
     inputs = [InputSpec(n.removeprefix("m."), InputKind.PARAM,
                         n.removeprefix("m.") not in frozen and n.removeprefix("m.") not in unused,
                         tuple(named[n].shape), named[n].dtype) for n in order]
-    inputs += [InputSpec(f, InputKind.BATCH, False, tuple(t.shape), t.dtype) for f, t in zip(fields, batch)]
+    inputs += [InputSpec(f, InputKind.RNG if f in RNG_FIELDS else InputKind.BATCH, False, tuple(t.shape), t.dtype)
+               for f, t in zip(fields, batch)]
     if scaled:
         inputs.append(InputSpec(LOSS_SCALE, InputKind.BATCH, False, (), torch.float32))
     outputs = [OutputSpec("loss")] + ([OutputSpec("logits")] if mode == "eval" else [])

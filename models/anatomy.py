@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 
+import torch
+
+from mmgraph.models.layers import RMSNorm
 from mmgraph.models.multimodal import MultimodalModel
 
 HEAD = "lm_head"                       # the LM head's module name (the loss follows it)
@@ -52,3 +55,17 @@ def unused_parameters(model: MultimodalModel) -> set[str]:
             if (m and int(m.group(1)) >= used) or (name.startswith("norm.") and not encoder.config.uses_final_norm):
                 out.add(f"{prefix}.{name}")
     return out
+
+
+_NORMS = (torch.nn.LayerNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+          torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.GroupNorm,
+          torch.nn.SyncBatchNorm, RMSNorm)
+
+
+def no_weight_decay(model: torch.nn.Module) -> frozenset[str]:
+    """Parameters the Model Zoo never decays (``common/optim_utils.py``
+    ``_should_apply_weight_decay``): any whose name contains ``bias``, and any of a norm module,
+    matched as it matches them (the module's name inside the parameter's name)."""
+    norms = [name for name, module in model.named_modules() if isinstance(module, _NORMS)]
+    return frozenset(name for name, _ in model.named_parameters(remove_duplicate=False)
+                     if "bias" in name or any(m in name for m in norms))

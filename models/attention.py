@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmgraph.models.rng import Dropout, Rng
+
 ATTENTION_IMPLS = ("sdpa", "math")
 
 
@@ -61,7 +63,7 @@ class Attention(nn.Module):
         self.proj_k_dense_layer = nn.Linear(hidden_size, kv_size, bias=use_bias)
         self.proj_v_dense_layer = nn.Linear(hidden_size, kv_size, bias=use_bias)
         self.proj_output_dense_layer = nn.Linear(hidden_size, hidden_size, bias=out_bias)
-        self.dropout = dropout
+        self.dropout = Dropout(dropout)               # on the attention probabilities
         self.impl = impl
         self.scale = self.head_dim ** -0.5 if scaled else 1.0
 
@@ -82,33 +84,35 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         return q, k, v
 
-    def _attend(self, q, k, v, mask: Optional[torch.Tensor], p: float, expert, image) -> torch.Tensor:
-        """Attention of q over k, v (grouped key/value heads repeated), then the output projection."""
+    def _attend(self, q, k, v, mask: Optional[torch.Tensor], rng: Optional[Rng], expert, image) -> torch.Tensor:
+        """Attention of q over k, v (grouped key/value heads repeated), then the output projection.
+        With dropout on the probabilities (training), the probabilities are made explicitly
+        (the fused kernel draws its own random numbers, which no program could reproduce)."""
         b, _, s, _ = q.shape
         if self.num_kv_heads != self.num_heads:
             group, n = self.num_heads // self.num_kv_heads, k.shape[2]
             k = k[:, :, None].expand(b, self.num_kv_heads, group, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
             v = v[:, :, None].expand(b, self.num_kv_heads, group, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
-        if self.impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
+        if self.impl == "sdpa" and not self.dropout.active:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale     # (B, nh, S, S_k)
             if mask is not None:
                 scores = scores + mask
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            if p > 0.0:
-                probs = F.dropout(probs, p, True)
+            probs = self.dropout(probs, rng)
             out = torch.matmul(probs, v)                                   # (B, nh, S, hd)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return self._proj("proj_output_dense_layer", out, expert, image)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                expert: Optional[nn.Module] = None, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+                expert: Optional[nn.Module] = None, image: Optional[torch.Tensor] = None,
+                rng: Optional[Rng] = None) -> torch.Tensor:
         """x: (B, S, H); mask: additive, broadcastable to (B, heads, S, S); ``expert`` (a module
         with its own ``proj_*`` layers) replaces the projections where ``image`` (B, S, 1) is set."""
         q, k, v = self._qkv(x, rotary, expert, image)
-        return self._attend(q, k, v, mask, self.dropout if self.training else 0.0, expert, image)
+        return self._attend(q, k, v, mask, rng, expert, image)
 
     def forward_cached(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                        cache_k: torch.Tensor, cache_v: torch.Tensor, start: int,
@@ -126,7 +130,7 @@ class Attention(nn.Module):
             idx = torch.arange(end, device=x.device)
             allowed = idx[None, :] <= (start + torch.arange(s, device=x.device))[:, None]
             mask = torch.where(allowed, torch.zeros((), dtype=q.dtype, device=x.device), torch.finfo(q.dtype).min)
-        return self._attend(q, cache_k[:, :, :end], cache_v[:, :, :end], mask, 0.0, expert, image)
+        return self._attend(q, cache_k[:, :, :end], cache_v[:, :, :end], mask, None, expert, image)
 
 
 def causal_padding_mask(key_padding_mask: Optional[torch.Tensor], seq_len: int,

@@ -12,6 +12,7 @@ from mmgraph.core.config.model import ModelConfig
 from mmgraph.models.freeze import FreezeReport, apply_freeze
 from mmgraph.models.layers import apply_initializer, init_weights
 from mmgraph.models.multimodal import MultimodalModel
+from mmgraph.models.rng import number_sites
 
 
 def build_model(params: Params | ModelConfig, device: str | torch.device = "cpu",
@@ -31,6 +32,7 @@ def build_model(params: Params | ModelConfig, device: str | torch.device = "cpu"
             torch.manual_seed(seed)
         model = MultimodalModel(cfg, attention_impl)
         _initialize(model, cfg)
+    number_sites(model)                   # dropout sites, in module order (models/rng.py)
     report = apply_freeze(model, cfg.freeze, source, cfg.name)
     return model, report
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmgraph.models.rng import Dropout, Rng
+
 GLU_ACTIVATIONS = {"swiglu": F.silu, "geglu": F.gelu, "reglu": F.relu}
 
 
@@ -61,18 +63,16 @@ class SingleFeedForwardLayer(nn.Module):
         if self.glu_act is not None:
             self.linear_layer_for_glu = nn.Linear(in_features, out_features, bias=use_bias)
         self.act = None if self.glu_act or not activation else ACTIVATIONS[activation]
-        self.dropout = dropout
+        self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rng: Optional[Rng] = None) -> torch.Tensor:
         if self.glu_act is not None:
             x = self.glu_act(self.linear_layer_for_glu(x)) * self.linear_layer(x)
         else:
             x = self.linear_layer(x)
             if self.act is not None:
                 x = self.act(x)
-        if self.dropout > 0.0:
-            x = F.dropout(x, self.dropout, self.training)
-        return x
+        return self.dropout(x, rng)
 
 
 class FeedForwardNetwork(nn.Module):
@@ -91,9 +91,9 @@ class FeedForwardNetwork(nn.Module):
             for i, o, a, d in zip(ins, layers_units, acts, drops)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rng: Optional[Rng] = None) -> torch.Tensor:
         for layer in self.ffn:
-            x = layer(x)
+            x = layer(x, rng)
         return x
 
 

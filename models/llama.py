@@ -19,12 +19,14 @@ from torch import nn
 from mmgraph.core.config.model import LlamaModelConfig
 from mmgraph.models.attention import Attention, causal_padding_mask, rotary_cos_sin, segment_causal_mask
 from mmgraph.models.layers import FeedForwardNetwork, make_norm
+from mmgraph.models.rng import Dropout, Rng
 
 
 class TextEmbeddings(nn.Module):
     def __init__(self, cfg: LlamaModelConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.dropout = Dropout(max(cfg.embd_pdrop, cfg.embedding_dropout_rate))   # text tokens only
 
 
 class VisualExpert(nn.Module):
@@ -74,7 +76,8 @@ class DecoderLayer(nn.Module):
         self.norm3 = make_norm(cfg.norm_type, h, eps)
         self.ffn = FeedForwardNetwork(h, [cfg.filter_size, h], [cfg.nonlinearity, None], cfg.use_ffn_bias)
         self.visual_expert = VisualExpert(cfg) if cfg.visual_experts else None
-        self.dropout = cfg.dropout_rate
+        self.attn_dropout = Dropout(cfg.dropout_rate)     # on the attention block's output
+        self.ffn_dropout = Dropout(cfg.dropout_rate)      # on the FFN's output (its second layer)
 
     def _ffn(self, h: torch.Tensor, image: Optional[torch.Tensor]) -> torch.Tensor:
         out = self.ffn(h)
@@ -83,16 +86,12 @@ class DecoderLayer(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                image: Optional[torch.Tensor] = None) -> torch.Tensor:
+                image: Optional[torch.Tensor] = None, rng: Optional[Rng] = None) -> torch.Tensor:
         """``image`` (B, S, 1) bool: positions that use the visual expert, when there is one."""
-        a = self.self_attn(self.norm1(x), mask, rotary, self.visual_expert, image)
-        if self.dropout > 0.0:
-            a = F.dropout(a, self.dropout, self.training)
-        x = x + a
+        a = self.self_attn(self.norm1(x), mask, rotary, self.visual_expert, image, rng)
+        x = x + self.attn_dropout(a, rng)
         f = self._ffn(self.norm3(x), image)
-        if self.dropout > 0.0:
-            f = F.dropout(f, self.dropout, self.training)
-        return x + f
+        return x + self.ffn_dropout(f, rng)
 
     def forward_cached(self, x: torch.Tensor, rotary, cache_k: torch.Tensor, cache_v: torch.Tensor,
                        start: int, image: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -133,11 +132,10 @@ class LlamaModel(nn.Module):
         if self.config.share_embedding_weights:
             self.lm_head.weight = self.embedding_layer.word_embeddings.weight
 
-    def compute_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def compute_input_embeddings(self, input_ids: torch.Tensor, rng: Optional[Rng] = None) -> torch.Tensor:
         """(B, S) token ids -> (B, S, H)."""
         x = self.embedding_layer.word_embeddings(input_ids)
-        p = max(self.config.embd_pdrop, self.config.embedding_dropout_rate)
-        return F.dropout(x, p, self.training) if p > 0.0 else x
+        return self.embedding_layer.dropout(x, rng)
 
     def positions(self, b: int, s: int, token_modality_idx: Optional[torch.Tensor], device,
                   segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -153,7 +151,7 @@ class LlamaModel(nn.Module):
     def forward(self, embeddings: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 token_modality_idx: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, rng: Optional[Rng] = None) -> torch.Tensor:
         """embeddings (B, S, H) -> logits (B, S, V); causal, padding keys masked. With visual
         experts, ``token_modality_idx`` (1 = image) selects the expert weights per position.
         A packed row (``segment_ids`` (B, S), 0 = padding) attends within each sample only;
@@ -171,7 +169,7 @@ class LlamaModel(nn.Module):
         image = self._image(token_modality_idx)
         x = embeddings
         for layer in self.transformer_decoder.layers:
-            x = layer(x, mask, rotary, image)
+            x = layer(x, mask, rotary, image, rng)
         x = self.transformer_decoder.norm(x)
         return self.lm_head(x)
 

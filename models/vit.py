@@ -9,6 +9,8 @@ Layout and names follow the Model Zoo's ViTModel::
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,7 @@ from torch import nn
 from mmgraph.core.config.model import ViTModelConfig
 from mmgraph.models.attention import Attention
 from mmgraph.models.layers import FeedForwardNetwork
+from mmgraph.models.rng import Dropout, Rng
 
 
 class ViTEmbeddings(nn.Module):
@@ -34,9 +37,9 @@ class ViTEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.num_positions, h)
         self.post_embed_ln = (nn.LayerNorm(h, eps=cfg.layer_norm_epsilon)
                               if cfg.use_post_embed_layer_norm else None)
-        self.dropout = cfg.embedding_dropout_rate
+        self.dropout = Dropout(cfg.embedding_dropout_rate)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, rng: Optional[Rng] = None) -> torch.Tensor:
         """images: (N, C, H, W) -> (N, P, hidden) with P = patches (+1 CLS)."""
         if self.conv:
             x = self.linear_proj(images)                    # (N, hidden, gh, gw)
@@ -49,9 +52,7 @@ class ViTEmbeddings(nn.Module):
         x = x + self.position_embeddings.weight.to(x.dtype)[None]
         if self.post_embed_ln is not None:
             x = self.post_embed_ln(x)
-        if self.dropout > 0.0:
-            x = F.dropout(x, self.dropout, self.training)
-        return x
+        return self.dropout(x, rng)
 
 
 def patchify(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
@@ -76,16 +77,16 @@ class ViTBlock(nn.Module):
                                    dropout=cfg.attention_dropout_rate, impl=attention_impl,
                                    scaled=cfg.attention_type == "scaled_dot_product")
         self.norm2 = nn.LayerNorm(h, eps=eps)
+        # The Model Zoo's ViT: dropout after the attention block and after the FFN's second
+        # layer (not its first).
         self.ffn = FeedForwardNetwork(h, [cfg.filter_size, h], [cfg.nonlinearity, None],
-                                      cfg.use_ffn_bias, [cfg.dropout_rate, cfg.dropout_rate])
-        self.dropout = cfg.dropout_rate
+                                      cfg.use_ffn_bias, [None, cfg.dropout_rate])
+        self.attn_dropout = Dropout(cfg.dropout_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.self_attn(self.norm1(x))
-        if self.dropout > 0.0:
-            a = F.dropout(a, self.dropout, self.training)
-        x = x + a
-        return x + self.ffn(self.norm2(x))
+    def forward(self, x: torch.Tensor, rng: Optional[Rng] = None) -> torch.Tensor:
+        a = self.self_attn(self.norm1(x), rng=rng)
+        x = x + self.attn_dropout(a, rng)
+        return x + self.ffn(self.norm2(x), rng)
 
 
 class TransformerEncoder(nn.Module):
@@ -109,15 +110,15 @@ class ViTModel(nn.Module):
         self.embedding_layer = ViTEmbeddings(cfg)
         self.encoder = ViTEncoder(cfg, attention_impl)
 
-    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+    def extract_features(self, images: torch.Tensor, rng: Optional[Rng] = None) -> torch.Tensor:
         """Hidden states after block ``image_layer_idx`` (no final norm), as LLaVA takes them;
         with ``image_layer_idx`` unset, every block then the final norm (the Model Zoo's rule).
 
         images: (N, C, H, W) -> (N, P, hidden). Blocks after the selected one never run.
         """
-        x = self.embedding_layer(images)
+        x = self.embedding_layer(images, rng)
         for block in self.encoder.transformer_encoder.layers[: self.config.num_layers_used]:
-            x = block(x)
+            x = block(x, rng)
         norm = self.encoder.transformer_encoder.norm
         if self.config.uses_final_norm and norm is not None:
             x = norm(x)

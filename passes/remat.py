@@ -16,7 +16,9 @@ Policies (``model.activation_checkpointing`` or ``--remat``):
 The rewrite: a forward value chosen for recomputation is duplicated (``rc_<name>``) into the
 backward, right before its first backward reader, with the recomputed values it depends on; so
 the forward values the backward reads afterwards (the kept set) are exactly what crosses the
-forward/backward boundary. Values that come from random ops (dropout masks) are always kept.
+forward/backward boundary. Dropout masks are pure values of the program's random inputs
+(models/rng.py), recomputed like any other; values of stateful random ops (a model that draws
+from torch's generator) are always kept, so recomputation never draws new numbers.
 Recomputed ops run the same ATen ops on the same inputs, so the gradients are unchanged. The
 program is fused again so the recomputed ops join the backward's kernels.
 """

@@ -47,6 +47,11 @@ class MultimodalH5Dataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def identity(self) -> dict:
+        """What says two ranks read the same data: the shards (resolved paths and sizes) and the
+        sample count."""
+        return {"shards": [f"{p.resolve()} ({p.stat().st_size} bytes)" for p in self.files], "samples": len(self)}
+
     def _file(self, k: int):
         import h5py
 
@@ -203,7 +208,8 @@ def check_data(params: Params, mode: str = "train") -> tuple[int, list[Problem]]
 
     Shards readable and shaped as the params say (sequence length, ``max_num_img``, tokens per
     image), ``data_params.json`` consistent with them, every sample's token ids and image
-    positions in range, every image present inside ``img_data_dir``. Images are not decoded."""
+    positions in range, every image present inside ``img_data_dir``, of an allowed format and a size
+    that decodes (and pads to a square) safely. Images are verified, not decoded."""
     data = params.input_for(mode)
     if data is None or not data.data_dir:
         return 0, []
@@ -246,6 +252,7 @@ def _check_rows(path: Path, n: int, want: Expect, img_dir: Optional[str], limit:
                         image = confined(img_dir, name)
                         if not image.is_file():
                             raise ValueError(f"image {name} not found in {img_dir}")
+                        open_image(image, decode=False)      # format, size, padded size; BadImage
                 except ValueError as err:          # UnsafePath is a ValueError
                     if len(problems) < limit:
                         problems.append(Problem(str(path), f"sample {row}", str(err)))

@@ -8,9 +8,10 @@ own part of every global batch. Nothing here knows models: it takes programs and
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,46 @@ def all_sum(values: list[float], ranks: Ranks, device: torch.device | str = "cpu
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _gather_text(text: str, ranks: Ranks) -> list[str]:
+    """Every rank's ``text`` (JSON between ranks of one job: no pickle), in rank order."""
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(ranks.world_size)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:data.numel()] = data
+    parts = [torch.zeros(longest, dtype=torch.uint8) for _ in range(ranks.world_size)]
+    dist.all_gather(parts, padded)
+    return [bytes(p[:int(n.item())].tolist()).decode() for p, n in zip(parts, sizes)]
+
+
+def agree(ranks: Ranks, identity: dict[str, Any]) -> None:
+    """Every rank must run the same program on the same data with the same settings: each
+    rank's ``identity`` (flat keys to JSON values: the program's fingerprint, the optimizer,
+    the command line, the data's folders, shards and sample count) is gathered on every rank
+    and compared with rank 0's. A difference stops every rank alike (exit 2), naming the rank
+    and the key; it is checked before any collective the difference could derail."""
+    if ranks.world_size == 1:
+        return
+    every = [json.loads(t) for t in _gather_text(json.dumps(identity, sort_keys=True, default=str), ranks)]
+    base = every[0]
+    problems = []
+    for rank, other in enumerate(every[1:], start=1):
+        for key in sorted(set(base) | set(other)):
+            if base.get(key) != other.get(key):
+                problems.append(Problem(None, f"rank {rank}", f"{key} is {_short(other.get(key))}, rank 0 has "
+                                        f"{_short(base.get(key))}"))
+    if problems:
+        more = len(problems) - 8
+        raise UserError(problems[:8] + [Problem(None, None, (f"and {more} more difference(s); " if more > 0 else "")
+                                                + "every rank must run the same params, options and data")])
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def bind_group(gm: fx.GraphModule, group: str) -> fx.GraphModule:

@@ -1,7 +1,10 @@
 """Optimizers and learning-rate schedules from the params' ``optimizer`` section.
 
 Adam/AdamW follow the Model Zoo: ``correct_bias`` switches bias correction, AdamW decays
-weights decoupled from the gradient; SGD with momentum. Gradients are clipped by global norm
+weights decoupled from the gradient; SGD with momentum. Weight decay skips what the Model Zoo
+skips (``common/optim_utils.py`` ``_should_apply_weight_decay``: biases and the parameters of
+norm modules, its param group 1): the caller names them (``no_decay``, from the model's anatomy),
+and AdamW updates as ``AdamBase`` does, ``p -= lr * (adam + weight_decay * p)``. Gradients are clipped by global norm
 (``max_gradient_norm``) before the update. Schedules: Linear, CosineDecay, Constant and
 Exponential, and lists of them run one after another.
 """
@@ -9,6 +12,7 @@ Exponential, and lists of them run one after another.
 from __future__ import annotations
 
 import math
+from typing import Optional, Union
 
 import torch
 
@@ -60,14 +64,29 @@ def clip_to_norm(grads: dict[str, torch.Tensor], norm: torch.Tensor, limit) -> f
     return float(norm)
 
 
-class Optimizer:
-    """Updates parameters in place from their gradients; state is a dict of tensors."""
+Decay = Union[bool, torch.Tensor]        # per parameter: decayed or not, or an elementwise 0/1 mask
 
-    def __init__(self, cfg: OptimizerConfig, params: dict[str, torch.Tensor]):
+
+class Optimizer:
+    """Updates parameters in place from their gradients; state is a dict of tensors.
+    ``decay``: per parameter name, False (no weight decay) or a 0/1 mask of its shape (flattened
+    ZeRO-2 shards); absent names are decayed."""
+
+    def __init__(self, cfg: OptimizerConfig, params: dict[str, torch.Tensor],
+                 decay: Optional[dict[str, Decay]] = None):
         self.cfg = cfg
         self.params = params
+        self.decay: dict[str, Decay] = dict(decay or {})
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.step_count = 0
+
+    def _decay_of(self, name: str, p: torch.Tensor):
+        """``weight_decay`` (a number or an elementwise tensor) for ``name``, or None."""
+        wd = self.cfg.weight_decay
+        rule = self.decay.get(name, True)
+        if not wd or rule is False:
+            return None
+        return wd if rule is True else rule.to(p.dtype) * wd
 
     def clip(self, grads: dict[str, torch.Tensor]) -> float:
         """Scale gradients to ``max_gradient_norm`` (global L2 norm); returns the norm before."""
@@ -81,9 +100,10 @@ class Optimizer:
         cfg = self.cfg
         for name, g in grads.items():
             p = self.params[name]
+            wd = self._decay_of(name, p)
             if cfg.optimizer_type == "SGD":
-                if cfg.weight_decay:
-                    g = g + cfg.weight_decay * p
+                if wd is not None:
+                    g = g + wd * p
                 if cfg.momentum:
                     buf = self.state.setdefault(name, {}).get("momentum")
                     buf = g.clone() if buf is None else buf.mul_(cfg.momentum).add_(g)
@@ -93,17 +113,22 @@ class Optimizer:
                 continue
             st = self.state.setdefault(name, {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
             b1, b2 = cfg.betas
-            if cfg.optimizer_type == "Adam" and cfg.weight_decay:
-                g = g + cfg.weight_decay * p
+            if cfg.optimizer_type == "Adam" and wd is not None:
+                g = g + wd * p
             st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
             st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-            step_size = lr
+            correction = 1.0
             if cfg.correct_bias:
                 t = self.step_count + 1
-                step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-            p.addcdiv_(st["exp_avg"], st["exp_avg_sq"].sqrt().add_(cfg.eps), value=-step_size)
-            if cfg.optimizer_type == "AdamW" and cfg.weight_decay:
-                p.add_(p, alpha=-lr * cfg.weight_decay)
+                correction = math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            step_size = lr * correction
+            denom = st["exp_avg_sq"].sqrt().add_(cfg.eps)
+            if cfg.optimizer_type == "AdamW" and wd is not None:
+                # AdamBase: u = m / (sqrt(v) + eps) * correction + wd * p (the weight before the step)
+                update = (st["exp_avg"] / denom).mul_(correction).add_(wd * p)
+                p.sub_(update.mul_(lr))
+            else:
+                p.addcdiv_(st["exp_avg"], denom, value=-step_size)
         self.step_count += 1
         return lr
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Optional
 
 import torch
 
-from mmgraph.core.config import Params
+from mmgraph.core.config import Params, rank_batch
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
+from mmgraph.core.rng import rng_inputs
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.distributed import SINGLE, Ranks, all_sum, bind_group
 from mmgraph.runtime.executors import Executor, make_executor
@@ -42,15 +44,16 @@ class Runner:
                  eval_program: Optional[Program] = None, device: str = "cpu", executor: str = "reference",
                  eval_executor: Optional[str] = None, weight_streaming: bool = False, *,
                  weights: dict[str, torch.Tensor], ranks: Ranks = SINGLE, no_sync: Optional[Program] = None,
-                 zero: int = 0):
+                 zero: int = 0, no_decay: frozenset[str] = frozenset()):
         """``weights``: every weight by name (the initializer's or a checkpoint's), taken over.
+        ``no_decay``: the weights weight decay skips (the Model Zoo's rule: biases and norms).
         ``weight_streaming``: the parameter store (weights, optimizer state) stays in host
         memory and each segment's weights are streamed to ``device`` when it runs.
         Data parallel (``ranks``): ``train`` is the program compiled for the world size (its
         collectives reduce the gradients), run for the last micro-batch of a step; ``no_sync`` the
         plain program for the micro-batches before it; ``zero`` 1 or 2 shards the optimizer."""
         self.params, self.model_dir, self.device = params, Path(model_dir), torch.device(device)
-        self.ranks, self.zero = ranks, zero
+        self.ranks, self.zero, self.no_decay = ranks, zero, frozenset(no_decay)
         self.store_device = torch.device("cpu") if weight_streaming else self.device
         self.train_program, self.eval_program, self.no_sync = train, eval_program, no_sync
         if weight_streaming:
@@ -69,6 +72,7 @@ class Runner:
         self.weights = {k: (v.detach().pin_memory() if pin else v.detach().to(self.store_device))
                         for k, v in weights.items()}
         self.trainable = [s.name for s in (train.inputs if train else []) if s.kind == InputKind.PARAM and s.trainable]
+        self._dropout = train is not None and any(s.kind == InputKind.RNG for s in train.inputs)
         self.optimizer = self._optimizer() if params.optimizer else None
         scaled = train is not None and any(s.name == LOSS_SCALE for s in train.inputs)
         self.scaler: Optional[LossScaler] = LossScaler(params.optimizer) if scaled and params.optimizer else None
@@ -76,28 +80,32 @@ class Runner:
         self.sampler_state: Optional[dict] = None
         self.metrics_path = self.model_dir / "metrics.jsonl"
         self._events = None
+        self._log_failed = False
 
     def _optimizer(self):
         """The whole optimizer, or this rank's shard of it (ZeRO-1: state; ZeRO-2: state and
         gradients, as the program's reduce-scatter hands them)."""
         cfg, ranks = self.params.optimizer, self.ranks
+        decay = {n: False for n in self.no_decay}
         if self.zero == 1 and ranks.world_size > 1:
             from mmgraph.runtime.zero import ShardedOptimizer
-            return ShardedOptimizer(cfg, self.weights, self.trainable, ranks.rank, ranks.world_size)
+            return ShardedOptimizer(cfg, self.weights, self.trainable, ranks.rank, ranks.world_size, decay=decay)
         if self.zero == 2 and ranks.world_size > 1:
             from mmgraph.runtime.zero import GradShardOptimizer
-            return GradShardOptimizer(cfg, self.weights, self.train_program.collectives, ranks.rank, ranks.world_size)
-        return Optimizer(cfg, self.weights)
+            return GradShardOptimizer(cfg, self.weights, self.train_program.collectives, ranks.rank, ranks.world_size,
+                                      no_decay=self.no_decay)
+        return Optimizer(cfg, self.weights, decay)
 
     # -- weights -------------------------------------------------------------------------
     def _expected(self) -> dict[str, tuple[tuple, torch.dtype]]:
         """Every weight the run holds (the program's parameters and the rest of the model)."""
         return {k: (tuple(v.shape), v.dtype) for k, v in self.weights.items()}
 
-    def load_initial(self, path: str) -> None:
-        """Initial weights (the model only) from a checkpoint, model_dir or converted folder:
-        every key and shape checked (floating dtypes are cast) before anything is copied."""
-        loaded = checkpoint.load_weights(path)
+    def load_initial(self, path: str, loaded: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Initial weights (the model only) from a checkpoint, model_dir or converted folder (or
+        ``loaded``, read from ``path`` by the caller): every key and shape checked (floating
+        dtypes are cast) before anything is copied."""
+        loaded = checkpoint.load_weights(path) if loaded is None else loaded
         strict = not self.params.runconfig.disable_strict_checkpoint_loading
         expected = self._expected()
         problems = [p for p in checkpoint.check_tensors(path, loaded, expected, exact_dtype=False)
@@ -108,6 +116,21 @@ class Runner:
         for k, v in loaded.items():
             if k in self.weights:
                 self.weights[k].copy_(v)
+
+    def start_at(self, step: int, optimizer_state: Optional[dict] = None) -> None:
+        """Continue another tool's run at ``step`` (the schedule and the data go on from there),
+        with its optimizer state when given (``Optimizer.state_dict`` form, checked here)."""
+        state = optimizer_state or {"step_count": torch.tensor(step)}
+        expected = self._expected()
+        problems = [Problem(None, k, "does not match a weight of the program") for k, v in state.items()
+                    if k != "step_count" and (k.rpartition("::")[0] not in expected
+                                              or tuple(v.shape) != expected[k.rpartition("::")[0]][0])]
+        if problems:
+            raise UserError(problems)
+        self.step = step
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict({k: (v if k == "step_count" else v.to(self.store_device))
+                                            for k, v in state.items()})
 
     def resume(self) -> Optional[Path]:
         """Continue from the newest usable checkpoint in model_dir, if any (damaged newer ones
@@ -172,6 +195,14 @@ class Runner:
         real = self._all_sum([float(sum(b.get("rows", b["labels"].shape[0]) for b in micro_batches))])[0]
         return [b["labels"].shape[0] / real for b in micro_batches]
 
+    def _first_sample(self) -> int:
+        """The stream position of this rank's first row in this step: ``step`` global batches
+        done, then the ranks before this one (dropout's masks follow the sample, not the rank
+        or the micro-batch: models/rng.py)."""
+        data = self.params.train_input
+        rb = rank_batch(data.batch_size, data.micro_batch_size, self.ranks.world_size)
+        return self.step * data.batch_size + self.ranks.rank * rb.batch
+
     def _all_sum(self, values: list[float]) -> list[float]:
         return all_sum(values, self.ranks, self.device)
 
@@ -183,8 +214,13 @@ class Runner:
         owned: set[int] = set()
         shares = self._weights_of(micro_batches)
         dp = self.train_program.world_size > 1
+        first = self._first_sample()
         for i, (batch, share) in enumerate(zip(micro_batches, shares)):
             batch = {k: v for k, v in batch.items() if k != "rows"}
+            rows = batch["labels"].shape[0]
+            if self._dropout:
+                batch |= rng_inputs(self.params.runconfig.seed, first, rows, self.device)
+            first += rows
             if dp and i == len(micro_batches) - 1:       # weighs, adds the rest, reduces: the global sum
                 part, total = self.micro_step(batch, share, total if self.no_sync else None)
                 loss += part.detach().double().cpu() * share
@@ -295,16 +331,22 @@ class Runner:
         if not self.ranks.main:
             return
         record = {**record, "world_size": self.ranks.world_size}
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"split": split, **record}) + "\n")
-        if self._events is None:
-            from torch.utils.tensorboard import SummaryWriter
-            self._events = SummaryWriter(str(self.model_dir / "events"))
-        for k, v in record.items():
-            if k not in ("step", "world_size") and isinstance(v, (int, float)):
-                self._events.add_scalar(f"{split}/{k}", v, record["step"])
-        self._events.flush()
+        try:
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"split": split, **record}) + "\n")
+            if self._events is None:
+                from torch.utils.tensorboard import SummaryWriter
+                self._events = SummaryWriter(str(self.model_dir / "events"))
+            for k, v in record.items():
+                if k not in ("step", "world_size") and isinstance(v, (int, float)):
+                    self._events.add_scalar(f"{split}/{k}", v, record["step"])
+            self._events.flush()
+        except OSError as err:          # a full disk: the log is lost, training (and checkpoints) go on
+            if not self._log_failed:
+                print(f"mmgraph: warning: cannot write {self.metrics_path} or the TensorBoard events "
+                      f"({err.strerror or err}); training goes on, later records may be missing", file=sys.stderr)
+            self._log_failed = True
 
     def close(self) -> None:
         if self._events is not None:

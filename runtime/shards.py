@@ -29,6 +29,7 @@ import numpy as np
 
 from mmgraph.core.h5schema import DATA, row_fields
 from mmgraph.core.errors import Problem
+from mmgraph.runtime.transforms import square_fits
 
 EMPTY_SLOTS = ("", "None")          # mmgraph before this release, the Model Zoo
 DATA_PARAMS = "data_params.json"
@@ -60,15 +61,25 @@ def _resolved(folder: str) -> Path:
     return Path(folder).resolve()
 
 
+# The formats an image may have, by content (PIL otherwise picks any plug-in it has: a PostScript
+# file named .png would reach Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 def open_image(path: Path, decode: bool = True):
-    """The image at ``path`` as RGB, fully decoded; a decompression bomb is an error (PIL checks
-    the size when it opens the file). ``decode=False`` only verifies the file (preprocess)."""
+    """The image at ``path`` as RGB, fully decoded. Only ``IMAGE_FORMATS``; a decompression bomb
+    is an error (PIL checks the size when it opens the file), and so is an image whose padded
+    square would be one (a 1 x 60000 strip): both before any pixel is decoded. ``decode=False``
+    only opens and verifies the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=IMAGE_FORMATS) as img:
+                too_big = square_fits(*img.size)
+                if too_big:
+                    raise BadImage(f"image {path.name} is too large to decode safely: {too_big}")
                 if not decode:
                     img.verify()
                     return None
@@ -78,7 +89,11 @@ def open_image(path: Path, decode: bool = True):
         raise BadImage(f"image {path.name} is too large to decode safely ({err})") from None
     except FileNotFoundError:
         raise BadImage(f"image {path} not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError:
+        raise BadImage(f"image {path.name} cannot be read: not one of {', '.join(IMAGE_FORMATS)}") from None
+    except (OSError, SyntaxError, ValueError, MemoryError) as err:
+        if isinstance(err, BadImage):
+            raise
         first = str(err).splitlines()[0] if str(err) else err.__class__.__name__
         raise BadImage(f"image {path.name} cannot be read: {first}") from None
 
@@ -206,6 +221,8 @@ def read_sample(f, path: Path, row: int, want: Expect) -> tuple[np.ndarray, list
             raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (vocab_size {want.vocab_size})")
     if ((loc < 0) | (loc > S)).any():
         raise ValueError(f"img_data_loc {int(loc[(loc < 0) | (loc > S)][0])} is outside 0..{S}")
+    if want.packed and data.shape[0] == len(row_fields(True)):
+        _check_packed(data)
     names = ["" if n in EMPTY_SLOTS else n for n in names]
     for j, n in enumerate(names):
         if n and (loc[j] >= S).any():
@@ -213,6 +230,43 @@ def read_sample(f, path: Path, row: int, want: Expect) -> tuple[np.ndarray, list
         if not n and (loc[j] < S).any():
             raise ValueError(f"image slot {j} is empty but img_data_loc places it in the sequence (padding is {S})")
     return data, names, loc
+
+
+def _check_packed(data: np.ndarray) -> None:
+    """A packed row's own fields as ``preprocess --pack`` writes them (core/packing.py): samples
+    first, numbered 1, 2, ... in ``segment_ids`` and counted 0, 1, ... in ``position_ids``, then
+    padding (segment 0, position 0, ``key_padding_mask`` 1). Anything else would let samples
+    attend to each other or rotate at wrong positions; raises ``ValueError`` naming the position."""
+    fields = row_fields(True)
+    seg, pos = data[fields.index("segment_ids")], data[fields.index("position_ids")]
+    padding = data[fields.index("key_padding_mask")] != 0
+    real = seg != 0
+    n = int(real.sum())
+    if (seg < 0).any():
+        raise ValueError(f"segment_ids {int(seg[seg < 0][0])} is negative (samples are 1, 2, ...; padding 0)")
+    if not real[:n].all():
+        at = int(np.flatnonzero(~real[:n])[0])
+        raise ValueError(f"segment_ids: padding (0) at position {at} before the last sample's tokens "
+                         f"(samples come first, then padding)")
+    ids = seg[:n]
+    steps = np.diff(ids, prepend=0)
+    if n and ((steps != 0) & (steps != 1)).any():
+        at = int(np.flatnonzero((steps != 0) & (steps != 1))[0])
+        raise ValueError(f"segment_ids {int(ids[at])} at position {at}: samples are numbered 1, 2, ... in "
+                         f"order, each in one run")
+    starts = np.flatnonzero(steps)                         # where each sample begins
+    within = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+    if not np.array_equal(pos[:n], within):
+        at = int(np.flatnonzero(pos[:n] != within)[0])
+        raise ValueError(f"position_ids {int(pos[at])} at position {at}: expected {int(within[at])} (0, 1, ... "
+                         f"within each sample)")
+    if (pos[n:] != 0).any():
+        at = n + int(np.flatnonzero(pos[n:] != 0)[0])
+        raise ValueError(f"position_ids {int(pos[at])} at padding position {at} (expected 0)")
+    if (padding != ~real).any():
+        at = int(np.flatnonzero(padding != ~real)[0])
+        raise ValueError(f"key_padding_mask {int(padding[at])} at position {at} disagrees with segment_ids "
+                         f"{int(seg[at])}")
 
 
 def _llava_rows(data: np.ndarray, names: list[str], want: Expect) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ floats in [0, 1]), ``normalize`` (``mean``, ``std``), ``to_dtype``.
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,10 +24,27 @@ def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def max_pixels() -> int:
+    """The most pixels an image (or the square it is padded to) may have: PIL's bomb limit."""
+    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def square_fits(width: int, height: int) -> Optional[str]:
+    """Why an image of this size cannot be padded to a square (``expand_to_square``), or None."""
+    side = max(width, height)
+    if side * side > max_pixels():
+        return (f"{width}x{height} pads to a {side}x{side} square, {side * side:,} pixels "
+                f"(at most {max_pixels():,})")
+    return None
+
+
 def expand_to_square(img: Image.Image, background_color=(0, 0, 0)) -> Image.Image:
     w, h = img.size
     if w == h:
         return img
+    too_big = square_fits(w, h)            # bounded before the canvas is allocated
+    if too_big:
+        raise ValueError(too_big)
     side = max(w, h)
     out = Image.new(img.mode, (side, side), tuple(background_color))
     out.paste(img, ((side - w) // 2, (side - h) // 2))

@@ -36,8 +36,8 @@ class ShardedOptimizer(Optimizer):
     """``Optimizer`` whose state and update cover this rank's shard; weights broadcast after."""
 
     def __init__(self, cfg: OptimizerConfig, params: dict[str, torch.Tensor], trainable: list[str],
-                 rank: int, world_size: int, group: Optional[dist.ProcessGroup] = None):
-        super().__init__(cfg, params)
+                 rank: int, world_size: int, group: Optional[dist.ProcessGroup] = None, decay=None):
+        super().__init__(cfg, params, decay)
         self.rank, self.world_size, self.group = rank, world_size, group
         self.owner = partition({n: params[n].numel() for n in trainable}, world_size)
 
@@ -94,11 +94,12 @@ class GradShardOptimizer:
     gradient norm for clipping is summed across ranks."""
 
     def __init__(self, cfg: OptimizerConfig, params: dict[str, torch.Tensor], buckets, rank: int,
-                 world_size: int, group: Optional[dist.ProcessGroup] = None):
+                 world_size: int, group: Optional[dist.ProcessGroup] = None, no_decay: frozenset[str] = frozenset()):
         self.cfg, self.params, self.buckets = cfg, params, list(buckets)
         self.rank, self.world_size, self.group = rank, world_size, group
         self.shards = {f"bucket{b.index}": self._flat(b)[self._range(b)].clone() for b in self.buckets}
-        self.inner = Optimizer(cfg, self.shards)
+        self.inner = Optimizer(cfg, self.shards, {f"bucket{b.index}": self._decay_mask(b, no_decay)
+                                                  for b in self.buckets if no_decay & set(b.targets)})
 
     @property
     def step_count(self) -> int:
@@ -112,6 +113,12 @@ class GradShardOptimizer:
         flat = torch.cat([self.params[t].reshape(-1) for t in bucket.targets])
         return torch.nn.functional.pad(flat, (0, bucket.numel - flat.numel()))
 
+    def _decay_mask(self, bucket, no_decay: frozenset[str]) -> torch.Tensor:
+        """1 where this rank's shard of the bucket holds a decayed weight, else 0."""
+        parts = [torch.full((self.params[t].numel(),), float(t not in no_decay)) for t in bucket.targets]
+        flat = torch.nn.functional.pad(torch.cat(parts), (0, bucket.numel - sum(p.numel() for p in parts)))
+        return flat[self._range(bucket)].to(self.shards[f"bucket{bucket.index}"].device)
+
     def clip(self, grads: dict[str, torch.Tensor]) -> float:
         """Clip by the global norm: each rank's shards' squares, summed across ranks."""
         total = squared_norm(grads).clone()
@@ -119,7 +126,16 @@ class GradShardOptimizer:
         return clip_to_norm(grads, torch.sqrt(total), self.cfg.max_gradient_norm)
 
     @torch.no_grad()
+    def refresh(self) -> None:
+        """Take this rank's shards from the weights as they are now: the weights are the truth
+        (a checkpoint or initial weights copied in after this optimizer was built), the shards
+        only this rank's working copy of them."""
+        for b in self.buckets:
+            self.shards[f"bucket{b.index}"].copy_(self._flat(b)[self._range(b)])
+
+    @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor]) -> float:
+        self.refresh()                  # never update a stale copy: nothing else may write one
         lr = self.inner.step(grads)
         for b in self.buckets:
             shard = self.shards[f"bucket{b.index}"]

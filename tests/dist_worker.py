@@ -154,9 +154,84 @@ def zero_check(out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
+MODES = ("single", "ddp", "zero1", "zero2")
+
+
+def resume_matrix(out: Path) -> None:
+    """Every way a run can end and start again: a checkpoint saved by one process, DDP, ZeRO-1 or
+    ZeRO-2, continued by each of the four, on resume (weights, optimizer state, step) and as
+    ``--checkpoint_path`` initial weights (the model only); writes every result's weights and
+    the references (one process throughout) to OUT/matrix.pt on rank 0."""
+    import shutil
+
+    from mmgraph.runtime.distributed import SINGLE
+    from mmgraph.runtime.runner import Runner
+
+    ranks = from_env("cpu")
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")
+    share, first, then = 2, 2, 2                       # rows a rank, steps before / after the checkpoint
+    layout = params.layout("train")
+    single = compile_step(params, "train", micro_batch_size=share * ranks.world_size)[-1].program
+    dp = {z: compile_step(params, "train", micro_batch_size=share, world_size=ranks.world_size, zero=z)[-1].program
+          for z in (0, 2)}
+    model, _ = build_model(params, seed=0)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def runner(mode: str, md: Path):
+        if mode == "single":
+            return Runner(params, md, single, weights={k: v.clone() for k, v in initial.items()}, ranks=SINGLE)
+        zero = {"ddp": 0, "zero1": 1, "zero2": 2}[mode]
+        return Runner(params, md, dp[2 if zero == 2 else 0], weights={k: v.clone() for k, v in initial.items()},
+                      ranks=ranks, zero=zero)
+
+    def train(r, mode: str, steps: int) -> None:
+        for _ in range(steps):
+            batch = random_batch(layout, share * ranks.world_size, seed=100 + r.step)
+            lo, n = (0, share * ranks.world_size) if mode == "single" else (ranks.rank * share, share)
+            r.train_step([{k: v[lo:lo + n] for k, v in batch.items()}])
+
+    def run(mode: str, md: Path, steps: int, how=None, source: Path = None) -> dict:
+        """``steps`` more steps of ``mode`` in ``md`` (started by ``how``); the weights after."""
+        if mode == "single" and not ranks.main:
+            torch.distributed.barrier()
+            return {}
+        r = runner(mode, md)
+        if how == "resume":
+            assert r.resume() is not None
+        elif how == "initial":
+            r.load_initial(str(source))
+        train(r, mode, steps)
+        r.save()
+        weights = {k: v.clone() for k, v in r.weights.items()}
+        if mode == "single":
+            torch.distributed.barrier()
+        return weights
+
+    results: dict = {}
+    root = out / "md"
+    for src in MODES:                                   # the checkpoints at step ``first``
+        run(src, root / src, first)
+    torch.distributed.barrier()
+    results["reference_resume"] = run("single", root / "ref_all", first + then)
+    results["reference_initial"] = run("single", root / "ref_init", then, "initial", root / "single")
+    for src in MODES:
+        for dst in MODES:
+            md = root / f"{src}-{dst}"
+            if ranks.main:
+                shutil.copytree(root / src, md)
+            torch.distributed.barrier()
+            results[f"resume {src}->{dst}"] = run(dst, md, then, "resume")
+            results[f"initial {src}->{dst}"] = run(dst, root / f"init-{src}-{dst}", then, "initial", root / src)
+    if ranks.main:
+        torch.save(results, out / "matrix.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"program": program_check, "zero": zero_check, "accumulate": accumulate_check, "zero2": zero2_check}[sys.argv[1]](Path(sys.argv[2]))
+    {"program": program_check, "zero": zero_check, "accumulate": accumulate_check, "zero2": zero2_check,
+     "resume_matrix": resume_matrix}[sys.argv[1]](Path(sys.argv[2]))
     from mmgraph.run_cmd import leave
 
     leave(0)                      # without interpreter teardown, as `mmgraph run`'s ranks end

@@ -294,3 +294,11 @@ def test_legalize_benchmark_quick():
     assert rows["cs2 legalized"]["ops"] > rows["cs2 not legalized"]["ops"]
     assert all(r["ok"] is not False for r in result["lowering"]["rows"])
     assert all(t.status == "not measured yet" for t in report.TARGETS["legalize"](result))   # quick: not judged
+
+
+def test_modelzoo_benchmark_quick(capsys):
+    from benchmarks.bench_modelzoo import main as bench_modelzoo
+
+    assert bench_modelzoo(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| mmgraph (`mmgraph run`, reference executor) |" in out and "skipped: not asked (--quick)" in out

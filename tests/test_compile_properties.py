@@ -4,18 +4,18 @@ to eager PyTorch autograd (verify=True raises otherwise)."""
 from __future__ import annotations
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmgraph.core.config import load_params
 from mmgraph.pipeline import compile_step
-from tests.conftest import TINY1
+from tests.conftest import FUZZ, TINY1
 
 FREEZES = [[], ["^image_model.image_model_list"], ["^image_model.image_model_list", "^text_model"],
            ["^text_model.transformer_decoder.layers.0", "^image_model.projection.ffn.0"]]
 
 
-@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(FUZZ, max_examples=4)
 @given(
     vit_layers=st.integers(1, 3), layer_idx=st.integers(-1, 0), select=st.sampled_from(["patch", "cls_patch"]),
     heads=st.sampled_from([(4, 4), (4, 2), (4, 1), (2, 2)]), llm_layers=st.integers(1, 2),

@@ -58,15 +58,18 @@ def test_seed_commands_as_printed(zoo, tmp_path, capsys):
     notes = [line for line in err.splitlines() if "not carried over" in line]
     assert len(notes) == 1, err
     assert "'anyres' tiles" in notes[0] and "image_newline" in notes[0] and "single-tile LLaVA-1.5" in notes[0]
-    params = yaml.safe_load((tmp_path / "cs" / "params.yaml").read_text())
+    # cs-2.3 is the Model Zoo's .mdl, with its params in the 2.3 layout beside it
+    assert sorted(p.name for p in (tmp_path / "cs").iterdir()) == ["convert.json", "model_to_cs-2.3.mdl",
+                                                                   "params_to_cs-2.3.yaml"]
+    params = yaml.safe_load((tmp_path / "cs" / "params_to_cs-2.3.yaml").read_text())
     assert params["model"]["image_model_list"]["global_image_projection"]["layers_units"] == [64, 64]
 
     # After training: a params file and a checkpoint file elsewhere, back to HF as the seed prints it.
-    shutil.copy(tmp_path / "cs" / "params.yaml", tmp_path / "cs_config.yaml")
+    shutil.copy(tmp_path / "cs" / "params_to_cs-2.3.yaml", tmp_path / "cs_config.yaml")
     (tmp_path / "run").mkdir()
-    shutil.copy(tmp_path / "cs" / "model.safetensors", tmp_path / "run" / "checkpoint_10.safetensors")
+    shutil.copy(tmp_path / "cs" / "model_to_cs-2.3.mdl", tmp_path / "run" / "checkpoint_10.mdl")
     assert run("--model", "mm_simple", "--src-fmt", "cs-2.3", "--tgt-fmt", "hf", "--output-dir", tmp_path / "hf",
-               "--config", tmp_path / "cs_config.yaml", tmp_path / "run" / "checkpoint_10.safetensors") == 0
+               "--config", tmp_path / "cs_config.yaml", tmp_path / "run" / "checkpoint_10.mdl") == 0
     hf = tmp_path / "hf"
     assert sorted(p.name for p in hf.iterdir()) == ["image_model", "text_model"]
     got = tensors(hf)
@@ -106,9 +109,9 @@ def test_list_names_the_model_zoo_names_and_they_convert(zoo, tmp_path, capsys):
     same_tensors(tensors(zoo[0] / "two"), tensors(tmp_path / "h"))
     assert run("--src-fmt", "cs2.3", "--tgt-fmt", "hf", "--output-dir", tmp_path / "x", tmp_path / "n") == 2
     assert "--src-fmt: unknown format 'cs2.3'" in capsys.readouterr().err
-    assert run("--model", "llava", "--src-fmt", "hf", "--tgt-fmt", "native", "--output-dir", tmp_path / "x",
+    assert run("--model", "llava-next", "--src-fmt", "hf", "--tgt-fmt", "native", "--output-dir", tmp_path / "x",
                zoo[0] / "two") == 2
-    assert "mm_simple or mmsimple-llava" in capsys.readouterr().err
+    assert "mm_simple, mmsimple-llava or llava" in capsys.readouterr().err
 
 
 def test_missing_projector_type_means_mlp2x_gelu(zoo, tmp_path):
@@ -256,7 +259,10 @@ def test_errors_name_the_config_file_given(zoo, tmp_path, capsys):
     (tmp_path / "checkpoint_1.mdl").write_bytes(b"\x89HDF")
     assert run("--src-fmt", "cs-2.3", "--tgt-fmt", "hf", "--config", tmp_path / "n" / "params.yaml", "--output-dir",
                tmp_path / "h", tmp_path / "checkpoint_1.mdl") == 2
-    assert "checkpoint_1.mdl: a Cerebras .mdl checkpoint" in capsys.readouterr().err
+    assert "checkpoint_1.mdl: not a Cerebras .mdl checkpoint (not an HDF5 file)" in capsys.readouterr().err
+    assert run("--src-fmt", "native", "--tgt-fmt", "hf", "--config", tmp_path / "n" / "params.yaml", "--output-dir",
+               tmp_path / "h", tmp_path / "checkpoint_1.mdl") == 2
+    assert "checkpoint_1.mdl: a Cerebras .mdl checkpoint: convert it with --src-fmt cs-X.Y" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
 
 

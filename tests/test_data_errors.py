@@ -95,6 +95,70 @@ def test_decompression_bomb_in_preprocess(world, tmp_path, capsys, monkeypatch, 
     assert f"{data}: sample 0 (id {samples(world)[0]['id']}): image " in err and "too large to decode safely" in err
 
 
+def _thin_png(path: Path) -> None:
+    """A 1 x 60000 PNG (a few hundred bytes): padded to a square it would be 3.6e9 pixels."""
+    from PIL import Image
+
+    Image.new("L", (1, 60000)).save(path)
+
+
+def _postscript(path: Path) -> None:
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+
+
+@pytest.mark.parametrize("make, message", [
+    (_thin_png, "pads to a 60000x60000 square"),
+    (_postscript, "not one of PNG, JPEG, WEBP, GIF, BMP, TIFF"),
+])
+def test_hostile_images_are_refused_by_preprocess_check_and_the_loader(world, tmp_path, capsys, make, message):
+    """A 254-byte 1 x 60000 PNG once passed preprocess and check, then ran out of memory in
+    ``expand_to_square``; PIL picked formats by content, so PostScript named .png reached
+    Ghostscript."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(world / "images", images)
+    one = next(s for s in samples(world) if isinstance(s["image"], str))
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps([one]))
+    # preprocess decodes every image
+    make(images / one["image"])
+    assert main(["preprocess", "--input_json", str(data), "--image_dir", str(images), "--tokenizer",
+                 str(world / "tokenizer"), "--output_dir", str(tmp_path / "out"), "--phase", "2", "--params",
+                 str(TINY2)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: sample 0 (id {one['id']}): image " in err and message in err, err
+    # shards made while the image was whole: check and the loader refuse it now
+    shutil.copy(world / "images" / one["image"], images / one["image"])
+    out = tmp_path / "shards"
+    preprocess(str(data), str(images), str(world / "tokenizer"), str(out), 2,
+               Layout(*[getattr(load_params(TINY2).layout(), k) for k in
+                        ("max_sequence_length", "num_patches", "max_num_img")]), progress=False)
+    make(images / one["image"])
+    path = params_for(tmp_path, out, images)
+    raw = yaml.safe_load(path.read_text())
+    raw["train_input"].update(batch_size=1, micro_batch_size=1, num_workers=0,
+                              transforms=[{"name": "expand_to_square"}, {"name": "resize", "size": 32},
+                                          {"name": "to_tensor"}])
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["check", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sample 0: image " in err and message in err, err
+    loader, _ = make_loader(load_params(path))
+    with pytest.raises(UserError, match=message):
+        next(iter(loader))
+
+
+def test_a_padded_canvas_is_bounded_before_it_is_allocated():
+    from PIL import Image
+
+    from mmgraph.runtime.transforms import expand_to_square
+
+    with pytest.raises(ValueError, match="pads to a 60000x60000 square"):
+        expand_to_square(Image.new("RGB", (1, 60000)))
+    assert expand_to_square(Image.new("RGB", (3, 5))).size == (5, 5)
+
+
 def test_no_shard_written_leaves_the_output_as_it_was(world, tmp_path, capsys):
     out = tmp_path / "out"
     shards(world, out)

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmgraph.cli import main
@@ -20,6 +20,7 @@ from mmgraph.core.config import load_params
 from mmgraph.core.errors import UserError
 from mmgraph.runtime.data import make_loader
 from tests.test_data_errors import params_for, shards
+from tests.conftest import FUZZ
 
 REQUIRED = ("data", "img_path", "img_data_loc")
 
@@ -57,7 +58,7 @@ def _damage(shard: Path, kind: str, where: float, key: str, payload: bytes) -> b
         return key in REQUIRED
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(FUZZ, max_examples=40)
 @given(kind=st.sampled_from(["truncate", "flip", "delete", "dtype", "shape"]),
        where=st.floats(0.0, 0.999), key=st.sampled_from(["data", "img_path", "img_data_loc", "has_img"]),
        payload=st.binary(min_size=1, max_size=64))

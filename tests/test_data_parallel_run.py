@@ -131,6 +131,17 @@ def test_two_ranks_train_like_one_process_phase1(shards, tmp_path):  # noqa: F81
     _assert_same_training(_weights(tmp_path / "one"), _weights(tmp_path / "two"), frozen)
 
 
+def test_two_ranks_with_dropout_train_like_one_process(shards, tmp_path):  # noqa: F811
+    """Dropout's masks follow the sample (models/rng.py): 2 ranks and 1 process draw the same."""
+    params = _params(tmp_path, shards, "drop.yaml", train={"batch_size": 8, "micro_batch_size": 2})
+    raw = yaml.safe_load(params.read_text())
+    raw["model"]["text_model"].update(dropout_rate=0.1, attention_dropout_rate=0.1, embd_pdrop=0.1)
+    params.write_text(yaml.safe_dump(raw))
+    _single(params, tmp_path / "one")
+    _torchrun(params, tmp_path / "two")
+    _assert_same_training(_weights(tmp_path / "one"), _weights(tmp_path / "two"), _frozen(params))
+
+
 def test_resume_two_ranks_then_one_equals_one_process(phase2, tmp_path):
     params, one = phase2
     half = STEPS // 2
@@ -145,6 +156,63 @@ def test_resume_two_ranks_then_one_equals_one_process(phase2, tmp_path):
     out = _single(params_half, md)
     assert f"resumed from {md / 'checkpoints' / f'ckpt-{half:06d}'}" in out
     _assert_same_training(_weights(one), _weights(md), _frozen(params))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks_apart(per_rank: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Two ranks started by hand (as torchrun would, but each with its own command line)."""
+    script = Path(sys.executable).with_name("mmgraph")
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "mmgraph"]
+    port = _free_port()
+    procs = []
+    for rank, args in enumerate(per_rank):
+        env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(per_rank)), "LOCAL_WORLD_SIZE": str(len(per_rank))}
+        procs.append(subprocess.Popen([*base, "run", "CPU", *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda raw, root: raw["optimizer"].update(learning_rate=raw["optimizer"]["learning_rate"] * 100),
+     "optimizer.learning_rate"),
+    (lambda raw, root: raw["model"].update(freeze=["^text_model"]), "program.model.freeze"),
+    (lambda raw, root: raw["train_input"].update(data_dir=str(shutil.copytree(raw["train_input"]["data_dir"],
+                                                                              root / "copy"))),
+     "data.train.shards"),
+])
+def test_ranks_that_disagree_stop_alike_naming_rank_and_key(shards, tmp_path, change, key):  # noqa: F811
+    """A rank given another lr or data_dir once trained on with exit 0; another freeze aborted
+    inside gloo with no message."""
+    same = _params(tmp_path, shards, "same.yaml")
+    raw = yaml.safe_load(same.read_text())
+    change(raw, tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    md = tmp_path / "md"
+    results = _ranks_apart([["--params", str(p), "--model_dir", str(md), "--max_steps", "2"] for p in (same, other)])
+    for rank, done in enumerate(results):
+        assert done.returncode == 2, (rank, done.stdout[-1000:], done.stderr[-3000:])
+        assert f"rank 1: {key} is" in done.stderr, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+    assert not (md / "checkpoints").exists()
 
 
 def _children(pid: int) -> list[int]:

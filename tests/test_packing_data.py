@@ -125,6 +125,56 @@ def test_loader_reads_packed_shards_and_names_mismatches(dataset, tmp_path):
         make_loader(load_params(path))
 
 
+def _damage(kind: str, row: np.ndarray) -> None:
+    """One way to break a packed row's segment_ids (row 5) or position_ids (row 6) in place."""
+    seg, pos = row[5], row[6]
+    n = int((seg > 0).sum())
+    if kind == "all ones":                    # every sample one segment: they attend to each other
+        seg[:n] = 1
+    elif kind == "interleaved":
+        seg[:n] = np.arange(n) % 2 + 1
+    elif kind == "zero":                      # real tokens marked as padding
+        seg[1] = 0
+    elif kind == "negative":
+        seg[0] = -3
+    elif kind == "huge id":
+        seg[:n][seg[:n] == seg[n - 1]] = 10 ** 6
+    elif kind == "huge position":
+        pos[2] = 10 ** 6
+    elif kind == "negative position":
+        pos[1] = -1
+
+
+DAMAGE = ["all ones", "interleaved", "zero", "negative", "huge id", "huge position", "negative position"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_packed_fields_are_refused_by_check_and_the_loader(dataset, tmp_path, capsys, kind):
+    """All seven once passed `check` and `run`: samples then attended to each other or got wrong
+    positions."""
+    run(dataset, tmp_path / "packed", 1, PackOptions(window=25, seed=1))
+    params = yaml.safe_load((CONFIGS / "params_mm_llava_demo_phase2.yaml").read_text())
+    for key in ("train_input", "eval_input"):
+        params[key] = dict(params[key], data_dir=str(tmp_path / "packed"), img_data_dir=str(dataset / "images"),
+                           packed=True, batch_size=2, micro_batch_size=2, shuffle=False, num_workers=0)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["check", "--params", str(path)]) == 0, capsys.readouterr().err      # whole: it passes
+    shard = sorted((tmp_path / "packed").glob("*.h5"))[0]
+    with h5py.File(shard, "r+") as f:
+        rows = f["data"][:]
+        victim = next(i for i, r in enumerate(rows) if int(r[5].max()) >= 2)
+        _damage(kind, rows[victim])
+        f["data"][victim] = rows[victim]
+    assert main(["check", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{shard}: sample {victim}:" in err and ("segment_ids" in err or "position_ids" in err), err
+    loader, _ = make_loader(load_params(path))
+    with pytest.raises(UserError, match=f"sample {victim}: (segment|position)_ids"):
+        for _ in loader:
+            pass
+
+
 def test_cli_pack_prints_rows(dataset, tmp_path, capsys):
     code = main(["preprocess", "--input_json", str(dataset / "phase1_train.json"), "--image_dir",
                  str(dataset / "images"), "--tokenizer", str(dataset / "tokenizer"), "--output_dir",

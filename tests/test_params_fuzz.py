@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmgraph.cli import main
-from tests.conftest import TINY1
+from tests.conftest import FUZZ, TINY1
 
 BASE = yaml.safe_load(TINY1.read_text())
 
@@ -50,7 +50,7 @@ def _mutate(raw, mutation):
         node[str(last) + suffix] = node.pop(last)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(FUZZ, max_examples=25)
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=3))
 def test_mutated_params_exit_0_or_named_2(tmp_path, capsys, mutations):
     raw = copy.deepcopy(BASE)

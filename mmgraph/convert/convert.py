@@ -13,10 +13,13 @@ Formats (``mmgraph convert list``):
   layout with ``--hf-layout two_folder`` (or when the source was).
 - ``llava``: the LLaVA repository layout: ``image_model/`` and ``text_model_llava/`` (the loader
   requires "llava" in the folder name; ``mm_vision_tower`` is the written ``image_model``'s path).
-- ``cs-X.Y`` (``cs-2.3``, ...): the Model Zoo's name for its own format, here mmgraph's native
-  format, so the Model Zoo's commands work as written; converted to ``hf`` without a remembered
-  source layout, it writes the Model Zoo's ``image_model/`` + ``text_model/``.
-The model is ``mm_simple`` (the Model Zoo's README) or ``mmsimple-llava`` (its registry's name).
+- ``cs-X.Y`` (``cs-2.3`` ... ``cs-2.10``): the Model Zoo's own checkpoint, a real ``.mdl`` with the
+  weight layout of that release's converters and the params in its layout (``modelzoo.py``).
+  A ``cs-X.Y`` source that is mmgraph's safetensors (what ``cs-X.Y`` meant before) is read as
+  ``native``, with a note.
+The model is ``mm_simple`` (the Model Zoo's README) or ``mmsimple-llava`` (its registry's name),
+or ``llava`` (the Model Zoo's llava model: the same weights under its names); without
+``--model``, the source's.
 """
 
 from __future__ import annotations
@@ -33,27 +36,33 @@ from mmgraph.convert.checkpoint import TEXT, Checkpoint
 from mmgraph.core.tensorio import parse_size
 from mmgraph.convert.read import read_hf, read_native, read_two_folder
 from mmgraph.convert.trained_with import locate, trained_with
-from mmgraph.convert.write import write_native, write_transformers, write_two_folder
+from mmgraph.convert.modelzoo import find_mdl, read_modelzoo, write_modelzoo
+from mmgraph.convert.write import default_params, write_native, write_transformers, write_two_folder
+from mmgraph.core.config.release import parse_release
 from mmgraph.core.errors import Problem, UserError
 
 FORMATS = {
     "native": "mmgraph weights (safetensors, Model Zoo names) + params.yaml",
     "hf": "Hugging Face: LlavaForConditionalGeneration folder, or image_model/ + text_model/ (read both)",
     "llava": "LLaVA repository layout: image_model/ + text_model_llava/ (mm_projector inside)",
-    "cs-X.Y": "the Model Zoo's name for its native format (cs-2.3, cs-2.10, ...): read and written as native; "
-              "to hf it writes image_model/ + text_model/ as the Model Zoo does",
+    "cs-X.Y": "the Model Zoo's checkpoint (cs-2.3 ... cs-2.10): a .mdl file with that release's weight layout and "
+              "params; to hf it writes image_model/ + text_model/ as the Model Zoo does",
 }
-MODELS = ("mm_simple", "mmsimple-llava")
+MODELS = ("mm_simple", "mmsimple-llava", "llava")
+# Freeze patterns between the two models' names (models/freeze.py: LLAVA_NAMES).
+_FREEZE_TO_LLAVA = (("^image_model.image_model_list", "^image_model"), ("^image_model.projection",
+                                                                         "^projector_image_model"))
 _CS = re.compile(r"cs-\d+\.\d+")
 
 
 def format_name(flag: str, fmt: str) -> str:
-    """The format a ``--src-fmt`` / ``--tgt-fmt`` value names (``cs-X.Y`` is native)."""
+    """The format a ``--src-fmt`` / ``--tgt-fmt`` value names (``cs-X.Y``: ``mdl``)."""
     if fmt in FORMATS and fmt != "cs-X.Y":
         return fmt
     if _CS.fullmatch(fmt):
-        return "native"
-    raise UserError(Problem(None, flag, f"unknown format {fmt!r}; one of native, hf, llava, cs-X.Y (e.g. cs-2.3)"))
+        parse_release(fmt, flag)
+        return "mdl"
+    raise UserError(Problem(None, flag, f"unknown format {fmt!r}; one of native, hf, llava, cs-X.Y (e.g. cs-2.10)"))
 
 
 def check(ck: Checkpoint) -> None:
@@ -61,12 +70,16 @@ def check(ck: Checkpoint) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from mmgraph.core.config import ModelConfig
+    from mmgraph.core.config.load import semantic_problems
     from mmgraph.models import build_model
 
     try:
         cfg = ModelConfig.model_validate(ck.model)
     except Exception as err:  # noqa: BLE001 - pydantic lists the problems
         raise UserError(Problem(ck.config_file, "model", f"the params are not valid: {err}")) from None
+    problems = semantic_problems(ck.config_file, {"model": cfg})    # check's limits, before anything is built
+    if problems:
+        raise UserError(problems)
     ck.cfg = cfg
     model, _ = build_model(cfg, fake_mode=FakeTensorMode())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -80,9 +93,40 @@ def check(ck: Checkpoint) -> None:
         if e.shape != shape:
             raise UserError(Problem(str(e.file), e.key, f"shape {e.shape} does not match the config's {shape} "
                                     f"(mmgraph {k})"))
+        if not e.dtype.is_floating_point:
+            raise UserError(Problem(str(e.file), e.key, f"dtype {str(e.dtype).removeprefix('torch.')}: a weight "
+                                    f"must be floating point (mmgraph {k})"))
     for k, e in ck.entries.items():
         if k not in expected:
             raise UserError(Problem(str(e.file), e.key, f"no such parameter in the configured model ({k})"))
+
+
+def _as_model(ck: Checkpoint, name: str) -> None:
+    """The Model Zoo model the checkpoint is written as (``--model``): the llava model or
+    multimodal_simple; the same weights, other names (in a .mdl) and freeze patterns."""
+    if ck.model.get("name", "multimodal_simple") == name:
+        return
+    images = ck.model.get("image_model_list") or {}
+    models = images.get("image_models") or []
+    if name == "llava" and (len(models) != 1 or images.get("connector") or (isinstance(models[0], dict) and len(
+            models[0].get("image_model") or []) > 1)):
+        raise UserError(Problem(ck.config_file, "model.image_model_list", "--model llava: the llava model has one "
+                                "image encoder and one projector (no per-encoder projection, no connector)"))
+    pairs = _FREEZE_TO_LLAVA if name == "llava" else tuple((b, a) for a, b in _FREEZE_TO_LLAVA)
+    freeze = ck.model.get("freeze") or []
+    freeze = [freeze] if isinstance(freeze, str) else freeze
+    moved = []
+    for pattern in freeze:
+        for old, new in pairs:
+            if pattern.startswith(old):
+                pattern = new + pattern[len(old):]
+                break
+        moved.append(pattern)
+    ck.model = {**ck.model, "name": name, "freeze": moved}
+    if ck.params is not None:                 # the model section is the one written out
+        ck.params = None
+        ck.notes.append(f"--model {name}: the params are written from the model section alone (data, optimizer "
+                        "and runconfig sections to edit)")
 
 
 def blockers(ck: Checkpoint, fmt: str, transformers_layout: bool) -> None:
@@ -124,10 +168,10 @@ def blockers(ck: Checkpoint, fmt: str, transformers_layout: bool) -> None:
 
 def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optional[str] = None,
             hf_layout: Optional[str] = None, shard_size: str = "5GB", image_token_id: Optional[int] = None,
-            model: str = "mm_simple", tokenizer: Optional[str] = None, template: Optional[str] = None) -> Path:
-    if model not in MODELS:
-        raise UserError(Problem(None, "--model", f"{model!r}: mmgraph converts mm_simple (LLaVA-style) checkpoints "
-                                f"({' or '.join(MODELS)})"))
+            model: Optional[str] = None, tokenizer: Optional[str] = None, template: Optional[str] = None) -> Path:
+    if model is not None and model not in MODELS:
+        raise UserError(Problem(None, "--model", f"{model!r}: mmgraph converts LLaVA-style checkpoints "
+                                f"({', '.join(MODELS[:-1])} or {MODELS[-1]})"))
     src_kind, tgt_kind = format_name("--src-fmt", src_fmt), format_name("--tgt-fmt", tgt_fmt)
     source, out = Path(src), Path(output_dir)
     if not source.exists():
@@ -135,7 +179,18 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
     _check_output(out, output_dir)
     cfg_path = Path(config) if config else None
     trained = None
-    if src_kind == "native":
+    if src_kind == "mdl" and find_mdl(source) is None and (source.suffix == ".safetensors" or source.is_dir()):
+        src_kind = "native"                     # what cs-X.Y named before it meant the real .mdl
+        compat = (f"{src}: mmgraph's safetensors, read as --src-fmt native ({src_fmt} now names the Model Zoo's "
+                  ".mdl)")
+    else:
+        compat = None
+    if src_kind == "mdl":
+        ck = read_modelzoo(source, cfg_path)
+        if tgt_kind != "native" or tokenizer or template:
+            trained = trained_with(ck.params, str(cfg_path or find_mdl(source)), source, tokenizer, template,
+                                   ck.tokenizer)
+    elif src_kind == "native":
         where = locate(source, cfg_path)
         ck = read_native(where.weights, where.params)
         ck.notes[:0] = where.notes
@@ -145,16 +200,20 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
         ck = read_hf(source, cfg_path)
     else:
         ck = read_two_folder(source)
+    if compat:
+        ck.notes.insert(0, compat)
     if trained is None and (tokenizer or template):
         trained = trained_with(None, None, source, tokenizer, template, ck.tokenizer)
     if trained is not None:
         ck.tokenizer = trained.tokenizer
         ck.notes += trained.notes
+    if model is not None:
+        _as_model(ck, "llava" if model == "llava" else "multimodal_simple")
     check(ck)
     remembered = ck.source.get("layout")
     model_zoo_default = "two_folder" if _CS.fullmatch(src_fmt) and remembered is None else "llava"
     layout = hf_layout or ("two_folder" if remembered == "two_folder" else model_zoo_default)
-    if tgt_kind != "native":
+    if tgt_kind not in ("native", "mdl"):
         blockers(ck, tgt_fmt, tgt_kind == "hf" and layout == "llava")
     shard_bytes = parse_size(shard_size)
     for note in ck.notes:
@@ -166,6 +225,8 @@ def convert(src: str, src_fmt: str, tgt_fmt: str, output_dir: str, config: Optio
     try:
         if tgt_kind == "native":
             write_native(ck, tmp, shard_bytes)
+        elif tgt_kind == "mdl":
+            write_modelzoo(ck, tmp, parse_release(tgt_fmt, "--tgt-fmt"), default_params)
         elif tgt_kind == "llava":
             write_two_folder(ck, tmp, shard_bytes, "text_model_llava", out)
         elif layout == "two_folder":

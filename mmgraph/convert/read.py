@@ -14,7 +14,9 @@ from mmgraph.convert.hf_params import llava_model_params
 from mmgraph.core.tensorio import Entry, find_weights, read_entries
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
 from mmgraph.convert.llava_cfg import FREEZE_VISION, anyres_note, read_llava_config
+from mmgraph.core.config.release import sections_of
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.mdl import is_mdl
 
 
 def _rename(entries: dict[str, Entry], fn: Callable[[str], Optional[str]], into: dict[str, Entry]) -> None:
@@ -45,6 +47,14 @@ def read_hf(src: Path, config: Optional[Path] = None) -> Checkpoint:
                             "model_type llava) nor image_model/ + text_model/"))
 
 
+def _section(cfg: dict, key: str, path: Path) -> dict:
+    """A nested config (``text_config``, ``vision_config``): an object, or empty when absent."""
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(Problem(str(path), key, f"a JSON {type(value).__name__}, not an object"))
+    return value
+
+
 def _text_folder(src: Path) -> Optional[Path]:
     for name in ("text_model", "text_model_llava"):
         if (src / name).is_dir():
@@ -59,7 +69,8 @@ def read_two_folder(src: Path, config_root: Optional[Path] = None) -> Checkpoint
     cfg_root = config_root or src
     cfg_image, cfg_text = cfg_root / "image_model", cfg_root / text_dir.name
     vision_cfg = _json(cfg_image / "config.json")
-    vision_cfg = vision_cfg.get("vision_config", vision_cfg)          # a full CLIPConfig also works
+    if "vision_config" in vision_cfg:                                  # a full CLIPConfig also works
+        vision_cfg = _section(vision_cfg, "vision_config", cfg_image / "config.json")
     llava_path = cfg_text / "config.json"
     llava_cfg = _json(llava_path)
     lmsys = cfg_text / "config_lmsys.json"
@@ -101,7 +112,7 @@ def read_two_folder(src: Path, config_root: Optional[Path] = None) -> Checkpoint
 def read_transformers(src: Path, cfg_path: Optional[Path] = None) -> Checkpoint:
     cfg_path = cfg_path or src / "config.json"
     cfg = _json(cfg_path)
-    vision_cfg, text_cfg = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+    vision_cfg, text_cfg = _section(cfg, "vision_config", cfg_path), _section(cfg, "text_config", cfg_path)
     if vision_cfg.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
         raise UserError(Problem(str(cfg_path), "vision_config.model_type",
                                 f"{vision_cfg.get('model_type')!r}: only CLIP vision towers convert"))
@@ -167,13 +178,15 @@ def read_native(src: Path, config: Optional[Path]) -> Checkpoint:
     if not params_path.is_file():
         raise UserError(Problem(str(params_path), None, "does not exist (pass --config PARAMS)"))
     params, model = _read_params(params_path)
-    if src.is_file() and src.suffix == ".mdl":
-        raise UserError(Problem(str(src), None, "a Cerebras .mdl checkpoint: mmgraph reads safetensors (its own "
-                                "checkpoints, `mmgraph convert` output) and Hugging Face .bin files"))
+    if src.is_file() and (src.suffix == ".mdl" or is_mdl(src)):
+        raise UserError(Problem(str(src), None, "a Cerebras .mdl checkpoint: convert it with --src-fmt cs-X.Y "
+                                "(e.g. cs-2.10)"))
     files = [src] if src.is_file() else find_weights(src)
     entries = read_entries(files)
     meta = _maybe_json(folder / "convert.json") or {}
     notes = _complete_from_weights(model, entries, str(params_path))
+    if isinstance(params.get("model"), dict) and params["model"] is not model:
+        _complete_from_weights(params["model"], entries, str(params_path))     # the params.yaml written out
     tok = folder / "tokenizer"
     return Checkpoint(entries, model, meta.get("source", {}), tokenizer=tok if tok.is_dir() else None,
                       preprocessor=meta.get("preprocessor"), params=params, config_file=str(params_path),
@@ -181,19 +194,20 @@ def read_native(src: Path, config: Optional[Path]) -> Checkpoint:
 
 
 def _read_params(path: Path) -> tuple[dict, dict]:
-    """The params file and its model section (the 2.3 layout's ``model``, or ``trainer.init.model``)."""
+    """The params file and its model section, through the translation ``check`` and ``run``
+    apply: the 2.3 layout's ``model``, the ``trainer:`` layout's ``trainer.init.model``
+    (``image_encoder`` / ``projection_layer``), the llava model's keys."""
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(Problem(str(path), None, f"not a valid YAML file ({str(err).splitlines()[0]})")) from None
-    model = None
-    if isinstance(params, dict):
-        model = params.get("model")
-        trainer = params.get("trainer")
-        if model is None and isinstance(trainer, dict) and isinstance(trainer.get("init"), dict):
-            model = trainer["init"].get("model")
+    if not isinstance(params, dict):
+        raise UserError(Problem(str(path), "model", "missing (a params file with a model section)"))
+    model = sections_of(params, str(path)).get("model")
     if not isinstance(model, dict):
         raise UserError(Problem(str(path), "model", "missing (a params file with a model section)"))
+    if model == params.get("model"):
+        model = params["model"]                 # the same mapping: what the weights fill in is written back
     return params, model
 
 
@@ -262,6 +276,8 @@ def _model_params(vision_cfg: dict, text_cfg: dict, projector_type: str, layer: 
                 raise UserError(Problem(str(where), key, f"missing from the {name}"))
     try:
         return llava_model_params(vision_cfg, text_cfg, projector_type, vision_feature_layer=layer, select_feature=select)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as err:
+        raise UserError(Problem(str(where), None, f"a config value of the wrong kind ({err})")) from None
     except UserError as err:
         text = str(err)
         key = ("mm_projector_type" if "projector" in text else "rope_scaling" if "rope" in text

@@ -137,6 +137,9 @@ def trained_with(params: Optional[dict], params_path: Optional[str], weights: Pa
                  known_tokenizer: Optional[Path] = None) -> TrainedWith:
     """The tokenizer and template the model was trained with (explicit overrides first)."""
     params = params or {}
+    if "trainer" in params:                    # the 2.4+ layout: its data sections by their 2.3 names
+        from mmgraph.core.config.layouts import normalize
+        params = normalize(params).sections
     record, record_path = _read_data_params(_data_dir(params, params_path))
     dataset = record.get("dataset") or {}
     notes = []

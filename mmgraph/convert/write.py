@@ -4,6 +4,7 @@ two-folder (Hugging Face / LLaVA repository) layout."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -12,7 +13,7 @@ import yaml
 
 from mmgraph.convert.checkpoint import PROJ, TEXT, TOKENIZER_FILES, VIT, Checkpoint
 from mmgraph.convert.hf_extras import image_processor_config, transforms_of, write_processor_files
-from mmgraph.core.tensorio import ShardWriter
+from mmgraph.core.tensorio import ShardWriter, inside
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
 from mmgraph.convert.llava_cfg import llava_config_for_hf, preprocessor_defaults
 from mmgraph.core.errors import Problem, UserError
@@ -37,9 +38,15 @@ def write_native(ck: Checkpoint, out: Path, shard_bytes: int) -> None:
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer's files, copied verbatim: none may be a link to a file outside ``src`` (an
+    export must not carry other files of the machine), except the Hugging Face cache's own links
+    from a snapshot into its ``blobs/``."""
     dst.mkdir(parents=True, exist_ok=True)
+    root = src.parent.parent if src.parent.name == "snapshots" else src
     for f in TOKENIZER_FILES:
         if (src / f).is_file():
+            if (src / f).is_symlink():
+                inside(root, os.path.relpath((src / f).resolve(), root), str(src / f), None)
             shutil.copy2(src / f, dst / f)
 
 

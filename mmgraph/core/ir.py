@@ -16,12 +16,16 @@ import torch.fx as fx
 
 LOSS_SCALE = "loss_scale"      # the gradient-seed input of a float16 training program
 GRAD_WEIGHT = "grad_weight"    # a data-parallel program's micro-batch share of the global loss
+RNG_SEED = "rng_seed"          # () int64: the run's seed, for dropout's counter-based masks
+SAMPLE_INDEX = "sample_index"  # (B,) int64: each row's sample index in the training stream
+RNG_FIELDS = (RNG_SEED, SAMPLE_INDEX)
 
 
 class InputKind(str, Enum):
     PARAM = "param"
     BATCH = "batch"
     GRAD = "grad"      # a gradient accumulated over earlier micro-batches (data_parallel's last micro-step)
+    RNG = "rng"        # the random inputs of dropout (RNG_FIELDS), set by the runtime per micro-batch
 
 
 class Phase(str, Enum):

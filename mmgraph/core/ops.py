@@ -93,6 +93,8 @@ _TABLE: list[Op] = [
                           "bitwise_and bitwise_or bitwise_not relu masked_fill constant_pad_nd tril triu "
                           "threshold_backward lerp addcmul addcdiv floor ceil round trunc remainder fmod isnan "
                           "isinf nan_to_num hardtanh leaky_relu elu mish softplus exp2 log1p expm1"),
+    # integer hashing of dropout's counter-based masks (models/rng.py)
+    *_each("elementwise", "bitwise_xor __rshift__ __lshift__ bitwise_right_shift bitwise_left_shift"),
     *_each("elementwise", "exp log sigmoid silu gelu tanh erf sin cos pow rsqrt sigmoid_backward silu_backward "
                           "gelu_backward tanh_backward", transcendental=True),
     *_each("elementwise", "_to_copy cat slice_backward select_backward slice_scatter select_scatter copy fill",

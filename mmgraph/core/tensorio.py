@@ -41,8 +41,10 @@ class Entry:
 
 
 def _safetensors_entries(path: Path) -> list[Entry]:
-    """Header parsed here, each tensor read with plain file reads when asked for: no memory
-    map, so pages of tensors already converted do not stay in the process's memory."""
+    """Header parsed and checked here (every entry an object with a known dtype, an integer shape
+    and two offsets; offsets inside the data, in order, never overlapping; dtype x shape = bytes),
+    each tensor read with plain file reads when asked for: no memory map, so pages of tensors
+    already converted do not stay in the process's memory."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -52,27 +54,55 @@ def _safetensors_entries(path: Path) -> list[Entry]:
                                     "of the file); truncated or not a safetensors file"))
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise UserError(Problem(str(path), None, f"cannot read safetensors file (header: {err}); "
                                     "truncated or not a safetensors file")) from err
-    names = {v: k for k, v in _DTYPES.items()}
-    start = 8 + n
-    out = []
+    if not isinstance(header, dict):
+        raise UserError(Problem(str(path), None, f"not a safetensors file (the header is a "
+                                f"{type(header).__name__}, not an object)"))
+    start, data_bytes = 8 + n, size - 8 - n
+    out, spans = [], []
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        dtype = names.get(info.get("dtype"))
-        if dtype is None:
-            raise UserError(Problem(str(path), key, f"unsupported dtype {info.get('dtype')}"))
-        shape = tuple(info["shape"])
-        lo, hi = info["data_offsets"]
-        if start + hi > size:
+        dtype, shape, (lo, hi) = _header_entry(path, key, info)
+        if hi > data_bytes:
             raise UserError(Problem(str(path), key, f"cannot read safetensors file (data ends at byte {start + hi}, "
                                     f"the file has {size}); truncated"))
         if hi - lo != _numel(shape) * _itemsize(dtype):
-            raise UserError(Problem(str(path), key, "cannot read safetensors file (size disagrees with shape)"))
+            raise UserError(Problem(str(path), key, f"cannot read safetensors file ({hi - lo} bytes for "
+                                    f"{_DTYPES[dtype]} {list(shape)}: size disagrees with dtype and shape)"))
+        spans.append((lo, hi, key))
         out.append(Entry(key, path, shape, dtype, lambda o=start + lo, m=hi - lo, d=dtype, s=shape: _read(path, o, m, d, s)))
+    spans.sort()
+    for (_, end, before), (lo, _, key) in zip(spans, spans[1:]):
+        if lo < end:
+            raise UserError(Problem(str(path), key, f"cannot read safetensors file (its data overlaps {before}'s)"))
     return out
+
+
+def _header_entry(path: Path, key: str, info) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, (begin, end)) of one header entry, or a UserError saying what is malformed."""
+    def bad(what: str) -> UserError:
+        return UserError(Problem(str(path), key, f"malformed safetensors header entry: {what}"))
+
+    if not isinstance(info, dict):
+        raise bad(f"a {type(info).__name__}, not an object")
+    names = {v: k for k, v in _DTYPES.items()}
+    dtype_name = info.get("dtype")
+    if not isinstance(dtype_name, str):
+        raise bad(f"dtype {str(dtype_name)[:40]} is not a name")
+    if dtype_name not in names:
+        raise UserError(Problem(str(path), key, f"unsupported dtype {dtype_name[:40]}"))
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape {str(shape)[:60]} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        raise bad(f"data_offsets {str(offsets)[:60]} is not two integers")
+    lo, hi = offsets
+    if lo < 0 or hi < lo:
+        raise bad(f"data_offsets {offsets} do not describe a range of the data (begin >= 0, end >= begin)")
+    return names[dtype_name], tuple(shape), (lo, hi)
 
 
 def _read(path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -124,12 +154,16 @@ def find_weights(folder: Path, required: bool = True) -> list[Path]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as err:
                 raise UserError(Problem(str(index), "weight_map", f"not a valid index ({err})")) from err
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(Problem(str(index), "weight_map", "not a valid index (an object of tensor name to "
+                                        "file name expected)"))
             files = sorted(set(weight_map.values()))
             for f in files:
-                if not (folder / f).is_file():
-                    key = next(k for k, v in weight_map.items() if v == f)
+                key = next(k for k, v in weight_map.items() if v == f)
+                path = inside(folder, f, str(index), f"weight_map.{key}")
+                if not path.is_file():
                     raise UserError(Problem(str(folder / f), key, f"listed in {index.name} but missing"))
             return [folder / f for f in files]
     for name in WEIGHT_NAMES:
@@ -138,6 +172,16 @@ def find_weights(folder: Path, required: bool = True) -> list[Path]:
     if required:
         raise UserError(Problem(str(folder), None, f"no weights ({' or '.join(WEIGHT_NAMES)}, or a sharded index)"))
     return []
+
+
+def inside(folder: Path, name: str, source: str, key: str) -> Path:
+    """``folder / name`` when it stays in ``folder`` (no absolute path, no ``..`` out, no link
+    that points out); else a UserError naming ``source`` and ``key``."""
+    base = Path(folder).resolve()
+    path = (base / name).resolve()
+    if Path(name).is_absolute() or "\x00" in name or (path != base and base not in path.parents):
+        raise UserError(Problem(source, key, f"{name!r} leaves the folder {folder}"))
+    return path
 
 
 def read_entries(files: list[Path]) -> dict[str, Entry]:

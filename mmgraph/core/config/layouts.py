@@ -99,6 +99,11 @@ def _model(model: dict, out: Normalized) -> dict:
     return model
 
 
+# The ViT's dropout_rate when a file leaves it out: 0.0 in Model Zoo 2.3.1 (the schema's default),
+# 0.1 in 2.10 (vision_transformer/ViTModel.py), whose params use the trainer layout.
+TRAINER_VIT_DROPOUT = 0.1
+
+
 def _image_entry(entry: Any, i: int, out: Normalized) -> Any:
     if not isinstance(entry, dict):
         return entry
@@ -118,6 +123,8 @@ def _image_entry(entry: Any, i: int, out: Normalized) -> Any:
                 part = strip_ignored(scope, part, out.where(f"{here}.image_model[{j}]"), out.ignored, out.problems)
                 if part.get("name") == "vit":
                     part["name"] = "ViTModel"
+                if scope == "vit" and out.layout == "trainer" and "dropout_rate" not in part:
+                    part["dropout_rate"] = TRAINER_VIT_DROPOUT
             kept.append(part)
         entry = {**entry, "image_model": kept}
     return entry

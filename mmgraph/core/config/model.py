@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mmgraph.core.config.base import Section
 
@@ -213,11 +213,13 @@ class LlamaModelConfig(Section):
     share_embedding_weights: bool = False
     embedding_layer_norm: Literal[False] = False
     max_position_embeddings: PositiveInt = 2048
-    embd_pdrop: Rate = 0.0
-    embedding_dropout_rate: Rate = 0.0
+    # Dropout: the Model Zoo's defaults (2.3.1 and 2.10 alike): dropout_rate 0.1; the
+    # attention's and the embeddings' rates default to dropout_rate (resolved below).
+    embd_pdrop: Optional[Rate] = None
+    embedding_dropout_rate: Optional[Rate] = None
     # Decoder
     num_hidden_layers: PositiveInt = 32
-    dropout_rate: Rate = 0.0
+    dropout_rate: Rate = 0.1
     layer_norm_epsilon: Eps = 1.0e-5
     norm_type: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     # Attention
@@ -225,7 +227,7 @@ class LlamaModelConfig(Section):
     attention_module: Literal["aiayn_attention", "multiquery_attention"] = "aiayn_attention"
     extra_attention_params: ExtraAttentionParams = ExtraAttentionParams()
     attention_type: Literal["scaled_dot_product", "dot_product"] = "scaled_dot_product"
-    attention_dropout_rate: Rate = 0.0
+    attention_dropout_rate: Optional[Rate] = None
     attention_softmax_fp32: bool = True
     use_projection_bias_in_attention: bool = False
     use_ffn_bias_in_attention: bool = False
@@ -237,6 +239,18 @@ class LlamaModelConfig(Section):
     # Head
     use_bias_in_output: bool = False
     initializer_range: Annotated[float, Field(ge=0.0)] = 0.02
+
+    @model_validator(mode="after")
+    def _dropout_defaults(self):
+        """The Model Zoo's rule (gpt2_model.py post_init): an unset attention or embedding
+        dropout rate is ``dropout_rate``; ``embd_pdrop`` and ``embedding_dropout_rate`` are one key."""
+        if self.attention_dropout_rate is None:
+            self.attention_dropout_rate = self.dropout_rate
+        embedding = self.embd_pdrop if self.embd_pdrop is not None else self.embedding_dropout_rate
+        if embedding is None:
+            embedding = self.dropout_rate
+        self.embd_pdrop = self.embedding_dropout_rate = embedding
+        return self
 
     @property
     def head_dim(self) -> int:
