@@ -159,6 +159,21 @@ def test_an_op_legalize_cannot_rewrite_is_refused_at_compile(tmp_path, capsys, m
     assert "Traceback" not in err and not (tmp_path / "compile").exists()
 
 
+def test_dropouts_hashed_masks_are_refused_for_the_wafer(tmp_path, capsys):
+    """Dropout's counter-based masks hash in int64 (models/rng.py): shifts, which CIRH has none of,
+    and 64-bit bitwise ops, which it refuses ("cirh.And op has unsupported dtype: 'i64'"). A wafer
+    compile says so at once, naming the dropout module; a GPU target keeps them."""
+    raw = yaml.safe_load(TINY2.read_text())
+    raw["model"]["text_model"]["dropout_rate"] = 0.1
+    path = tmp_path / "dropout.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["compile", "--params", str(path), "--model_dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"op torch\.aten\.__rshift__\.Scalar \(node %rshift\w* and \d+ more\) in layer text_model\.layers\.0, "
+                     r"module text_model\.transformer_decoder\.layers\.0\.\S*dropout\S* does not lower on cs2", err), err
+    assert main(["compile", "--params", str(path), "--model_dir", str(tmp_path / "g"), "--target", "h100"]) == 0
+
+
 @needs_tool
 def test_a_refusal_by_the_tool_quotes_it_and_names_the_op(tmp_path, capsys, monkeypatch):
     """Pretend the op set held ``view``: legalize keeps it, the tool refuses the program."""
