@@ -341,7 +341,7 @@ def notes(name: str, r: dict) -> list[str]:
             out.append("Parts measured in an earlier run of the script (`--parts` reruns the others): "
                        + ", ".join(f"{k} on {v}" for k, v in dates.items()) + ".")
         out.append(
-            "The 2-core machine was shared while these ran (load average 6 to 13): the 7B compile took about "
+            "The 2-core machine was shared while these ran (load average 2 to 13): the 7B compile took two to "
             "three times its time on a quiet machine (the Compile section), both variants alike; the ratios "
             "are of interleaved runs. The host/GPU program is the program as it was (its code is identical), "
             "so its step differs from the unlegalized cs2 program's by noise only. The legalized cs2 program, "
