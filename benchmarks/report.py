@@ -28,8 +28,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
 ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate", "packing",
-         "data_parallel", "startup", "modelzoo")
-BENCH_MINUTES = 23      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before bench_modelzoo (about 4 min with the Model Zoo, 2026-12-01), the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28) and bench_packing (about 2 min, not yet timed within make bench)
+         "data_parallel", "startup", "modelzoo", "legalize")
+BENCH_MINUTES = 35      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before bench_modelzoo (about 4 min with the Model Zoo, 2026-12-01), the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28), bench_packing (about 2 min, not yet timed within make bench) and bench_legalize (about 12 min on a quiet machine, estimated: 40 programs, 26 of them 7B or 13B, compiled and lowered; 26 min measured on a shared one, 2026-12-01)
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -135,6 +135,7 @@ TITLES = {
     "packing": "Sequence packing (`benchmarks/bench_packing.py`)",
     "data_parallel": "Data parallelism (`benchmarks/bench_data_parallel.py`)",
     "startup": "Start-up with the program artifact (`benchmarks/bench_startup.py`)",
+    "legalize": "Legalization for the wafer and the vendor's lowering (`benchmarks/bench_legalize.py`)",
 }
 
 INTRO = {
@@ -279,6 +280,17 @@ and torch imports, params, data, the program, one step), in a model_dir whose `p
 and lowers), interleaved, medians. The 7B row is the LLaVA-7B phase-2 train step traced and lowered
 for cs2 on the meta device against saving and loading its artifact."""
 
+INTRO["legalize"] = """\
+What the `legalize` pass costs and gives (docs/compiler.md, "Legality per target"). Compile: the
+LLaVA-7B phase-2 train step for cs2 through `compile_step` in one process, with legalization (cs2's
+op set `cirh-2.10.0`) and without (the same target with no op set), interleaved. CPU step: the small
+config's program compiled for a GPU target (h100: no rewrite, fused attention kept: the host
+program), for cs2 without legalization (the program as before) and legalized for cs2 (what `mmgraph
+run` executes with its default target), each run by `Runner.train_step` on the CPU. Lowering:
+every train and eval program of `configs/` and the Model Zoo's multimodal params files (train,
+micro-batch 1), legalized for cs2, through Cerebras's own `torch-cirh-opt -refine-types
+-torch-to-cirh-pipeline` (strict-soundness mode for mixed precision)."""
+
 TINY_EAGER_NOTE = """\
 Why tiny is low against eager PyTorch: its step is dominated by per-op overhead, and eager runs
 more than the lowered program: 928 ATen ops (676 forward/backward + 252 AdamW) against the
@@ -322,6 +334,20 @@ def notes(name: str, r: dict) -> list[str]:
                            f"(up to 3 a row against 1); measured {m['ratio']:.2f}x (step medians "
                            f"{u['median_s']:.3f} s unpacked, min-max {u['min_s']:.3f}-{u['max_s']:.3f}; "
                            f"{p['median_s']:.3f} s packed, {p['min_s']:.3f}-{p['max_s']:.3f}).")
+    if name == "legalize" and not r.get("quick"):
+        dates = {part: r[part]["measured"][:10] for part in ("compile", "step", "lowering")
+                 if isinstance(r.get(part), dict) and r[part].get("measured")}
+        if dates:
+            out.append("Parts measured in an earlier run of the script (`--parts` reruns the others): "
+                       + ", ".join(f"{k} on {v}" for k, v in dates.items()) + ".")
+        out.append(
+            "The 2-core machine was shared while these ran (load average 2 to 13): the 7B compile took two to "
+            "three times its time on a quiet machine (the Compile section), both variants alike; the ratios "
+            "are of interleaved runs. The host/GPU program is the program as it was (its code is identical), "
+            "so its step differs from the unlegalized cs2 program's by noise only. The legalized cs2 program, "
+            "what `mmgraph run` executes with its default target, runs its functional copies as views on the "
+            "CPU (the executors' `AS_VIEW`; 1.3x without) and is left with the 0-d constants of the Tensor "
+            "overloads and attention as bmm/softmax: about 20% more ops.")
     if name == "runtime" and any(row["peak_mb"] is None for x in runtime_runs(r) for row in x["train"]):
         out.append("Peak memory was not measured in this run.")
     return out

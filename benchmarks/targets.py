@@ -366,6 +366,32 @@ def startup_targets(r: Optional[dict]) -> list[Target]:
     return [t]
 
 
+def legalize_targets(r: Optional[dict]) -> list[Target]:
+    src = "issue 26: legalize for the wafer"
+    out = [Target("legalize", "every train and eval program of configs/ and the Model Zoo's params files lowers "
+                              "with torch-cirh-opt, no op rejected", src),
+           Target("legalize", "CPU step time of the host program not worse (host/GPU program / before)", src),
+           Target("legalize", "7B compile time with legalization against without (reported)", src)]
+    if not r or r.get("quick"):
+        return out
+    rows = r["lowering"]["rows"]
+    checked = [x for x in rows if x["ok"] is not None]
+    out[0].measured = f"{sum(bool(x['ok']) for x in checked)} of {len(rows)} lower"
+    out[0].status = _status(len(checked) == len(rows) and all(x["ok"] for x in checked))
+    if out[0].status == "missed":
+        bad = [x for x in rows if not x["ok"]]
+        out[0].reason = "; ".join(f"{x['params']} {x['mode']}: {x.get('error') or 'no tool'}" for x in bad[:3])
+    step = {x["program"]: x for x in r["step"]["rows"]}
+    host = step["host/GPU (h100)"]
+    ratio = host["median_s"] / step["cs2 not legalized"]["median_s"]
+    out[1].measured, out[1].status = f"{ratio:.3f}x", _status(ratio <= 1.05)
+    if out[1].status == "missed":
+        out[1].reason = NOT_ANALYSED
+    c = r["compile"]
+    out[2].measured, out[2].status = f"{c['ratio']:.2f}x ({c['with']['median_s']:.1f} s / {c['without']['median_s']:.1f} s)", "met"
+    return out
+
+
 TARGETS: dict[str, Callable[[Optional[dict]], list[Target]]] = {
     "compile": compile_targets, "simulator": simulator_targets, "data": data_targets,
     "runtime": runtime_targets, "convert": convert_targets, "generate": generate_targets,
@@ -373,6 +399,7 @@ TARGETS: dict[str, Callable[[Optional[dict]], list[Target]]] = {
     "packing": packing_targets,
     "data_parallel": data_parallel_targets,
     "startup": startup_targets,
+    "legalize": legalize_targets,
 }
 
 

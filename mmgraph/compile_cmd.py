@@ -8,6 +8,7 @@ from typing import Optional
 from mmgraph.core.config import load_params, rank_batch
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.dump import write_dumps
+from mmgraph.formats import to_mlir
 from mmgraph.core.ir import Phase
 from mmgraph.lock import model_dir_lock
 from mmgraph.passes.cost import bottleneck_words
@@ -95,8 +96,10 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
             accumulate = False
         stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat,
                               world_size=world_size, accumulate=accumulate, zero=zero, bucket_bytes=bucket_bytes)
+        mlir = to_mlir(stages[-1].program)
+        check = vendor_check(stages, mlir, params_path, target)     # exit 2 when the tool refuses it
         try:
-            where = write_dumps(stages, model_dir, params_path, params, target)
+            where = write_dumps(stages, model_dir, params_path, params, target, mlir=mlir, cirh=check)
             saved = _save_programs(params, mode, model_dir, stages, target, requested_remat, world_size, zero,
                                    bucket_bytes, {"micro_batch": mbs, "remat": remat})
         except OSError as err:              # a full disk: what compile is for could not be written
@@ -116,6 +119,8 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
           f"{sched.real_token_share:.0%} of each row), utilization {sched.utilization:.1%}, "
           f"peak memory {_gb(sched.peak_memory_bytes)} of {_gb(sched.memory_bytes)}")
     print(remat_summary(stages[-1].program))
+    if check is not None:
+        print(check.summary())
     if mode == "train":
         print(scaling_summary(stages[-1].program, target))
     checked = " (verified after every pass)" if verify else ""
@@ -134,6 +139,22 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
                                 f"the largest micro_batch_size that fits is {sched.max_micro_batch_size} "
                                 f"(or set micro_batch_size: auto{hint})"))
     return 0
+
+
+def vendor_check(stages, mlir: str, params_path: str, target):
+    """The vendor's own lowering of the program (``mmgraph.cirh``), for targets it lowers: the
+    last program, or with data parallelism the one before its collectives (the wafer reduces
+    gradients in SwarmX, outside the program). None for other targets."""
+    from mmgraph import cirh
+
+    if not cirh.wants_check(target.ops):
+        return None
+    names = [s.name for s in stages]
+    stage = stages[names.index("data_parallel") - 1] if "data_parallel" in names else stages[-1]
+    if stage is stages[-1]:
+        return cirh.check_program(stage.program, "program.mlir", mlir, params_path, target.name)
+    return cirh.check_program(stage.program, f"program before data_parallel (after {stage.name})",
+                              to_mlir(stage.program), params_path, target.name)
 
 
 def scaling_summary(program, target) -> str:

@@ -267,18 +267,20 @@ def _versions() -> dict:
     return out
 
 
-def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, target=None) -> Path:
-    """Write every stage, the program (Python, MLIR), the kernel drawings, ONNX of the eval
-    forward (small models, with ``params``) and the report; swap the folder in at the end (an
+def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, target=None,
+                mlir: str | None = None, cirh=None) -> Path:
+    """Write every stage, the program (Python, MLIR: ``mlir`` when the caller made it already),
+    the vendor tool's CIRH (``cirh``: ``mmgraph.cirh.Check``), the kernel drawings, ONNX of the
+    eval forward (small models, with ``params``) and the report; swap the folder in at the end (an
     error on the way, a full disk included, leaves the previous dumps and no temporary folder)."""
     model_dir = Path(model_dir)
     final = model_dir / "compile"
     with building(final) as tmp:
-        _write_dumps(tmp, stages, params_path, params, target)
+        _write_dumps(tmp, stages, params_path, params, target, mlir, cirh)
     return final
 
 
-def _write_dumps(tmp: Path, stages, params_path: str, params, target) -> None:
+def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str | None, cirh) -> None:
     from mmgraph.draw import kernel_graph, to_dot, to_svg
     from mmgraph.formats import export_onnx, onnx_skip_reason, to_mlir
 
@@ -286,8 +288,13 @@ def _write_dumps(tmp: Path, stages, params_path: str, params, target) -> None:
         (tmp / f"{i:02d}-{stage.name}.txt").write_text(format_program(stage.program, stage.name))
     last = stages[-1].program
     (tmp / "program.py").write_text(program_source(last))
-    (tmp / "program.mlir").write_text(to_mlir(last))
+    (tmp / "program.mlir").write_text(mlir if mlir is not None else to_mlir(last))
     artifacts = {"program.py": "written", "program.mlir": "written"}
+    if cirh is not None and cirh.lowering is not None:
+        (tmp / "program.cirh.mlir").write_text(cirh.lowering.text)
+        artifacts["program.cirh.mlir"] = f"written (from {cirh.checked})"
+    elif cirh is not None:
+        artifacts["program.cirh.mlir"] = f"not written: {cirh.found.how}"
     if last.kernels is not None:
         graph = kernel_graph(last)
         (tmp / "kernels.dot").write_text(to_dot(graph))
@@ -303,6 +310,8 @@ def _write_dumps(tmp: Path, stages, params_path: str, params, target) -> None:
     from mmgraph.artifact import program_sha256
 
     rep["program_sha256"] = program_sha256(last)      # its code (program.py prints it) and typed fields
+    if cirh is not None:
+        rep["cirh"] = cirh.report()
     if last.schedule is not None and target is not None and last.mode == "train" and target.interconnect is not None:
         from dataclasses import asdict
 

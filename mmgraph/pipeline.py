@@ -18,6 +18,7 @@ from mmgraph.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
+from mmgraph.passes.legalize import make_legalize
 from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES, make_data_parallel, solo_group
 from mmgraph.passes.cost import make_cost
 from mmgraph.passes.remat import LEVELS, make_remat
@@ -66,21 +67,23 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     passes: list[tuple[str, Pass]] = [
         ("freeze_masks", freeze_masks),                      # 01: drop frozen weights' backward
         ("cleanup", cleanup),                                # 02: no-ops, CSE, dead code
-        ("fusion", fusion),                                  # 03: ops -> kernels (op classes)
     ]
+    if target is not None:
+        passes.append(("legalize", make_legalize(target)))  # 03: the ops the target lowers
+    passes.append(("fusion", fusion))                        # 04: ops -> kernels (op classes)
     precision = params.precision
     policy = remat or params.model.activation_checkpointing
     if target is not None or policy not in ("none", "auto"):     # auto without a target: none
-        passes.append(("remat", make_remat(policy, target, precision)))   # 04: kept vs recomputed
+        passes.append(("remat", make_remat(policy, target, precision)))   # 05: kept vs recomputed
     if mode == "train" and world_size > 1:
-        passes.append(("data_parallel", make_data_parallel(                  # 05: collectives
+        passes.append(("data_parallel", make_data_parallel(                  # 06: collectives
             world_size, bucket_bytes or DEFAULT_BUCKET_BYTES, accumulate=accumulate, shard_gradients=zero == 2)))
     if target is not None:
         data = params.input_for(mode)
         batch = data.batch_size if data else 1
         passes += [
-            ("weight_streaming", make_weight_streaming(target, precision)),   # 06: segments
-            ("cost", make_cost(target, precision, batch,                       # 07: schedule
+            ("weight_streaming", make_weight_streaming(target, precision)),   # 07: segments
+            ("cost", make_cost(target, precision, batch,                       # 08: schedule
                                params.layout(mode).max_sequence_length, _real_share(params, mode))),
         ]
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT

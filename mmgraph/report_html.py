@@ -87,6 +87,23 @@ over N times one system's (docs/distributed.md).</p>
 {rows}</table>"""
 
 
+def _cirh(cirh) -> str:
+    """The vendor's lowering (torch-cirh-opt): CIRH ops by kind, or why it did not run."""
+    if not cirh:
+        return ""
+    if "ops" not in cirh:
+        return f"<h2>CIRH (Cerebras's lowering)</h2><p>Not run: {escape(cirh['found'])}.</p>"
+    rows = "\n".join(f"<tr><td>{escape(k)}</td><td>{v:,}</td></tr>"
+                     for k, v in sorted(cirh["ops"].items(), key=lambda kv: (-kv[1], kv[0])))
+    mode = " in strict-soundness mode" if cirh.get("strict_soundness_mode") else ""
+    return f"""<h2>CIRH (Cerebras's lowering)</h2>
+<p>{escape(cirh['checked'])}, lowered by the vendor's own tool{mode}
+(<code>{escape(cirh['command'])}</code>, {cirh['seconds']:.2f} s): {cirh['total_ops']:,} CIRH ops,
+saved as <code>program.cirh.mlir</code>.</p>
+<table><tr><th>CIRH op</th><th>count</th></tr>
+{rows}</table>"""
+
+
 def render_html(report: dict) -> str:
     t = report["target"]
     segs = t["segments"]
@@ -138,6 +155,7 @@ th {{ background: #f3f3f3; text-align: left; }}
 {rows}</table>
 {_remat(report.get("remat"), t)}
 {_scaling(report.get("scaling"))}
+{_cirh(report.get("cirh"))}
 <h2>Sources and assumptions</h2><ul>{notes}</ul>
 </body></html>
 """

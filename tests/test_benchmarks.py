@@ -281,6 +281,21 @@ def test_startup_benchmark_quick(capsys):
     assert found[0].status == "missed" and "tracing adds 2.0 s" in found[0].reason
 
 
+def test_legalize_benchmark_quick():
+    from benchmarks import report
+    from benchmarks.bench_legalize import format_table, run
+
+    result = run(quick=True, repeats=2)
+    table = format_table(result)
+    assert "legalized (cirh-2.10.0)" in table and "host/GPU (h100)" in table
+    rows = {r["program"]: r for r in result["step"]["rows"]}
+    # the three programs compute the same loss (the legalized one within rounding)
+    assert abs(rows["cs2 legalized"]["loss"] - rows["cs2 not legalized"]["loss"]) < 1e-4
+    assert rows["cs2 legalized"]["ops"] > rows["cs2 not legalized"]["ops"]
+    assert all(r["ok"] is not False for r in result["lowering"]["rows"])
+    assert all(t.status == "not measured yet" for t in report.TARGETS["legalize"](result))   # quick: not judged
+
+
 def test_modelzoo_benchmark_quick(capsys):
     from benchmarks.bench_modelzoo import main as bench_modelzoo
 

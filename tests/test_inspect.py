@@ -38,7 +38,7 @@ def test_one_pass_one_kernel_and_a_diff(model_dir, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--pass", "fuson"], "no pass named 'fuson' (did you mean 'fusion'?); passes: trace, freeze_masks, cleanup, fusion"),
+    (["--pass", "fuson"], "no pass named 'fuson' (did you mean 'fusion'?); passes: trace, freeze_masks, cleanup, legalize, fusion"),
     (["--kernel", "100000"], "no kernel 100000 (kernels are 0 .. "),
 ])
 def test_bad_requests(model_dir, capsys, args, message):

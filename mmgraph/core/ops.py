@@ -58,6 +58,11 @@ _TABLE: list[Op] = [
             "split_with_sizes", "unbind", "as_strided"),
     *_views("view", "_unsafe_view", "reshape", "expand", cleanup="reshape"),
     *_views("detach", "alias", "lift_fresh_copy", cleanup="identity"),
+    # the functional forms legalize writes for targets that lower no aliasing views (CIRH)
+    *_views("t_copy", "transpose_copy", "permute_copy", "unsqueeze_copy", "squeeze_copy", "slice_copy",
+            "select_copy", "split_copy", "split_with_sizes_copy", "as_strided_copy", "expand_copy",
+            "alias_copy", "detach_copy", "diagonal_copy"),
+    *_views("view_copy", cleanup="reshape"),
     *_views("_assert_tensor_metadata", cleanup="assert"),
     Op("clone", "view", "zero"),                               # fused away, but a copy when alone
     # reductions counted per input element
@@ -94,7 +99,8 @@ _TABLE: list[Op] = [
     Op("dropout_keep", "elementwise"),
     *_each("elementwise", "exp log sigmoid silu gelu tanh erf sin cos pow rsqrt sigmoid_backward silu_backward "
                           "gelu_backward tanh_backward", transcendental=True),
-    *_each("elementwise", "_to_copy cat slice_backward select_backward copy fill", flops="zero"),
+    *_each("elementwise", "_to_copy cat slice_backward select_backward slice_scatter select_scatter copy fill",
+           flops="zero"),
     *_each("elementwise", "native_dropout bernoulli rand randn", cleanup="fresh"),
     Op("native_dropout_backward", "elementwise"),
     *_each("collective", "all_reduce reduce_scatter_tensor all_gather_into_tensor wait_tensor", flops="zero"),
@@ -152,3 +158,59 @@ def is_transcendental(node: fx.Node) -> bool:
 def cleanup_role(node: fx.Node) -> str:
     op = info(node)
     return op.cleanup if op is not None else ""
+
+
+# Legality per target. A host or GPU target runs every registered op (its executors run ATen);
+# a wafer target lowers only what its vendor's front end converts: an op set, kept as data
+# (``configs/targets/NAME.ops``, a header saying where the list came from, then one MLIR op
+# name a line). The ``legalize`` pass rewrites a program into its target's set.
+OP_SET_SUFFIX = ".ops"
+
+
+@dataclass(frozen=True)
+class OpSet:
+    name: str                 # cirh-2.10.0
+    ops: frozenset[str]       # MLIR op names: torch.aten.view_copy, torch.aten.mul.Tensor
+    source: tuple[str, ...]   # the file's header: where the list came from
+
+
+def op_set_path(name: str):
+    from pathlib import Path
+
+    import mmgraph.configs as shipped
+
+    return Path(shipped.__file__).resolve().parent / "targets" / f"{name}{OP_SET_SUFFIX}"
+
+
+_OP_SETS: dict[str, OpSet] = {}
+
+
+def load_op_set(name: str) -> OpSet:
+    """The op set ``name`` (read once); FileNotFoundError when there is none."""
+    if name not in _OP_SETS:
+        lines = op_set_path(name).read_text().splitlines()
+        header = tuple(line[1:].strip() for line in lines if line.startswith("#"))
+        names = frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+        _OP_SETS[name] = OpSet(name, names, header)
+    return _OP_SETS[name]
+
+
+def mlir_name(target) -> str:
+    """The Torch-dialect name of an ATen overload, as torch-mlir imports it: ``aten.mul.Tensor``
+    -> ``torch.aten.mul.Tensor``, ``aten.mm.default`` -> ``torch.aten.mm``."""
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return str(target)
+    namespace, _, base = schema.name.rpartition("::")
+    name = f"torch.{namespace or 'aten'}.{base}"
+    return name if schema.overload_name in ("", "default") else f"{name}.{schema.overload_name}"
+
+
+def is_legal(node: fx.Node, op_set: Optional[OpSet]) -> bool:
+    """Whether ``node`` lowers on a target with ``op_set`` (None: every registered op).
+    Inputs, outputs and tuple indexing are always legal; an op outside the registry never is."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return True
+    if REGISTRY.get(op_name(node)) is None:
+        return False
+    return op_set is None or mlir_name(node.target) in op_set.ops

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 import mmgraph.configs as _shipped_configs
 from mmgraph.core.config.base import Section
@@ -98,6 +98,9 @@ class Target(Section):
     stream: Stream
     external_memory: ExternalMemory
     interconnect: Optional[Interconnect] = None
+    # The ops it lowers: an op set (configs/targets/NAME.ops, the vendor's list with its source);
+    # none: every op of the registry (host and GPU executors run ATen). The legalize pass reads it.
+    ops: Optional[str] = None
     sources: list[str] = []
     assumptions: list[str] = []
 
@@ -118,6 +121,22 @@ class Target(Section):
     @property
     def stream_enabled(self) -> bool:
         return self.stream.enabled
+
+    @field_validator("ops")
+    @classmethod
+    def _known_op_set(cls, name: Optional[str]) -> Optional[str]:
+        from mmgraph.core.ops import OP_SET_SUFFIX, op_set_path
+
+        if name is not None and not op_set_path(name).is_file():
+            known = sorted(p.name.removesuffix(OP_SET_SUFFIX) for p in TARGET_DIR.glob(f"*{OP_SET_SUFFIX}"))
+            raise ValueError(f"unknown op set {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
+        return name
+
+    def op_set(self):
+        """The op set this target lowers (None: every registered op)."""
+        from mmgraph.core.ops import load_op_set
+
+        return load_op_set(self.ops) if self.ops else None
 
 
 def user_target_dir() -> Path:
