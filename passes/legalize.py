@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from mmgraph.core import rng as _rng  # noqa: F401 - registers mmgraph::dropout_keep, which a rule rewrites
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import NodeInfo, Program
 from mmgraph.core.opcost import node_bytes, node_flops, node_val
@@ -350,6 +351,18 @@ def _attention_backward(rw: _Rewriter, node: fx.Node):
             rw.emit(aten.view_copy.default, (dv, [b, h, s, ev]))]
 
 
+def _dropout_keep(rw: _Rewriter, node: fx.Node):
+    """Dropout's counter-based keep mask (mmgraph/core/rng.py) hashes in 64-bit integers, which
+    the wafer does not compute ("'cirh.And' op has unsupported dtype: 'i64'", no shifts): the
+    target draws its own random numbers instead, as cstorch lowers dropout, keeping where
+    ``rand >= p``. Masks then differ from eager PyTorch's, by design (the numeric verifier says
+    so and checks the program before this pass)."""
+    shape, threshold = [int(d) for d in node.args[0]], int(node.args[5])
+    u = rw.emit(aten.rand.default, (shape,), _source_kwargs(torch.float32, _device(_val(node))),
+                like=rw._fake(torch.empty(shape, dtype=torch.float32, device="meta")))
+    return rw.emit(aten.ge.Tensor, (u, rw.const(threshold / float(1 << 24), torch.float32)))
+
+
 # The rewrites, by ATen overload. A rule returns the replacement (a node, or one per output of a
 # multi-output op: None where no reader remains), or None when it cannot rewrite this instance.
 RULES: dict = {
@@ -394,6 +407,7 @@ RULES: dict = {
     aten.silu_backward.default: _silu_backward,
     aten._scaled_dot_product_flash_attention_for_cpu.default: _attention,
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _attention_backward,
+    torch.ops.mmgraph.dropout_keep.default: _dropout_keep,
 }
 
 

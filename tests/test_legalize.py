@@ -24,6 +24,7 @@ from mmgraph.core.config import load_params
 from mmgraph.core.target import load_target, shipped_targets
 from mmgraph.formats import to_mlir
 from mmgraph.passes import legalize as legalize_mod  # noqa: F401 - RULES, monkeypatched
+from mmgraph.passes.legalize import illegal_ops
 from mmgraph.pipeline import compile_step
 from tests.conftest import CONFIGS, ROOT, TINY2
 
@@ -159,19 +160,26 @@ def test_an_op_legalize_cannot_rewrite_is_refused_at_compile(tmp_path, capsys, m
     assert "Traceback" not in err and not (tmp_path / "compile").exists()
 
 
-def test_dropouts_hashed_masks_are_refused_for_the_wafer(tmp_path, capsys):
-    """Dropout's counter-based masks hash in int64 (models/rng.py): shifts, which CIRH has none of,
-    and 64-bit bitwise ops, which it refuses ("cirh.And op has unsupported dtype: 'i64'"). A wafer
-    compile says so at once, naming the dropout module; a GPU target keeps them."""
+def test_dropout_on_the_wafer_draws_the_wafers_own_random_numbers(tmp_path):
+    """Dropout's counter-based mask (one mmgraph::dropout_keep op: a 64-bit integer hash, which
+    CIRH does not compute) becomes ``rand >= p`` on cs2, as cstorch lowers dropout; the program is
+    verified against eager up to legalize, then structurally; a GPU target keeps the hash."""
+    from mmgraph.core.target import load_target
+
     raw = yaml.safe_load(TINY2.read_text())
-    raw["model"]["text_model"]["dropout_rate"] = 0.1
+    raw["model"]["text_model"].update(dropout_rate=0.1, attention_dropout_rate=0.1)
     path = tmp_path / "dropout.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert main(["compile", "--params", str(path), "--model_dir", str(tmp_path / "m")]) == 2
-    err = capsys.readouterr().err
-    assert re.search(r"op torch\.aten\.__rshift__\.Scalar \(node %rshift\w* and \d+ more\) in layer text_model\.layers\.0, "
-                     r"module text_model\.transformer_decoder\.layers\.0\.\S*dropout\S* does not lower on cs2", err), err
-    assert main(["compile", "--params", str(path), "--model_dir", str(tmp_path / "g"), "--target", "h100"]) == 0
+    params = load_params(path)
+    stages = compile_step(params, "train", verify=True, target=load_target("cs2"))
+    names = [s.name for s in stages]
+    before, after = stages[names.index("legalize") - 1].program, stages[-1].program
+    targets = lambda p: {str(n.target) for n in p.ops()}           # noqa: E731
+    assert "mmgraph.dropout_keep.default" in targets(before)
+    assert "mmgraph.dropout_keep.default" not in targets(after) and "aten.rand.default" in targets(after)
+    assert not illegal_ops(after, CIRH)
+    gpu = compile_step(params, "train", target=load_target("h100"))[-1].program
+    assert "mmgraph.dropout_keep.default" in targets(gpu)
 
 
 @needs_tool

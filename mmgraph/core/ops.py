@@ -39,6 +39,8 @@ class Op:
     moves_bytes: bool = True  # False: metadata only (no bytes, no FLOPs, no kernel time)
     transcendental: bool = False
     cleanup: str = ""         # identity | reshape | assert: what cleanup may drop; fresh: never CSE'd
+    random: bool = False      # draws from a generator's state (the target's own random numbers):
+                              # never recomputed, and its values are no function of the inputs
 
     def __post_init__(self):
         if self.cls not in CLASSES:
@@ -101,7 +103,7 @@ _TABLE: list[Op] = [
                           "gelu_backward tanh_backward", transcendental=True),
     *_each("elementwise", "_to_copy cat slice_backward select_backward slice_scatter select_scatter copy fill",
            flops="zero"),
-    *_each("elementwise", "native_dropout bernoulli rand randn", cleanup="fresh"),
+    *_each("elementwise", "native_dropout bernoulli rand randn randint", cleanup="fresh", random=True),
     Op("native_dropout_backward", "elementwise"),
     *_each("collective", "all_reduce reduce_scatter_tensor all_gather_into_tensor wait_tensor", flops="zero"),
 ]
@@ -130,6 +132,12 @@ def info(node: fx.Node) -> Optional[Op]:
     if node.op != "call_function" or node.target is operator.getitem:
         return None
     return REGISTRY.get(op_name(node))
+
+
+def is_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws from a generator's state (``Op.random``)."""
+    entry = info(node)
+    return entry is not None and entry.random
 
 
 def op_class(node: fx.Node) -> str:
