@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from mmgraph.core.ir import InputKind, Phase, Program, RematLayer, RematPlan
 from mmgraph.core.opcost import kernel_io_bytes, value_bytes
-from mmgraph.core.ops import op_class
+from mmgraph.core.ops import is_random, op_class, op_name
 from mmgraph.passes.fusion import fusion
 from mmgraph.passes.util import copy_program, drop_dead
 from mmgraph.core.precision import Precision
@@ -41,18 +41,14 @@ from mmgraph.core.target import Target
 
 POLICIES = ("none", "selective", "full", "auto")
 LEVELS = ("none", "selective", "full")            # from least to most recompute
-_RANDOM = {"native_dropout", "bernoulli", "bernoulli_", "rand", "randn", "rand_like", "randn_like", "randint"}
 _REMAT_LAYER = re.compile(r"layers\.\d+$")
 CLONE_PREFIX = "rc_"
 
 
-def _opname(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
-
-
 def _random(node: fx.Node) -> bool:
-    """Ops that draw random numbers (dropout, and attention with dropout): never recomputed."""
-    if _opname(node) in _RANDOM:
+    """Ops that draw random numbers (the registry's ``random``, and attention with dropout): never
+    recomputed."""
+    if is_random(node):
         return True
     schema = getattr(node.target, "_schema", None)
     for i, arg in enumerate(schema.arguments if schema is not None else ()):
@@ -88,7 +84,7 @@ def _analyse(program: Program, fb: int) -> _Graph:
     boundary, weight_mm = set(), set()
     for node in program.ops():
         ins = node.all_input_nodes
-        if ins and all(a in param_like for a in ins) and (op_class(node) == "view" or _opname(node) == "_to_copy"):
+        if ins and all(a in param_like for a in ins) and (op_class(node) == "view" or op_name(node) == "_to_copy"):
             param_like.add(node)
         me = info[node.name]
         if me.phase != Phase.FORWARD:
