@@ -8,6 +8,7 @@ micro_batch_size`` micro-batches, clipped and applied by the optimizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -67,7 +68,7 @@ class Runner:
         self.no_sync_exec = make_executor(executor, no_sync, params, self.device) if no_sync else None
         self.eval_exec: Optional[Executor] = (make_executor(eval_executor or executor, eval_program, params, self.device)
                                               if eval_program else None)
-        torch.manual_seed(params.runconfig.seed)
+        torch.manual_seed(rank_seed(params.runconfig.seed, ranks.rank))
         pin = weight_streaming and self.device.type == "cuda"
         self.weights = {k: (v.detach().pin_memory() if pin else v.detach().to(self.store_device))
                         for k, v in weights.items()}
@@ -148,9 +149,12 @@ class Runner:
             self.weights[k].copy_(v)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(found.optimizer)
-        torch.set_rng_state(found.rng["torch"])
         state = found.state
         self.step = state["step"]
+        if self.ranks.rank == 0:              # the saved state is rank 0's
+            torch.set_rng_state(found.rng["torch"])
+        else:
+            torch.manual_seed(rank_seed(self.params.runconfig.seed, self.ranks.rank, self.step))
         self.sampler_state = state.get("sampler")
         if self.scaler and "loss_scale" in state:
             self.scaler.load_state_dict(state["loss_scale"])
@@ -352,6 +356,16 @@ class Runner:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of torch's generator on ``rank``, from ``step`` on. Rank 0 keeps the run's seed
+    (one process and rank 0 draw alike); the other ranks draw other numbers, so a wafer program's
+    own random numbers (dropout legalized to ``rand``) differ across ranks as they do across
+    systems. Counter-based masks (host programs) do not use it: they follow the sample."""
+    if rank == 0 and step == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:7], "little")
 
 
 def _check_data_parallel(program: Program, ranks: Ranks, executor: str, weight_streaming: bool) -> None:

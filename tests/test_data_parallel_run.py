@@ -55,9 +55,9 @@ def _torchrun(params: Path, md: Path, *extra: str, ranks: int = 2, steps: int = 
     return done.stdout
 
 
-def _single(params: Path, md: Path, steps: int = STEPS) -> str:
+def _single(params: Path, md: Path, *extra: str, steps: int = STEPS) -> str:
     cmd = [sys.executable, "-m", "mmgraph", "run", "CPU", "--params", str(params), "--model_dir", str(md),
-           "--max_steps", str(steps)]
+           "--max_steps", str(steps), *extra]
     done = subprocess.run(cmd, env={**_env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
@@ -132,13 +132,15 @@ def test_two_ranks_train_like_one_process_phase1(shards, tmp_path):  # noqa: F81
 
 
 def test_two_ranks_with_dropout_train_like_one_process(shards, tmp_path):  # noqa: F811
-    """Dropout's masks follow the sample (models/rng.py): 2 ranks and 1 process draw the same."""
+    """Dropout's masks follow the sample (models/rng.py): 2 ranks and 1 process draw the same,
+    for a program that keeps the counter-based masks (a GPU target's; the wafer's draws the
+    target's own random numbers instead: legalize)."""
     params = _params(tmp_path, shards, "drop.yaml", train={"batch_size": 8, "micro_batch_size": 2})
     raw = yaml.safe_load(params.read_text())
     raw["model"]["text_model"].update(dropout_rate=0.1, attention_dropout_rate=0.1, embd_pdrop=0.1)
     params.write_text(yaml.safe_dump(raw))
-    _single(params, tmp_path / "one")
-    _torchrun(params, tmp_path / "two")
+    _single(params, tmp_path / "one", "--target", "h100")
+    _torchrun(params, tmp_path / "two", "--target", "h100")
     _assert_same_training(_weights(tmp_path / "one"), _weights(tmp_path / "two"), _frozen(params))
 
 

@@ -180,3 +180,12 @@ def test_a_program_with_dropout_is_one_op_per_mask_and_round_trips_as_an_artifac
     args = [weights[s.name] if s.kind == InputKind.PARAM else batch[s.name] for s in program.inputs]
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(program.gm(*args), back.gm(*args)))
+
+
+def test_ranks_draw_their_own_random_numbers_and_rank_0_the_runs():
+    """A wafer program's dropout draws from torch's generator (legalize): rank 0 keeps the run's
+    seed (one process and rank 0 alike), other ranks and resumed steps get seeds of their own."""
+    from mmgraph.runtime.runner import rank_seed
+    assert rank_seed(7, 0) == 7
+    seeds = {rank_seed(7, r, s) for r in range(4) for s in (0, 10)}
+    assert len(seeds) == 8 and all(0 <= s < 2 ** 63 for s in seeds)
