@@ -70,18 +70,18 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     ]
     precision = params.precision
     policy = remat or params.model.activation_checkpointing
+    data = params.input_for(mode)
+    batch = data.batch_size if data else 1
+    seq = params.layout(mode).max_sequence_length
     if target is not None or policy not in ("none", "auto"):     # auto without a target: none
-        passes.append(("remat", make_remat(policy, target, precision)))   # 04: kept vs recomputed
+        passes.append(("remat", make_remat(policy, target, precision, batch, seq)))   # 04: kept vs recomputed; memory plan
     if mode == "train" and world_size > 1:
         passes.append(("data_parallel", make_data_parallel(                  # 05: collectives
             world_size, bucket_bytes or DEFAULT_BUCKET_BYTES, accumulate=accumulate, shard_gradients=zero == 2)))
     if target is not None:
-        data = params.input_for(mode)
-        batch = data.batch_size if data else 1
         passes += [
             ("weight_streaming", make_weight_streaming(target, precision)),   # 06: segments
-            ("cost", make_cost(target, precision, batch,                       # 07: schedule
-                               params.layout(mode).max_sequence_length, _real_share(params, mode))),
+            ("cost", make_cost(target, precision, batch, seq, _real_share(params, mode))),   # 07: schedule
         ]
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
     _check(stages[-1], params, verify, numeric, on_stage)
