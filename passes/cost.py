@@ -83,7 +83,7 @@ def segment_compute_s(program: Program, seg, target: Target, precision: Precisio
         k = kernels[kid]
         if target.compute.granularity == "kernel":
             io = kernel_io_bytes(k, nodes, precision.bytes)
-            total += op_time(k.flops, io, k.kind in _MATMUL_LIKE, target, precision)
+            total += op_time(k.flops, io, k.kind in _MATMUL_LIKE, target, precision, attention=k.kind == "attention")
             continue
         total += sum(node_time(nodes[name], target, precision, program.info[name].flops) for name in k.nodes)
     return total
@@ -98,7 +98,7 @@ def _segment_at(program: Program, seg, target: Target, precision: Precision, ker
         k = kernels[kid]
         if target.compute.granularity == "kernel":
             total += op_time(scaling.kernel_flops(k, nodes).at(size), scaling.kernel_io(k, nodes, fb).at(size),
-                             k.kind in _MATMUL_LIKE, target, precision)
+                             k.kind in _MATMUL_LIKE, target, precision, attention=k.kind == "attention")
             continue
         for name in k.nodes:
             node = nodes[name]
@@ -237,8 +237,9 @@ def peak_breakdown(program: Program, precision: Precision) -> dict:
 
 
 def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_sample: int,
-              real_token_share: float = 1.0):
-    """``real_token_share``: non-pad share of each row (the data's statistics), for real tokens/s."""
+              real_token_share: float = 1.0, resident=None):
+    """``real_token_share``: non-pad share of each row (the data's statistics), for real tokens/s;
+    ``resident``: program -> bytes a resident target holds besides activations (None: the weights)."""
     def cost(program: Program) -> tuple[Program, dict]:
         mbs = program.batch_size
         kernels = {k.id: k for k in program.kernels}
@@ -249,11 +250,13 @@ def make_cost(target: Target, precision: Precision, batch_size: int, tokens_per_
         overheads = [seg.pieces * target.mechanisms.pieces.overhead_s if seg.pieces > 1 else 0.0
                      for seg in program.segments]
         biggest = max((s.weight_bytes for s in program.segments), default=0)
-        resident = sum(int(s.numel * precision.bytes) for s in program.inputs if s.kind.value == "param")
+        held = resident(program) if resident is not None else None
+        resident_bytes = held if held is not None else sum(
+            int(s.numel * precision.bytes) for s in program.inputs if s.kind.value == "param")
         recompute_mem, recompute_flops, per_seg = recompute_per_segment(program, precision, scaling)
         # Model FLOPs (utilization) leave the recomputation out; the time includes it.
         sched = simulate(program.segments, compute, target, mbs, batch_size, tokens_per_sample,
-                         program.flops() - recompute_flops, precision, biggest, resident, recompute_mem, overheads)
+                         program.flops() - recompute_flops, precision, biggest, resident_bytes, recompute_mem, overheads)
         recompute_s = sum((c - o) * f / seg.flops for c, o, f, seg in zip(compute, overheads, per_seg, program.segments)
                           if seg.flops)
         sched = replace(sched, recompute_flops=recompute_flops, recompute_s=recompute_s,

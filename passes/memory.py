@@ -115,6 +115,14 @@ class Workload:
     fwd: dict = field(default_factory=dict)   # layer -> forward segment indices
     bwd: dict = field(default_factory=dict)   # layer -> backward segment indices
     _times: dict = field(default_factory=dict)
+    _work: dict = field(default_factory=dict)
+    _lives: dict = field(default_factory=dict)
+
+    def work(self, q: float) -> list[float]:
+        """Per segment: its largest kernel's bytes in and out for a piece of ``q`` samples."""
+        if q not in self._work:
+            self._work[q] = [max((a.at(q) for a in s.work), default=0.0) for s in self.segs]
+        return self._work[q]
 
     @property
     def memory(self) -> float:
@@ -168,9 +176,11 @@ class Plan:
 
 # -- building the workload --------------------------------------------------------------------
 def build_workload(program: Program, terms: dict, layers: list[str], readers: dict, target: Target,
-                   precision: Precision, batch_size: int, tokens_per_sample: int) -> Workload:
+                   precision: Precision, batch_size: int, tokens_per_sample: int,
+                   resident: Optional[int] = None) -> Workload:
     """``program``: fused, before recomputation; ``terms``: policy -> layer -> LayerTerm;
-    ``readers``: policy -> kept value -> its backward readers (passes/remat.py)."""
+    ``readers``: policy -> kept value -> its backward readers (passes/remat.py); ``resident``:
+    what a target that keeps weights holds besides activations (default: the weights)."""
     fb = precision.bytes
     scaling = BatchScaling(program)
     segments, _ = segment_program(program, target, precision)
@@ -186,7 +196,7 @@ def build_workload(program: Program, terms: dict, layers: list[str], readers: di
             kf = scaling.kernel_flops(k, nodes)
             flops = flops + kf
             if not by_op:
-                units.append(_Unit(kf, work[-1], k.kind in _MATMUL_LIKE))
+                units.append(_Unit(kf, work[-1], k.kind in _MATMUL_LIKE, k.kind == "attention"))
                 continue
             for name in k.nodes:
                 node = nodes[name]
@@ -194,8 +204,11 @@ def build_workload(program: Program, terms: dict, layers: list[str], readers: di
                                    op_class(node) == "attention", is_transcendental(node), moves_bytes(node)))
         segs.append(_Seg(seg.phase, seg.layers[0], units, work, flops, seg.weight_bytes, seg.grad_bytes,
                          seg.grad_params, seg.grads))
-    resident = sum(int(s.numel * precision.bytes) for s in program.inputs if s.kind.value == "param")
-    buffers = 2 * max((s.weight_bytes for s in segments), default=0) if target.stream_enabled else resident
+    if target.stream_enabled:
+        buffers = 2 * max((s.weight_bytes for s in segments), default=0)
+    else:
+        buffers = resident if resident is not None else sum(
+            int(s.numel * precision.bytes) for s in program.inputs if s.kind.value == "param")
     seg_of = {kid: i for i, s in enumerate(segments) for kid in s.kernels}
     owner = {name: k.id for k in program.kernels for name in k.nodes}
     layer_set = set(layers)
@@ -285,12 +298,19 @@ class _Live:
     with its piece (kernels' bytes, recomputed values, the loss's values)."""
 
     kept: list[float]
-    work: list[list[Affine]]
+    w: Workload
     extra: list[Affine]
 
 
 def _live(w: Workload, m: int, policy: dict, offloaded: set) -> _Live:
     """As the weight_streaming and cost passes count them, per segment."""
+    key = (m, tuple(sorted(policy.items())), tuple(sorted(offloaded)))
+    if key not in w._lives:
+        w._lives[key] = _count_live(w, m, policy, offloaded)
+    return w._lives[key]
+
+
+def _count_live(w: Workload, m: int, policy: dict, offloaded: set) -> _Live:
     n = len(w.segs)
     diff = [0.0] * (n + 1)
     extra = [ZERO] * n
@@ -322,11 +342,11 @@ def _live(w: Workload, m: int, policy: dict, offloaded: set) -> _Live:
         if policy[L] != "none" and w.bwd.get(L):
             i = w.bwd[L][0]
             extra[i] = extra[i] + w.terms[policy[L]][L].recomputed
-    return _Live(kept, [s.work for s in w.segs], extra)
+    return _Live(kept, w, extra)
 
 
 def _at(live: _Live, i: int, q: float) -> float:
-    return live.kept[i] + max((a.at(q) for a in live.work[i]), default=0.0) + live.extra[i].at(q)
+    return live.kept[i] + live.w.work(q)[i] + live.extra[i].at(q)
 
 
 def _segment_pieces(w: Workload, live: _Live, sizes: list[int]) -> Optional[list[int]]:
@@ -406,7 +426,7 @@ def _greedy(options: dict, budget: float) -> Optional[dict]:
     first). None when even the least bytes do not fit."""
     choice, steps = {}, []
     for layer, opts in options.items():
-        opts = sorted(opts, key=lambda o: (o.time, o.device, o.flops, o.offload))
+        opts = sorted(opts, key=lambda o: (round(o.time, 9), o.offload, o.flops, o.device))
         cur = opts[0]
         choice[layer] = cur
         while True:
@@ -449,7 +469,7 @@ def _fixed_bytes(w: Workload, m: int, piece: int, cap: float) -> float:
     most, running = 0.0, 0.0
     for i, s in enumerate(w.segs):
         running += diff[i]
-        work = max((a.at(piece) for a in s.work), default=0.0)
+        work = w.work(piece)[i]
         most = max(most, running + extra[i] + work + (cap if s.phase != Phase.FORWARD and s.layer in w.bwd else 0.0))
     return w.buffers + most
 
@@ -503,9 +523,15 @@ def choose(w: Workload, m: int, policy: str = "auto") -> Plan:
     pieces_ok = mech.pieces.enabled and m > 1
     sizes = sorted({math.ceil(m / P) for P in range(1, m + 1)} if pieces_ok else {m}, reverse=True)
     sizes = [q for q in sizes if q >= min(mech.pieces.min_samples, m)]
+    # the budget's piece: the micro-batch in 1, 2, 3, 4, 6, 8, 12, ... pieces (each segment then
+    # takes the largest piece of ``sizes`` it fits with)
+    counts = sorted({1, 2, 3} | {2 ** k for k in range(2, 12)} | {3 * 2 ** k for k in range(1, 11)})
+    budget_pieces = sorted({math.ceil(m / P) for P in counts if P <= m} & set(sizes) | {sizes[-1]}, reverse=True)
     reader_bytes = _reader_bytes(w, m)
     best: Optional[Plan] = None
-    for piece in sizes:
+    stale = 0
+    for piece in budget_pieces:
+        before = best
         options = {L: _layer_options(w, L, m, piece, levels, offload, reader_bytes) for L in w.layers}
         caps = sorted({o.recompute for opts in options.values() for o in opts}) or [0.0]
         for cap in caps:
@@ -529,6 +555,9 @@ def choose(w: Workload, m: int, policy: str = "auto") -> Plan:
                           for j, (L, o) in enumerate(choice.items())}
         if best is not None and best.pieces == 1 and not best.offloaded:
             break                                   # nothing to gain from smaller pieces
+        stale = stale + 1 if best is not None and best is before else 0
+        if stale >= 2:
+            break                                   # smaller pieces stopped paying
     if best is not None:
         return best
     return _smallest(w, m, levels, offload, sizes)
@@ -586,4 +615,5 @@ def explore(w: Workload, sizes, policy: str = "auto") -> list[Plan]:
     for m in sizes:
         out.append(choose(w, m, policy))
         w._times.clear()
+        w._lives.clear()
     return out

@@ -37,6 +37,7 @@ from mmgraph.core.ir import InputKind, Phase, Program, RematLayer, RematPlan
 from mmgraph.core.opcost import kernel_io_bytes, value_bytes
 from mmgraph.core.ops import op_class
 from mmgraph.passes.fusion import fusion
+from mmgraph.passes.cluster import resident_bytes
 from mmgraph.passes.memory import LayerTerm, build_workload, choose, memory_plan
 from mmgraph.passes.util import copy_program, drop_dead
 from mmgraph.core.precision import Precision
@@ -331,20 +332,24 @@ def _readers_by_policy(g: _Graph) -> dict:
     return {p: kept_readers(g, {layer: p for layer in g.layers}) for p in LEVELS}
 
 
-def workload(program: Program, target: Target, precision: Precision, batch_size: int, tokens_per_sample: int):
-    """The memory planner's view of ``program`` (fused, before recomputation) on ``target``."""
+def workload(program: Program, target: Target, precision: Precision, batch_size: int, tokens_per_sample: int,
+             world_size: int = 1, zero: int = 0):
+    """The memory planner's view of ``program`` (fused, before recomputation) on ``target``
+    (on a resident GPU target, beside the model states of one of ``world_size`` ranks)."""
     g, tallies, terms = layer_terms(program, precision)
+    resident = resident_bytes(program, precision, target, world_size, zero)
     return build_workload(program, terms, list(g.layers), _readers_by_policy(g), target, precision, batch_size,
-                          tokens_per_sample), (g, tallies)
+                          tokens_per_sample, resident), (g, tallies)
 
 
 def plan_remat(program: Program, policy: str, target: Optional[Target], precision: Precision,
-               batch_size: Optional[int] = None, tokens_per_sample: int = 1):
+               batch_size: Optional[int] = None, tokens_per_sample: int = 1, world_size: int = 1, zero: int = 0):
     """The per-layer choice for ``policy`` (with a target, the memory planner's, with its pieces
     and offload), the memory arithmetic, and the memory plan (None without a target)."""
     mplan = None
     if target is not None:
-        w, (g, tallies) = workload(program, target, precision, batch_size or program.batch_size, tokens_per_sample)
+        w, (g, tallies) = workload(program, target, precision, batch_size or program.batch_size, tokens_per_sample,
+                                   world_size, zero)
         plan = choose(w, program.batch_size, policy)
         choice = dict(plan.policy)
         mplan = memory_plan(plan, w)
@@ -362,14 +367,15 @@ def plan_remat(program: Program, policy: str, target: Optional[Target], precisio
 
 
 def make_remat(policy: str, target: Optional[Target], precision: Precision, batch_size: Optional[int] = None,
-               tokens_per_sample: int = 1):
+               tokens_per_sample: int = 1, world_size: int = 1, zero: int = 0):
     if policy not in POLICIES:
         raise ValueError(f"remat policy must be one of {', '.join(POLICIES)}, got {policy!r}")
 
     def remat(program: Program) -> tuple[Program, dict]:
         if program.mode != "train":
             return program, {"policy": "none (no backward)"}
-        g, choice, plan, mplan = plan_remat(program, policy, target, precision, batch_size, tokens_per_sample)
+        g, choice, plan, mplan = plan_remat(program, policy, target, precision, batch_size, tokens_per_sample,
+                                            world_size, zero)
         clones: list[str] = []
         if any(p != "none" for p in choice.values()):
             split = _split(g, choice)
