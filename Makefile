@@ -66,6 +66,8 @@ bench: install
 	$(PY) -m benchmarks.bench_runtime --out $(RESULTS)/runtime.json
 	$(PY) -m benchmarks.bench_freeze --out $(RESULTS)/freeze.json
 	$(PY) -m benchmarks.bench_remat --out $(RESULTS)/remat.json
+	$(PY) -m benchmarks.bench_memory --out $(RESULTS)/memory.json
+	$(PY) -m benchmarks.bench_gpu_cluster --out $(RESULTS)/gpu_cluster.json
 	$(PY) -m benchmarks.bench_data --out $(RESULTS)/data.json
 	$(PY) -m benchmarks.bench_convert --out $(RESULTS)/convert.json
 	$(PY) -m benchmarks.bench_generate --out $(RESULTS)/generate.json

@@ -313,9 +313,9 @@ def _layer_records(g: _Graph, choice: dict, tallies: dict) -> tuple[RematLayer, 
 
 
 def layer_terms(program: Program, precision: Precision):
-    """The remat analysis of ``program``: (graph, per-policy tallies, per-policy LayerTerms,
-    kept values outside the layers). Layers whose backward reads nothing of their forward
-    (frozen, no gradient through them) are left out."""
+    """The remat analysis of ``program``: (graph, per-policy tallies, per-policy LayerTerms).
+    Layers whose backward reads nothing of their forward (frozen, no gradient through them) are
+    left out."""
     g = _analyse(program, precision.bytes)
     scaling = BatchScaling(program)
     tallies = {p: _tally(g, _split(g, {layer: p for layer in g.layers}), scaling) for p in LEVELS}

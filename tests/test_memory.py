@@ -167,3 +167,41 @@ def test_explore_bounds_are_checked(tmp_path, capsys, value, message):
     assert main(["check", "--params", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path}: train_input.micro_batch_size: {message}" in err
+
+
+# -- GPU clusters with weights resident (passes/cluster.py) --------------------------------------
+def test_zero_stages_partition_the_model_states():
+    from mmgraph.core.ir import InputKind
+    from mmgraph.passes.cluster import state_bytes
+
+    params = load_params(TINY2)
+    program = _fused(params, 2)
+    specs = [s for s in program.inputs if s.kind == InputKind.PARAM]
+    total, trainable = sum(s.numel for s in specs), sum(s.numel for s in specs if s.trainable)
+    assert 0 < trainable < total
+    bf16 = type(params.precision)("bf16")
+    ddp = state_bytes(program, bf16, 8, 0)
+    assert (ddp.weights, ddp.gradients, ddp.optimizer) == (2 * total, 2 * trainable, 12 * trainable)  # ZeRO paper
+    z1, z2, z3 = (state_bytes(program, bf16, 8, z) for z in (1, 2, 3))
+    assert z1.optimizer * 8 == ddp.optimizer and z1.gradients == ddp.gradients
+    assert z2.gradients * 8 == ddp.gradients and z2.weights == ddp.weights
+    assert z3.weights * 8 == ddp.weights
+    assert ddp.total > z1.total > z2.total > z3.total
+
+
+def test_world_on_gpus_counts_collectives_and_states(tmp_path, capsys):
+    out = {}
+    for zero in (2, 3):
+        md = tmp_path / f"z{zero}"
+        assert main(["compile", "--params", str(TINY2), "--model_dir", str(md), "--target", "a100_80gb",
+                     "--world_size", "8", "--zero", str(zero), "--real_tokens", "48"]) == 0
+        out[zero] = json.loads((md / "compile" / "report.json").read_text())["world"]
+    printed = capsys.readouterr().out
+    assert "world of 8 on a100_80gb (resident weights, data parallel, ZeRO-3)" in printed
+    z2, z3 = out[2], out[3]
+    assert z2["world_size"] == 8 and z2["samples_per_s"] > 0 and z2["fits"]
+    assert z3["gather_s"] > 0 == z2["gather_s"]                      # ZeRO-3 gathers weights per layer
+    assert z3["weights_bytes"] * 8 == z2["weights_bytes"] and z3["gathered_bytes"] > 0
+    assert z3["step_s"] >= z2["step_s"] - z2["optimizer_s"]          # more traffic, never less time
+    assert z2["real_tokens_per_s"] == pytest.approx(z2["tokens_per_s"] * 48 / 96)   # tiny: 96 tokens a row
+    assert 0 < z2["bus_bandwidth"] < 300e9                           # NVLink 3 x measured ring efficiency
