@@ -244,10 +244,10 @@ def world_summary(w: dict, target) -> str:
             f"{w['real_tokens_per_s']:,.0f} real tokens/s, step {w['step_s'] * 1e3:,.1f} ms in {w['micro_steps']} "
             f"micro-steps of {w['micro_batch_size']}")
     if "weights_bytes" in w:
-        line += (f"; per GPU {_gb(w['peak_bytes'])} of {_gb(w['memory_bytes'])} "
-                 f"({'fits' if w['fits'] else 'does NOT fit'}): weights {_gb(w['weights_bytes'])}, gradients "
-                 f"{_gb(w['gradients_bytes'])}, optimizer {_gb(w['optimizer_bytes'])}, activations "
-                 f"{_gb(w['activations_bytes'])}" + (f", gathered weights {_gb(w['gathered_bytes'])}"
+        line += (f"; per GPU {_size(w['peak_bytes'])} of {_size(w['memory_bytes'])} "
+                 f"({'fits' if w['fits'] else 'does NOT fit'}): weights {_size(w['weights_bytes'])}, gradients "
+                 f"{_size(w['gradients_bytes'])}, optimizer {_size(w['optimizer_bytes'])}, activations "
+                 f"{_size(w['activations_bytes'])}" + (f", gathered weights {_size(w['gathered_bytes'])}"
                                                      if w['gathered_bytes'] else "")
                  + f"; communication exposed {w['exposed_s'] * 1e3:,.1f} ms, optimizer {w['optimizer_s'] * 1e3:,.1f} ms")
     return line

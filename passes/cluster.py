@@ -112,11 +112,12 @@ def world(program: Program, target: Target, precision: Precision, world_size: in
     param_bytes = {s.name: s.numel * pb for s in program.inputs if s.kind == InputKind.PARAM}
     resident = sum(param_bytes.values())
     # one rank's segments with the collectives as streams in (gathers) and out (reductions)
+    grads = gradient_bytes(program, pb)
     segs = []
-    for seg in program.segments:
+    for seg, grad in zip(program.segments, grads):
         gather = int(ring * seg.weight_bytes) if zero >= 3 and n > 1 else 0
         factor = ring if zero >= 2 else 2 * ring          # reduce-scatter, or all-reduce
-        reduce = int(factor * seg.grad_bytes) if n > 1 else 0
+        reduce = int(factor * grad) if n > 1 else 0
         segs.append(replace(seg, weight_bytes=gather, grad_bytes=reduce, grad_params=0, grads=(),
                             offload_bytes=0, reload_bytes=0))
     links = target.model_copy(update={
@@ -151,6 +152,25 @@ def world(program: Program, target: Target, precision: Precision, world_size: in
                  samples * tokens_per_sample * real_token_share, last.micro_step_s, optimizer, gather, reduce,
                  exposed, bw, state.weights, state.gradients, state.optimizer, activations, gathered, peak,
                  int(target.memory.bytes), peak <= target.memory.bytes)
+
+
+def gradient_bytes(program: Program, float_bytes: int) -> list[int]:
+    """Per segment: the bytes of the gradients it completes, each trainable weight's in the last
+    backward segment of its layer (in a data-parallel program the gradients leave through the
+    collectives, so they are found by layer, not by output)."""
+    placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+    last: dict = {}
+    for i, seg in enumerate(program.segments):
+        if seg.phase == "backward":
+            for layer in seg.layers:
+                last[layer] = i
+    fallback = max(last.values(), default=len(program.segments) - 1)
+    out = [0] * len(program.segments)
+    for node, spec in zip(placeholders, program.inputs):
+        if spec.kind == InputKind.PARAM and spec.trainable and node.users:
+            layer = program.info[next(iter(node.users)).name].layer
+            out[last.get(layer, fallback)] += spec.numel * float_bytes
+    return out
 
 
 def world_report(program: Program, target: Target, precision: Precision, world_size: int, zero: int,

@@ -61,10 +61,10 @@ def segment_program(program: Program, target: Target, precision: Precision,
     kernels = {k.id: k for k in program.kernels}
     placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
     spec_of = dict(zip(placeholders, program.inputs))
+    root = weight_roots(program)              # weights, and their views and casts -> the weight
     params_of: dict[int, set[str]] = {}
     for k in program.kernels:
-        params_of[k.id] = {spec_of[a].name for n in k.nodes for a in nodes[n].all_input_nodes
-                           if a in spec_of and spec_of[a].kind == InputKind.PARAM}
+        params_of[k.id] = {root[a] for n in k.nodes for a in nodes[n].all_input_nodes if a in root}
     param_bytes = {s.name: int(s.numel * precision.bytes) for s in program.inputs if s.kind == InputKind.PARAM}
     param_numel = {s.name: s.numel for s in program.inputs if s.kind == InputKind.PARAM}
     owner = {name: k.id for k in program.kernels for name in k.nodes}
@@ -178,6 +178,19 @@ class KeptValue:
     made: int
     first: int            # its first backward reader's segment
     last: int             # its last backward reader's segment
+
+
+def weight_roots(program: Program) -> dict[fx.Node, str]:
+    """Every weight and every view or cast of one (mixed precision: the weight at the training
+    precision), each mapped to its weight's name. A backward kernel that reads the forward's cast
+    of a weight streams that weight again."""
+    placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+    root = {p: spec.name for p, spec in zip(placeholders, program.inputs) if spec.kind == InputKind.PARAM}
+    for node in program.ops():
+        ins = node.all_input_nodes
+        if len(ins) == 1 and ins[0] in root and (op_class(node) == "view" or op_name(node) == "_to_copy"):
+            root[node] = root[ins[0]]
+    return root
 
 
 def kept_values(program: Program, segment_of_kernel: dict) -> list[KeptValue]:

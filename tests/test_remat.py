@@ -170,7 +170,8 @@ def test_no_policy_fits_names_the_smallest_peak_and_its_parts(tmp_path, capsys):
     target = _small_target(tmp_path, 4e6, mechanisms=False)
     assert main(["compile", "--params", str(TINY2), "--model_dir", str(tmp_path), "--target", str(target)]) == 2
     err = capsys.readouterr().err
-    assert "8 does not fit on cs2: not with any recompute policy: the smallest peak any policy reaches (full) is" in err
+    assert ("8 does not fit on cs2: not with any recompute policy nor the target's other mechanisms (recompute): "
+            "the smallest peak any policy reaches (full) is") in err
     for part in ("kept activations", "one layer's working set", "attention scores", "weight buffers",
                  "cs2's memory, from its sources: Cerebras CS-2 product page"):
         assert part in err
