@@ -29,7 +29,7 @@ PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
 ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "memory", "gpu_cluster", "data", "convert", "generate",
          "packing", "data_parallel", "startup")
-BENCH_MINUTES = 19      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28) and bench_packing (about 2 min, not yet timed within make bench)
+BENCH_MINUTES = 45      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28), bench_packing (about 2 min), bench_memory (35 min on a loaded machine, 2026-12-02: 14 compiles of 7B and 13B steps, two explores) and bench_gpu_cluster (8 min); none timed within make bench
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -334,6 +334,21 @@ def notes(name: str, r: dict) -> list[str]:
                            f"(up to 3 a row against 1); measured {m['ratio']:.2f}x (step medians "
                            f"{u['median_s']:.3f} s unpacked, min-max {u['min_s']:.3f}-{u['max_s']:.3f}; "
                            f"{p['median_s']:.3f} s packed, {p['min_s']:.3f}-{p['max_s']:.3f}).")
+    if name == "memory" and r.get("explore"):
+        out.append("In the explore tables samples/s is a step function of the micro-batch: the batch splits into "
+                   "`ceil(batch / micro-batch)` micro-steps, each costed at the full micro-batch (the last is "
+                   "smaller on the system, so this is a bound), and a micro-step costs about the same whatever its "
+                   "size while the weight link bounds it; so the largest micro-batch of each number of micro-steps "
+                   "wins, among those that fit. Past 73 on cs3, kept activations need offload, whose weight-link "
+                   "time the backward pays.")
+    if name == "gpu_cluster" and r.get("rows"):
+        ratios = ", ".join(f"{x['ratio']:.2f}" for x in r["rows"])
+        out.append(f"Predicted / published: {ratios}. The model counts the GPU kernels (at measured peak-shape "
+                   "efficiencies, so an upper bound on speed), the collectives and the optimizer; the published "
+                   "times are whole runs with data loading (JPEG decoding and CLIP preprocessing of every image on "
+                   "the CPU), Python and launch overheads of eager training, logging and checkpoint saving, which "
+                   "it does not model. The length statistics are the largest uncertainty: the step time is close "
+                   "to linear in the padded length at these lengths.")
     if name == "runtime" and any(row["peak_mb"] is None for x in runtime_runs(r) for row in x["train"]):
         out.append("Peak memory was not measured in this run.")
     return out
