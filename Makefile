@@ -85,7 +85,7 @@ test-all: install cirh-tool-if-possible
 	$(PY) -m pytest -q -n 2 -m ''
 
 # Every benchmark at its modest default size, results as JSON, then BENCHMARKS.md and its plots
-# (benchmarks/plots/) rendered from them. About 35 minutes on 2 cores (bench_remat about 4, bench_legalize about 12, bench_modelzoo about 4): the compile benchmark
+# (benchmarks/plots/) rendered from them. About 75 minutes on 2 cores (bench_remat about 4, bench_memory about 35 on a loaded machine, bench_gpu_cluster about 8, bench_legalize about 12, bench_modelzoo about 4): the compile benchmark
 # (7B at 8/16/32 layers, 5 runs each; torch.compile's cold first call, 3 runs) about 5, the
 # runtime's small and medium configs (and both on CUDA where there is a GPU) about 4.
 RESULTS := benchmarks/results
@@ -95,6 +95,8 @@ bench: install cirh-tool-if-possible
 	$(PY) -m benchmarks.bench_runtime --out $(RESULTS)/runtime.json
 	$(PY) -m benchmarks.bench_freeze --out $(RESULTS)/freeze.json
 	$(PY) -m benchmarks.bench_remat --out $(RESULTS)/remat.json
+	$(PY) -m benchmarks.bench_memory --out $(RESULTS)/memory.json
+	$(PY) -m benchmarks.bench_gpu_cluster --out $(RESULTS)/gpu_cluster.json
 	$(PY) -m benchmarks.bench_data --out $(RESULTS)/data.json
 	$(PY) -m benchmarks.bench_convert --out $(RESULTS)/convert.json
 	$(PY) -m benchmarks.bench_generate --out $(RESULTS)/generate.json

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = ROOT / "benchmarks" / "plots"
 OUT = ROOT / "BENCHMARKS.md"
-ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "data", "convert", "generate", "packing",
-         "data_parallel", "startup", "modelzoo", "legalize")
-BENCH_MINUTES = 35      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before bench_modelzoo (about 4 min with the Model Zoo, 2026-12-01), the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28), bench_packing (about 2 min, not yet timed within make bench) and bench_legalize (about 12 min on a quiet machine, estimated: 40 programs, 26 of them 7B or 13B, compiled and lowered; 26 min measured on a shared one, 2026-12-01)
+ORDER = ("compile", "simulator", "runtime", "freeze", "remat", "memory", "gpu_cluster", "data", "convert", "generate",
+         "packing", "data_parallel", "startup", "modelzoo", "legalize")
+BENCH_MINUTES = 75      # `make bench` on 2 cores: 11 min 57 s measured on 2026-11-25, before bench_modelzoo (about 4 min with the Model Zoo, 2026-12-01), the simulator's 3 rounds (+40 s), bench_remat (+4 min, 2026-11-28), bench_packing (about 2 min), bench_legalize (about 12 min on a quiet machine, estimated; 26 min measured on a shared one, 2026-12-01), bench_memory (35 min on a loaded machine, 2026-12-02: 14 compiles of 7B and 13B steps, two explores) and bench_gpu_cluster (8 min); none timed within make bench
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -136,9 +136,33 @@ TITLES = {
     "data_parallel": "Data parallelism (`benchmarks/bench_data_parallel.py`)",
     "startup": "Start-up with the program artifact (`benchmarks/bench_startup.py`)",
     "legalize": "Legalization for the wafer and the vendor's lowering (`benchmarks/bench_legalize.py`)",
+    "memory": "The memory model on the Model Zoo's micro-batches (`benchmarks/bench_memory.py`)",
+    "gpu_cluster": "LLaVA-1.5 on 8 A100s: predicted against published (`benchmarks/bench_gpu_cluster.py`)",
 }
 
 INTRO = {
+    "memory": """\
+Every multimodal params file of the Model Zoo (Release_2.3.1 on cs2, Release_2.10.0 on cs3)
+compiled at the micro-batch it ships, with the memory plan the compiler chose among the target's
+mechanisms (docs/targets.md, "The memory model of weight streaming"): activation recomputation per
+layer, segments that run their micro-batch in pieces (how many segments, the smallest piece in
+samples), layers whose kept activations are offloaded to MemoryX (and the bytes that go out and
+come back per micro-step). The peak is the simulated one, the planner's estimate in parentheses.
+Predicted, not measured: the vendor publishes no step times for these files. The choice rests on
+two assumptions stated in the target files: a piece costs 10 us per segment, and offload moves at
+the weight link's rate. Then `micro_batch_size: explore` on the two 7B phase-2 files: every
+micro-batch from 1 to the batch size, from one trace.""",
+    "gpu_cluster": """\
+The LLaVA-1.5 7B recipes (haotian-liu/LLaVA `scripts/v1_5/pretrain.sh`, `finetune.sh`) on 8 A100s,
+predicted by the GPU cluster model (weights resident, data parallel with ZeRO-2 / ZeRO-3,
+gradient checkpointing, eager PyTorch kernels at published microbenchmark efficiencies:
+docs/targets.md) next to the times the LLaVA authors published in their README. The model is the
+Model Zoo's LLaVA-1.5 7B (Release_2.10.0 params) with the recipe's global batch and per-GPU batch,
+compiled at the padded length of an average batch, with the dataset's mean real tokens. The
+length statistics are assumptions, derived below from the data files' published sizes; nothing
+is fitted to the published times. The published times are wall-clock runs that include data
+loading (images decoded and transformed on the CPU), logging and checkpointing, which the
+prediction does not model.""",
     "compile": """\
 `mmgraph compile` (default target cs2) of the LLaVA-7B phase-2 params (CLIP ViT-L/14-336 +
 LLaMA-2-7B, train step: forward + loss + backward, micro-batch 2 at sequence 2048, no weights
@@ -348,6 +372,21 @@ def notes(name: str, r: dict) -> list[str]:
             "what `mmgraph run` executes with its default target, runs its functional copies as views on the "
             "CPU (the executors' `AS_VIEW`; 1.3x without) and is left with the 0-d constants of the Tensor "
             "overloads and attention as bmm/softmax: about 20% more ops.")
+    if name == "memory" and r.get("explore"):
+        out.append("In the explore tables samples/s is a step function of the micro-batch: the batch splits into "
+                   "`ceil(batch / micro-batch)` micro-steps, each costed at the full micro-batch (the last is "
+                   "smaller on the system, so this is a bound), and a micro-step costs about the same whatever its "
+                   "size while the weight link bounds it; so the largest micro-batch of each number of micro-steps "
+                   "wins, among those that fit. Past 73 on cs3, kept activations need offload, whose weight-link "
+                   "time the backward pays.")
+    if name == "gpu_cluster" and r.get("rows"):
+        ratios = ", ".join(f"{x['ratio']:.2f}" for x in r["rows"])
+        out.append(f"Predicted / published: {ratios}. The model counts the GPU kernels (at measured peak-shape "
+                   "efficiencies, so an upper bound on speed), the collectives and the optimizer; the published "
+                   "times are whole runs with data loading (JPEG decoding and CLIP preprocessing of every image on "
+                   "the CPU), Python and launch overheads of eager training, logging and checkpoint saving, which "
+                   "it does not model. The length statistics are the largest uncertainty: the step time is close "
+                   "to linear in the padded length at these lengths.")
     if name == "runtime" and any(row["peak_mb"] is None for x in runtime_runs(r) for row in x["train"]):
         out.append("Peak memory was not measured in this run.")
     return out

@@ -143,7 +143,7 @@ def _dataclasses() -> dict[str, type]:
     from mmgraph.passes.data_parallel import Bucket
 
     classes = [ir.InputSpec, ir.OutputSpec, ir.NodeInfo, ir.PassRecord, ir.Kernel, ir.Segment, ir.SegmentTime,
-               ir.Schedule, ir.RematLayer, ir.RematPlan, Bucket]
+               ir.Schedule, ir.RematLayer, ir.RematPlan, ir.MemoryPlan, Bucket]
     return {c.__name__: c for c in classes}
 
 

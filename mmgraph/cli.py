@@ -23,7 +23,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify, args.target,
                        remat=args.remat, world_size=args.world_size, zero=args.zero,
-                       bucket_bytes=_bucket_bytes(args.bucket_mb))
+                       bucket_bytes=_bucket_bytes(args.bucket_mb), real_tokens=_real_tokens(args.real_tokens))
+
+
+def _real_tokens(n: Optional[float]) -> Optional[float]:
+    if n is not None and not n > 0:
+        raise UserError(Problem(None, "--real_tokens", f"must be positive, not {n}"))
+    return n
 
 
 def _bucket_bytes(mb: float) -> int:
@@ -153,9 +159,14 @@ def _add_compile(sub) -> None:
                       help="compile the training step for N data-parallel ranks: gradient reduction "
                            "(bucketed all-reduce) in the graph, as `torchrun ... mmgraph run` executes it")
     _bucket_arg(comp)
-    comp.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, metavar="STAGE",
+    comp.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, metavar="STAGE",
                       help="with --world_size: 2 compiles ZeRO-2's reduce-scatter of the gradients instead of "
-                           "an all-reduce (1 changes only the runtime's optimizer)")
+                           "an all-reduce (1 changes only the runtime's optimizer); 3 (simulated only, on GPU "
+                           "targets): weights sharded too, all-gathered per layer")
+    comp.add_argument("--real_tokens", type=float, metavar="N",
+                      help="mean real (non-pad) tokens per sample of the data, for real tokens/s (default: "
+                           "the data's stats.json, else every token); with dynamic padding, compile at the "
+                           "padded length (max_sequence_length) and give the mean here")
     comp.set_defaults(func=_cmd_compile)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from mmgraph.core.config import load_params, rank_batch
+from mmgraph.core.config import load_params, micro_batch_search, rank_batch
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.dump import write_dumps
 from mmgraph.formats import to_mlir
 from mmgraph.core.ir import Phase
 from mmgraph.lock import model_dir_lock
+from mmgraph.passes.cluster import world_report
 from mmgraph.passes.cost import bottleneck_words
 
 
@@ -21,21 +22,61 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def choose_micro_batch(params, mode: str, target, remat=None) -> tuple[int, str]:
-    """``micro_batch_size: auto``: the (micro-batch, remat policy) with the best predicted
-    throughput that fits (mmgraph.pipeline.choose_micro_batch)."""
+def choose_micro_batch(params, mode: str, target, remat=None, search=None) -> tuple[int, str]:
+    """``micro_batch_size: auto`` (the divisors of batch_size) or ``explore`` (every micro-batch
+    in its range, as a table): the micro-batch with the best predicted throughput that fits
+    (mmgraph.pipeline.choose_micro_batch)."""
+    from mmgraph.core.config import micro_batch_search
     from mmgraph.pipeline import choose_micro_batch as choose
 
-    choice = choose(params, mode, target, remat)
+    data = params.input_for(mode)
+    search = search or micro_batch_search(data.micro_batch_size, data.batch_size) or \
+        micro_batch_search("auto", data.batch_size)
+    choice = choose(params, mode, target, remat, search.sizes(data.batch_size))
     if choice is None:
         raise UserError(Problem(params.path, f"{_section(mode)}.micro_batch_size",
-                                f"auto: not even one sample fits on {target.name} with any recompute policy "
-                                f"(compile with micro_batch_size: 1 for the arithmetic)"))
-    tried = ", ".join(f"{m} ({p}{'' if ok else ', does not fit'}): {sps:,.1f} samples/s"
-                      for m, p, sps, ok in choice.candidates)
-    print(f"micro_batch_size auto: {choice.micro_batch_size} with remat {choice.policy} "
-          f"(best predicted throughput on {target.name} of {tried})")
+                                f"{search.kind}: not even the smallest candidate ({search.low}) fits on {target.name} "
+                                f"with its mechanisms ({', '.join(target.mechanisms.names())}) "
+                                f"(compile with micro_batch_size: {search.low} for the arithmetic)"))
+    if search.kind == "explore":
+        print(explore_table(choice, target, search))
+    else:
+        tried = ", ".join(f"{p.micro_batch_size} ({_plan_words(p)}{'' if p.fits else ', does not fit'}): "
+                          f"{p.samples_per_s:,.1f} samples/s" for p in choice.candidates)
+        print(f"micro_batch_size auto: {choice.micro_batch_size} with remat {choice.policy} "
+              f"(best predicted throughput on {target.name} of {tried})")
     return choice.micro_batch_size, choice.policy
+
+
+def _plan_words(p) -> str:
+    """A plan's mechanisms in a few words: recompute per layer, pieces, offload."""
+    counts = ", ".join(f"{n} {pol}" for pol, n in sorted(p.counts().items())) or "no layers"
+    words = [f"recompute {counts}"]
+    if p.pieces > 1:
+        words.append(f"pieces down to {p.piece_samples}")
+    if p.offloaded:
+        words.append(f"offload {len(p.offloaded)} layers")
+    return "; ".join(words)
+
+
+def explore_table(choice, target, search) -> str:
+    """``micro_batch_size: explore``: every candidate's fit, recompute policy, mechanisms and
+    predicted samples/s, as the Model Zoo's explore reports them."""
+    lines = [f"micro_batch_size explore on {target.name}: {search.low} .. {search.high} "
+             f"(figures scaled from the step traced at micro-batch {choice.probe}; mechanisms available: "
+             f"{', '.join(target.mechanisms.names()) if target.stream_enabled else 'recompute'})",
+             f"{'mbs':>5} {'fits':>5} {'peak':>10} {'recompute (layers)':<24} {'pieces':>14} {'offload':>8} "
+             f"{'micro-step ms':>14} {'samples/s':>10}"]
+    for p in choice.candidates:
+        counts = ", ".join(f"{n} {pol}" for pol, n in sorted(p.counts().items())) or "-"
+        pieces = f"{p.pieces} of {p.piece_samples}" if p.pieces > 1 else "-"
+        offload = f"{len(p.offloaded)} layers" if p.offloaded else "-"
+        mark = "  <- best" if p.micro_batch_size == choice.micro_batch_size else ""
+        lines.append(f"{p.micro_batch_size:>5} {'yes' if p.fits else 'no':>5} {_size(p.peak_bytes):>10} {counts:<24} "
+                     f"{pieces:>14} {offload:>8} {p.step_s * 1e3:>14.1f} {p.samples_per_s:>10.1f}{mark}")
+    lines.append(f"micro_batch_size explore: {choice.micro_batch_size} (the best predicted throughput that fits; "
+                 f"compiled below)")
+    return "\n".join(lines)
 
 
 def _save_programs(params, mode: str, model_dir: str, stages, target, remat, world_size: int, zero: int,
@@ -68,7 +109,7 @@ def _fit_numbers(s) -> str:
 
 def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool, verify: bool,
                 target_name: str = "cs2", remat=None, world_size: int = 1, zero: int = 0,
-                bucket_bytes: Optional[int] = None) -> int:
+                bucket_bytes: Optional[int] = None, real_tokens: Optional[float] = None) -> int:
     from mmgraph.pipeline import compile_step
     from mmgraph.core.target import load_target
     from mmgraph.trace import trace_step
@@ -81,8 +122,9 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
     data = params.input_for(mode)
     requested_remat = remat
     mbs = None
-    if data is not None and data.micro_batch_size in ("auto", "explore"):
-        mbs, remat = choose_micro_batch(params, mode, target, remat)
+    search = micro_batch_search(data.micro_batch_size, data.batch_size) if data is not None else None
+    if search is not None:
+        mbs, remat = choose_micro_batch(params, mode, target, remat, search)
     if validate_only:
         program = trace_step(params, mode, mbs)
         print(f"{params_path}: valid; {mode} step traced to {len(program.ops())} ops "
@@ -94,12 +136,17 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
             mbs, accumulate = rb.micro_batch, rb.micro_batches > 1
         else:
             accumulate = False
+        seq = params.layout(mode).max_sequence_length
+        share = min(1.0, real_tokens / seq) if real_tokens else None
         stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat,
-                              world_size=world_size, accumulate=accumulate, zero=zero, bucket_bytes=bucket_bytes)
+                              world_size=world_size, accumulate=accumulate, zero=zero, bucket_bytes=bucket_bytes,
+                              real_share=share)
         mlir = to_mlir(stages[-1].program)
         check = vendor_check(stages, mlir, params_path, target)     # exit 2 when the tool refuses it
+        world = world_report(stages[-1].program, target, params.precision, world_size, zero,
+                             data.batch_size if data else 1, seq, stages[-1].program.schedule.real_token_share)
         try:
-            where = write_dumps(stages, model_dir, params_path, params, target, mlir=mlir, cirh=check)
+            where = write_dumps(stages, model_dir, params_path, params, target, world, mlir=mlir, cirh=check)
             saved = _save_programs(params, mode, model_dir, stages, target, requested_remat, world_size, zero,
                                    bucket_bytes, {"micro_batch": mbs, "remat": remat})
         except OSError as err:              # a full disk: what compile is for could not be written
@@ -119,24 +166,31 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
           f"{sched.real_token_share:.0%} of each row), utilization {sched.utilization:.1%}, "
           f"peak memory {_gb(sched.peak_memory_bytes)} of {_gb(sched.memory_bytes)}")
     print(remat_summary(stages[-1].program))
+    if stages[-1].program.memory is not None:
+        print(memory_summary(stages[-1].program, target))
     if check is not None:
         print(check.summary())
     if mode == "train":
         print(scaling_summary(stages[-1].program, target))
+    if world is not None and (world_size > 1 or not target.stream_enabled):
+        print(world_summary(world, target))
     checked = " (verified after every pass)" if verify else ""
     print(f"compiled in {time.perf_counter() - start:.1f} s{checked}; dumps in {where}/ (report.html); "
           f"program for `mmgraph run` in {saved}/")
     if not sched.fits:
         plan = stages[-1].program.remat
+        largest = largest_fitting(stages, params, mode, target, remat)
         if plan is not None and all(layer.policy == "full" for layer in plan.layers):
+            mechanisms = ", ".join(target.mechanisms.names()) if target.stream_enabled else "recompute"
             raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
                                     f"{sched.micro_batch_size} does not fit on {target.name}: not with any "
-                                    f"recompute policy: {no_fit_arithmetic(stages[-1].program, params)}; the largest micro_batch_size "
-                                    f"that fits is {sched.max_micro_batch_size}{_memory_source(target)}"))
+                                    f"recompute policy nor the target's other mechanisms ({mechanisms}): "
+                                    f"{no_fit_arithmetic(stages[-1].program, params)}; the largest micro_batch_size "
+                                    f"that fits is {largest}{_memory_source(target)}"))
         hint = "" if plan is None else "; or model.activation_checkpointing / --remat: auto or full"
         raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
                                 f"{sched.micro_batch_size} does not fit on {target.name}: {_fit_numbers(sched)}; "
-                                f"the largest micro_batch_size that fits is {sched.max_micro_batch_size} "
+                                f"the largest micro_batch_size that fits is {largest} "
                                 f"(or set micro_batch_size: auto{hint})"))
     return 0
 
@@ -155,6 +209,69 @@ def vendor_check(stages, mlir: str, params_path: str, target):
         return cirh.check_program(stage.program, "program.mlir", mlir, params_path, target.name)
     return cirh.check_program(stage.program, f"program before data_parallel (after {stage.name})",
                               to_mlir(stage.program), params_path, target.name)
+
+
+def largest_fitting(stages, params, mode: str, target, remat) -> int:
+    """The largest micro-batch below the compiled one that fits with the target's mechanisms,
+    from the compiled step's figures (scaled; passes/memory.py); 0 when not even one does."""
+    from mmgraph.passes.memory import choose
+    from mmgraph.passes.remat import workload
+
+    fused = next((s.program for s in stages if s.name == "fusion"), None)
+    if fused is None or fused.mode != "train":
+        return stages[-1].program.schedule.max_micro_batch_size
+    data = params.input_for(mode)
+    w, _ = workload(fused, target, params.precision, data.batch_size, params.layout(mode).max_sequence_length)
+    policy = remat or params.model.activation_checkpointing
+    low, high = 0, fused.batch_size - 1          # fit shrinks with the micro-batch: bisect
+    while low < high:
+        mid = (low + high + 1) // 2
+        if choose(w, mid, policy).fits:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def memory_summary(program, target) -> str:
+    """How the step fits the device: the mechanisms chosen and what each costs (passes/memory.py)."""
+    mp, sched = program.memory, program.schedule
+    parts = []
+    plan = program.remat
+    if plan is not None and any(x.policy != "none" for x in plan.layers):
+        counts: dict = {}
+        for x in plan.layers:
+            counts[x.policy] = counts.get(x.policy, 0) + 1
+        cost = f" (+{sched.recompute_s * 1e3:,.1f} ms compute)" if sched is not None else ""
+        parts.append("recompute: " + ", ".join(f"{n} layers {p}" for p, n in counts.items()) + cost)
+    if mp.segment_pieces:
+        layers = sorted({lay for lay, _, _ in mp.segment_pieces})
+        cost = f" (+{sched.piece_overhead_s * 1e3:,.1f} ms overhead)" if sched is not None else ""
+        parts.append(f"pieces: {len(mp.segment_pieces)} segments of {len(layers)} layers run their micro-batch in "
+                     f"pieces, down to {mp.pieces} pieces of {mp.piece_samples} samples{cost}")
+    if mp.offloaded:
+        parts.append(f"offload: the kept activations of {len(mp.offloaded)} layers ({mp.offloaded[0]} .. "
+                     f"{mp.offloaded[-1]}), {mp.offload_bytes / 1e9:.2f} GB out in the forward and back in the "
+                     f"backward ({mp.offload_s * 1e3:,.1f} ms of link time)")
+    fit = "fits" if (sched.fits if sched else mp.fits) else "does not fit"
+    peak = sched.peak_memory_bytes if sched else mp.estimated_peak_bytes
+    return (f"memory on {target.name}: {fit} (peak {_gb(peak)} of {_gb(mp.memory_bytes)}) with "
+            f"{'; '.join(parts) or 'no mechanism'}; mechanisms available: {', '.join(mp.available) or 'none'}")
+
+
+def world_summary(w: dict, target) -> str:
+    """report.json's ``world`` in one line: all ranks together."""
+    line = (f"world of {w['world_size']} on {target.name} ({w['model']}): {w['samples_per_s']:,.1f} samples/s, "
+            f"{w['real_tokens_per_s']:,.0f} real tokens/s, step {w['step_s'] * 1e3:,.1f} ms in {w['micro_steps']} "
+            f"micro-steps of {w['micro_batch_size']}")
+    if "weights_bytes" in w:
+        line += (f"; per GPU {_size(w['peak_bytes'])} of {_size(w['memory_bytes'])} "
+                 f"({'fits' if w['fits'] else 'does NOT fit'}): weights {_size(w['weights_bytes'])}, gradients "
+                 f"{_size(w['gradients_bytes'])}, optimizer {_size(w['optimizer_bytes'])}, activations "
+                 f"{_size(w['activations_bytes'])}" + (f", gathered weights {_size(w['gathered_bytes'])}"
+                                                     if w['gathered_bytes'] else "")
+                 + f"; communication exposed {w['exposed_s'] * 1e3:,.1f} ms, optimizer {w['optimizer_s'] * 1e3:,.1f} ms")
+    return line
 
 
 def scaling_summary(program, target) -> str:

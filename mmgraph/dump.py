@@ -17,7 +17,7 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -59,6 +59,8 @@ def format_program(program: Program, title: str) -> str:
     lines.append("")
     if program.remat is not None and program.segments is None:
         lines += format_remat(program) + [""]
+        if program.memory is not None:
+            lines += format_memory(program) + [""]
     if program.schedule is not None:
         lines += format_schedule(program)
     elif program.segments is not None:
@@ -119,11 +121,12 @@ def format_schedule(program: Program) -> list[str]:
              + ("fits" if sch.fits else f"does not fit (largest micro-batch that fits: {sch.max_micro_batch_size})"),
              "",
              f"{'seg':>4} {'segment':<52} {'compute ms':>11} {'in ms':>9} {'out ms':>9} {'start ms':>10} "
-             f"{'end ms':>10} {'live MB':>10} bottleneck"]
+             f"{'end ms':>10} {'live MB':>10} {'pieces':>6} {'off/re MB':>10} bottleneck"]
     for seg, t in zip(program.segments, sch.times):
+        moved = (seg.offload_bytes + seg.reload_bytes) / 1e6
         lines.append(f"{seg.id:>4} {seg.name[:52]:<52} {t.compute_s * 1e3:>11.4f} {t.stream_in_s * 1e3:>9.4f} "
                      f"{t.stream_out_s * 1e3:>9.4f} {t.start * 1e3:>10.4f} {t.end * 1e3:>10.4f} "
-                     f"{t.live_bytes / 1e6:>10.2f} {t.bottleneck}")
+                     f"{t.live_bytes / 1e6:>10.2f} {seg.pieces:>6} {moved:>10.1f} {t.bottleneck}")
     return lines
 
 
@@ -140,6 +143,38 @@ def format_remat(program: Program) -> list[str]:
         lines.append(f"# {x.layer}: keeps {', '.join('%' + n for n in x.kept) or 'nothing'}"
                      + (f"; recomputes {', '.join('%' + n for n in x.recomputed)}" if x.recomputed else ""))
     return lines
+
+
+def format_memory(program: Program) -> list[str]:
+    """The memory plan: the mechanisms chosen, the estimate, and the segments run in pieces."""
+    mp = program.memory
+    lines = [f"# memory plan at micro-batch {mp.micro_batch_size}: {mp.note}",
+             f"# estimated peak {mp.estimated_peak_bytes:,} of {mp.memory_bytes:,} bytes "
+             f"({'fits' if mp.fits else 'does not fit'}): kept {mp.kept_bytes:,} + largest working set "
+             f"{mp.working_bytes:,} + buffers {mp.buffer_bytes:,}; estimated micro-step {mp.estimated_step_s * 1e3:.3f} ms",
+             f"# mechanisms used: {', '.join(mp.mechanisms) or 'none'} (available: {', '.join(mp.available) or 'none'})"]
+    if mp.offloaded:
+        lines.append(f"# offloaded (their backward's kept values to external memory and back): {', '.join(mp.offloaded)}")
+    for layer, phase, piece in mp.segment_pieces:
+        lines.append(f"# {phase} {layer}: pieces of {piece} samples")
+    return lines
+
+
+def memory_report(program: Program) -> dict:
+    mp = program.memory
+    return {
+        "micro_batch_size": mp.micro_batch_size, "mechanisms": list(mp.mechanisms), "available": list(mp.available),
+        "note": mp.note, "fits": mp.fits, "estimated_peak_bytes": mp.estimated_peak_bytes,
+        "memory_bytes": mp.memory_bytes, "kept_bytes": mp.kept_bytes, "working_bytes": mp.working_bytes,
+        "buffer_bytes": mp.buffer_bytes, "estimated_micro_step_s": mp.estimated_step_s,
+        "recompute": {"layers": {p: sum(1 for x in program.remat.layers if x.policy == p)
+                                 for p in ("none", "selective", "full")} if program.remat else {},
+                      "estimated_s": mp.recompute_s},
+        "pieces": {"pieces": mp.pieces, "smallest_piece_samples": mp.piece_samples,
+                   "segments": [{"layer": lay, "phase": ph, "piece_samples": q} for lay, ph, q in mp.segment_pieces],
+                   "estimated_overhead_s": mp.piece_overhead_s},
+        "offload": {"layers": list(mp.offloaded), "bytes": mp.offload_bytes, "estimated_link_s": mp.offload_s},
+    }
 
 
 def remat_report(program: Program) -> dict:
@@ -165,7 +200,9 @@ def schedule_report(program: Program, target) -> dict:
                      "flops": seg.flops, "compute_s": t.compute_s, "stream_in_s": t.stream_in_s,
                      "stream_out_s": t.stream_out_s, "optimizer_s": t.optimizer_s, "in_start_s": t.in_start,
                      "in_end_s": t.in_end, "start_s": t.start, "end_s": t.end, "out_end_s": t.out_end,
-                     "live_bytes": t.live_bytes, "bottleneck": t.bottleneck})
+                     "live_bytes": t.live_bytes, "bottleneck": t.bottleneck, "pieces": seg.pieces,
+                     "offload_bytes": seg.offload_bytes, "reload_bytes": seg.reload_bytes,
+                     "piece_overhead_s": t.piece_overhead_s, "offload_s": t.offload_s, "reload_s": t.reload_s})
     return {
         "name": target.name, "kind": target.kind, "description": target.description,
         "precision": sch.precision, "micro_batch_size": sch.micro_batch_size, "batch_size": sch.batch_size,
@@ -181,6 +218,8 @@ def schedule_report(program: Program, target) -> dict:
         "compute_s_per_micro_step": sch.compute_s, "stream_in_s_per_micro_step": sch.stream_in_s,
         "stream_out_s_per_micro_step": sch.stream_out_s,
         "recompute_flops_per_micro_step": sch.recompute_flops, "recompute_s_per_micro_step": sch.recompute_s,
+        "piece_overhead_s_per_micro_step": sch.piece_overhead_s, "offload_bytes_per_micro_step": sch.offload_bytes,
+        "micro_steps": sch.micro_steps,
         "segments": segs, "sources": target.sources, "assumptions": target.assumptions,
     }
 
@@ -250,6 +289,7 @@ def report(stages, params_path: str) -> dict:
         "kernels_per_layer": kernels_per_layer(last),
         "intermediate_bytes_in_kernels": sum(k.internal_bytes for k in last.kernels or ()),
         **({"remat": remat_report(last)} if last.remat is not None else {}),
+        **({"memory": memory_report(last)} if last.memory is not None else {}),
         "versions": _versions(),
     }
 
@@ -268,19 +308,20 @@ def _versions() -> dict:
 
 
 def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, target=None,
-                mlir: str | None = None, cirh=None) -> Path:
+                world: Optional[dict] = None, mlir: str | None = None, cirh=None) -> Path:
     """Write every stage, the program (Python, MLIR: ``mlir`` when the caller made it already),
     the vendor tool's CIRH (``cirh``: ``mmgraph.cirh.Check``), the kernel drawings, ONNX of the
-    eval forward (small models, with ``params``) and the report; swap the folder in at the end (an
+    eval forward (small models, with ``params``) and the report (``world``: all ranks together);
+    swap the folder in at the end (an
     error on the way, a full disk included, leaves the previous dumps and no temporary folder)."""
     model_dir = Path(model_dir)
     final = model_dir / "compile"
     with building(final) as tmp:
-        _write_dumps(tmp, stages, params_path, params, target, mlir, cirh)
+        _write_dumps(tmp, stages, params_path, params, target, mlir, cirh, world)
     return final
 
 
-def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str | None, cirh) -> None:
+def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str | None, cirh, world=None) -> None:
     from mmgraph.draw import kernel_graph, to_dot, to_svg
     from mmgraph.formats import export_onnx, onnx_skip_reason, to_mlir
 
@@ -319,6 +360,8 @@ def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str 
 
         rep["scaling"] = {"topology": target.interconnect.topology,
                           "points": [asdict(p) for p in scaling(last, target)]}
+    if world is not None:
+        rep["world"] = world
     if last.schedule is not None and target is not None:
         from mmgraph.report_html import render_html
 

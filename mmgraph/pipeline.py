@@ -21,6 +21,7 @@ from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
 from mmgraph.passes.legalize import make_legalize
 from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES, make_data_parallel, solo_group
+from mmgraph.passes.cluster import resident_bytes
 from mmgraph.passes.cost import make_cost
 from mmgraph.passes.remat import LEVELS, make_remat
 from mmgraph.passes.verify import NumericReport, program_inputs, verify_numerics, verify_structure
@@ -53,7 +54,7 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
                  on_stage: Optional[Callable[[Stage], None]] = None, target: Optional[Target] = None,
                  micro_batch_size: Optional[int] = None, remat: Optional[str] = None,
                  world_size: int = 1, accumulate: bool = False, zero: int = 0,
-                 bucket_bytes: Optional[int] = None) -> list[Stage]:
+                 bucket_bytes: Optional[int] = None, real_share: Optional[float] = None) -> list[Stage]:
     """Trace the step of ``params`` and lower it (for ``target``, when given: segments and a
     simulated schedule); returns every stage, first to last. ``remat`` overrides the params'
     ``model.activation_checkpointing``; ``world_size`` > 1 compiles a training step for that many
@@ -74,18 +75,20 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     passes.append(("fusion", fusion))                        # 04: ops -> kernels (op classes)
     precision = params.precision
     policy = remat or params.model.activation_checkpointing
+    data = params.input_for(mode)
+    batch = data.batch_size if data else 1
+    seq = params.layout(mode).max_sequence_length
     if target is not None or policy not in ("none", "auto"):     # auto without a target: none
-        passes.append(("remat", make_remat(policy, target, precision)))   # 05: kept vs recomputed
+        passes.append(("remat", make_remat(policy, target, precision, batch, seq,    # 05: kept vs recomputed;
+                                           world_size, zero)))                       #     the memory plan
     if mode == "train" and world_size > 1:
         passes.append(("data_parallel", make_data_parallel(                  # 06: collectives
-            world_size, bucket_bytes or DEFAULT_BUCKET_BYTES, accumulate=accumulate, shard_gradients=zero == 2)))
+            world_size, bucket_bytes or DEFAULT_BUCKET_BYTES, accumulate=accumulate, shard_gradients=zero >= 2)))
     if target is not None:
-        data = params.input_for(mode)
-        batch = data.batch_size if data else 1
         passes += [
             ("weight_streaming", make_weight_streaming(target, precision)),   # 07: segments
-            ("cost", make_cost(target, precision, batch,                       # 08: schedule
-                               params.layout(mode).max_sequence_length, _real_share(params, mode))),
+            ("cost", make_cost(target, precision, batch, seq, real_share or _real_share(params, mode),  # 08: schedule
+                               lambda p: resident_bytes(p, precision, target, world_size, zero))),
         ]
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
     _check(stages[-1], params, verify, numeric, on_stage)
@@ -140,37 +143,44 @@ def verify_against_eager(program: Program, params: Params, after: str, seed: int
 
 @dataclass(frozen=True)
 class Choice:
-    """``micro_batch_size: auto``: the micro-batch and remat policy with the best predicted
-    throughput that fits, and the candidates it was chosen from."""
+    """``micro_batch_size: auto`` or ``explore``: the micro-batch with the best predicted
+    throughput that fits, and every candidate's plan (passes/memory.py)."""
 
     micro_batch_size: int
-    policy: str
-    candidates: tuple[tuple[int, str, float, bool], ...]   # (micro-batch, policy, samples/s, fits)
+    policy: str                                # the remat policy the chosen one compiles with
+    candidates: tuple                          # memory.Plan per micro-batch evaluated
+    probe: int                                 # the micro-batch traced (the others are scaled from it)
 
 
-def choose_micro_batch(params: Params, mode: str, target: Target, remat: Optional[str] = None) -> Optional[Choice]:
-    """Per policy (``remat`` if given, else none, selective and full), the largest divisor of
-    batch_size whose peak fits (memory grows linearly with the micro-batch, so one probe at 1
-    tells); each such micro-batch is compiled with ``auto`` (the least recompute that fits it,
-    or the policy asked for) and the best samples/s wins. None when not even one sample fits."""
+def plan_micro_batches(params: Params, mode: str, target: Target, sizes: list[int],
+                       remat: Optional[str] = None) -> tuple[list, int]:
+    """The memory planner's choice (fit, recompute per layer, pieces, offload, predicted
+    samples/s) at every micro-batch in ``sizes``, from one program traced at a small micro-batch
+    (figures scale with the micro-batch: mmgraph/core/batchscale.py)."""
+    from mmgraph.passes.memory import explore
+    from mmgraph.passes.remat import workload
+
+    data = params.input_for(mode)
+    probe = min(2, data.batch_size)
+    # traced for the target: legalization decides the kernels (the wafer's attention keeps scores)
+    fused = compile_step(params, mode, micro_batch_size=probe, remat="none", target=target)[-1].program
+    w, _ = workload(fused, target, params.precision, data.batch_size, params.layout(mode).max_sequence_length)
+    policy = remat if remat not in (None, "auto") else params.model.activation_checkpointing
+    return explore(w, sizes, policy), probe
+
+
+def choose_micro_batch(params: Params, mode: str, target: Target, remat: Optional[str] = None,
+                       sizes: Optional[list[int]] = None) -> Optional[Choice]:
+    """Among ``sizes`` (default: the divisors of batch_size), the micro-batch whose plan fits with
+    the best predicted samples/s (ties: the smaller). None when none fits."""
     batch = params.input_for(mode).batch_size
-    policies = [remat] if remat not in (None, "auto") else list(LEVELS)
-    sizes: dict[int, None] = {}
-    for policy in policies:
-        probe = compile_step(params, mode, target=target, micro_batch_size=1, remat=policy)[-1].program.schedule
-        fitting = [m for m in range(1, batch + 1) if batch % m == 0 and m <= probe.max_micro_batch_size]
-        if fitting:
-            sizes.setdefault(fitting[-1])
-    candidates = []
-    for mbs in sizes:
-        policy = remat if remat not in (None, "auto") else "auto"
-        sched = compile_step(params, mode, target=target, micro_batch_size=mbs, remat=policy)[-1].program.schedule
-        candidates.append((mbs, policy, sched.samples_per_s, sched.fits))
-    fits = [c for c in candidates if c[3]]
+    sizes = sizes or [m for m in range(1, batch + 1) if batch % m == 0]
+    plans, probe = plan_micro_batches(params, mode, target, sizes, remat)
+    fits = [p for p in plans if p.fits]
     if not fits:
         return None
-    best = max(fits, key=lambda c: (c[2], c[0]))
-    return Choice(best[0], best[1], tuple(candidates))
+    best = max(fits, key=lambda p: (round(p.samples_per_s, 6), -p.micro_batch_size))
+    return Choice(best.micro_batch_size, remat or params.model.activation_checkpointing, tuple(plans), probe)
 
 
 def _real_share(params: Params, mode: str) -> float:

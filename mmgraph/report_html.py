@@ -71,6 +71,29 @@ largest layer's recomputed values {plan['layer_work_bytes'] / 1e9:,.3f} GB, atte
 {rows}</table>"""
 
 
+def _memory_plan(mem) -> str:
+    """How the step fits: the mechanisms the compiler chose among the target's (passes/memory.py)."""
+    if not mem:
+        return ""
+    gb = lambda n: f"{n / 1e9:,.3f}"  # noqa: E731
+    layers = mem["recompute"]["layers"]
+    rows = [("recompute", ", ".join(f"{n} layers {p}" for p, n in layers.items() if n) or "none",
+             f"{mem['recompute']['estimated_s'] * 1e3:,.2f} ms compute"),
+            ("pieces", (f"{len(mem['pieces']['segments'])} segments in pieces, down to {mem['pieces']['pieces']} "
+                        f"pieces of {mem['pieces']['smallest_piece_samples']} samples") if mem["pieces"]["segments"]
+             else "none", f"{mem['pieces']['estimated_overhead_s'] * 1e3:,.2f} ms overhead"),
+            ("offload", (f"{len(mem['offload']['layers'])} layers ({escape(mem['offload']['layers'][0])} .. "
+                         f"{escape(mem['offload']['layers'][-1])}), {gb(mem['offload']['bytes'])} GB")
+             if mem["offload"]["layers"] else "none", f"{mem['offload']['estimated_link_s'] * 1e3:,.2f} ms of link time")]
+    body = "\n".join(f"<tr><th>{k}</th><td>{escape(v)}</td><td>{escape(c)}</td></tr>" for k, v, c in rows)
+    return f"""<h2>Memory plan: {escape(', '.join(mem['mechanisms']) or 'no mechanism needed')}</h2>
+<p>Estimated peak {gb(mem['estimated_peak_bytes'])} GB of {gb(mem['memory_bytes'])} GB: kept activations
+{gb(mem['kept_bytes'])} GB + the largest working set {gb(mem['working_bytes'])} GB + weight buffers
+{gb(mem['buffer_bytes'])} GB. Mechanisms the target offers: {escape(', '.join(mem['available']) or 'none')}.</p>
+<table><tr><th>mechanism</th><th>chosen</th><th>cost per micro-step</th></tr>
+{body}</table>"""
+
+
 def _scaling(scaling) -> str:
     """Data parallelism on 1..16 systems (passes/scaling.py)."""
     if not scaling:
@@ -153,6 +176,7 @@ th {{ background: #f3f3f3; text-align: left; }}
 <table><tr><th>#</th><th>segment</th><th>kernels</th><th>weights MB</th><th>grads MB</th><th>GFLOP</th>
 <th>compute ms</th><th>in ms</th><th>out ms</th><th>live GB</th><th>bottleneck</th></tr>
 {rows}</table>
+{_memory_plan(report.get("memory"))}
 {_remat(report.get("remat"), t)}
 {_scaling(report.get("scaling"))}
 {_cirh(report.get("cirh"))}

@@ -170,8 +170,10 @@ def _resolve_auto(params, model_dir: str, opts: RunOptions, ranks, say):
     from mmgraph import artifact
     from mmgraph.core.target import load_target
 
+    from mmgraph.core.config import micro_batch_search
+
     data = params.train_input
-    if data is None or data.micro_batch_size not in ("auto", "explore"):
+    if data is None or micro_batch_search(data.micro_batch_size, data.batch_size) is None:
         return params, opts.remat
     tgt = load_target(opts.target)
     store = Path(opts.program_dir) if opts.program_dir else artifact.programs_dir(model_dir)

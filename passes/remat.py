@@ -8,10 +8,13 @@ Policies (``model.activation_checkpointing`` or ``--remat``):
 - ``selective``: a layer keeps the outputs of its matmuls with weights (the expensive values)
   and recomputes the cheap, memory-heavy rest: attention's core (scores, softmax, dropout,
   attention over values), elementwise ops and norms (Korthikanti et al. 2022).
-- ``auto``: the least recompute whose estimated peak fits the target's memory: starting from
-  ``none``, greedily upgrade the layer (to selective or full) that saves the most bytes per
-  extra FLOP until the estimate fits; ``full`` everywhere when nothing fits (the cost pass then
-  reports it).
+- ``auto``: per layer, the policy the memory planner (passes/memory.py) chooses: with the
+  target's other mechanisms (pieces of the micro-batch, offload of kept activations), the
+  fastest plan that fits; ``full`` everywhere when nothing fits (the cost pass then reports it).
+
+With a target, the planner also decides, for any policy, how many pieces each segment runs the
+micro-batch in and which layers' kept values are offloaded (``Program.memory``); the
+weight_streaming and cost passes apply that.
 
 The rewrite: a forward value chosen for recomputation is duplicated (``rc_<name>``) into the
 backward, right before its first backward reader, with the recomputed values it depends on; so
@@ -31,10 +34,13 @@ from typing import Optional
 
 import torch.fx as fx
 
+from mmgraph.core.batchscale import ZERO, Affine, BatchScaling
 from mmgraph.core.ir import InputKind, Phase, Program, RematLayer, RematPlan
 from mmgraph.core.opcost import kernel_io_bytes, value_bytes
 from mmgraph.core.ops import is_random, op_class, op_name
 from mmgraph.passes.fusion import fusion
+from mmgraph.passes.cluster import resident_bytes
+from mmgraph.passes.memory import LayerTerm, build_workload, choose, memory_plan
 from mmgraph.passes.util import copy_program, drop_dead
 from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target
@@ -148,28 +154,55 @@ def _split(g: _Graph, policy_of: dict) -> _Split:
     return _Split(kept, recompute)
 
 
+def kept_readers(g: _Graph, policy_of: dict) -> dict[fx.Node, set[fx.Node]]:
+    """Per kept value (its storage): the backward ops that read it once the program is
+    rewritten for ``policy_of``, directly or through the values recomputed from it (a recomputed
+    op runs in the backward right before the op that needs it)."""
+    readers: dict[fx.Node, set[fx.Node]] = {}
+    todo = []
+    for node in g.program.ops():
+        if g.phase(node) == Phase.BACKWARD:
+            todo.extend((a, node) for a in node.all_input_nodes if a.op == "placeholder" or g.phase(a) == Phase.FORWARD)
+    seen = set()
+    while todo:
+        a, reader = todo.pop()
+        if (a, reader) in seen:
+            continue
+        seen.add((a, reader))
+        if _anchor(g, a, policy_of):
+            s = _storage(g, a)
+            if s is not None:
+                readers.setdefault(s, set()).add(reader)
+        else:
+            todo.extend((x, reader) for x in a.all_input_nodes)
+    return readers
+
+
 @dataclass
 class _Tally:
-    kept_bytes: dict      # layer ('' for values outside rematerialized layers) -> bytes
+    kept_bytes: dict      # layer ('' for values outside rematerialized layers) -> bytes (Affine in the micro-batch)
     kept: dict            # layer -> storage node names
-    work: dict            # layer -> bytes recomputed
-    flops: dict           # layer -> FLOPs recomputed
+    work: dict            # layer -> bytes recomputed (Affine)
+    flops: dict           # layer -> FLOPs recomputed (Affine)
     recomputed: dict      # layer -> node names
 
+    def at(self, what: str, layer: str, m: int) -> int:
+        return int(getattr(self, what).get(layer, ZERO).at(m))
 
-def _tally(g: _Graph, split: _Split) -> _Tally:
+
+def _tally(g: _Graph, split: _Split, scaling: BatchScaling) -> _Tally:
     t = _Tally({}, {}, {}, {}, {})
     roots = {s for s in (_storage(g, a) for a in split.kept) if s is not None}
     remat_layers = set(g.layers)
     for s in sorted(roots, key=lambda n: n.name):
         layer = g.layer(s) if g.layer(s) in remat_layers else ""
-        t.kept_bytes[layer] = t.kept_bytes.get(layer, 0) + value_bytes(s, g.fb)
+        t.kept_bytes[layer] = t.kept_bytes.get(layer, ZERO) + scaling.value(s, g.fb)
         t.kept.setdefault(layer, []).append(s.name)
     for n in split.recompute:
         layer = g.layer(n)
         if op_class(n) != "view":
-            t.work[layer] = t.work.get(layer, 0) + value_bytes(n, g.fb)
-        t.flops[layer] = t.flops.get(layer, 0) + g.program.info[n.name].flops
+            t.work[layer] = t.work.get(layer, ZERO) + scaling.value(n, g.fb)
+        t.flops[layer] = t.flops.get(layer, ZERO) + scaling.flops(n)
         t.recomputed.setdefault(layer, []).append(n.name)
     return t
 
@@ -212,58 +245,18 @@ def _fixed(g: _Graph, tallies: dict, target: Optional[Target], precision: Precis
             buffers = 2 * int(min(max(by_layer.values(), default=0), cap))
         else:
             buffers = sum(int(s.numel * precision.bytes) for s in params)
-    outside = max(t.kept_bytes.get("", 0) for t in tallies.values())
+    m0 = program.batch_size
+    outside = max(t.at("kept_bytes", "", m0) for t in tallies.values())
     return _Fixed(outside, work, buffers, memory, scores)
 
 
-def _estimate(choice: dict, tallies: dict, fixed: _Fixed) -> tuple[int, int, int]:
-    """(peak, kept activations, largest layer's recomputed values) for a per-layer choice."""
-    kept = fixed.outside_kept + sum(tallies[p].kept_bytes.get(layer, 0) for layer, p in choice.items())
-    work = max((tallies[p].work.get(layer, 0) for layer, p in choice.items()), default=0)
+def _estimate(choice: dict, tallies: dict, fixed: _Fixed, m0: int) -> tuple[int, int, int]:
+    """(peak, kept activations, largest layer's recomputed values) for a per-layer choice, the
+    whole micro-batch at once and nothing offloaded: what the step needs without the target's
+    other mechanisms."""
+    kept = fixed.outside_kept + sum(tallies[p].at("kept_bytes", layer, m0) for layer, p in choice.items())
+    work = max((tallies[p].at("work", layer, m0) for layer, p in choice.items() if p != "none"), default=0)
     return kept + work + fixed.kernel_work + fixed.buffers, kept, work
-
-
-def _auto(layers: list, tallies: dict, fixed: _Fixed) -> dict:
-    """The least recompute (FLOPs) whose estimated peak fits. The peak holds every layer's kept
-    values plus the largest one layer recomputes, so for each cap on that largest value the
-    layers are upgraded greedily (most kept bytes saved per extra FLOP first) until the kept
-    values fit beside it; the cheapest fitting choice over all caps wins; ``full``
-    everywhere when none fits (the least memory there is)."""
-    none = {layer: "none" for layer in layers}
-    if not fixed.memory or _estimate(none, tallies, fixed)[0] <= fixed.memory:
-        return none
-    best, best_flops = None, None
-    for cap in sorted({tallies[p].work.get(layer, 0) for layer in layers for p in LEVELS}):
-        choice = _fill(layers, tallies, fixed, cap)
-        if choice is None:
-            continue
-        flops = sum(tallies[p].flops.get(layer, 0) for layer, p in choice.items())
-        if best_flops is None or flops < best_flops:
-            best, best_flops = choice, flops
-    return best or {layer: "full" for layer in layers}
-
-
-def _fill(layers: list, tallies: dict, fixed: _Fixed, cap: int) -> Optional[dict]:
-    """Greedy upgrades among the policies whose recomputed values stay under ``cap``."""
-    choice = {layer: "none" for layer in layers}
-    budget = fixed.memory - fixed.outside_kept - cap - fixed.kernel_work - fixed.buffers
-    kept = sum(tallies["none"].kept_bytes.get(layer, 0) for layer in layers)
-    while kept > budget:
-        best = None
-        for layer, now in choice.items():
-            for up in LEVELS[LEVELS.index(now) + 1:]:
-                if tallies[up].work.get(layer, 0) > cap:
-                    continue
-                saved = tallies[now].kept_bytes.get(layer, 0) - tallies[up].kept_bytes.get(layer, 0)
-                extra = tallies[up].flops.get(layer, 0) - tallies[now].flops.get(layer, 0)
-                if saved > 0 and (best is None or (saved / max(extra, 1), saved) > best[0]):
-                    best = ((saved / max(extra, 1), saved), layer, up, saved)
-        if best is None:
-            return None
-        _, layer, up, saved = best
-        choice[layer] = up
-        kept -= saved
-    return choice
 
 
 def _rewrite(program: Program, recompute: set) -> tuple[Program, list[str]]:
@@ -303,47 +296,115 @@ def _rewrite(program: Program, recompute: set) -> tuple[Program, list[str]]:
 
 def _layer_records(g: _Graph, choice: dict, tallies: dict) -> tuple[RematLayer, ...]:
     out = []
+    m0 = g.program.batch_size
     for layer in g.layers:
         p = choice[layer]
         t, base = tallies[p], tallies["none"]
-        kept = t.kept_bytes.get(layer, 0)
+        kept = t.at("kept_bytes", layer, m0)
         out.append(RematLayer(
             layer=layer, policy=p, kept=tuple(t.kept.get(layer, ())),
             recomputed=tuple(sorted(t.recomputed.get(layer, ()))) if p != "none" else (),
-            kept_bytes=kept, recomputed_bytes=t.work.get(layer, 0) if p != "none" else 0,
-            saved_bytes=base.kept_bytes.get(layer, 0) - kept,
-            extra_flops=t.flops.get(layer, 0) if p != "none" else 0))
+            kept_bytes=kept, recomputed_bytes=t.at("work", layer, m0) if p != "none" else 0,
+            saved_bytes=base.at("kept_bytes", layer, m0) - kept,
+            extra_flops=t.at("flops", layer, m0) if p != "none" else 0))
     return tuple(out)
 
 
-def plan_remat(program: Program, policy: str, target: Optional[Target], precision: Precision):
-    """The per-layer choice for ``policy`` and the memory arithmetic (no rewrite)."""
+def layer_terms(program: Program, precision: Precision):
+    """The remat analysis of ``program``: (graph, per-policy tallies, per-policy LayerTerms).
+    Layers whose backward reads nothing of their forward (frozen, no gradient through them) are
+    left out."""
     g = _analyse(program, precision.bytes)
-    tallies = {p: _tally(g, _split(g, {layer: p for layer in g.layers})) for p in LEVELS}
-    fixed = _fixed(g, tallies, target, precision)
-    # Layers whose backward reads nothing of their forward (frozen and no gradient through them).
+    scaling = BatchScaling(program)
+    tallies = {p: _tally(g, _split(g, {layer: p for layer in g.layers}), scaling) for p in LEVELS}
+    m0 = program.batch_size
     g.layers = [layer for layer in g.layers
-                if tallies["none"].kept_bytes.get(layer, 0) or tallies["full"].flops.get(layer, 0)]
-    if policy == "auto":
-        choice = _auto(g.layers, tallies, fixed)
+                if tallies["none"].at("kept_bytes", layer, m0) or tallies["full"].at("flops", layer, m0)]
+    terms = {p: {layer: LayerTerm(t.kept_bytes.get(layer, ZERO), t.work.get(layer, ZERO), t.flops.get(layer, ZERO))
+                 for layer in g.layers} for p, t in tallies.items()}
+    return g, tallies, terms
+
+
+def _readers_by_policy(g: _Graph) -> dict:
+    """policy -> (kept value -> its backward readers), each policy on every layer."""
+    return {p: kept_readers(g, {layer: p for layer in g.layers}) for p in LEVELS}
+
+
+def workload(program: Program, target: Target, precision: Precision, batch_size: int, tokens_per_sample: int,
+             world_size: int = 1, zero: int = 0):
+    """The memory planner's view of ``program`` (fused, before recomputation) on ``target``
+    (on a resident GPU target, beside the model states of one of ``world_size`` ranks)."""
+    g, tallies, terms = layer_terms(program, precision)
+    resident = resident_bytes(program, precision, target, world_size, zero)
+    w = build_workload(program, terms, list(g.layers), _readers_by_policy(g), target, precision, batch_size,
+                       tokens_per_sample, resident)
+    w.fused_work = _fused_work_of(program, g, precision)
+    return w, (g, tallies)
+
+
+def _fused_work_of(program: Program, g: _Graph, precision: Precision):
+    """policy -> layer -> the largest working set of the layer's backward kernels that hold its
+    recomputed values, with every layer under that policy: fusion merges a recomputed value
+    into the backward kernel that reads it, and that kernel can be larger than any before (a
+    recomputed softmax with its backward reads the scores and their gradient). Computed the
+    first time the planner asks for a policy (one rewrite and fusion of the program)."""
+    cache: dict[str, dict] = {}
+
+    def of(policy: str) -> dict:
+        if policy not in cache:
+            fused, clones = _rewrite(program, _split(g, {layer: policy for layer in g.layers}).recompute)
+            scaling = BatchScaling(fused)
+            nodes = {n.name: n for n in fused.gm.graph.nodes}
+            made = set(clones)
+            out: dict[str, Affine] = {}
+            m0 = fused.batch_size
+            for k in fused.kernels or ():
+                if not any(n in made for n in k.nodes):
+                    continue
+                layer = fused.info[k.nodes[-1]].layer
+                io = scaling.kernel_io(k, nodes, precision.bytes)
+                if layer not in out or io.at(m0) > out[layer].at(m0):
+                    out[layer] = io
+            cache[policy] = out
+        return cache[policy]
+
+    return of
+
+
+def plan_remat(program: Program, policy: str, target: Optional[Target], precision: Precision,
+               batch_size: Optional[int] = None, tokens_per_sample: int = 1, world_size: int = 1, zero: int = 0):
+    """The per-layer choice for ``policy`` (with a target, the memory planner's, with its pieces
+    and offload), the memory arithmetic, and the memory plan (None without a target)."""
+    mplan = None
+    if target is not None:
+        w, (g, tallies) = workload(program, target, precision, batch_size or program.batch_size, tokens_per_sample,
+                                   world_size, zero)
+        plan = choose(w, program.batch_size, policy)
+        choice = dict(plan.policy)
+        mplan = memory_plan(plan, w)
     else:
-        choice = {layer: policy for layer in g.layers}
-    peak, kept, work = _estimate(choice, tallies, fixed)
-    plan = RematPlan(policy=policy, layers=_layer_records(g, choice, tallies), clones=(),
-                     kept_bytes=kept, layer_work_bytes=work, attention_scores_bytes=fixed.scores,
-                     kernel_work_bytes=fixed.kernel_work, weight_buffer_bytes=fixed.buffers,
-                     estimated_peak_bytes=peak, memory_bytes=fixed.memory)
-    return g, choice, plan
+        g, tallies, _ = layer_terms(program, precision)
+        choice = {layer: ("none" if policy == "auto" else policy) for layer in g.layers}
+    fixed = _fixed(g, tallies, target, precision)
+    peak, kept, work = _estimate(choice, tallies, fixed, program.batch_size)
+    plan_r = RematPlan(policy=policy, layers=_layer_records(g, choice, tallies), clones=(),
+                       kept_bytes=kept, layer_work_bytes=work, attention_scores_bytes=fixed.scores,
+                       kernel_work_bytes=fixed.kernel_work, weight_buffer_bytes=fixed.buffers,
+                       estimated_peak_bytes=mplan.estimated_peak_bytes if mplan else peak,
+                       memory_bytes=fixed.memory)
+    return g, choice, plan_r, mplan
 
 
-def make_remat(policy: str, target: Optional[Target], precision: Precision):
+def make_remat(policy: str, target: Optional[Target], precision: Precision, batch_size: Optional[int] = None,
+               tokens_per_sample: int = 1, world_size: int = 1, zero: int = 0):
     if policy not in POLICIES:
         raise ValueError(f"remat policy must be one of {', '.join(POLICIES)}, got {policy!r}")
 
     def remat(program: Program) -> tuple[Program, dict]:
         if program.mode != "train":
             return program, {"policy": "none (no backward)"}
-        g, choice, plan = plan_remat(program, policy, target, precision)
+        g, choice, plan, mplan = plan_remat(program, policy, target, precision, batch_size, tokens_per_sample,
+                                            world_size, zero)
         clones: list[str] = []
         if any(p != "none" for p in choice.values()):
             split = _split(g, choice)
@@ -355,7 +416,10 @@ def make_remat(policy: str, target: Optional[Target], precision: Precision):
             "recomputed_ops": len(clones), "extra_flops": plan.extra_flops,
             "kept_activation_bytes": plan.kept_bytes, "estimated_peak_bytes": plan.estimated_peak_bytes,
         }
-        return replace(program, remat=plan), notes
+        if mplan is not None:
+            notes.update({"pieces": mplan.pieces, "piece_samples": mplan.piece_samples,
+                          "offloaded_layers": len(mplan.offloaded), "mechanisms": list(mplan.mechanisms)})
+        return replace(program, remat=plan, memory=mplan), notes
     return remat
 
 

@@ -140,6 +140,27 @@ def test_remat_benchmark_quick():
     assert [t.status for t in targets.remat_targets(result)].count("not measured yet") == 0
 
 
+def test_memory_benchmark_quick():
+    from benchmarks.bench_memory import TINY, format_table, run
+
+    result = run([("", TINY)], [("", TINY)], high=4)
+    row = result["fits"][0]
+    assert row["fits"] and row["estimated_peak_bytes"] == row["peak_bytes"]
+    explore = result["explore"][0]
+    assert [r["micro_batch_size"] for r in explore["rows"]] == [1, 2, 3, 4] and explore["best"] in (1, 2, 3, 4)
+    assert "micro_batch_size: explore" in format_table(result)
+
+
+def test_gpu_cluster_benchmark_quick():
+    from benchmarks.bench_gpu_cluster import RECIPES, TINY, format_table, predict
+
+    tiny = {**RECIPES[1], "name": "tiny", "params": TINY, "batch": 8, "per_gpu": 4, "mean_tokens": 48,
+            "padded_tokens": None, "samples": 800}
+    row = predict(tiny, world_size=2)
+    assert row["world"]["samples_per_s"] > 0 and row["predicted_h"] == pytest.approx(800 / row["world"]["samples_per_s"] / 3600)
+    assert "predicted / published" in format_table({"rows": [row]})
+
+
 def test_report_renders_the_results_in_the_repository(tmp_path):
     results = sorted(p.stem for p in RESULTS.glob("*.json"))
     if not results:

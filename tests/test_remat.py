@@ -146,9 +146,11 @@ def test_params_key_and_cli_flag(tmp_path, capsys):
     assert "model.activation_checkpointing" in capsys.readouterr().err
 
 
-def _small_target(tmp_path, memory_bytes):
+def _small_target(tmp_path, memory_bytes, mechanisms: bool = True):
     raw = yaml.safe_load((CONFIGS / "targets" / "cs2.yaml").read_text())
     raw["memory"]["bytes"] = memory_bytes
+    if not mechanisms:                   # recompute only: no pieces, no offload
+        raw["mechanisms"] = {"recompute": True}
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -168,10 +170,11 @@ def test_auto_recomputes_only_when_it_must(tmp_path):
 
 
 def test_no_policy_fits_names_the_smallest_peak_and_its_parts(tmp_path, capsys):
-    target = _small_target(tmp_path, 4e6)
+    target = _small_target(tmp_path, 4e6, mechanisms=False)
     assert main(["compile", "--params", str(TINY2), "--model_dir", str(tmp_path), "--target", str(target)]) == 2
     err = capsys.readouterr().err
-    assert "8 does not fit on cs2: not with any recompute policy: the smallest peak any policy reaches (full) is" in err
+    assert ("8 does not fit on cs2: not with any recompute policy nor the target's other mechanisms (recompute): "
+            "the smallest peak any policy reaches (full) is") in err
     for part in ("kept activations", "one layer's working set", "attention scores", "weight buffers",
                  "cs2's memory, from its sources: Cerebras CS-2 product page"):
         assert part in err

@@ -160,16 +160,18 @@ def test_unknown_target_name(capsys, tmp_path, monkeypatch):
     assert "no host target yet: run `mmgraph calibrate`" in capsys.readouterr().err
 
 
-def _small_memory_target(tmp_path, memory_bytes) -> Path:
+def _small_memory_target(tmp_path, memory_bytes, mechanisms: bool = True) -> Path:
     raw = yaml.safe_load((CONFIGS / "targets" / "cs2.yaml").read_text())
     raw["memory"]["bytes"] = memory_bytes
+    if not mechanisms:                   # recompute only: no pieces, no offload
+        raw["mechanisms"] = {"recompute": True}
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
 def test_fit_failure_names_the_largest_micro_batch(tmp_path, capsys):
-    target = _small_memory_target(tmp_path, 6e6)
+    target = _small_memory_target(tmp_path, 6e6, mechanisms=False)
     assert main(["compile", "--params", str(TINY2), "--model_dir", str(tmp_path), "--target", str(target)]) == 2
     err = capsys.readouterr().err
     assert f"mmgraph: error: {TINY2}: train_input.micro_batch_size: 8 does not fit on cs2: " in err

@@ -106,9 +106,12 @@ class Segment:
     grad_bytes: int
     grad_params: int              # elements updated by the optimizer for these gradients
     flops: int
-    saved_bytes: int              # activations made here and kept for backward
+    saved_bytes: int              # activations made here and kept for backward (on the device)
     freed_bytes: int              # kept activations whose last reader runs here
-    working_bytes: int            # largest kernel working set (inputs + outputs)
+    working_bytes: int            # largest kernel working set (inputs + outputs), for one piece
+    offload_bytes: int = 0        # kept activations made here and streamed out to external memory
+    reload_bytes: int = 0         # offloaded activations streamed back in before this segment runs
+    pieces: int = 1               # the micro-batch runs through this segment in this many pieces
 
     @property
     def name(self) -> str:
@@ -130,6 +133,9 @@ class SegmentTime:
     opt_end: float
     live_bytes: int               # kept activations + this segment's working set
     bottleneck: str               # compute | stream-in | stream-out
+    piece_overhead_s: float = 0.0  # of compute_s: the cost of running the micro-batch in pieces
+    reload_s: float = 0.0         # of stream_in_s: offloaded activations coming back
+    offload_s: float = 0.0        # of stream_out_s: kept activations going out
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,9 @@ class Schedule:
     stream_out_s: float = 0.0
     bottleneck: str = ""          # compute | stream-in | stream-out: the largest of the three
     real_token_share: float = 1.0  # of each row, from the data's statistics (packing raises it)
+    offload_bytes: int = 0        # per micro-step, kept activations streamed out (and back in)
+    piece_overhead_s: float = 0.0  # per micro-step, compute time spent on running in pieces
+    micro_steps: int = 1          # micro-batches per step (the last may be smaller)
 
     @property
     def real_tokens_per_s(self) -> float:
@@ -206,6 +215,45 @@ class RematPlan:
 
 
 @dataclass(frozen=True)
+class MemoryPlan:
+    """How the step fits the device (passes/memory.py): the mechanisms the compiler chose among
+    the target's (``mechanisms`` in its YAML), with what each costs, and the estimated peak.
+
+    - recompute: per layer in the RematPlan (none | selective | full);
+    - pieces: a segment whose working set does not fit runs the micro-batch in pieces
+      (``segment_pieces``; the smallest is ``piece_samples``, ``pieces`` of them), so its working
+      set is one piece's, at the target's overhead per piece and segment;
+    - offload: the kept activations of ``offloaded`` layers stream out to external memory in the
+      forward pass and back in before their backward segment (over the weight link).
+    """
+
+    micro_batch_size: int
+    pieces: int
+    piece_samples: int
+    offloaded: tuple[str, ...]        # layers whose kept activations leave the device
+    offload_bytes: int                # per micro-step, out in the forward and back in the backward
+    kept_bytes: int                   # kept activations resident on the device (after offload)
+    working_bytes: int                # the largest segment working set, one piece (recomputed values included)
+    buffer_bytes: int                 # weight buffers (or resident weights)
+    estimated_peak_bytes: int
+    memory_bytes: int
+    estimated_step_s: float           # per micro-step, the planner's estimate (the cost pass simulates)
+    recompute_s: float                # estimated compute time of the recomputation, per micro-step
+    piece_overhead_s: float           # per micro-step
+    offload_s: float                  # per micro-step, stream time of offload out + back in (maybe hidden)
+    fits: bool
+    mechanisms: tuple[str, ...]       # the mechanisms used, in words (recompute, pieces, offload)
+    available: tuple[str, ...]        # the target's mechanisms
+    note: str = ""                    # why: the choice in a sentence
+    # (layer, phase, piece samples) of the segments that run in pieces; the others run whole
+    segment_pieces: tuple[tuple[str, str, int], ...] = ()
+
+    def piece_for(self, layer: str, phase: str) -> int:
+        """The piece size a segment of ``layer`` in ``phase`` runs in (the micro-batch: whole)."""
+        return next((q for lay, ph, q in self.segment_pieces if lay == layer and ph == phase), self.micro_batch_size)
+
+
+@dataclass(frozen=True)
 class Program:
     gm: fx.GraphModule
     inputs: tuple[InputSpec, ...]
@@ -219,6 +267,7 @@ class Program:
     segments: Optional[tuple[Segment, ...]] = None
     schedule: Optional[Schedule] = None
     remat: Optional[RematPlan] = None
+    memory: Optional[MemoryPlan] = None
     world_size: int = 1                # ranks the data_parallel pass compiled the program for
     collectives: tuple = ()            # data_parallel's buckets (passes.data_parallel.Bucket)
 

@@ -50,6 +50,8 @@ class Compute(Section):
 class Memory(Section):
     bytes: Positive                           # on-device memory: activations + weight buffers
     bandwidth: Positive                       # bytes/s
+    # Share of ``bandwidth`` that memory-bound kernels reach (a measured stream benchmark / datasheet).
+    bandwidth_efficiency: Share = 1.0
     cache_bytes: Annotated[float, Field(ge=0)] = 0.0    # ops moving at most this many bytes ...
     cache_bandwidth: Optional[Positive] = None           # ... run at this bandwidth (CPU caches)
     weight_buffer_share: Share = 0.25         # share of memory reserved for streamed weights
@@ -72,20 +74,60 @@ class ExternalMemory(Section):
     optimizer_tensor_overhead_s: Annotated[float, Field(ge=0)] = 0.0   # per gradient tensor clipped + updated
 
 
+class Pieces(Section):
+    """Running a micro-batch through a segment in pieces of samples: the segment's working set
+    (its largest kernel's values and the values it recomputes) is one piece's."""
+
+    enabled: bool = False
+    overhead_s: Annotated[float, Field(ge=0)] = 0.0     # per piece and segment (fill and drain)
+    min_samples: Annotated[int, Field(gt=0)] = 1        # the smallest piece
+
+
+class Offload(Section):
+    """Kept activations streamed out to external memory in the forward pass and back in before
+    their backward segment, over the weight link (gradients use the out-direction only in the
+    backward; weights the in-direction in both)."""
+
+    enabled: bool = False
+
+
+class Mechanisms(Section):
+    """What the compiler may do to fit a step in device memory (passes/memory.py)."""
+
+    recompute: bool = True
+    pieces: Pieces = Pieces()
+    offload: Offload = Offload()
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, on in (("recompute", self.recompute), ("pieces", self.pieces.enabled),
+                                     ("offload", self.offload.enabled)) if on)
+
+
 class Interconnect(Section):
-    """How several systems train one model data-parallel (``passes/scaling.py``)."""
+    """How several systems train one model data-parallel (``passes/scaling.py``, ``passes/cluster.py``)."""
 
     topology: Literal["swarmx", "ring"]       # swarmx: broadcast weights / reduce gradients in a tree
     bandwidth: Positive = 1.0                 # ring: bytes/s each direction per system, within a node
     bandwidth_across_nodes: Optional[Positive] = None   # ring: per system, between nodes
     systems_per_node: Annotated[int, Field(gt=0)] = 1
     latency_s: Annotated[float, Field(ge=0)] = 0.0      # per hop (swarmx) or per ring step
+    # Share of the link a large ring collective reaches (NCCL bus bandwidth / link rate, measured).
+    efficiency: Share = 1.0
+    efficiency_across_nodes: Optional[Share] = None      # the same between nodes (default: efficiency)
 
     def ring_bandwidth(self, systems: int) -> float:
         """The slowest link a ring over ``systems`` crosses."""
         if systems > self.systems_per_node and self.bandwidth_across_nodes:
             return min(self.bandwidth, self.bandwidth_across_nodes)
         return self.bandwidth
+
+    def collective_bandwidth(self, systems: int) -> float:
+        """The bus bandwidth a large ring collective reaches over ``systems``: the slowest link
+        times its measured efficiency."""
+        if systems > self.systems_per_node and self.bandwidth_across_nodes:
+            across = self.bandwidth_across_nodes * (self.efficiency_across_nodes or self.efficiency)
+            return min(self.bandwidth * self.efficiency, across)
+        return self.bandwidth * self.efficiency
 
 
 class Target(Section):
@@ -101,6 +143,7 @@ class Target(Section):
     # The ops it lowers: an op set (configs/targets/NAME.ops, the vendor's list with its source);
     # none: every op of the registry (host and GPU executors run ATen). The legalize pass reads it.
     ops: Optional[str] = None
+    mechanisms: Mechanisms = Mechanisms()
     sources: list[str] = []
     assumptions: list[str] = []
 

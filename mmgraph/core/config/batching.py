@@ -28,3 +28,30 @@ def rank_batch(batch_size: int, micro_batch_size, world_size: int) -> RankBatch:
     mbs = micro_batch_size if isinstance(micro_batch_size, int) else local
     mbs = min(mbs, local)
     return RankBatch(local, mbs, len(split_batch(local, mbs)))
+
+
+@dataclass(frozen=True)
+class Search:
+    """``micro_batch_size`` left to the compiler: ``auto`` (the divisors of the batch) or
+    ``explore`` (every micro-batch from ``low`` to ``high``)."""
+
+    kind: str                     # auto | explore
+    low: int
+    high: int
+
+    def sizes(self, batch_size: int) -> list[int]:
+        if self.kind == "auto":
+            return [m for m in range(1, batch_size + 1) if batch_size % m == 0]
+        return list(range(self.low, self.high + 1))
+
+
+def micro_batch_search(micro_batch_size, batch_size: int) -> "Search | None":
+    """What the compiler is asked to choose among, or None for a given micro-batch."""
+    if micro_batch_size == "auto":
+        return Search("auto", 1, batch_size)
+    if micro_batch_size == "explore":
+        return Search("explore", 1, batch_size)
+    bounds = getattr(micro_batch_size, "explore", None)
+    if bounds is not None:
+        return Search("explore", bounds.min, bounds.max or batch_size)
+    return None
