@@ -85,9 +85,11 @@ def compiler_sha256() -> str:
 
 
 def fingerprint(params: Params, mode: str, *, target: Optional[str], world_size: int = 1, zero: int = 0,
-                bucket_bytes: Optional[int] = None, remat: Optional[str] = None) -> dict:
+                bucket_bytes: Optional[int] = None, remat: Optional[str] = None, update: bool = False) -> dict:
     """What a program of ``params`` for ``mode`` is compiled from (JSON-able); settings that do
-    not change the program are normalised away (ZeRO-1 is DDP's program; one rank has no buckets)."""
+    not change the program are normalised away (ZeRO-1 is DDP's program; one rank has no buckets).
+    ``update``: the program holds the optimizer update (``--optimizer_in_program``), so the
+    optimizer's settings shape it too (all but the learning rate, an input)."""
     from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES
 
     parallel = mode == "train" and world_size > 1
@@ -97,11 +99,15 @@ def fingerprint(params: Params, mode: str, *, target: Optional[str], world_size:
     _flat("model", params.model.model_dump(mode="json"), keys)
     if data is not None:
         _flat(section, {k: v for k, v in data.model_dump(mode="json").items() if k not in DATA_ONLY}, keys)
+    update = update and mode == "train"
+    if update and params.optimizer is not None:
+        _flat("optimizer", {k: v for k, v in params.optimizer.model_dump(mode="json").items()
+                            if k != "learning_rate"}, keys)
     return {"format": FORMAT, "mmgraph": __version__, "torch": torch.__version__, "compiler": compiler_sha256(),
             "mode": mode, "target": target,
             "world_size": world_size if parallel else 1, "zero": zero if parallel and zero == 2 else 0,
             "bucket_bytes": (bucket_bytes or DEFAULT_BUCKET_BYTES) if parallel else None, "remat": remat,
-            "params": keys}
+            "update": "program" if update else "host", "params": keys}
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:

@@ -23,7 +23,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify, args.target,
                        remat=args.remat, world_size=args.world_size, zero=args.zero,
-                       bucket_bytes=_bucket_bytes(args.bucket_mb), real_tokens=_real_tokens(args.real_tokens))
+                       bucket_bytes=_bucket_bytes(args.bucket_mb), real_tokens=_real_tokens(args.real_tokens),
+                       optimizer_in_program=args.optimizer_in_program)
 
 
 def _real_tokens(n: Optional[float]) -> Optional[float]:
@@ -80,7 +81,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     return run(args.params, args.model_dir, args.mode, args.device, args.checkpoint_path, args.max_steps,
                args.target, args.executor, args.eval_executor, args.weight_streaming, remat=args.remat,
-               zero=args.zero, bucket_bytes=_bucket_bytes(args.bucket_mb), program_dir=args.program)
+               zero=args.zero, bucket_bytes=_bucket_bytes(args.bucket_mb), program_dir=args.program,
+               optimizer_in_program=args.optimizer_in_program)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -132,6 +134,13 @@ def _add_check(sub) -> None:
     check.set_defaults(func=_cmd_check)
 
 
+def _optimizer_flag(parser) -> None:
+    parser.add_argument("--optimizer_in_program", action="store_true",
+                        help="the training program also holds the optimizer update (weights, optimizer state, "
+                             "learning rate and step in; new weights and state out), as cstorch traces a step; "
+                             "one rank, one micro-step per step (docs/compiler.md)")
+
+
 def _add_compile(sub) -> None:
     comp = sub.add_parser(
         "compile", help="trace the step to one graph, run the passes, dump every stage",
@@ -147,6 +156,7 @@ def _add_compile(sub) -> None:
     comp.add_argument("--target", default="cs2", metavar="NAME",
                       help="hardware to simulate: cs2 (default), cs3, h100, h200, host (after "
                            "mmgraph calibrate) or a target YAML")
+    _optimizer_flag(comp)
     comp.add_argument("--validate_only", action="store_true",
                       help="stop after params validation and tracing; write nothing")
     comp.add_argument("--verify", action="store_true",
@@ -209,6 +219,7 @@ def _add_run(sub) -> None:
     runp.add_argument("--remat", choices=("none", "selective", "full", "auto"), metavar="POLICY",
                       help="activation recomputation: none, selective, full or auto (default: the "
                            "params' model.activation_checkpointing, auto)")
+    _optimizer_flag(runp)
     runp.add_argument("--program", metavar="DIR",
                       help="run the saved programs in DIR (a MODEL_DIR/programs folder written by `mmgraph compile`); "
                            "refused when they were compiled from other params, target or versions. Default: "

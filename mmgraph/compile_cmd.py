@@ -80,12 +80,12 @@ def explore_table(choice, target, search) -> str:
 
 
 def _save_programs(params, mode: str, model_dir: str, stages, target, remat, world_size: int, zero: int,
-                   bucket_bytes, resolved: dict):
+                   update: bool, bucket_bytes, resolved: dict):
     """The artifact ``mmgraph run`` loads instead of tracing (MODEL_DIR/programs/MODE)."""
     from mmgraph import artifact
 
     wanted = artifact.fingerprint(params, mode, target=target.name, world_size=world_size, zero=zero,
-                                  bucket_bytes=bucket_bytes, remat=remat)
+                                  bucket_bytes=bucket_bytes, remat=remat, update=update)
     return artifact.save_stages(artifact.programs_dir(model_dir), mode, stages, wanted, resolved)
 
 
@@ -109,7 +109,8 @@ def _fit_numbers(s) -> str:
 
 def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool, verify: bool,
                 target_name: str = "cs2", remat=None, world_size: int = 1, zero: int = 0,
-                bucket_bytes: Optional[int] = None, real_tokens: Optional[float] = None) -> int:
+                bucket_bytes: Optional[int] = None, real_tokens: Optional[float] = None,
+                optimizer_in_program: bool = False) -> int:
     from mmgraph.pipeline import compile_step
     from mmgraph.core.target import load_target
     from mmgraph.trace import trace_step
@@ -140,14 +141,14 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         share = min(1.0, real_tokens / seq) if real_tokens else None
         stages = compile_step(params, mode, verify=verify, target=target, micro_batch_size=mbs, remat=remat,
                               world_size=world_size, accumulate=accumulate, zero=zero, bucket_bytes=bucket_bytes,
-                              real_share=share)
+                              real_share=share, optimizer_in_program=optimizer_in_program)
         mlir = to_mlir(stages[-1].program)
         check = vendor_check(stages, mlir, params_path, target)     # exit 2 when the tool refuses it
         world = world_report(stages[-1].program, target, params.precision, world_size, zero,
                              data.batch_size if data else 1, seq, stages[-1].program.schedule.real_token_share)
         try:
             where = write_dumps(stages, model_dir, params_path, params, target, world, mlir=mlir, cirh=check)
-            saved = _save_programs(params, mode, model_dir, stages, target, requested_remat, world_size, zero,
+            saved = _save_programs(params, mode, model_dir, stages, target, requested_remat, world_size, zero, optimizer_in_program,
                                    bucket_bytes, {"micro_batch": mbs, "remat": remat})
         except OSError as err:              # a full disk: what compile is for could not be written
             raise UserError(Problem(str(model_dir), None, f"cannot write the dumps and the program "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from mmgraph.core.config import Params
-from mmgraph.core.errors import UserError
+from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import InputKind, PassRecord, Program
 from mmgraph.core.ops import is_random
 from mmgraph.trace import trace_step
@@ -54,7 +54,8 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
                  on_stage: Optional[Callable[[Stage], None]] = None, target: Optional[Target] = None,
                  micro_batch_size: Optional[int] = None, remat: Optional[str] = None,
                  world_size: int = 1, accumulate: bool = False, zero: int = 0,
-                 bucket_bytes: Optional[int] = None, real_share: Optional[float] = None) -> list[Stage]:
+                 bucket_bytes: Optional[int] = None, real_share: Optional[float] = None,
+                 optimizer_in_program: bool = False) -> list[Stage]:
     """Trace the step of ``params`` and lower it (for ``target``, when given: segments and a
     simulated schedule); returns every stage, first to last. ``remat`` overrides the params'
     ``model.activation_checkpointing``; ``world_size`` > 1 compiles a training step for that many
@@ -90,6 +91,15 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
             ("cost", make_cost(target, precision, batch, seq, real_share or _real_share(params, mode),  # 08: schedule
                                lambda p: resident_bytes(p, precision, target, world_size, zero))),
         ]
+    if optimizer_in_program and mode == "train":
+        if world_size > 1:
+            raise UserError(Problem(params.path, "--optimizer_in_program", "holds the update of one rank; "
+                                    "data parallelism reduces gradients outside it (run without --world_size)"))
+        if program.batch_size != batch:
+            raise UserError(Problem(params.path, "train_input.micro_batch_size",
+                                    f"--optimizer_in_program updates once per program run: micro_batch_size "
+                                    f"{program.batch_size} must equal batch_size {batch} (one micro-step per step)"))
+        passes.append(("optimizer", _optimizer_pass(params, target)))          # 09: the update, in the program
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
     _check(stages[-1], params, verify, numeric, on_stage)
     for name, fn in passes:
@@ -102,12 +112,31 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     return stages
 
 
+def _optimizer_pass(params: Params, target: Optional[Target]) -> Pass:
+    """The update spliced into the program (passes/optimizer.py), with the model's weight-decay
+    rule; legalized again for a target with an op set."""
+    from mmgraph.core.update import UpdateRule
+    from mmgraph.models import build_model
+    from mmgraph.models.anatomy import no_weight_decay
+    from mmgraph.passes.optimizer import make_optimizer_in_program
+
+    if params.optimizer is None:
+        raise UserError(Problem(params.path, "optimizer", "--optimizer_in_program needs an optimizer section"))
+    no_decay = no_weight_decay(build_model(params, device="meta")[0])
+    legalize = make_legalize(target) if target is not None and target.ops else None
+    runs_on = ("MemoryX (weight streaming; costed by the cost pass at the target's optimizer_update_rate)"
+               if target is not None and target.stream_enabled else "the device, after the backward")
+    return make_optimizer_in_program(UpdateRule.of(params.optimizer), no_decay, legalize, runs_on)
+
+
 def _check(stage: Stage, params: Params, verify: bool, numeric: bool, on_stage) -> None:
     if verify:
         verify_structure(stage.program, stage.name)
         # A program that draws the target's own random numbers (the wafer's dropout, after
         # legalize) has no eager twin: its structure is checked, its numerics were before.
-        if numeric and not any(is_random(n) for n in stage.program.ops()):
+        # The update (--optimizer_in_program) is checked by running it against the runtime's
+        # optimizer (tests/test_optimizer_in_program.py), not against eager autograd.
+        if numeric and not any(is_random(n) for n in stage.program.ops()) and stage.name != "optimizer":
             # A data-parallel program runs in a group of one: its sums over ranks are the local
             # gradients, which eager PyTorch gives.
             with solo_group(stage.program):

@@ -53,18 +53,19 @@ class RunOptions:
     zero: int = 0
     bucket_bytes: Optional[int] = None
     program_dir: Optional[str] = None
+    optimizer_in_program: bool = False
 
 
 def _run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
          checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
          executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False,
          remat: Optional[str] = None, zero: int = 0, bucket_bytes: Optional[int] = None,
-         program_dir: Optional[str] = None) -> int:
+         program_dir: Optional[str] = None, optimizer_in_program: bool = False) -> int:
     from mmgraph.runtime.distributed import from_env
 
     params = load_params(params_path, mode)
     opts = RunOptions(_device(device), checkpoint_path, max_steps, target, executor, eval_executor, weight_streaming,
-                      remat, zero, bucket_bytes, program_dir)
+                      remat, zero, bucket_bytes, program_dir, optimizer_in_program)
     ranks = from_env(opts.device)               # torchrun's ranks: joins the process group
     done = False
     try:
@@ -115,7 +116,8 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
         check_memory(params, opts.device, ranks)
 
     programs = _programs(params, params_path, model_dir, opts.target, remat, ranks, opts.zero, opts.bucket_bytes,
-                         opts.weight_streaming, train_mode, eval_loader is not None, say, opts.program_dir, original)
+                         opts.weight_streaming, train_mode, eval_loader is not None, say, opts.program_dir, original,
+                         update=opts.optimizer_in_program)
     runner = Runner(params, model_dir, programs.train, programs.eval, opts.device, executor=opts.executor,
                     eval_executor=opts.eval_executor, weight_streaming=opts.weight_streaming,
                     weights=initial_weights(params), ranks=ranks, no_sync=programs.no_sync,
@@ -148,7 +150,8 @@ def _identity(original, params, mode: str, model_dir: str, opts: RunOptions, tra
     out: dict = {}
     for m in ("train", "eval") if mode == "train_and_eval" else (mode,):
         stamp = artifact.fingerprint(original, m, target=opts.target, zero=opts.zero,
-                                     bucket_bytes=opts.bucket_bytes, remat=opts.remat)
+                                     bucket_bytes=opts.bucket_bytes, remat=opts.remat,
+                                     update=opts.optimizer_in_program)
         out.update({f"program.{k}": v for k, v in stamp.pop("params").items()})
         out.update({f"program.{k}": v for k, v in stamp.items()})
     sections = {"optimizer": params.optimizer, "runconfig": params.runconfig}
@@ -178,7 +181,7 @@ def _resolve_auto(params, model_dir: str, opts: RunOptions, ranks, say):
     tgt = load_target(opts.target)
     store = Path(opts.program_dir) if opts.program_dir else artifact.programs_dir(model_dir)
     wanted = artifact.fingerprint(params, "train", target=tgt.name, world_size=ranks.world_size, zero=opts.zero,
-                                  bucket_bytes=opts.bucket_bytes, remat=opts.remat)
+                                  bucket_bytes=opts.bucket_bytes, remat=opts.remat, update=opts.optimizer_in_program)
     where, _ = artifact.find(store, "train", wanted)
     resolved = (artifact.read_fingerprint(where) or {}).get("resolved", {}) if where else {}
     if resolved.get("micro_batch"):
@@ -199,7 +202,7 @@ class Programs:
 
 
 def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket_bytes, weight_streaming,
-              train_mode, evaluate, say, program_dir=None, original=None) -> Programs:
+              train_mode, evaluate, say, program_dir=None, original=None, update: bool = False) -> Programs:
     """The programs the run executes: the saved artifacts (MODEL_DIR/programs, or ``program_dir``)
     when their fingerprints match, else compiled (dumps in MODEL_DIR/compile and the artifacts
     written by rank 0). ``original``: the params before ``auto`` was resolved (fingerprints are
@@ -215,12 +218,12 @@ def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket
     compiled: list[str] = []
     if train_mode:
         wanted = artifact.fingerprint(original or params, "train", target=tgt.name, world_size=world, zero=zero,
-                                      bucket_bytes=bucket_bytes, remat=remat)
+                                      bucket_bytes=bucket_bytes, remat=remat, update=update)
         rb = rank_batch(params.train_input.batch_size, params.train_input.micro_batch_size, world)
         names = ["train", "train.no_sync"] if world > 1 and rb.micro_batches > 1 else ["train"]
         found = _load_saved(store, names, wanted, program_dir, say)
         if found is None:
-            stages = _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb)
+            stages = _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb, update)
             if ranks.main:
                 _write_cache(lambda: _dumps_and_program(stages, model_dir, params_path, tgt, store, wanted, {
                     "micro_batch": params.train_input.micro_batch_size, "remat": remat}))
@@ -265,12 +268,13 @@ def _load_saved(store: Path, names: list[str], wanted: dict, program_dir, say) -
     return found
 
 
-def _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb) -> list:
+def _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb, update: bool = False) -> list:
     from mmgraph.pipeline import compile_step
 
     return compile_step(params, "train", target=tgt, remat=remat, world_size=world,
                         micro_batch_size=rb.micro_batch if world > 1 else None,
-                        accumulate=world > 1 and rb.micro_batches > 1, zero=zero, bucket_bytes=bucket_bytes)
+                        accumulate=world > 1 and rb.micro_batches > 1, zero=zero, bucket_bytes=bucket_bytes,
+                        optimizer_in_program=update)
 
 
 def _before_data_parallel(stages) -> Program:

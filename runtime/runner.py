@@ -23,6 +23,7 @@ from mmgraph.core.config import Params, rank_batch
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
 from mmgraph.core.rng import rng_inputs
+from mmgraph.core.update import UpdateRule, step_scalars
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.distributed import SINGLE, Ranks, all_sum, bind_group
 from mmgraph.runtime.executors import Executor, make_executor
@@ -74,6 +75,10 @@ class Runner:
                         for k, v in weights.items()}
         self.trainable = [s.name for s in (train.inputs if train else []) if s.kind == InputKind.PARAM and s.trainable]
         self._dropout = train is not None and any(s.kind == InputKind.RNG for s in train.inputs)
+        self._update = train is not None and any(o.kind == "param_update" for o in train.outputs)
+        if self._update and (train.world_size > 1 or weight_streaming or zero):
+            raise UserError(Problem(None, "--optimizer_in_program", "runs in one process, without --zero and "
+                                    "--weight_streaming (the update reads every weight at once)"))
         self.optimizer = self._optimizer() if params.optimizer else None
         scaled = train is not None and any(s.name == LOSS_SCALE for s in train.inputs)
         self.scaler: Optional[LossScaler] = LossScaler(params.optimizer) if scaled and params.optimizer else None
@@ -241,10 +246,71 @@ class Runner:
                     total[k] = g * share
         return float(loss), total
 
+    def _update_in_program(self, micro_batches: list[dict[str, torch.Tensor]], start: float) -> StepResult:
+        """One step of a program that holds the update (``--optimizer_in_program``): weights,
+        optimizer state, learning rate and step in; new weights and state out, written back."""
+        program, opt = self.train_program, self.optimizer
+        if len(micro_batches) != 1:
+            raise UserError(Problem(None, "--optimizer_in_program", f"the program updates once per run, but this "
+                                    f"step has {len(micro_batches)} micro-batches"))
+        batch = {k: v for k, v in micro_batches[0].items() if k != "rows"}
+        rows = batch["labels"].shape[0]
+        if self._dropout:
+            batch |= rng_inputs(self.params.runconfig.seed, self._first_sample(), rows, self.device)
+        lr = learning_rate(opt.cfg, opt.step_count)
+        scalars = step_scalars(UpdateRule.of(opt.cfg), lr, opt.step_count, self.scaler.scale if self.scaler else 1.0)
+        args = []
+        for s in program.inputs:
+            if s.kind == InputKind.STATE:
+                name, _, key = s.name.rpartition("::")
+                st = opt.state.setdefault(name, {})
+                if key not in st:
+                    st[key] = torch.zeros_like(self.weights[name])
+                args.append(st[key])
+            elif s.kind == InputKind.SCALAR:
+                args.append(torch.tensor(scalars[s.name], dtype=torch.float32, device=self.device))
+            elif s.kind == InputKind.PARAM:
+                args.append(self.weights[s.name])
+            elif s.name == LOSS_SCALE:
+                args.append(self.scaler.seed(self.device))
+            else:
+                args.append(batch[s.name].to(self.device))
+        outs = self.train_exec(args)
+        loss = float(outs[0])
+        if not math.isfinite(loss):
+            self._diverged(f"loss is {loss}")
+        found = {o.kind: v for o, v in zip(program.outputs, outs) if o.kind in ("grad_norm", "finite")}
+        finite = bool(found["finite"]) if "finite" in found else True
+        norm = float(found["grad_norm"]) if finite else math.inf
+        if finite and not math.isfinite(norm):
+            self._diverged(f"gradients are not finite (global norm {norm})")
+        with torch.no_grad():
+            for o, v in zip(program.outputs, outs):
+                if o.kind == "param_update":
+                    self.weights[o.target].copy_(v)
+                elif o.kind == "state_update":
+                    name, _, key = o.target.rpartition("::")
+                    opt.state[name][key] = v
+        if finite:
+            opt.step_count += 1
+            bad = checkpoint.non_finite({k: self.weights[k] for k in self.trainable})
+            if bad:
+                self._diverged(f"the update made {len(bad)} weights non-finite (e.g. {bad[0]}; learning rate {lr:.3g})")
+        else:
+            lr = learning_rate(opt.cfg, opt.step_count)
+        if self.scaler:
+            self.scaler.update(finite)
+        self.step += 1
+        tokens = int((1 - batch["key_padding_mask"]).sum())
+        return StepResult(self.step, loss, lr, norm, time.perf_counter() - start,
+                          int(micro_batches[0].get("rows", rows)), tokens)
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over the micro-batches of one batch (this rank's part of it): loss
         and gradients equal the whole global batch's at once (see ``_weights_of``)."""
         start = time.perf_counter()
+        if self._update:
+            return self._update_in_program(micro_batches, start)
         loss, total = self._gradients(micro_batches)
         samples = sum(b.get("rows", b["labels"].shape[0]) for b in micro_batches)
         tokens = int(sum((1 - b["key_padding_mask"]).sum() for b in micro_batches))

@@ -26,6 +26,8 @@ class InputKind(str, Enum):
     BATCH = "batch"
     GRAD = "grad"      # a gradient accumulated over earlier micro-batches (data_parallel's last micro-step)
     RNG = "rng"        # the random inputs of dropout (RNG_FIELDS), set by the runtime per micro-batch
+    STATE = "state"    # optimizer state (``WEIGHT::KEY``) of a program that holds the update
+    SCALAR = "scalar"  # a 0-d step scalar of that program: learning rate, step, inverse loss scale
 
 
 class Phase(str, Enum):
@@ -53,7 +55,9 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """``loss``, or ``grad`` of the parameter ``target``."""
+    """``loss``, ``logits``, ``grad`` of the parameter ``target``; a program that holds the update:
+    ``param_update`` (the new value of the weight ``target``, which it replaces),
+    ``state_update`` (optimizer state ``target``), ``grad_norm``, ``finite`` (float16)."""
 
     kind: str
     target: Optional[str] = None

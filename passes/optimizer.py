@@ -1,0 +1,160 @@
+"""The optimizer update in the program (``--optimizer_in_program``): one function holds the
+forward, the backward and the update, as cstorch traces a training step.
+
+The pass runs last, on the lowered program: the weights' gradients stop being outputs and feed
+the update (mmgraph/core/update.py, traced once with make_fx and spliced in); the program takes
+the optimizer state (kind ``state``, named ``WEIGHT::KEY`` as the runtime's optimizer names it)
+and the step's scalars (kind ``scalar``: learning rate, Adam's bias correction and step size, inverse loss scale) as inputs, and
+returns each trainable weight's new value (``param_update``, aliased to its weight input), the
+new state (``state_update``), the global gradient norm and, for float16, whether the step was
+finite. The update's ops are phase ``backward``, layer ``optimizer``.
+
+The analyses before it (segments, schedule, memory) leave the update out on purpose: the cost
+pass already places it where the target runs it, in MemoryX for weight streaming (its
+``optimizer_update_rate``) and after the step on a host. On a target with an op set the spliced
+ops are legalized like the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from mmgraph.core.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.core.opcost import node_bytes, node_flops, node_val
+from mmgraph.core.update import CORRECTION, INV_SCALE, LR, STEP_SIZE, UpdateRule, apply
+from mmgraph.passes.util import copy_program
+
+LAYER = "optimizer"
+_SANITIZE = re.compile(r"[^0-9a-zA-Z_]")
+
+
+def state_name(weight: str, key: str) -> str:
+    return f"{weight}::{key}"
+
+
+def make_optimizer_in_program(rule: UpdateRule, no_decay: frozenset, legalize=None, runs_on: str = "host"):
+    """The pass; ``legalize``: the target's legalize pass, run again on the spliced program;
+    ``runs_on``: where the target runs the update (in the notes; the cost pass costs it there)."""
+
+    def optimizer(program: Program) -> tuple[Program, dict]:
+        if program.mode != "train":
+            return program, {"update": "none (no backward)"}
+        if program.world_size > 1 or any(s.kind == InputKind.GRAD for s in program.inputs):
+            raise ValueError("the optimizer in the program needs one rank and one micro-step per step")
+        new = _splice(program, rule, no_decay)
+        notes = {"rule": rule.kind, "runs_on": runs_on, "weights": sum(1 for o in new.outputs if o.kind == "param_update"),
+                 "state_inputs": sum(1 for s in new.inputs if s.kind == InputKind.STATE)}
+        if legalize is not None:
+            new, more = legalize(new)
+            notes["legalized"] = more.get("rewritten", 0)
+        return new, notes
+    return optimizer
+
+
+def _splice(program: Program, rule: UpdateRule, no_decay: frozenset) -> Program:
+    gm, info = copy_program(program)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    weight_node = {s.name: p for p, s in zip(placeholders, program.inputs) if s.kind == InputKind.PARAM}
+    spec_of = {s.name: s for s in program.inputs}
+    out_node = graph.output_node()
+    outs = list(out_node.args[0])
+    grads = [(o.target, n) for o, n in zip(program.outputs, outs) if o.kind == "grad"]
+    keep = [(o, n) for o, n in zip(program.outputs, outs) if o.kind != "grad"]
+    names = [w for w, _ in grads]
+    scaled = any(s.name == LOSS_SCALE for s in program.inputs)
+
+    # new placeholders after the last one: the state, then the scalars
+    new_inputs = list(program.inputs)
+    state_nodes: list[dict] = []
+    last = placeholders[-1]
+    fake_mode = node_val(weight_node[names[0]])[0].fake_mode if names else None
+
+    def placeholder(name: str, kind: InputKind, shape, dtype, node_name: str) -> fx.Node:
+        nonlocal last
+        with graph.inserting_after(last):
+            node = graph.placeholder(node_name)
+        with fake_mode:                      # a value of the trace's own fake mode (the MLIR importer reads it)
+            node.meta["val"] = torch.empty(shape, dtype=dtype)
+        info[node.name] = NodeInfo(tuple(shape), dtype, "", "", Phase.FORWARD, 0, 0)
+        new_inputs.append(InputSpec(name, kind, False, tuple(shape), dtype))
+        last = node
+        return node
+
+    for w in names:
+        spec = spec_of[w]
+        state_nodes.append({k: placeholder(state_name(w, k), InputKind.STATE, spec.shape, spec.dtype,
+                                           "s_" + _SANITIZE.sub("_", f"{w}_{k}")) for k in rule.state_keys()})
+    lr = placeholder(LR, InputKind.SCALAR, (), torch.float32, LR)
+    correction = placeholder(CORRECTION, InputKind.SCALAR, (), torch.float32, CORRECTION)
+    step_size = placeholder(STEP_SIZE, InputKind.SCALAR, (), torch.float32, STEP_SIZE)
+    inv = placeholder(INV_SCALE, InputKind.SCALAR, (), torch.float32, INV_SCALE) if scaled else None
+
+    decayed = [w not in no_decay for w in names]
+    keys = rule.state_keys()
+
+    def update(ps, gs, ss, lr_, corr_, size_, inv_):
+        states = [dict(zip(keys, s)) for s in ss]
+        scalars = {LR: lr_, CORRECTION: corr_, STEP_SIZE: size_} | ({INV_SCALE: inv_} if inv_ is not None else {})
+        new_p, new_s, norm, finite = apply(rule, ps, gs, states, decayed, scalars)
+        flat = [st[k] for st in new_s for k in keys]
+        return (*new_p, *flat, norm) + ((finite,) if finite is not None else ())
+
+    def val(node: fx.Node) -> torch.Tensor:
+        return node_val(node)[0]
+
+    example_p = [val(weight_node[w]) for w in names]
+    example_g = [val(n) for _, n in grads]
+    example_s = [[val(state_nodes[i][k]) for k in keys] for i in range(len(names))]
+    with fake_mode:
+        sub = make_fx(update)(example_p, example_g, example_s, val(lr), val(correction), val(step_size),
+                              val(inv) if scaled else None)
+    sub_in = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    sources = ([weight_node[w] for w in names] + [n for _, n in grads]
+               + [state_nodes[i][k] for i in range(len(names)) for k in keys] + [lr, correction, step_size] + ([inv] if scaled else []))
+    env = dict(zip(sub_in, sources))
+    made: list[fx.Node] = []
+    with graph.inserting_before(out_node):
+        for node in sub.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            new = graph.node_copy(node, lambda n: env[n])
+            env[node] = new
+            made.append(new)
+    results = [env[a] if isinstance(a, fx.Node) else a for a in sub.graph.output_node().args[0]]
+    for node in made:
+        vals = node_val(node)
+        info[node.name] = NodeInfo(tuple(vals[0].shape) if vals else (), vals[0].dtype if vals else None,
+                                   LAYER, LAYER, Phase.BACKWARD, node_flops(node), node_bytes(node))
+    n = len(names)
+    new_p, rest = results[:n], results[n:]
+    new_s, rest = rest[:n * len(keys)], rest[n * len(keys):]
+    outputs = [o for o, _ in keep]
+    values = [v for _, v in keep]
+    outputs += [OutputSpec("param_update", w) for w in names]
+    values += new_p
+    outputs += [OutputSpec("state_update", state_name(w, k)) for w in names for k in keys]
+    values += new_s
+    outputs.append(OutputSpec("grad_norm"))
+    values.append(rest[0])
+    if scaled:
+        outputs.append(OutputSpec("finite"))
+        values.append(rest[1])
+    out_node.args = (tuple(values),)
+    graph.lint()
+    gm.recompile()
+    return replace(program.with_pass_result(gm, info, tuple(outputs)), inputs=tuple(new_inputs))
+
+
+def state_inputs(program: Program) -> list[InputSpec]:
+    return [s for s in program.inputs if s.kind == InputKind.STATE]
+
+
+def has_update(program: Optional[Program]) -> bool:
+    return program is not None and any(o.kind == "param_update" for o in program.outputs)
