@@ -146,10 +146,8 @@ def program_sha256(program: ir.Program) -> str:
 
 # -- values -> JSON ------------------------------------------------------------------------------
 def _dataclasses() -> dict[str, type]:
-    from mmgraph.passes.data_parallel import Bucket
-
     classes = [ir.InputSpec, ir.OutputSpec, ir.NodeInfo, ir.PassRecord, ir.Kernel, ir.Segment, ir.SegmentTime,
-               ir.Schedule, ir.RematLayer, ir.RematPlan, ir.MemoryPlan, Bucket]
+               ir.Schedule, ir.RematLayer, ir.RematPlan, ir.MemoryPlan, ir.Bucket]
     return {c.__name__: c for c in classes}
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 from mmgraph.core.ir import Program
-from mmgraph.core.ops import cleanup_role
+from mmgraph.core.ops import cleanup_role, info as op_info
 from mmgraph.passes.util import copy_program, drop_dead
 
 def _shape(node) -> tuple | None:
@@ -16,11 +16,18 @@ def _shape(node) -> tuple | None:
 
 
 def _key(node: fx.Node):
+    """What makes two calls the same: target and arguments, Python numbers with their type
+    (``1``, ``1.0`` and ``True`` hash alike but give other dtypes; ``0.0`` and ``-0.0`` other
+    values)."""
     def freeze(x):
         if isinstance(x, (list, tuple)):
-            return tuple(freeze(i) for i in x)
+            return (type(x).__name__,) + tuple(freeze(i) for i in x)
         if isinstance(x, dict):
             return tuple(sorted((k, freeze(v)) for k, v in x.items()))
+        if isinstance(x, float):
+            return ("float", x.hex())
+        if isinstance(x, (bool, int)):
+            return (type(x).__name__, x)
         return x
     return (node.target, freeze(node.args), freeze(node.kwargs))
 
@@ -43,7 +50,9 @@ def cleanup(program: Program) -> tuple[Program, dict]:
             replacement, kind = node.args[0], "identities"
         elif role == "reshape" and _shape(node) is not None and _shape(node) == _shape(node.args[0]):
             replacement, kind = node.args[0], "noop_reshapes"
-        elif role != "fresh" and not str(node.target).endswith("_"):      # fresh: depends on more than its args
+        # CSE only what the registry knows to be a function of its arguments (fresh: depends
+        # on more; an unregistered op: unknown, so never merged)
+        elif role != "fresh" and op_info(node) is not None and not str(node.target).endswith("_"):
             key = _key(node)
             try:
                 hash(key)

@@ -39,7 +39,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from mmgraph.core.ir import GRAD_WEIGHT, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.core.ir import GRAD_WEIGHT, Bucket, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.core.ops import addresses_group
 from mmgraph.passes.util import copy_program
 
 aten = torch.ops.aten
@@ -47,24 +48,8 @@ c10d = torch.ops._c10d_functional
 ALL_REDUCE = c10d.all_reduce.default
 REDUCE_SCATTER = c10d.reduce_scatter_tensor.default
 WAIT = c10d.wait_tensor.default
-COLLECTIVES = (ALL_REDUCE, REDUCE_SCATTER, c10d.all_gather_into_tensor.default)
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024     # DDP's default bucket_cap_mb
 WORLD = "0"                                 # the default group's name; the runtime rebinds it
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """Gradients reduced by one collective: output positions, in backward order."""
-
-    index: int
-    outputs: tuple[int, ...]     # positions in the program's outputs
-    targets: tuple[str, ...]     # the parameters whose gradients these are
-    dtype: torch.dtype
-    numel: int                   # elements of the flat bucket (padded to the world size when sharded)
-    bytes: int
-    issue_after: str             # the node after which the collective is issued
-    collective: str              # node name of the collective
-    shapes: tuple[tuple[int, ...], ...] = ()   # of the gradients, in bucket order
 
 
 @contextlib.contextmanager
@@ -80,7 +65,7 @@ def solo_group(program: Program):
     try:
         name = dist.group.WORLD.group_name
         for node in program.gm.graph.nodes:
-            if node.target in COLLECTIVES and node.args[-1] != name:
+            if addresses_group(node) and node.args[-1] != name:
                 raise RuntimeError(f"collective {node.name} addresses group {node.args[-1]!r}, not {name!r}")
         yield
     finally:

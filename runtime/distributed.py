@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.ops import addresses_group
 
 # How long a collective may wait for a rank before the job ends (a dead rank must not hang it).
 DEFAULT_TIMEOUT_S = 60
-_COLLECTIVE_NAMES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor")
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,7 @@ def bind_group(gm: fx.GraphModule, group: str) -> fx.GraphModule:
     """The program's collectives addressed to ``group`` (compiled with a placeholder name)."""
     changed = False
     for node in gm.graph.nodes:
-        name = getattr(node.target, "__name__", "")
-        if node.op == "call_function" and name.split(".")[0] in _COLLECTIVE_NAMES and node.args[-1] != group:
+        if addresses_group(node) and node.args[-1] != group:
             node.args = node.args[:-1] + (group,)
             changed = True
     if changed:

@@ -14,6 +14,7 @@ from mmgraph.dump import kernels_per_layer, load_program, write_dumps
 from mmgraph.formats import parse_mlir, to_mlir
 from mmgraph.core.ir import Phase
 from mmgraph.core.opcost import node_flops
+from mmgraph.core.target import load_target
 from mmgraph.pipeline import reference_inputs, verify_against_eager
 from mmgraph.pipeline import compile_step
 from tests.conftest import BIG1, BIG2, TINY1, TINY2
@@ -26,8 +27,10 @@ MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convoluti
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_every_pass_keeps_loss_and_gradients(path, mode):
     # verify=True checks structure and numerics (rtol 1e-5) after every pass; it raises on a miss.
-    stages = compile_step(load_params(path), mode, verify=True)
-    assert [s.name for s in stages] == ["trace", "freeze_masks", "cleanup", "fusion"]
+    # with a target every pass runs: numerics after legalize and remat too
+    stages = compile_step(load_params(path), mode, verify=True, target=load_target("cs2"))
+    assert [s.name for s in stages] == ["trace", "freeze_masks", "cleanup", "legalize", "fusion", "remat",
+                                        "weight_streaming", "cost"]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmgraph.core.config import load_params
+from mmgraph.core.target import load_target
 from mmgraph.pipeline import compile_step
 from tests.conftest import FUZZ, TINY1
 
@@ -15,7 +16,7 @@ FREEZES = [[], ["^image_model.image_model_list"], ["^image_model.image_model_lis
            ["^text_model.transformer_decoder.layers.0", "^image_model.projection.ffn.0"]]
 
 
-@settings(FUZZ, max_examples=4)
+@settings(FUZZ, max_examples=6)
 @given(
     vit_layers=st.integers(1, 3), layer_idx=st.integers(-1, 0), select=st.sampled_from(["patch", "cls_patch"]),
     heads=st.sampled_from([(4, 4), (4, 2), (4, 1), (2, 2)]), llm_layers=st.integers(1, 2),
@@ -37,4 +38,5 @@ def test_passes_keep_semantics_on_random_configs(tmp_path_factory, vit_layers, l
         raw[section].update(max_num_img=images, batch_size=2, micro_batch_size=2)
     path = tmp_path_factory.mktemp("p") / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
-    compile_step(load_params(path), "train", verify=True)
+    stages = compile_step(load_params(path), "train", verify=True, target=load_target("cs2"))
+    assert [s.name for s in stages][3:6] == ["legalize", "fusion", "remat"]     # every pass checked

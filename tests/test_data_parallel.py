@@ -79,6 +79,12 @@ def test_buckets_capped_issued_after_last_gradient_and_waited_before_output(tiny
 def test_world_size_one_and_eval_programs_unchanged(tiny_train):
     same = run_pass("data_parallel", make_data_parallel(1), tiny_train)
     assert not _collectives(same, ALL_REDUCE) and same.world_size == 1
+    assert same.gm.code == tiny_train.gm.code and same.outputs == tiny_train.outputs
+    params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "eval")
+    evaluation = compile_step(params, "eval")[-1].program
+    kept = run_pass("data_parallel", make_data_parallel(2), evaluation)      # nothing to reduce
+    assert kept.gm.code == evaluation.gm.code and kept.outputs == evaluation.outputs
+    assert not kept.collectives and kept.world_size == 1
 
 
 def _toy_program(dtypes: list[torch.dtype]) -> Program:

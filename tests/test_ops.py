@@ -40,6 +40,7 @@ def test_an_op_is_one_entry(monkeypatch):
     assert ops.op_class(silu) == "elementwise" and ops.is_transcendental(silu)
     out = silu.meta["val"].numel()
     assert node_flops(silu) == out and node_bytes(silu) > 0
+    silu_flops = sum(node_flops(n) for n in program.ops() if ops.op_name(n) == "silu")
 
     monkeypatch.setitem(ops.REGISTRY, "silu", ops.Op("silu", "opaque", flops="zero", moves_bytes=False))
     assert ops.op_class(silu) == "opaque" and not ops.is_transcendental(silu)
@@ -47,6 +48,9 @@ def test_an_op_is_one_entry(monkeypatch):
     regrouped = compile_step(params, "train")[-1].program
     kernel = next(k for k in regrouped.kernels if silu.name in k.nodes)
     assert kernel.kind == "opaque" and kernel.nodes == (silu.name,)        # a kernel of its own, as opaque ops are
+    # the cost model follows: silu's FLOPs leave the simulated step
+    recosted = compile_step(params, "train", target=load_target("cs2"))[-1].program
+    assert silu_flops > 0 and recosted.flops() == program.flops() - silu_flops
 
 
 def test_cleanup_reads_the_registry(monkeypatch):

@@ -258,6 +258,21 @@ class MemoryPlan:
 
 
 @dataclass(frozen=True)
+class Bucket:
+    """Gradients reduced by one collective: output positions, in backward order."""
+
+    index: int
+    outputs: tuple[int, ...]     # positions in the program's outputs
+    targets: tuple[str, ...]     # the parameters whose gradients these are
+    dtype: torch.dtype
+    numel: int                   # elements of the flat bucket (padded to the world size when sharded)
+    bytes: int
+    issue_after: str             # the node after which the collective is issued
+    collective: str              # node name of the collective
+    shapes: tuple[tuple[int, ...], ...] = ()   # of the gradients, in bucket order
+
+
+@dataclass(frozen=True)
 class Program:
     gm: fx.GraphModule
     inputs: tuple[InputSpec, ...]
@@ -273,7 +288,7 @@ class Program:
     remat: Optional[RematPlan] = None
     memory: Optional[MemoryPlan] = None
     world_size: int = 1                # ranks the data_parallel pass compiled the program for
-    collectives: tuple = ()            # data_parallel's buckets (passes.data_parallel.Bucket)
+    collectives: tuple[Bucket, ...] = ()   # data_parallel's buckets
 
     def ops(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function"]

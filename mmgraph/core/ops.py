@@ -140,6 +140,11 @@ def is_random(node: fx.Node) -> bool:
     return entry is not None and entry.random
 
 
+def addresses_group(node: fx.Node) -> bool:
+    """A collective call whose last argument names its process group (all but ``wait_tensor``)."""
+    return node.op == "call_function" and op_class(node) == "collective" and op_name(node) != "wait_tensor"
+
+
 def op_class(node: fx.Node) -> str:
     """``input`` for non-calls, the entry's class, ``view`` for tuple indexing, else ``unsupported``."""
     if node.op != "call_function":
