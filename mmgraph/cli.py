@@ -77,12 +77,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mmgraph.run_cmd import run
+    from mmgraph.run_cmd import RunOptions, run
 
-    return run(args.params, args.model_dir, args.mode, args.device, args.checkpoint_path, args.max_steps,
-               args.target, args.executor, args.eval_executor, args.weight_streaming, remat=args.remat,
-               zero=args.zero, bucket_bytes=_bucket_bytes(args.bucket_mb), program_dir=args.program,
-               optimizer_in_program=args.optimizer_in_program)
+    return run(args.params, args.model_dir, args.mode, RunOptions(
+        device=args.device, checkpoint_path=args.checkpoint_path, max_steps=args.max_steps, target=args.target,
+        executor=args.executor, eval_executor=args.eval_executor, weight_streaming=args.weight_streaming,
+        remat=args.remat, zero=args.zero, bucket_bytes=_bucket_bytes(args.bucket_mb), program_dir=args.program,
+        optimizer_in_program=args.optimizer_in_program))
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

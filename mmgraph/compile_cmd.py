@@ -7,12 +7,11 @@ from typing import Optional
 
 from mmgraph.core.config import load_params, micro_batch_search, rank_batch
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.dump import write_dumps
+from mmgraph.dump import bottleneck_words, write_dumps
 from mmgraph.formats import to_mlir
 from mmgraph.core.ir import Phase
 from mmgraph.lock import model_dir_lock
 from mmgraph.passes.cluster import world_report
-from mmgraph.passes.cost import bottleneck_words
 
 
 def _human(n: int) -> str:

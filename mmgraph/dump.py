@@ -24,12 +24,21 @@ import torch.fx as fx
 
 from mmgraph import __version__
 from mmgraph.core.files import building
-from mmgraph.core.ir import InputKind, Phase, Program
-from mmgraph.passes.cost import bottleneck_words
+from mmgraph.core.ir import InputKind, Phase, Program, Schedule
 
 _DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64",
           torch.int32: "i32", torch.bool: "b8", torch.float64: "f64"}
 
+
+
+def bottleneck_words(s: Schedule) -> str:
+    """The step's bottleneck in a sentence, with the three per-micro-step totals."""
+    if not s.bottleneck:
+        return "no segments"
+    what = {"compute": "bound by compute", "stream-in": "bound by streaming weights in",
+            "stream-out": "bound by streaming gradients out"}[s.bottleneck]
+    return (f"{what}: per micro-step compute {s.compute_s * 1e3:,.1f} ms, weights in "
+            f"{s.stream_in_s * 1e3:,.1f} ms, gradients out {s.stream_out_s * 1e3:,.1f} ms")
 
 def _type(shape, dtype) -> str:
     return f"{_DTYPE.get(dtype, str(dtype))}[{','.join(map(str, shape))}]"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,13 +25,13 @@ def _device(name: Optional[str]) -> str:
     return "cuda"
 
 
-def run(params_path: str, model_dir: str, *args, **kwargs) -> int:
+def run(params_path: str, model_dir: str, mode: str, opts: "RunOptions") -> int:
     """Train and/or evaluate, holding the model_dir's lock (one run or compile at a time; of a
     data-parallel job, rank 0 holds it)."""
     if os.environ.get("RANK", "0") != "0":
-        return _run(params_path, model_dir, *args, **kwargs)
+        return _run(params_path, model_dir, mode, opts)
     with model_dir_lock(model_dir, "run"):
-        return _run(params_path, model_dir, *args, **kwargs)
+        return _run(params_path, model_dir, mode, opts)
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -40,9 +40,10 @@ def _silent(*_args, **_kwargs) -> None:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """The command line of ``mmgraph run`` past the params, mode and model_dir."""
+    """The command line of ``mmgraph run`` past the params, mode and model_dir (built once, by
+    the CLI; ``device`` as typed: CPU, GPU or None)."""
 
-    device: str = "cpu"
+    device: Optional[str] = None
     checkpoint_path: Optional[str] = None
     max_steps: Optional[int] = None
     target: str = "cs2"
@@ -56,16 +57,11 @@ class RunOptions:
     optimizer_in_program: bool = False
 
 
-def _run(params_path: str, model_dir: str, mode: str, device: Optional[str] = None,
-         checkpoint_path: Optional[str] = None, max_steps: Optional[int] = None, target: str = "cs2",
-         executor: str = "reference", eval_executor: Optional[str] = None, weight_streaming: bool = False,
-         remat: Optional[str] = None, zero: int = 0, bucket_bytes: Optional[int] = None,
-         program_dir: Optional[str] = None, optimizer_in_program: bool = False) -> int:
+def _run(params_path: str, model_dir: str, mode: str, opts: RunOptions) -> int:
     from mmgraph.runtime.distributed import from_env
 
     params = load_params(params_path, mode)
-    opts = RunOptions(_device(device), checkpoint_path, max_steps, target, executor, eval_executor, weight_streaming,
-                      remat, zero, bucket_bytes, program_dir, optimizer_in_program)
+    opts = replace(opts, device=_device(opts.device))
     ranks = from_env(opts.device)               # torchrun's ranks: joins the process group
     done = False
     try:
@@ -115,9 +111,8 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
     if train_mode:
         check_memory(params, opts.device, ranks)
 
-    programs = _programs(params, params_path, model_dir, opts.target, remat, ranks, opts.zero, opts.bucket_bytes,
-                         opts.weight_streaming, train_mode, eval_loader is not None, say, opts.program_dir, original,
-                         update=opts.optimizer_in_program)
+    programs = _programs(params, params_path, model_dir, opts, remat, ranks, train_mode, eval_loader is not None,
+                         say, original)
     runner = Runner(params, model_dir, programs.train, programs.eval, opts.device, executor=opts.executor,
                     eval_executor=opts.eval_executor, weight_streaming=opts.weight_streaming,
                     weights=initial_weights(params), ranks=ranks, no_sync=programs.no_sync,
@@ -201,12 +196,14 @@ class Programs:
     eval: Optional[Program]
 
 
-def _programs(params, params_path, model_dir, target, remat, ranks, zero, bucket_bytes, weight_streaming,
-              train_mode, evaluate, say, program_dir=None, original=None, update: bool = False) -> Programs:
-    """The programs the run executes: the saved artifacts (MODEL_DIR/programs, or ``program_dir``)
+def _programs(params, params_path, model_dir, opts: RunOptions, remat, ranks, train_mode: bool, evaluate: bool, say,
+              original=None) -> Programs:
+    """The programs the run executes: the saved artifacts (MODEL_DIR/programs, or ``--program``)
     when their fingerprints match, else compiled (dumps in MODEL_DIR/compile and the artifacts
-    written by rank 0). ``original``: the params before ``auto`` was resolved (fingerprints are
-    of what the user wrote)."""
+    written by rank 0). ``remat``: the policy (``auto`` resolved); ``original``: the params
+    before ``auto`` was resolved (fingerprints are of what the user wrote)."""
+    target, zero, bucket_bytes = opts.target, opts.zero, opts.bucket_bytes
+    program_dir, update = opts.program_dir, opts.optimizer_in_program
     from mmgraph import artifact
     from mmgraph.core.target import load_target
 

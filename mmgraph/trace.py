@@ -146,7 +146,7 @@ def trace_step(params: Params, mode: str = "train", batch_size: Optional[int] = 
     inputs += [InputSpec(f, InputKind.RNG if f in RNG_FIELDS else InputKind.BATCH, False, tuple(t.shape), t.dtype)
                for f, t in zip(fields, batch)]
     if scaled:
-        inputs.append(InputSpec(LOSS_SCALE, InputKind.BATCH, False, (), torch.float32))
+        inputs.append(InputSpec(LOSS_SCALE, InputKind.SCALAR, False, (), torch.float32))
     outputs = [OutputSpec("loss")] + ([OutputSpec("logits")] if mode == "eval" else [])
     outputs += [OutputSpec("grad", n.removeprefix("m.")) for n in names]
     gm = _rename_placeholders(joint, inputs)

@@ -196,16 +196,6 @@ def _totals(times) -> dict:
     return {**sums, "bottleneck": names[max(sums, key=sums.__getitem__)] if times else ""}
 
 
-def bottleneck_words(s: Schedule) -> str:
-    """The step's bottleneck in a sentence, with the three per-micro-step totals."""
-    if not s.bottleneck:
-        return "no segments"
-    what = {"compute": "bound by compute", "stream-in": "bound by streaming weights in",
-            "stream-out": "bound by streaming gradients out"}[s.bottleneck]
-    return (f"{what}: per micro-step compute {s.compute_s * 1e3:,.1f} ms, weights in "
-            f"{s.stream_in_s * 1e3:,.1f} ms, gradients out {s.stream_out_s * 1e3:,.1f} ms")
-
-
 def recompute_per_segment(program: Program, precision: Precision,
                           scaling: Optional[BatchScaling] = None) -> tuple[list[int], int, list[int]]:
     """Per segment: bytes (one piece's, with pieces) and FLOPs (the micro-batch's) of the values

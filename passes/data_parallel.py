@@ -141,7 +141,7 @@ def _weigh_gradients(gm: fx.GraphModule, info: dict[str, NodeInfo], program: Pro
     outs = list(output.args[0])
     with graph.inserting_before(first_op):           # new inputs after the others, before any op
         weight = graph.placeholder(GRAD_WEIGHT)
-    specs, made = [InputSpec(GRAD_WEIGHT, InputKind.BATCH, False, (), torch.float32)], []
+    specs, made = [InputSpec(GRAD_WEIGHT, InputKind.SCALAR, False, (), torch.float32)], []
     grads = [i for i, spec in enumerate(program.outputs) if spec.kind == "grad"]
     first = outs[grads[0]].meta["val"] if grads else None
     with (first.fake_mode if hasattr(first, "fake_mode") else contextlib.nullcontext()):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmgraph.core.ir import GRAD_WEIGHT, LOSS_SCALE, InputKind, Program
+from mmgraph.core.ir import InputKind, Program
 
 
 class VerificationError(AssertionError):
@@ -94,7 +94,7 @@ def program_inputs(program: Program, model, batch: dict) -> list[torch.Tensor]:
     pipeline builds: passes do not build models)."""
     state = dict(model.named_parameters())
     one = torch.ones(())                                  # float16 programs: gradients unscaled
-    return [state[s.name] if s.kind == InputKind.PARAM else one if s.name in (LOSS_SCALE, GRAD_WEIGHT)
+    return [state[s.name] if s.kind == InputKind.PARAM else one if s.kind == InputKind.SCALAR
             else batch[s.name] for s in program.inputs]
 
 

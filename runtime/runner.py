@@ -169,15 +169,21 @@ class Runner:
     def _inputs(self, program: Program, batch: dict[str, torch.Tensor], share: float = 1.0,
                 acc: Optional[dict[str, torch.Tensor]] = None) -> list[torch.Tensor]:
         for spec in program.inputs:
-            if spec.kind == InputKind.BATCH and spec.name not in (LOSS_SCALE, GRAD_WEIGHT) \
+            if spec.kind == InputKind.BATCH \
                     and tuple(batch[spec.name].shape) != spec.shape:
                 raise UserError(Problem(None, spec.name, f"batch shape {tuple(batch[spec.name].shape)} does not "
                                         f"match the compiled program's {spec.shape} (static shapes)"))
         return [self.weights[s.name] if s.kind == InputKind.PARAM else
-                self.scaler.seed(self.device) if s.name == LOSS_SCALE else
-                torch.tensor(share, dtype=torch.float32, device=self.device) if s.name == GRAD_WEIGHT else
+                self._scalar(s.name, {GRAD_WEIGHT: share}) if s.kind == InputKind.SCALAR else
                 acc[s.name] if s.kind == InputKind.GRAD else
                 batch[s.name].to(self.device) for s in program.inputs]
+
+    def _scalar(self, name: str, values: dict[str, float]) -> torch.Tensor:
+        """A scalar input: the loss scale (float16), else from ``values`` (the micro-batch's share
+        of the batch, the optimizer's step scalars)."""
+        if name == LOSS_SCALE:
+            return self.scaler.seed(self.device)
+        return torch.tensor(values[name], dtype=torch.float32, device=self.device)
 
     def micro_step(self, batch: dict[str, torch.Tensor], share: float = 1.0,
                    acc: Optional[dict[str, torch.Tensor]] = None,
@@ -268,11 +274,9 @@ class Runner:
                     st[key] = torch.zeros_like(self.weights[name])
                 args.append(st[key])
             elif s.kind == InputKind.SCALAR:
-                args.append(torch.tensor(scalars[s.name], dtype=torch.float32, device=self.device))
+                args.append(self._scalar(s.name, scalars))
             elif s.kind == InputKind.PARAM:
                 args.append(self.weights[s.name])
-            elif s.name == LOSS_SCALE:
-                args.append(self.scaler.seed(self.device))
             else:
                 args.append(batch[s.name].to(self.device))
         outs = self.train_exec(args)

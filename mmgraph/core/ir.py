@@ -27,7 +27,8 @@ class InputKind(str, Enum):
     GRAD = "grad"      # a gradient accumulated over earlier micro-batches (data_parallel's last micro-step)
     RNG = "rng"        # the random inputs of dropout (RNG_FIELDS), set by the runtime per micro-batch
     STATE = "state"    # optimizer state (``WEIGHT::KEY``) of a program that holds the update
-    SCALAR = "scalar"  # a 0-d step scalar of that program: learning rate, step, inverse loss scale
+    SCALAR = "scalar"  # a 0-d scalar set per run: the loss scale (float16), a micro-step's gradient
+                       # weight (data parallel), the update's learning rate, bias correction, ...
 
 
 class Phase(str, Enum):
