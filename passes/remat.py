@@ -28,7 +28,6 @@ program is fused again so the recomputed ops join the backward's kernels.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -44,10 +43,10 @@ from mmgraph.passes.memory import LayerTerm, build_workload, choose, memory_plan
 from mmgraph.passes.util import copy_program, drop_dead
 from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target
+from mmgraph.models.anatomy import is_transformer_layer
 
 POLICIES = ("none", "selective", "full", "auto")
 LEVELS = ("none", "selective", "full")            # from least to most recompute
-_REMAT_LAYER = re.compile(r"layers\.\d+$")
 CLONE_PREFIX = "rc_"
 
 
@@ -95,7 +94,7 @@ def _analyse(program: Program, fb: int) -> _Graph:
         me = info[node.name]
         if me.phase != Phase.FORWARD:
             continue
-        if _REMAT_LAYER.search(me.layer):
+        if is_transformer_layer(me.layer):
             layers.setdefault(me.layer)
         for a in ins:
             if a.op == "call_function" and info[a.name].layer != me.layer:
