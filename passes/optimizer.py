@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from mmgraph.core.ir import LOSS_SCALE, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.core.ir import LOSS_SCALE, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.core.opcost import node_bytes, node_flops, node_val
 from mmgraph.core.update import CORRECTION, INV_SCALE, LR, STEP_SIZE, UpdateRule, apply
 from mmgraph.passes.util import copy_program
@@ -53,8 +53,24 @@ def make_optimizer_in_program(rule: UpdateRule, no_decay: frozenset, legalize=No
         if legalize is not None:
             new, more = legalize(new)
             notes["legalized"] = more.get("rewritten", 0)
+        new = _update_kernel(new)
         return new, notes
     return optimizer
+
+
+def _update_kernel(program: Program) -> Program:
+    """The update's ops as one kernel of their own (layer ``optimizer``, in no segment: the
+    target runs the update beside the step, in MemoryX on a wafer), so every op stays in
+    exactly one kernel."""
+    if program.kernels is None:
+        return program
+    owned = {n for k in program.kernels for n in k.nodes}
+    ops = [n.name for n in program.ops() if n.name not in owned]
+    if not ops:
+        return program
+    kernel = Kernel(max((k.id for k in program.kernels), default=-1) + 1, "elementwise", LAYER, Phase.BACKWARD.value,
+                    tuple(ops), sum(program.info[n].flops for n in ops), 0)
+    return replace(program, kernels=program.kernels + (kernel,))
 
 
 def _splice(program: Program, rule: UpdateRule, no_decay: frozenset) -> Program:

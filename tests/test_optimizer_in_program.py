@@ -105,7 +105,8 @@ def test_the_wafer_program_with_the_update_lowers_and_its_artifact_is_another(tm
     from mmgraph import cirh
 
     md = tmp_path / "md"
-    assert main(["compile", "--params", str(TINY2), "--model_dir", str(md), "--optimizer_in_program"]) == 0
+    assert main(["compile", "--params", str(TINY2), "--model_dir", str(md), "--optimizer_in_program",
+                 "--verify"]) == 0          # structure after the splice: every op in one kernel, ...
     out = capsys.readouterr().out
     mlir = (md / "compile" / "program.mlir").read_text()
     assert "bias_correction" in mlir or mlir.count("func.func") == 1
