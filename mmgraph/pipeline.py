@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.ir import InputKind, PassRecord, Program
+from mmgraph.core.ir import Contract, InputKind, PassRecord, Program
 from mmgraph.core.ops import is_random
 from mmgraph.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
@@ -42,10 +42,36 @@ class Stage:
     program: Program
 
 
-def run_pass(name: str, fn: Pass, program: Program) -> Program:
+def _contracts() -> dict[str, Contract]:
+    """Each pass's contract, as its module declares it (``CONTRACT``)."""
+    from mmgraph.passes import (cleanup as c, cost, data_parallel, freeze_masks as fm, fusion as fu, legalize,
+                                optimizer, remat, weight_streaming)
+
+    mods = {"freeze_masks": fm, "cleanup": c, "legalize": legalize, "fusion": fu, "remat": remat,
+            "data_parallel": data_parallel, "weight_streaming": weight_streaming, "cost": cost, "optimizer": optimizer}
+    return {name: m.CONTRACT for name, m in mods.items()}
+
+
+CONTRACTS = _contracts()
+
+
+def run_pass(name: str, fn: Pass, program: Program, contract: Optional[Contract] = None) -> Program:
+    """Run one pass under its contract (``CONTRACTS[name]`` unless given): refused when an
+    annotation it requires is missing; afterwards what it provides must be there, and what it
+    invalidates without providing again is cleared."""
+    contract = contract if contract is not None else CONTRACTS.get(name, Contract())
+    missing = [a for a in contract.requires if getattr(program, a) is None]
+    if missing:
+        raise ValueError(f"pass {name} requires {', '.join(missing)}, which no earlier pass provided")
     start = time.perf_counter()
     before = len(program.ops())
     new, notes = fn(program)
+    absent = [a for a in contract.provides if getattr(new, a) is None]
+    if absent:
+        raise ValueError(f"pass {name} did not provide {', '.join(absent)}")
+    stale = {a: None for a in contract.invalidates if a not in contract.provides and getattr(new, a) is not None}
+    if stale:
+        new = replace(new, **stale)
     record = PassRecord(name, time.perf_counter() - start, before, len(new.ops()), notes)
     return new.recorded(record)
 
@@ -103,12 +129,16 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
     _check(stages[-1], params, verify, numeric, on_stage)
     for name, fn in passes:
+        before = program
         try:
             program = run_pass(name, fn, program)
         except UserError as err:
             raise UserError([replace(p, file=p.file or params.path) for p in err.problems]) from err
         stages.append(Stage(name, program))
-        _check(stages[-1], params, verify, numeric, on_stage)
+        # numerics again only when the pass changed the graph (a pass that only annotates,
+        # or found nothing to do, computes what the stage before it did)
+        changed = program.gm is not before.gm and program.gm.code != before.gm.code
+        _check(stages[-1], params, verify, numeric and changed, on_stage)
     return stages
 
 

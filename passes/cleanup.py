@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from mmgraph.core.ir import Program
+from mmgraph.core.ir import GRAPH_CHANGE, Program
 from mmgraph.core.ops import cleanup_role, info as op_info
 from mmgraph.passes.util import copy_program, drop_dead
 
@@ -13,6 +13,9 @@ def _shape(node) -> tuple | None:
     """(shape, dtype) of a node's value: a reshape to the same of both is a no-op."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else None
+
+CONTRACT = GRAPH_CHANGE
+
 
 
 def _key(node: fx.Node):

@@ -29,13 +29,16 @@ from dataclasses import replace
 from typing import Optional
 
 from mmgraph.core.batchscale import BatchScaling
-from mmgraph.core.ir import Program, Schedule, SegmentTime
+from mmgraph.core.ir import Contract, Program, Schedule, SegmentTime
 from mmgraph.core.opcost import kernel_io_bytes, node_bytes, node_flops
 from mmgraph.core.ops import is_transcendental, moves_bytes, op_class
 from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target
 
 _MATMUL_LIKE = ("matmul", "attention")
+
+CONTRACT = Contract(requires=("kernels", "segments"), provides=("schedule",))
+
 
 
 def op_time(flops: int, nbytes: float, matmul: bool, target: Target, precision: Precision,

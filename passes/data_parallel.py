@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from mmgraph.core.ir import GRAD_WEIGHT, Bucket, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.core.ir import GRAD_WEIGHT, Bucket, Contract, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.core.ops import addresses_group
 from mmgraph.passes.util import copy_program
 
@@ -50,6 +50,9 @@ REDUCE_SCATTER = c10d.reduce_scatter_tensor.default
 WAIT = c10d.wait_tensor.default
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024     # DDP's default bucket_cap_mb
 WORLD = "0"                                 # the default group's name; the runtime rebinds it
+
+CONTRACT = Contract(invalidates=("segments", "schedule"))   # keeps kernels when there are (collectives get their own)
+
 
 
 @contextlib.contextmanager

@@ -8,8 +8,11 @@ trainable parameter precedes.
 
 from __future__ import annotations
 
-from mmgraph.core.ir import Phase, Program
+from mmgraph.core.ir import GRAPH_CHANGE, Phase, Program
 from mmgraph.passes.util import copy_program, drop_dead
+
+CONTRACT = GRAPH_CHANGE
+
 
 
 def freeze_masks(program: Program) -> tuple[Program, dict]:

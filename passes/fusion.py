@@ -20,9 +20,12 @@ from typing import Optional
 import torch.fx as fx
 
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.ir import Kernel, Program
+from mmgraph.core.ir import Contract, Kernel, Program
 from mmgraph.core.opcost import node_val
 from mmgraph.core.ops import op_class
+
+CONTRACT = Contract(provides=("kernels",), invalidates=("segments", "schedule", "remat", "memory"))
+
 
 
 def _is_cast(node: fx.Node) -> bool:

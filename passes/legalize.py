@@ -38,7 +38,7 @@ import torch.fx as fx
 
 from mmgraph.core import rng as _rng  # noqa: F401 - registers mmgraph::dropout_keep, which a rule rewrites
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.ir import NodeInfo, Program
+from mmgraph.core.ir import GRAPH_CHANGE, NodeInfo, Program
 from mmgraph.core.opcost import node_bytes, node_flops, node_val
 from mmgraph.core.ops import OpSet, is_legal, mlir_name, op_class
 from mmgraph.core.target import Target
@@ -46,6 +46,9 @@ from mmgraph.passes.util import copy_program, drop_dead
 
 aten = torch.ops.aten
 _KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr", "from_node")
+
+CONTRACT = GRAPH_CHANGE
+
 
 
 class _Rewriter:

@@ -25,13 +25,16 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from mmgraph.core.ir import LOSS_SCALE, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
+from mmgraph.core.ir import LOSS_SCALE, Contract, InputKind, InputSpec, Kernel, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.core.opcost import node_bytes, node_flops, node_val
 from mmgraph.core.update import CORRECTION, INV_SCALE, LR, STEP_SIZE, UpdateRule, apply
 from mmgraph.passes.util import copy_program
 
 LAYER = "optimizer"
 _SANITIZE = re.compile(r"[^0-9a-zA-Z_]")
+
+CONTRACT = Contract(requires=("kernels",), provides=("kernels",))   # keeps the analyses: they leave the update out
+
 
 
 def state_name(weight: str, key: str) -> str:

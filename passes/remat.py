@@ -34,7 +34,7 @@ from typing import Optional
 import torch.fx as fx
 
 from mmgraph.core.batchscale import ZERO, Affine, BatchScaling
-from mmgraph.core.ir import InputKind, Phase, Program, RematLayer, RematPlan
+from mmgraph.core.ir import Contract, InputKind, Phase, Program, RematLayer, RematPlan
 from mmgraph.core.opcost import kernel_io_bytes, value_bytes
 from mmgraph.core.ops import is_random, op_class, op_name
 from mmgraph.passes.fusion import fusion
@@ -48,6 +48,10 @@ from mmgraph.models.anatomy import is_transformer_layer
 POLICIES = ("none", "selective", "full", "auto")
 LEVELS = ("none", "selective", "full")            # from least to most recompute
 CLONE_PREFIX = "rc_"
+
+# the plan (remat, memory) comes with a backward; the program is re-fused after the rewrite
+CONTRACT = Contract(requires=("kernels",), provides=("kernels",), invalidates=("segments", "schedule"))
+
 
 
 def _random(node: fx.Node) -> bool:

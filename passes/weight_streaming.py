@@ -29,10 +29,13 @@ import networkx as nx
 import torch.fx as fx
 
 from mmgraph.core.batchscale import BatchScaling
-from mmgraph.core.ir import InputKind, MemoryPlan, Phase, Program, Segment
+from mmgraph.core.ir import Contract, InputKind, MemoryPlan, Phase, Program, Segment
 from mmgraph.core.precision import Precision
 from mmgraph.core.ops import op_class, op_name
 from mmgraph.core.target import Target
+
+CONTRACT = Contract(requires=("kernels",), provides=("segments",), invalidates=("schedule",))
+
 
 
 def kernel_order(program: Program) -> list[int]:

@@ -246,3 +246,26 @@ def test_unsupported_op_names_op_and_module(tmp_path, capsys, monkeypatch):
     assert f"mmgraph: error: {TINY2}: op torch.aten.silu (node %silu and 1 more) in layer text_model.layers.0, " \
            "module text_model.transformer_decoder.layers.0.ffn.ffn.0 does not lower on cs2: not in the op registry " \
            "(mmgraph/core/ops.py)" in err
+
+
+def test_passes_run_under_their_contracts():
+    """The pipeline refuses a pass whose required annotations are missing, checks what it
+    provides, and clears what it invalidates (legalize after fusion: the kernels are stale)."""
+    from dataclasses import replace
+
+    from mmgraph.core.ir import Contract
+    from mmgraph.passes.cost import make_cost
+    from mmgraph.passes.legalize import make_legalize
+    from mmgraph.pipeline import CONTRACTS, run_pass
+
+    params = load_params(TINY2)
+    target = load_target("cs2")
+    fused = compile_step(params)[-1].program
+    assert fused.kernels is not None and fused.segments is None
+    with pytest.raises(ValueError, match="pass cost requires segments"):
+        run_pass("cost", make_cost(target, params.precision, 8, 96, 1.0), fused)
+    with pytest.raises(ValueError, match="pass noop did not provide kernels"):
+        run_pass("noop", lambda p: (replace(p, kernels=None), {}), fused, Contract(provides=("kernels",)))
+    again = run_pass("legalize", make_legalize(target), fused)
+    assert again.kernels is None                         # stale after a rewrite: cleared
+    assert CONTRACTS["weight_streaming"].requires == ("kernels",) and "schedule" in CONTRACTS["remat"].invalidates

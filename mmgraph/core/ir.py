@@ -273,6 +273,23 @@ class Bucket:
     shapes: tuple[tuple[int, ...], ...] = ()   # of the gradients, in bucket order
 
 
+ANNOTATIONS = ("kernels", "segments", "schedule", "remat", "memory")   # a Program's optional analyses
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a pass needs and leaves among a Program's annotations (``ANNOTATIONS``): the
+    pipeline refuses to run it without ``requires``, checks ``provides`` after it, and clears
+    what it ``invalidates`` and does not provide again (a graph change makes them stale)."""
+
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    invalidates: tuple[str, ...] = ()
+
+
+GRAPH_CHANGE = Contract(invalidates=ANNOTATIONS)      # a rewrite before fusion: nothing derived survives
+
+
 @dataclass(frozen=True)
 class Program:
     gm: fx.GraphModule
