@@ -23,15 +23,6 @@ def is_llm_layer(layer: str) -> bool:
 
 
 _LAYER = re.compile(r"layers\.(\d+)")
-_BLOCK = re.compile(r"\.layers\.\d+$")
-
-
-def is_transformer_layer(layer: str) -> bool:
-    """A repeated transformer block (``text_model.layers.3``, ``image_model.encoder0.layers.1``),
-    as ``layer_of`` names it: what activation recomputation decides per layer."""
-    return bool(_BLOCK.search(layer))
-
-
 def layer_of(module: str) -> str:
     """Coarse location for reports and weight-streaming segments."""
     if module.startswith("image_model.image_model_list."):

@@ -34,7 +34,7 @@ from typing import Optional
 import torch.fx as fx
 
 from mmgraph.core.batchscale import ZERO, Affine, BatchScaling
-from mmgraph.core.ir import Contract, InputKind, Phase, Program, RematLayer, RematPlan
+from mmgraph.core.ir import Contract, InputKind, Phase, Program, RematLayer, RematPlan, is_transformer_layer
 from mmgraph.core.opcost import kernel_io_bytes, value_bytes
 from mmgraph.core.ops import is_random, op_class, op_name
 from mmgraph.passes.fusion import fusion
@@ -43,7 +43,6 @@ from mmgraph.passes.memory import LayerTerm, build_workload, choose, memory_plan
 from mmgraph.passes.util import copy_program, drop_dead
 from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target
-from mmgraph.models.anatomy import is_transformer_layer
 
 POLICIES = ("none", "selective", "full", "auto")
 LEVELS = ("none", "selective", "full")            # from least to most recompute

@@ -6,6 +6,8 @@ Nodes are ATen ops in an ``fx.Graph``; every parameter and batch field is a plac
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Optional
@@ -62,6 +64,16 @@ class OutputSpec:
 
     kind: str
     target: Optional[str] = None
+
+
+_BLOCK = re.compile(r"\.layers\.\d+$")
+
+
+def is_transformer_layer(layer: str) -> bool:
+    """A repeated transformer block among ``NodeInfo.layer`` names (``text_model.layers.3``,
+    ``image_model.encoder0.layers.1``, as models/anatomy.layer_of makes them): what activation
+    recomputation decides per layer."""
+    return bool(_BLOCK.search(layer))
 
 
 @dataclass(frozen=True)
