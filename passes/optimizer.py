@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -77,21 +76,32 @@ def _update_kernel(program: Program) -> Program:
 
 
 def _splice(program: Program, rule: UpdateRule, no_decay: frozenset) -> Program:
+    """The update traced once and copied in before the output; the gradients' outputs replaced
+    by the new weights, state, norm (and ``finite``)."""
     gm, info = copy_program(program)
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    weight_node = {s.name: p for p, s in zip(placeholders, program.inputs) if s.kind == InputKind.PARAM}
-    spec_of = {s.name: s for s in program.inputs}
-    out_node = graph.output_node()
-    outs = list(out_node.args[0])
+    outs = list(gm.graph.output_node().args[0])
     grads = [(o.target, n) for o, n in zip(program.outputs, outs) if o.kind == "grad"]
     keep = [(o, n) for o, n in zip(program.outputs, outs) if o.kind != "grad"]
     names = [w for w, _ in grads]
     scaled = any(s.name == LOSS_SCALE for s in program.inputs)
+    weights, states, scalars, new_inputs = _add_inputs(gm.graph, info, program, names, rule, scaled)
+    sub = _trace_update(rule, [w not in no_decay for w in names], weights, [n for _, n in grads], states, scalars)
+    results = _inline(gm.graph, info, sub, weights + [n for _, n in grads]
+                      + [st[k] for st in states for k in rule.state_keys()] + scalars)
+    outputs = _update_outputs(names, rule.state_keys(), scaled)
+    gm.graph.output_node().args = (tuple([v for _, v in keep] + results),)
+    gm.graph.lint()
+    gm.recompile()
+    return replace(program.with_pass_result(gm, info, tuple(o for o, _ in keep) + outputs), inputs=tuple(new_inputs))
 
-    # new placeholders after the last one: the state, then the scalars
+
+def _add_inputs(graph: fx.Graph, info: dict, program: Program, names: list[str], rule: UpdateRule, scaled: bool):
+    """New placeholders after the last one: each weight's state, then the step's scalars.
+    Returns (weight nodes, per weight its state nodes by key, scalar nodes, the new InputSpecs)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    weight_node = {s.name: p for p, s in zip(placeholders, program.inputs) if s.kind == InputKind.PARAM}
+    spec_of = {s.name: s for s in program.inputs}
     new_inputs = list(program.inputs)
-    state_nodes: list[dict] = []
     last = placeholders[-1]
     fake_mode = node_val(weight_node[names[0]])[0].fake_mode if names else None
 
@@ -106,74 +116,50 @@ def _splice(program: Program, rule: UpdateRule, no_decay: frozenset) -> Program:
         last = node
         return node
 
-    for w in names:
-        spec = spec_of[w]
-        state_nodes.append({k: placeholder(state_name(w, k), InputKind.STATE, spec.shape, spec.dtype,
-                                           "s_" + _SANITIZE.sub("_", f"{w}_{k}")) for k in rule.state_keys()})
-    lr = placeholder(LR, InputKind.SCALAR, (), torch.float32, LR)
-    correction = placeholder(CORRECTION, InputKind.SCALAR, (), torch.float32, CORRECTION)
-    step_size = placeholder(STEP_SIZE, InputKind.SCALAR, (), torch.float32, STEP_SIZE)
-    inv = placeholder(INV_SCALE, InputKind.SCALAR, (), torch.float32, INV_SCALE) if scaled else None
+    states = [{k: placeholder(state_name(w, k), InputKind.STATE, spec_of[w].shape, spec_of[w].dtype,
+                              "s_" + _SANITIZE.sub("_", f"{w}_{k}")) for k in rule.state_keys()} for w in names]
+    scalars = [placeholder(s, InputKind.SCALAR, (), torch.float32, s)
+               for s in (LR, CORRECTION, STEP_SIZE) + ((INV_SCALE,) if scaled else ())]
+    return [weight_node[w] for w in names], states, scalars, new_inputs
 
-    decayed = [w not in no_decay for w in names]
+
+def _trace_update(rule: UpdateRule, decayed: list[bool], weights, grads, states, scalars) -> fx.GraphModule:
+    """``core.update.apply`` traced on the program's own fake values (flat results: new
+    weights, new state by weight then key, norm, finite)."""
     keys = rule.state_keys()
+    names = (LR, CORRECTION, STEP_SIZE, INV_SCALE)[:len(scalars)]
 
-    def update(ps, gs, ss, lr_, corr_, size_, inv_):
-        states = [dict(zip(keys, s)) for s in ss]
-        scalars = {LR: lr_, CORRECTION: corr_, STEP_SIZE: size_} | ({INV_SCALE: inv_} if inv_ is not None else {})
-        new_p, new_s, norm, finite = apply(rule, ps, gs, states, decayed, scalars)
-        flat = [st[k] for st in new_s for k in keys]
-        return (*new_p, *flat, norm) + ((finite,) if finite is not None else ())
+    def update(ps, gs, ss, sc):
+        new_p, new_s, norm, finite = apply(rule, ps, gs, [dict(zip(keys, s)) for s in ss], decayed,
+                                           dict(zip(names, sc)))
+        return (*new_p, *[st[k] for st in new_s for k in keys], norm) + ((finite,) if finite is not None else ())
 
     def val(node: fx.Node) -> torch.Tensor:
         return node_val(node)[0]
 
-    example_p = [val(weight_node[w]) for w in names]
-    example_g = [val(n) for _, n in grads]
-    example_s = [[val(state_nodes[i][k]) for k in keys] for i in range(len(names))]
-    with fake_mode:
-        sub = make_fx(update)(example_p, example_g, example_s, val(lr), val(correction), val(step_size),
-                              val(inv) if scaled else None)
-    sub_in = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    sources = ([weight_node[w] for w in names] + [n for _, n in grads]
-               + [state_nodes[i][k] for i in range(len(names)) for k in keys] + [lr, correction, step_size] + ([inv] if scaled else []))
-    env = dict(zip(sub_in, sources))
-    made: list[fx.Node] = []
-    with graph.inserting_before(out_node):
+    with val(scalars[0]).fake_mode:
+        return make_fx(update)([val(n) for n in weights], [val(n) for n in grads],
+                               [[val(st[k]) for k in keys] for st in states], [val(n) for n in scalars])
+
+
+def _inline(graph: fx.Graph, info: dict, sub: fx.GraphModule, sources: list[fx.Node]) -> list:
+    """Copy ``sub``'s ops in before the output, its inputs bound to ``sources``; the new ops are
+    the update's (layer ``optimizer``, phase backward). Returns its results as program nodes."""
+    env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], sources))
+    with graph.inserting_before(graph.output_node()):
         for node in sub.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
             new = graph.node_copy(node, lambda n: env[n])
             env[node] = new
-            made.append(new)
-    results = [env[a] if isinstance(a, fx.Node) else a for a in sub.graph.output_node().args[0]]
-    for node in made:
-        vals = node_val(node)
-        info[node.name] = NodeInfo(tuple(vals[0].shape) if vals else (), vals[0].dtype if vals else None,
-                                   LAYER, LAYER, Phase.BACKWARD, node_flops(node), node_bytes(node))
-    n = len(names)
-    new_p, rest = results[:n], results[n:]
-    new_s, rest = rest[:n * len(keys)], rest[n * len(keys):]
-    outputs = [o for o, _ in keep]
-    values = [v for _, v in keep]
-    outputs += [OutputSpec("param_update", w) for w in names]
-    values += new_p
-    outputs += [OutputSpec("state_update", state_name(w, k)) for w in names for k in keys]
-    values += new_s
-    outputs.append(OutputSpec("grad_norm"))
-    values.append(rest[0])
-    if scaled:
-        outputs.append(OutputSpec("finite"))
-        values.append(rest[1])
-    out_node.args = (tuple(values),)
-    graph.lint()
-    gm.recompile()
-    return replace(program.with_pass_result(gm, info, tuple(outputs)), inputs=tuple(new_inputs))
+            vals = node_val(new)
+            info[new.name] = NodeInfo(tuple(vals[0].shape) if vals else (), vals[0].dtype if vals else None,
+                                      LAYER, LAYER, Phase.BACKWARD, node_flops(new), node_bytes(new))
+    return [env[a] if isinstance(a, fx.Node) else a for a in sub.graph.output_node().args[0]]
 
 
-def state_inputs(program: Program) -> list[InputSpec]:
-    return [s for s in program.inputs if s.kind == InputKind.STATE]
-
-
-def has_update(program: Optional[Program]) -> bool:
-    return program is not None and any(o.kind == "param_update" for o in program.outputs)
+def _update_outputs(names: list[str], keys: tuple[str, ...], scaled: bool) -> tuple[OutputSpec, ...]:
+    """The specs of ``_trace_update``'s results, in its order."""
+    return (tuple(OutputSpec("param_update", w) for w in names)
+            + tuple(OutputSpec("state_update", state_name(w, k)) for w in names for k in keys)
+            + (OutputSpec("grad_norm"),) + ((OutputSpec("finite"),) if scaled else ()))

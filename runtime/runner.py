@@ -76,6 +76,7 @@ class Runner:
         self.trainable = [s.name for s in (train.inputs if train else []) if s.kind == InputKind.PARAM and s.trainable]
         self._dropout = train is not None and any(s.kind == InputKind.RNG for s in train.inputs)
         self._update = train is not None and any(o.kind == "param_update" for o in train.outputs)
+        self._rule = UpdateRule.of(params.optimizer) if self._update and params.optimizer else None
         if self._update and (train.world_size > 1 or weight_streaming or zero):
             raise UserError(Problem(None, "--optimizer_in_program", "runs in one process, without --zero and "
                                     "--weight_streaming (the update reads every weight at once)"))
@@ -264,7 +265,7 @@ class Runner:
         if self._dropout:
             batch |= rng_inputs(self.params.runconfig.seed, self._first_sample(), rows, self.device)
         lr = learning_rate(opt.cfg, opt.step_count)
-        scalars = step_scalars(UpdateRule.of(opt.cfg), lr, opt.step_count, self.scaler.scale if self.scaler else 1.0)
+        scalars = step_scalars(self._rule, lr, opt.step_count, self.scaler.scale if self.scaler else 1.0)
         args = []
         for s in program.inputs:
             if s.kind == InputKind.STATE:
