@@ -152,6 +152,18 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         except OSError as err:              # a full disk: what compile is for could not be written
             raise UserError(Problem(str(model_dir), None, f"cannot write the dumps and the program "
                                     f"({err.strerror or err}); the previous ones are as they were")) from None
+    _print_summary(stages, target, mode, check, world, world_size)
+    checked = " (verified after every pass)" if verify else ""
+    print(f"compiled in {time.perf_counter() - start:.1f} s{checked}; dumps in {where}/ (report.html); "
+          f"program for `mmgraph run` in {saved}/")
+    if not stages[-1].program.schedule.fits:
+        _refuse_no_fit(stages, params, params_path, mode, target, remat)
+    return 0
+
+
+def _print_summary(stages, target, mode: str, check, world, world_size: int) -> None:
+    """Compile's printout: a line per pass, the simulated step, the remat and memory plans, the
+    vendor's check, scaling over systems and the world of ranks."""
     print(f"{'pass':<17} {'ops':>7} {'kernels':>8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'grads':>6} {'time':>7}")
     for stage in stages:
         p, rec = stage.program, stage.program.history[-1]
@@ -174,25 +186,25 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
         print(scaling_summary(stages[-1].program, target))
     if world is not None and (world_size > 1 or not target.stream_enabled):
         print(world_summary(world, target))
-    checked = " (verified after every pass)" if verify else ""
-    print(f"compiled in {time.perf_counter() - start:.1f} s{checked}; dumps in {where}/ (report.html); "
-          f"program for `mmgraph run` in {saved}/")
-    if not sched.fits:
-        plan = stages[-1].program.remat
-        largest = largest_fitting(stages, params, mode, target, remat)
-        if plan is not None and all(layer.policy == "full" for layer in plan.layers):
-            mechanisms = ", ".join(target.mechanisms.names()) if target.stream_enabled else "recompute"
-            raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
-                                    f"{sched.micro_batch_size} does not fit on {target.name}: not with any "
-                                    f"recompute policy nor the target's other mechanisms ({mechanisms}): "
-                                    f"{no_fit_arithmetic(stages[-1].program, params)}; the largest micro_batch_size "
-                                    f"that fits is {largest}{_memory_source(target)}"))
-        hint = "" if plan is None else "; or model.activation_checkpointing / --remat: auto or full"
+
+
+def _refuse_no_fit(stages, params, params_path: str, mode: str, target, remat) -> None:
+    """Exit 2 for a step that does not fit: the arithmetic, and the largest micro-batch that does."""
+    sched = stages[-1].program.schedule
+    plan = stages[-1].program.remat
+    largest = largest_fitting(stages, params, mode, target, remat)
+    if plan is not None and all(layer.policy == "full" for layer in plan.layers):
+        mechanisms = ", ".join(target.mechanisms.names()) if target.stream_enabled else "recompute"
         raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
-                                f"{sched.micro_batch_size} does not fit on {target.name}: {_fit_numbers(sched)}; "
-                                f"the largest micro_batch_size that fits is {largest} "
-                                f"(or set micro_batch_size: auto{hint})"))
-    return 0
+                                f"{sched.micro_batch_size} does not fit on {target.name}: not with any "
+                                f"recompute policy nor the target's other mechanisms ({mechanisms}): "
+                                f"{no_fit_arithmetic(stages[-1].program, params)}; the largest micro_batch_size "
+                                f"that fits is {largest}{_memory_source(target)}"))
+    hint = "" if plan is None else "; or model.activation_checkpointing / --remat: auto or full"
+    raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
+                            f"{sched.micro_batch_size} does not fit on {target.name}: {_fit_numbers(sched)}; "
+                            f"the largest micro_batch_size that fits is {largest} "
+                            f"(or set micro_batch_size: auto{hint})"))
 
 
 def vendor_check(stages, mlir: str, params_path: str, target):
