@@ -8,9 +8,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Installed names of the source folders (pyproject's package-dir mapping).
-FOLDERS = {"mmgraph": ROOT / "mmgraph", "mmgraph.passes": ROOT / "passes", "mmgraph.runtime": ROOT / "runtime",
-           "mmgraph.models": ROOT / "models"}
+# The package's folder: every module is named by its path under it.
+FOLDERS = {"mmgraph": ROOT / "mmgraph"}
 
 # Bottom to top. A module belongs to the first layer whose prefix names it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
