@@ -17,7 +17,7 @@ Peers, on the small config (``--peer-params``):
   steady compiled step after it is reported as context. Against: ``mmgraph compile`` of the same
   params in a fresh process, timed from after ``import torch`` and mmgraph's modules (trace, all
   passes and every dump, report.html included). The two alternate; ratio of medians.
-- torch-mlir: ``mmgraph.formats.to_mlir`` of the lowered program (torch-mlir's FX importer into
+- torch-mlir: ``mmgraph.report.formats.to_mlir`` of the lowered program (torch-mlir's FX importer into
   the torch dialect) against our own trace (``trace_step``) and the whole ``compile_step``, in
   this process after one warm-up of each (the first call, torch-mlir's import included, is
   reported as context); the three alternate, ratio of medians.
@@ -60,7 +60,7 @@ _CHILD = """
 import json, re, sys, time
 t = time.perf_counter()
 import torch
-import mmgraph.compile_cmd, mmgraph.models, mmgraph.pipeline
+import mmgraph.commands.compile, mmgraph.models, mmgraph.compiler.pipeline
 from mmgraph.cli import main
 imported = time.perf_counter()
 code = main(["compile", "--params", sys.argv[1], "--model_dir", sys.argv[2]])
@@ -76,7 +76,7 @@ t = time.perf_counter()
 import torch
 from mmgraph.core.config import load_params
 from mmgraph.models import build_model, random_batch
-from mmgraph.trace import micro_batch_size
+from mmgraph.compiler.trace import micro_batch_size
 params = load_params(sys.argv[1])
 model, _ = build_model(params, seed=params.runconfig.seed)
 batch = random_batch(params.layout(), micro_batch_size(params, "train"), seed=1)
@@ -190,9 +190,9 @@ def mlir_peer(params_path: Path, repeats: int) -> dict:
     """torch-mlir's import (``to_mlir``) of the lowered program against ``trace_step`` and the
     whole ``compile_step``, alternating in this process after one warm-up of each."""
     from mmgraph.core.config import load_params
-    from mmgraph.formats import to_mlir
-    from mmgraph.pipeline import compile_step
-    from mmgraph.trace import trace_step
+    from mmgraph.report.formats import to_mlir
+    from mmgraph.compiler.pipeline import compile_step
+    from mmgraph.compiler.trace import trace_step
 
     params = load_params(params_path)
     start = time.perf_counter()

@@ -21,9 +21,9 @@ import yaml
 
 from benchmarks.common import finish
 from mmgraph.core.config import load_params
-from mmgraph.preprocess import Layout, preprocess
+from mmgraph.data.preprocess import Layout, preprocess
 from mmgraph.runtime.data import make_loader
-from mmgraph.synth import synth
+from mmgraph.data.synth import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ROOT / "configs" / "params_mm_llava_small.yaml"

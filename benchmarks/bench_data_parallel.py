@@ -16,7 +16,7 @@ random batches of the config's layout, the same global batch and micro-batch of 
 - ZeRO: optimizer-state bytes each rank holds after the steps (ZeRO-1: its parameters' Adam
   moments; ZeRO-2: its shards of every bucket) against DDP's whole state, and each rank's peak RSS.
 Simulated: the LLaVA-7B phase-2 program compiled for cs2 (SwarmX) and h100 (ring all-reduce over
-InfiniBand, bucketed overlap) on 1..16 systems (``passes/scaling.py``).
+InfiniBand, bucketed overlap) on 1..16 systems (``compiler/scaling.py``).
 
 Targets (issue 17): hidden share >= 70%; ZeRO-1 optimizer state per rank <= 0.55x DDP's.
 """
@@ -60,7 +60,7 @@ def worker(params_path: Path, steps: int, zero: int, bucket_bytes: int, out: Pat
 
     from mmgraph.core.config import load_params, rank_batch
     from mmgraph.models import initial_weights, random_batch
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.runtime.distributed import from_env
     from mmgraph.runtime.runner import Runner
 
@@ -95,11 +95,11 @@ def worker(params_path: Path, steps: int, zero: int, bucket_bytes: int, out: Pat
         result["overlap"] = _overlap(runner, plain, micro[0], steps, barrier)
     out.write_text(json.dumps(result))
     if world > 1:
-        from mmgraph.run_cmd import leave
+        from mmgraph.commands.run import leave
 
         dist.barrier()                  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
-        leave(0)                        # as `mmgraph run`'s ranks end (see run_cmd.leave)
+        leave(0)                        # as `mmgraph run`'s ranks end (see mmgraph.commands.run.leave)
 
 
 def _state_bytes(optimizer) -> int:
@@ -185,8 +185,8 @@ def simulated(config: Path = BIG2) -> dict:
     from dataclasses import asdict
 
     from mmgraph.core.config import load_params
-    from mmgraph.passes.scaling import scaling
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.scaling import scaling
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.target import load_target
 
     params = load_params(config)

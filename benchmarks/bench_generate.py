@@ -5,7 +5,7 @@
 
 The small config's model (seeded weights) is converted with ``mmgraph convert`` to a
 ``LlavaForConditionalGeneration`` folder, so both sides run the same weights on the same prompt
-(one image, the same token ids): ``mmgraph.generate.Generator`` (KV cache allocated once) and
+(one image, the same token ids): ``mmgraph.commands.generate.Generator`` (KV cache allocated once) and
 ``LlavaForConditionalGeneration.generate`` (greedy, its default cache), both for exactly N new
 tokens (end-of-sequence ignored), interleaved, median of the repeats after a warm-up. The tokens
 are compared too (same weights, greedy: they should agree). Where CUDA is present the same
@@ -49,9 +49,9 @@ def run(config: Path, new_tokens: int, repeats: int, device: str = "cpu") -> dic
 
     from mmgraph.core.config import load_params
     from mmgraph.convert.convert import convert
-    from mmgraph.generate import Generator
+    from mmgraph.commands.generate import Generator
     from mmgraph.models import build_model
-    from mmgraph.synth import synth
+    from mmgraph.data.synth import synth
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -56,10 +56,10 @@ def _legalize_notes(stages) -> dict:
 
 def compile_time(params_path: Path, repeats: int) -> dict:
     """7B (or ``params_path``) compile for cs2 with and without legalization, interleaved."""
-    from mmgraph import cirh
+    from mmgraph.compiler import cirh
     from mmgraph.core.config import load_params
-    from mmgraph.formats import to_mlir
-    from mmgraph.pipeline import compile_step
+    from mmgraph.report.formats import to_mlir
+    from mmgraph.compiler.pipeline import compile_step
 
     params = load_params(params_path)
     targets = _targets()
@@ -95,9 +95,9 @@ def step_time(params_path: Path, repeats: int, warmup: int = 2) -> dict:
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
     from mmgraph.models import initial_weights, random_batch
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.runtime.runner import Runner
-    from mmgraph.trace import micro_batch_size
+    from mmgraph.compiler.trace import micro_batch_size
 
     params = load_params(params_path)
     torch.manual_seed(0)
@@ -120,10 +120,10 @@ def step_time(params_path: Path, repeats: int, warmup: int = 2) -> dict:
 
 
 def _lower_one(params_path: Path, mode: str, micro_batch, found) -> dict:
-    from mmgraph import cirh
+    from mmgraph.compiler import cirh
     from mmgraph.core.config import load_params
-    from mmgraph.formats import to_mlir
-    from mmgraph.pipeline import compile_step
+    from mmgraph.report.formats import to_mlir
+    from mmgraph.compiler.pipeline import compile_step
 
     params = load_params(params_path)
     start = time.perf_counter()
@@ -142,7 +142,7 @@ def _lower_one(params_path: Path, mode: str, micro_batch, found) -> dict:
 
 
 def lowering(quick: bool) -> dict:
-    from mmgraph import cirh
+    from mmgraph.compiler import cirh
     from mmgraph.core.config import load_params
 
     found = cirh.find_tool()

@@ -111,7 +111,7 @@ def measure(config: Path, phase: int, rows: int, repeats: int, seed: int = 0) ->
     from mmgraph.core.ir import InputKind
     from mmgraph.models import build_model, pack_batch
     from mmgraph.core.packing import assign
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
 
     from mmgraph.core.config import load_params
 
@@ -153,7 +153,7 @@ def _no_grad(gm, args):
 def predict_cs2(phase: int, seed: int = 0) -> dict:
     """7B at 2048 on cs2: simulated tokens/s x the sampled rows' real-token share."""
     from mmgraph.core.packing import assign
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.target import load_target
 
     samples = [(t, i) for t, i in sample_lengths(phase, 4000, seed) if t + i * FULL_IMAGE <= FULL_ROW]

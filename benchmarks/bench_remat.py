@@ -56,7 +56,7 @@ def peak_bytes(fn) -> int:
 
 
 def _predicted_row(params, target, mbs: int, policy: str) -> dict:
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
 
     program = compile_step(params, target=target, micro_batch_size=mbs, remat=policy)[-1].program
     s = program.schedule
@@ -72,7 +72,7 @@ def predicted(path: Path, targets: tuple[str, ...]) -> list[dict]:
     """Per target: every policy at the params' micro-batch, and ``none`` at the largest that fits."""
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
-    from mmgraph.trace import micro_batch_size
+    from mmgraph.compiler.trace import micro_batch_size
 
     params = load_params(path)
     mbs = micro_batch_size(params, "train")
@@ -99,7 +99,7 @@ def trained_llm(path: Path, target: str = "cs2") -> dict:
 
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
-    from mmgraph.trace import micro_batch_size
+    from mmgraph.compiler.trace import micro_batch_size
 
     raw = yaml.safe_load(path.read_text())
     raw["model"]["freeze"] = ["^image_model.image_model_list"]
@@ -127,8 +127,8 @@ def _checkpointed(model):
 def measured(path: Path, batch_size: int, repeats: int, warmup: int) -> dict:
     from mmgraph.core.config import load_params
     from mmgraph.models import build_model
-    from mmgraph.pipeline import reference_inputs
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import reference_inputs
+    from mmgraph.compiler.pipeline import compile_step
 
     torch.manual_seed(0)
     params = load_params(path)

@@ -93,7 +93,7 @@ def synchronizer(device: torch.device):
 def lowered(params, streaming: bool):
     """The lowered training step; for weight streaming compiled for cs2 (as `mmgraph run` does),
     whose segments the streaming executor runs (the graph is the same)."""
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.target import load_target
 
     return compile_step(params, target=load_target("cs2") if streaming else None)[-1].program
@@ -166,7 +166,7 @@ def time_steps(steps: dict, repeats: int, sync=lambda: None, warmup: int = 2) ->
 
 def eval_steps(params, device: torch.device) -> dict:
     from mmgraph.models import build_model, initial_weights, random_batch
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.runtime.runner import Runner
 
     eval_params = load_params(params.path, "eval")

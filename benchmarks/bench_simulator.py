@@ -30,13 +30,13 @@ import torch
 
 from benchmarks.common import finish, time_interleaved
 from mmgraph.core.errors import UserError
-from mmgraph.calibrate import host_target, measure
+from mmgraph.commands.calibrate import host_target, measure
 from mmgraph.core.config import load_params
 from mmgraph.models import build_model, initial_weights, random_batch
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
 from mmgraph.core.target import Target, load_target
-from mmgraph.trace import micro_batch_size
+from mmgraph.compiler.trace import micro_batch_size
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"tiny": ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml",

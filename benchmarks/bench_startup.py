@@ -38,8 +38,8 @@ BIG2 = ROOT / "configs" / "params_mm_llava_llama2_7b_phase2.yaml"
 def _data(config: Path, folder: Path) -> Path:
     """Synthetic conversations preprocessed for ``config``'s layout; a params file reading them."""
     from mmgraph.core.config import load_params
-    from mmgraph.preprocess import Layout, preprocess
-    from mmgraph.synth import synth
+    from mmgraph.data.preprocess import Layout, preprocess
+    from mmgraph.data.synth import synth
 
     synth(folder, num_train=32, num_eval=4, seed=3)
     lay = load_params(config).layout()
@@ -98,10 +98,10 @@ def measure(config: Path, repeats: int) -> dict:
 
 def big(config: Path = BIG2) -> dict:
     """The 7B-shaped program: trace + lower against saving and loading its artifact."""
-    from mmgraph import artifact
+    from mmgraph.compiler import artifact
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
 
     params = load_params(config)
     start = time.perf_counter()

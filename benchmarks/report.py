@@ -183,7 +183,7 @@ Peers, on the small config (`configs/params_mm_llava_small.yaml`), in the same r
   for the forward and the backward. The ratio is what a user waits before the first step.
   torch.compile's first call takes tens of seconds on 2 cores, so it is repeated **3 times**,
   not 5; `mmgraph compile` 5 times; the two alternate.
-- **torch-mlir**: `mmgraph.formats.to_mlir` (torch-mlir's FX importer, into the torch dialect)
+- **torch-mlir**: `mmgraph.report.formats.to_mlir` (torch-mlir's FX importer, into the torch dialect)
   of the lowered program, against our own trace (`trace_step`: torch.export and the joint
   forward + backward trace under fake tensors) and the whole `compile_step` (trace and passes),
   alternating in one process after a warm-up of each; 5 repeats. It imports a graph we have
@@ -260,7 +260,7 @@ peak memory, not time, is the figure.""",
     "generate": """\
 The small config's model (seeded weights) converted with `mmgraph convert` to a
 `LlavaForConditionalGeneration` folder, so both sides run the same weights on the same prompt (one
-image, the same token ids): `mmgraph.generate.Generator` (KV cache allocated once) against
+image, the same token ids): `mmgraph.commands.generate.Generator` (KV cache allocated once) against
 `LlavaForConditionalGeneration.generate` (greedy, its default cache), both for exactly N new
 tokens, interleaved, median after a warm-up.""",
 }
@@ -294,7 +294,7 @@ data-parallel one with its bucketed all-reduces as graph nodes) on random batche
 config. The hidden share of communication compares, per rank, the data-parallel micro-step with
 the same program whose all-reduces and waits are replaced by their inputs, and with the buckets'
 all-reduces alone: `1 - max(t_dp - t_without, 0) / t_comm`. ZeRO: the optimizer state each rank
-holds after the steps. The 7B rows are simulated (`passes/scaling.py`): SwarmX for cs2, a ring
+holds after the steps. The 7B rows are simulated (`compiler/scaling.py`): SwarmX for cs2, a ring
 all-reduce over InfiniBand with bucketed overlap for h100."""
 
 INTRO["startup"] = """\

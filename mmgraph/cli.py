@@ -12,14 +12,14 @@ from mmgraph.core.errors import EXIT_USER_ERROR, Problem, UserError
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from mmgraph.check import check, format_summary
+    from mmgraph.commands.check import check, format_summary
 
     print(format_summary(check(args.params, args.mode)))
     return 0
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from mmgraph.compile_cmd import run_compile
+    from mmgraph.commands.compile import run_compile
 
     return run_compile(args.params, args.model_dir, args.mode, args.validate_only, args.verify, args.target,
                        remat=args.remat, world_size=args.world_size, zero=args.zero,
@@ -40,13 +40,13 @@ def _bucket_bytes(mb: float) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from mmgraph.inspect_cmd import run_inspect
+    from mmgraph.commands.inspect import run_inspect
 
     return run_inspect(args.model_dir, args.pass_name, args.kernel, args.diff)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from mmgraph.calibrate import run_calibrate
+    from mmgraph.commands.calibrate import run_calibrate
 
     return run_calibrate(args.output, args.device, args.size)
 
@@ -54,7 +54,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     import json as _json
 
-    from mmgraph.preprocess_cli import run_preprocess
+    from mmgraph.commands.preprocess import run_preprocess
 
     stats, output_dir = run_preprocess(args)
     print(_json.dumps(stats, indent=2))
@@ -67,7 +67,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from mmgraph.synth import synth
+    from mmgraph.data.synth import synth
 
     counts = synth(args.output_dir, args.num_train, args.num_eval, args.seed)
     for name, n in counts.items():
@@ -77,7 +77,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mmgraph.run_cmd import RunOptions, run
+    from mmgraph.commands.run import RunOptions, run
 
     return run(args.params, args.model_dir, args.mode, RunOptions(
         device=args.device, checkpoint_path=args.checkpoint_path, max_steps=args.max_steps, target=args.target,
@@ -103,7 +103,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from mmgraph.generate import run_generate
+    from mmgraph.commands.generate import run_generate
 
     return run_generate(args.params, args.checkpoint_path, args.image or [], args.prompt, args.max_new_tokens,
                         args.temperature, args.top_p, args.tokenizer, args.template, args.question_file,

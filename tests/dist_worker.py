@@ -16,7 +16,7 @@ import torch
 from mmgraph.core.config import load_params
 from mmgraph.models import build_model, random_batch
 from mmgraph.core.ir import GRAD_WEIGHT, InputKind
-from mmgraph.pipeline import compile_step, run_pass
+from mmgraph.compiler.pipeline import compile_step, run_pass
 from mmgraph.passes.data_parallel import make_data_parallel
 from mmgraph.runtime.distributed import bind_group, from_env
 
@@ -232,6 +232,6 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     {"program": program_check, "zero": zero_check, "accumulate": accumulate_check, "zero2": zero2_check,
      "resume_matrix": resume_matrix}[sys.argv[1]](Path(sys.argv[2]))
-    from mmgraph.run_cmd import leave
+    from mmgraph.commands.run import leave
 
     leave(0)                      # without interpreter teardown, as `mmgraph run`'s ranks end

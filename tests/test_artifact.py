@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from mmgraph import artifact
+from mmgraph.compiler import artifact
 from mmgraph.cli import main
 from mmgraph.core.config import load_params
 from mmgraph.core.ir import InputKind
 from mmgraph.core.target import load_target
 from mmgraph.models import initial_weights, random_batch
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from tests.conftest import ROOT
 from tests.test_runtime import shards  # noqa: F401 - the module's data fixture
 
@@ -64,8 +64,8 @@ def _weights(md):
 
 
 def test_run_loads_the_compiled_program_traces_nothing_and_trains_alike(shards, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import mmgraph.pipeline
-    import mmgraph.trace
+    import mmgraph.compiler.pipeline
+    import mmgraph.compiler.trace
 
     params = _params(tmp_path, shards)
     plain = tmp_path / "plain"
@@ -79,14 +79,14 @@ def test_run_loads_the_compiled_program_traces_nothing_and_trains_alike(shards, 
 
     def no_tracing(*_a, **_k):
         raise AssertionError("the run traced")
-    monkeypatch.setattr(mmgraph.trace, "trace_step", no_tracing)
-    monkeypatch.setattr(mmgraph.pipeline, "trace_step", no_tracing)
+    monkeypatch.setattr(mmgraph.compiler.trace, "trace_step", no_tracing)
+    monkeypatch.setattr(mmgraph.compiler.pipeline, "trace_step", no_tracing)
     assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "3"]) == 0
     out = capsys.readouterr().out
     assert f"loaded program {md / 'programs' / 'train'}" in out and "nothing traced" in out
     loaded = artifact.load(md / "programs" / "train")
     assert artifact.program_sha256(loaded) == report["program_sha256"]
-    from mmgraph.dump import program_source                 # program.py prints exactly the graph that runs
+    from mmgraph.report.dump import program_source                 # program.py prints exactly the graph that runs
     assert program_source(loaded) == (md / "compile" / "program.py").read_text()
     a, b = _weights(plain), _weights(md)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from mmgraph import calibrate
-from mmgraph.calibrate import DegenerateFit, fit_optimizer, fit_steps, fit_with_retries
+from mmgraph.commands import calibrate
+from mmgraph.commands.calibrate import DegenerateFit, fit_optimizer, fit_steps, fit_with_retries
 from mmgraph.cli import main
 from mmgraph.core.errors import UserError
 
@@ -101,7 +101,7 @@ def test_the_command_writes_a_plausible_fit(tmp_path, monkeypatch):
 def test_real_measurement_gives_a_valid_target_or_a_named_refusal():
     """Measured for real: on an idle machine a valid host target, on a busy one possibly a
     refusal after the bounded re-measurements; both are correct outcomes, a degenerate target is not."""
-    from mmgraph.calibrate import host_target, measure
+    from mmgraph.commands.calibrate import host_target, measure
     from mmgraph.core.target import Target
 
     try:

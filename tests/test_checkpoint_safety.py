@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mmgraph.models import initial_weights
 from mmgraph.core.config import load_params
 from mmgraph.core.errors import UserError
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.runner import Runner
 from tests.conftest import ROOT, TINY2

@@ -10,13 +10,13 @@ import torch
 
 from mmgraph.cli import main
 from mmgraph.core.config import load_params
-from mmgraph.dump import kernels_per_layer, load_program, write_dumps
-from mmgraph.formats import parse_mlir, to_mlir
+from mmgraph.report.dump import kernels_per_layer, load_program, write_dumps
+from mmgraph.report.formats import parse_mlir, to_mlir
 from mmgraph.core.ir import Phase
 from mmgraph.core.opcost import node_flops
 from mmgraph.core.target import load_target
-from mmgraph.pipeline import reference_inputs, verify_against_eager
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import reference_inputs, verify_against_eager
+from mmgraph.compiler.pipeline import compile_step
 from tests.conftest import BIG1, BIG2, TINY1, TINY2
 
 aten = torch.ops.aten
@@ -192,7 +192,7 @@ def test_mlir_has_parameters_as_arguments_and_parses_back(tmp_path):
 
 
 def test_onnx_eval_forward_runs_in_onnxruntime_like_pytorch(tmp_path):
-    from mmgraph.formats import export_onnx, run_onnx
+    from mmgraph.report.formats import export_onnx, run_onnx
     from mmgraph.models import build_model, random_batch
 
     params = load_params(TINY2)
@@ -211,7 +211,7 @@ def test_onnx_eval_forward_runs_in_onnxruntime_like_pytorch(tmp_path):
 
 
 def test_kernel_drawings(tmp_path):
-    from mmgraph.draw import COLLAPSE_ABOVE, kernel_graph, to_dot, to_svg
+    from mmgraph.report.draw import COLLAPSE_ABOVE, kernel_graph, to_dot, to_svg
 
     final = compile_step(load_params(TINY1))[-1].program
     graph = kernel_graph(final)
@@ -256,7 +256,7 @@ def test_passes_run_under_their_contracts():
     from mmgraph.core.ir import Contract
     from mmgraph.passes.cost import make_cost
     from mmgraph.passes.legalize import make_legalize
-    from mmgraph.pipeline import CONTRACTS, run_pass
+    from mmgraph.compiler.pipeline import CONTRACTS, run_pass
 
     params = load_params(TINY2)
     target = load_target("cs2")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from mmgraph.core.config import load_params
 from mmgraph.core.target import load_target
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from tests.conftest import FUZZ, TINY1
 
 FREEZES = [[], ["^image_model.image_model_list"], ["^image_model.image_model_list", "^text_model"],

@@ -117,8 +117,8 @@ def test_converted_weights_give_transformers_logits_and_run_eval(hf, tmp_path):
     assert abs(float(loss) - float(ref.loss)) <= 1e-5
 
     # mmgraph run --mode eval on the converted weights, on locally made data.
-    from mmgraph.preprocess import Layout, preprocess
-    from mmgraph.synth import synth
+    from mmgraph.data.preprocess import Layout, preprocess
+    from mmgraph.data.synth import synth
     synth(tmp_path / "data", num_train=8, num_eval=10, seed=2)
     lay = params.layout()
     preprocess(str(tmp_path / "data" / "phase1_eval.json"), str(tmp_path / "data" / "images"),

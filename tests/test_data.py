@@ -15,9 +15,9 @@ from PIL import Image
 from mmgraph.cli import main
 from mmgraph.core.config import load_params
 from mmgraph.core.errors import UserError
-from mmgraph.preprocess import Encoder, Layout, SampleError, preprocess
+from mmgraph.data.preprocess import Encoder, Layout, SampleError, preprocess
 from mmgraph.runtime.data import make_loader
-from mmgraph.synth import COLORS, synth
+from mmgraph.data.synth import COLORS, synth
 from tests.conftest import TINY1, TINY2
 
 P = 3  # tokens per image in the golden tests
@@ -71,7 +71,7 @@ def test_golden_phase1_caption(dataset, tok):
 
 
 def _vicuna_prefix(tok):
-    from mmgraph.preprocess import SYSTEM
+    from mmgraph.data.preprocess import SYSTEM
     return [tok.bos_token_id] + ids(tok, SYSTEM + " ")
 
 

@@ -17,9 +17,9 @@ import yaml
 from mmgraph.cli import main
 from mmgraph.core.config import load_params
 from mmgraph.core.errors import UserError
-from mmgraph.preprocess import Layout, preprocess
+from mmgraph.data.preprocess import Layout, preprocess
 from mmgraph.runtime.data import check_data, make_loader
-from mmgraph.synth import synth
+from mmgraph.data.synth import synth
 from tests.conftest import TINY2
 
 
@@ -152,7 +152,7 @@ def test_hostile_images_are_refused_by_preprocess_check_and_the_loader(world, tm
 def test_a_padded_canvas_is_bounded_before_it_is_allocated():
     from PIL import Image
 
-    from mmgraph.runtime.transforms import expand_to_square
+    from mmgraph.data.transforms import expand_to_square
 
     with pytest.raises(ValueError, match="pads to a 60000x60000 square"):
         expand_to_square(Image.new("RGB", (1, 60000)))
@@ -304,7 +304,7 @@ def test_no_space_left_while_preprocessing(world, tmp_path, capsys, monkeypatch)
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr("mmgraph.shard_writer.os.fsync", full)
+    monkeypatch.setattr("mmgraph.data.shard_writer.os.fsync", full)
     assert main(args(world, world / "phase2_train.json", out)) == 2
     assert capsys.readouterr().err == (f"mmgraph: error: {out}: cannot write the output (No space left on device); "
                                        "nothing was changed\n")

@@ -27,7 +27,7 @@ REQUIRED = ("data", "img_path", "img_data_loc")
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    from mmgraph.synth import synth
+    from mmgraph.data.synth import synth
     root = tmp_path_factory.mktemp("fuzz")
     synth(root, num_train=8, num_eval=2, seed=6)
     out = shards(root, root / "out", n=4)

@@ -13,10 +13,10 @@ import yaml
 
 from mmgraph.cli import main
 from mmgraph.core.config import load_params
-from mmgraph.preprocess import Encoder, Layout, Style, preprocess
+from mmgraph.data.preprocess import Encoder, Layout, Style, preprocess
 from mmgraph.runtime.data import make_loader
-from mmgraph.runtime.transforms import build_transforms
-from mmgraph.synth import synth
+from mmgraph.data.transforms import build_transforms
+from mmgraph.data.synth import synth
 from tests.conftest import TINY1, TINY2
 from tests.modelzoo_h5 import ModelZooReader, write_modelzoo_shard
 

@@ -16,7 +16,7 @@ from mmgraph.core.config import load_params
 from mmgraph.core.ir import InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.passes.data_parallel import ALL_REDUCE, WAIT, make_data_parallel, plan_buckets
 from mmgraph.passes.verify import verify_structure
-from mmgraph.pipeline import compile_step, run_pass
+from mmgraph.compiler.pipeline import compile_step, run_pass
 from mmgraph.runtime.data import ResumableSampler
 from mmgraph.runtime.distributed import Ranks, RankSampler, bind_group
 
@@ -183,7 +183,7 @@ def test_zero1_two_ranks_update_like_one_optimizer_with_half_the_state(tmp_path)
 
 @pytest.mark.parametrize("target_name", ["cs2", "h100"])
 def test_simulated_systems_scale_with_the_interconnect(target_name):
-    from mmgraph.passes.scaling import scaling
+    from mmgraph.compiler.scaling import scaling
     from mmgraph.core.target import load_target
 
     params = load_params(str(ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml"), "train")

@@ -15,7 +15,7 @@ import yaml
 from mmgraph.core.config import load_params
 from mmgraph.core.ir import RNG_FIELDS, InputKind
 from mmgraph.models.rng import Dropout, Rng, hash32, hash32_int
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from tests.conftest import ROOT, TINY2
 
 MZ = ROOT / "tests" / "data" / "modelzoo"
@@ -165,7 +165,7 @@ def test_a_resumed_run_with_dropout_is_bit_exact(tmp_path):
 def test_a_program_with_dropout_is_one_op_per_mask_and_round_trips_as_an_artifact(tmp_path):
     """The mask is one op (mmgraph::dropout_keep, pure: it recomputes), which the artifact's
     allowlist takes: the loaded program computes what the compiled one does, bit for bit."""
-    from mmgraph import artifact
+    from mmgraph.compiler import artifact
     from mmgraph.core.rng import rng_inputs
     from mmgraph.models import initial_weights, random_batch
 

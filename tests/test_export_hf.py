@@ -108,7 +108,7 @@ def test_checkpoint_folder_is_a_source_too(demo, tmp_path):
 
 
 def _encoder(tokenizer: Path, phase: int):
-    from mmgraph.preprocess import Encoder, Layout
+    from mmgraph.data.preprocess import Encoder, Layout
     return Encoder(str(tokenizer), phase, Layout(96, 16, 2), None, check_images=False)
 
 
@@ -219,7 +219,7 @@ def test_transformers_answers_like_mmgraph_generate(export, demo, cli_answers, i
 def test_transformers_tokens_equal_the_generator_tokens(export, demo):
     """Token for token (mmgraph's Generator, the code `mmgraph generate` runs)."""
     from mmgraph.core.config import load_params
-    from mmgraph.generate import Generator
+    from mmgraph.commands.generate import Generator
     gen = Generator(load_params(demo / "params.yaml", "eval"), str(demo / "md"), str(demo / "data" / "tokenizer"))
     qs = questions(demo, 1, 3) + questions(demo, 2, 2)
     hf = _hf_answers(export, demo, qs, lambda n: min(MAX_NEW, 96 - n))
@@ -232,7 +232,7 @@ def test_processor_pixels_equal_the_eval_transforms(export, demo):
     from PIL import Image
     from transformers import AutoProcessor
     from mmgraph.core.config import load_params
-    from mmgraph.generate import Generator
+    from mmgraph.commands.generate import Generator
     gen = Generator(load_params(demo / "params.yaml", "eval"), None, str(demo / "data" / "tokenizer"))
     names = [str(demo / "data" / "images" / n) for q in questions(demo, 2, 2) for n in q["image"]][:2]
     with Image.open(names[0]) as img:          # not square: padded to a square, then resized

@@ -14,7 +14,7 @@ from mmgraph.models import initial_weights
 from mmgraph.cli import main
 from mmgraph.core.config import load_params
 from mmgraph.models import build_model, random_batch
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
 from tests.conftest import CONFIGS, TINY2
 from tests.test_runtime import batches, eager_losses
@@ -106,8 +106,8 @@ def test_bad_connector_settings_are_named(tmp_path, capsys):
 
 
 def test_cogvlm_generation_cache_equals_recomputing(tmp_path):
-    from mmgraph.generate import Generator
-    from mmgraph.synth import synth
+    from mmgraph.commands.generate import Generator
+    from mmgraph.data.synth import synth
     synth(tmp_path, num_train=2, num_eval=2, seed=1)
     params = load_params(CONFIGS / "params_cogvlm_tiny.yaml")
     gen = Generator(params, None, str(tmp_path / "tokenizer"), seed=4)

@@ -10,13 +10,13 @@ from PIL import Image
 
 from mmgraph.cli import main
 from mmgraph.core.config import load_params
-from mmgraph.generate import Generator
+from mmgraph.commands.generate import Generator
 from tests.conftest import TINY2
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from mmgraph.synth import synth
+    from mmgraph.data.synth import synth
     root = tmp_path_factory.mktemp("gen")
     synth(root, num_train=4, num_eval=4, seed=5)
     images = sorted((root / "images").glob("*.png"))

@@ -11,15 +11,19 @@ ROOT = Path(__file__).resolve().parent.parent
 # The package's folder: every module is named by its path under it.
 FOLDERS = {"mmgraph": ROOT / "mmgraph"}
 
-# Bottom to top. A module belongs to the first layer whose prefix names it.
+# Bottom to top: one folder per layer (docs/layering.md). A module belongs to the first layer
+# whose prefix names it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("mmgraph.core", "mmgraph.configs")),    # configs: params files and targets (data)
+    ("data", ("mmgraph.data",)),
     ("models", ("mmgraph.models",)),
-    ("trace", ("mmgraph.trace",)),
     ("passes", ("mmgraph.passes",)),
-    ("compiler", ("mmgraph.pipeline", "mmgraph.artifact")),
+    ("compiler", ("mmgraph.compiler",)),
     ("runtime", ("mmgraph.runtime",)),
-    ("top", ("mmgraph",)),          # commands, dumps, tools (convert, preprocess, generate, ...)
+    ("report", ("mmgraph.report",)),
+    ("convert", ("mmgraph.convert",)),
+    ("commands", ("mmgraph.commands",)),
+    ("cli", ("mmgraph.cli", "mmgraph.__main__")),
 ]
 FORBIDDEN = {"runtime": ("mmgraph.models", "mmgraph.convert"), "passes": ("mmgraph.models",)}
 
@@ -39,6 +43,8 @@ def _modules() -> dict[str, Path]:
 
 
 def layer_of(module: str) -> int:
+    if module == "mmgraph":                 # the package root: __version__ only
+        return 0
     for i, (_, prefixes) in enumerate(LAYERS):
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return i
@@ -85,6 +91,22 @@ def violations() -> list[str]:
 def test_imports_go_down_the_layers_only():
     found = violations()
     assert not found, "imports against the layering (docs/layering.md):\n" + "\n".join(found)
+
+
+def test_every_module_is_in_a_layer_folder():
+    """No module sits loose in mmgraph/ but the entry points: each is in its layer's folder."""
+    loose = [m for m, path in _MODULES.items() if m.count(".") == 1 and path.name != "__init__.py"
+             and m not in ("mmgraph.cli", "mmgraph.__main__")]
+    assert not loose, f"modules outside the layer folders: {loose}"
+
+
+def test_no_command_imports_another():
+    """Commands share code through the layers below them, never through each other."""
+    found = [f"{path.relative_to(ROOT)}:{line}: imports {target}"
+             for module, path in sorted(_MODULES.items()) if module.startswith("mmgraph.commands.")
+             for line, target in _imports(path, module)
+             if target.startswith("mmgraph.commands.") and not target.startswith(module)]
+    assert not found, "a command imports another:\n" + "\n".join(found)
 
 
 def test_the_check_sees_a_violation():

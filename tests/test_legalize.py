@@ -17,15 +17,15 @@ import subprocess
 import pytest
 import yaml
 
-from mmgraph import cirh
+from mmgraph.compiler import cirh
 from mmgraph.cli import main
 from mmgraph.core import ops
 from mmgraph.core.config import load_params
 from mmgraph.core.target import load_target, shipped_targets
-from mmgraph.formats import to_mlir
+from mmgraph.report.formats import to_mlir
 from mmgraph.passes import legalize as legalize_mod  # noqa: F401 - RULES, monkeypatched
 from mmgraph.passes.legalize import illegal_ops
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from tests.conftest import CONFIGS, ROOT, TINY2
 
 FAMILIES = {"llava": "params_mm_llava_tiny_phase2.yaml", "cogvlm": "params_cogvlm_tiny.yaml",

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file lock
 
 HOLDER = """
 import sys
-from mmgraph.lock import model_dir_lock
+from mmgraph.core.lock import model_dir_lock
 with model_dir_lock(sys.argv[1], "test-holder"):
     print("locked", flush=True)
     sys.stdin.read()                      # hold until stdin closes (or the process is killed)
@@ -67,7 +67,7 @@ def test_a_second_run_is_refused_and_a_killed_holder_leaves_no_stale_lock(shards
 
 def test_the_lock_is_released_and_an_unused_model_dir_not_left_behind(tmp_path):
     from mmgraph.core.errors import UserError
-    from mmgraph.lock import model_dir_lock
+    from mmgraph.core.lock import model_dir_lock
     md = tmp_path / "md"
     with pytest.raises(UserError):
         with model_dir_lock(md, "run"):

@@ -14,7 +14,7 @@ from mmgraph.core.batchscale import BatchScaling
 from mmgraph.core.config import load_params
 from mmgraph.core.opcost import kernel_io_bytes
 from mmgraph.core.target import Target, load_target
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from tests.conftest import CONFIGS, TINY2
 
 

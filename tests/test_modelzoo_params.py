@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmgraph.check import check
+from mmgraph.commands.check import check
 from mmgraph.cli import main
 from mmgraph.core.config import load_params
 

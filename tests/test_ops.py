@@ -12,7 +12,7 @@ from mmgraph.core import ops
 from mmgraph.core.config import load_params
 from mmgraph.core.opcost import node_bytes, node_flops
 from mmgraph.core.target import load_target
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from tests.conftest import ROOT
 
 CONFIGS = ["params_mm_llava_tiny_phase1.yaml", "params_mm_llava_tiny_phase2.yaml", "params_cogvlm_tiny.yaml",

@@ -17,7 +17,7 @@ from mmgraph.core.config import load_params
 from mmgraph.core.ir import InputKind
 from mmgraph.models import build_model, initial_weights, random_batch
 from mmgraph.models.anatomy import no_weight_decay
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
 from tests.conftest import TINY2
 
@@ -102,7 +102,7 @@ def test_the_wafer_program_with_the_update_lowers_and_its_artifact_is_another(tm
     """cs2: the update's ops legalized with the rest; the vendor's tool lowers the whole step
     (when it is installed); the saved program says it holds the update, so run without the flag
     compiles its own."""
-    from mmgraph import cirh
+    from mmgraph.compiler import cirh
 
     md = tmp_path / "md"
     assert main(["compile", "--params", str(TINY2), "--model_dir", str(md), "--optimizer_in_program",
@@ -116,7 +116,7 @@ def test_the_wafer_program_with_the_update_lowers_and_its_artifact_is_another(tm
         assert (md / "compile" / "program.cirh.mlir").is_file(), out
     saved = json.loads((md / "programs" / "train" / "fingerprint.json").read_text())
     assert saved["update"] == "program" and "optimizer.betas" in saved["params"]
-    from mmgraph import artifact
+    from mmgraph.compiler import artifact
     loaded = artifact.load(md / "programs" / "train")                   # the artifact keeps the new kinds
     assert {s.kind for s in loaded.inputs} >= {InputKind.STATE, InputKind.SCALAR}
     assert {o.kind for o in loaded.outputs} >= {"param_update", "state_update", "grad_norm"}

@@ -15,7 +15,7 @@ from mmgraph.core.ir import InputKind
 from mmgraph.models import build_model, pack_batch, pad_batch, random_batch
 from mmgraph.models.attention import segment_causal_mask
 from mmgraph.models.llama import constant_image_positions
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from tests.conftest import TINY1, TINY2
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -155,7 +155,7 @@ def test_unpacked_program_has_no_packed_inputs():
 
 
 def test_packed_onnx_eval_forward_equals_unpacked(tmp_path):
-    from mmgraph.formats import export_onnx, run_onnx
+    from mmgraph.report.formats import export_onnx, run_onnx
 
     plain, packed = packed_params(tmp_path, TINY2, max_num_img=6)
     names = export_onnx(packed, tmp_path / "eval.onnx", batch_size=3)

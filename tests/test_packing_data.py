@@ -15,9 +15,9 @@ from mmgraph.cli import main
 from mmgraph.core.config import load_params
 from mmgraph.core.errors import UserError
 from mmgraph.core.packing import assign, unpack_row
-from mmgraph.preprocess import Layout, PackOptions, preprocess
+from mmgraph.data.preprocess import Layout, PackOptions, preprocess
 from mmgraph.runtime.data import make_loader
-from mmgraph.synth import synth
+from mmgraph.data.synth import synth
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LAYOUT = Layout(max_seq_length=96, num_patches=16, max_num_img=2)
@@ -189,7 +189,7 @@ def test_cli_pack_prints_rows(dataset, tmp_path, capsys):
 
 def test_real_token_share_from_stats_reaches_the_cost_pass(dataset, tmp_path):
     from mmgraph.core.packing import real_token_share
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.target import load_target
 
     plain = run(dataset, tmp_path / "plain", 1)

@@ -18,8 +18,8 @@ from mmgraph.core.ir import Phase
 from mmgraph.passes.cost import peak_breakdown
 from mmgraph.passes.remat import CLONE_PREFIX, crossing_values
 from mmgraph.passes.verify import VerificationError, verify_structure
-from mmgraph.pipeline import reference_inputs, verify_against_eager
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import reference_inputs, verify_against_eager
+from mmgraph.compiler.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
 from mmgraph.core.target import load_target
 from tests.conftest import CONFIGS, ROOT, TINY1, TINY2

@@ -10,7 +10,7 @@ from mmgraph.models import initial_weights
 from mmgraph.core.config import load_params
 from mmgraph.core.errors import UserError
 from mmgraph.models import build_model, random_batch
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.optim import Optimizer, learning_rate
 from mmgraph.runtime.runner import Runner
@@ -155,8 +155,8 @@ def test_answer_accuracy_counts_whole_replies():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     import yaml
-    from mmgraph.preprocess import Layout, preprocess
-    from mmgraph.synth import synth
+    from mmgraph.data.preprocess import Layout, preprocess
+    from mmgraph.data.synth import synth
     root = tmp_path_factory.mktemp("run")
     synth(root, num_train=48, num_eval=12, seed=3)
     lay = load_params(TINY2).layout()

@@ -16,7 +16,7 @@ import yaml
 from mmgraph.models import initial_weights
 from mmgraph.core.config import load_params
 from mmgraph.models import build_model, random_batch
-from mmgraph.pipeline import compile_step
+from mmgraph.compiler.pipeline import compile_step
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.runner import Runner
 from tests.conftest import BIG1, ROOT, TINY2

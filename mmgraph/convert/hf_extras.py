@@ -2,7 +2,7 @@
 processor from the params' eval transforms, the processor config, a chat template that
 reproduces the training prompt token for token, the generation config.
 
-The prompt the preprocessing wrote (``mmgraph.preprocess.Encoder``):
+The prompt the preprocessing wrote (``mmgraph.data.preprocess.Encoder``):
 - ``vicuna_v1``: ``<s>SYSTEM USER: [images]question ASSISTANT: answer</s>USER: ...``; a turn's
   images come before its text (the Model Zoo's placement; text pieces stripped and joined).
 - ``plain``: ``<s>[images]caption</s>``: the human text is dropped.

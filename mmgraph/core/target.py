@@ -104,7 +104,7 @@ class Mechanisms(Section):
 
 
 class Interconnect(Section):
-    """How several systems train one model data-parallel (``passes/scaling.py``, ``passes/cluster.py``)."""
+    """How several systems train one model data-parallel (``compiler/scaling.py``, ``passes/cluster.py``)."""
 
     topology: Literal["swarmx", "ring"]       # swarmx: broadcast weights / reduce gradients in a tree
     bandwidth: Positive = 1.0                 # ring: bytes/s each direction per system, within a node

@@ -173,32 +173,6 @@ def gradient_bytes(program: Program, float_bytes: int) -> list[int]:
     return out
 
 
-def world_report(program: Program, target: Target, precision: Precision, world_size: int, zero: int,
-                 batch_size: int, tokens_per_sample: int, real_token_share: float = 1.0) -> Optional[dict]:
-    """``report.json``'s ``world``: all ranks together at ``world_size``. A resident GPU target
-    gets the model above; a streaming target (a wafer with SwarmX, a GPU streaming from its host)
-    the data-parallel scaling of passes/scaling.py. None without a schedule or a backward."""
-    from dataclasses import asdict
-
-    from mmgraph.passes.scaling import scaling
-
-    if program.schedule is None or program.mode != "train":
-        return None
-    if not target.stream_enabled and target.kind == "gpu":
-        w = world(program, target, precision, world_size, zero, batch_size, tokens_per_sample, real_token_share)
-        return {"model": "resident weights, data parallel" + (f", ZeRO-{zero}" if zero else ""), **asdict(w)}
-    if target.interconnect is None and world_size > 1:
-        return None
-    point = scaling(program, target, systems=(world_size,))[0]
-    return {"model": f"weight streaming, {target.interconnect.topology if target.interconnect else 'one system'}",
-            "world_size": world_size, "zero": zero, "micro_batch_size": program.schedule.micro_batch_size,
-            "micro_steps": point.micro_steps, "step_s": point.step_s, "samples_per_s": point.samples_per_s,
-            "tokens_per_s": point.samples_per_s * tokens_per_sample,
-            "real_tokens_per_s": point.samples_per_s * tokens_per_sample * real_token_share,
-            "exposed_s": point.comm_s, "peak_bytes": program.schedule.peak_memory_bytes,
-            "memory_bytes": program.schedule.memory_bytes, "fits": program.schedule.fits}
-
-
 def resident_bytes(program: Program, precision: Precision, target: Target, world_size: int = 1,
                    zero: int = 0) -> Optional[int]:
     """What a resident GPU target holds besides activations: the model states of one rank (None

@@ -1,7 +1,7 @@
 """Checks a Program after a pass: structure always; numerics against eager PyTorch on request.
 
 Numerics: the program runs on the weights of an eager model and a batch (both made by the
-pipeline, ``mmgraph.pipeline.reference``), and its loss and every gradient it outputs must equal
+pipeline, ``mmgraph.compiler.pipeline.reference``), and its loss and every gradient it outputs must equal
 eager PyTorch autograd on the same module and batch.
 """
 

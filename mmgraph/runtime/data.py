@@ -17,9 +17,9 @@ import torch
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.h5schema import ROW_FIELDS, row_fields
-from mmgraph.runtime.shards import (BadImage, Expect, UnsafePath, confined, data_params_problems, inspect_shard,
-                                    open_image, read_sample)
-from mmgraph.runtime.transforms import build_transforms
+from mmgraph.data.images import BadImage, UnsafePath, confined, open_image
+from mmgraph.data.transforms import build_transforms
+from mmgraph.runtime.shards import Expect, data_params_problems, inspect_shard, read_sample
 
 
 

@@ -7,11 +7,12 @@ from typing import Optional
 
 from mmgraph.core.config import load_params, micro_batch_search, rank_batch
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.dump import bottleneck_words, write_dumps
-from mmgraph.formats import to_mlir
+from mmgraph.report.dump import bottleneck_words, write_dumps
+from mmgraph.report.formats import to_mlir
 from mmgraph.core.ir import Phase
-from mmgraph.lock import model_dir_lock
-from mmgraph.passes.cluster import world_report
+from mmgraph.core.lock import model_dir_lock
+from mmgraph.report.fit import choose_micro_batch, human_gb, human_size, input_section
+from mmgraph.compiler.scaling import world_report
 
 
 def _human(n: int) -> str:
@@ -21,98 +22,29 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def choose_micro_batch(params, mode: str, target, remat=None, search=None) -> tuple[int, str]:
-    """``micro_batch_size: auto`` (the divisors of batch_size) or ``explore`` (every micro-batch
-    in its range, as a table): the micro-batch with the best predicted throughput that fits
-    (mmgraph.pipeline.choose_micro_batch)."""
-    from mmgraph.core.config import micro_batch_search
-    from mmgraph.pipeline import choose_micro_batch as choose
-
-    data = params.input_for(mode)
-    search = search or micro_batch_search(data.micro_batch_size, data.batch_size) or \
-        micro_batch_search("auto", data.batch_size)
-    choice = choose(params, mode, target, remat, search.sizes(data.batch_size))
-    if choice is None:
-        raise UserError(Problem(params.path, f"{_section(mode)}.micro_batch_size",
-                                f"{search.kind}: not even the smallest candidate ({search.low}) fits on {target.name} "
-                                f"with its mechanisms ({', '.join(target.mechanisms.names())}) "
-                                f"(compile with micro_batch_size: {search.low} for the arithmetic)"))
-    if search.kind == "explore":
-        print(explore_table(choice, target, search))
-    else:
-        tried = ", ".join(f"{p.micro_batch_size} ({_plan_words(p)}{'' if p.fits else ', does not fit'}): "
-                          f"{p.samples_per_s:,.1f} samples/s" for p in choice.candidates)
-        print(f"micro_batch_size auto: {choice.micro_batch_size} with remat {choice.policy} "
-              f"(best predicted throughput on {target.name} of {tried})")
-    return choice.micro_batch_size, choice.policy
-
-
-def _plan_words(p) -> str:
-    """A plan's mechanisms in a few words: recompute per layer, pieces, offload."""
-    counts = ", ".join(f"{n} {pol}" for pol, n in sorted(p.counts().items())) or "no layers"
-    words = [f"recompute {counts}"]
-    if p.pieces > 1:
-        words.append(f"pieces down to {p.piece_samples}")
-    if p.offloaded:
-        words.append(f"offload {len(p.offloaded)} layers")
-    return "; ".join(words)
-
-
-def explore_table(choice, target, search) -> str:
-    """``micro_batch_size: explore``: every candidate's fit, recompute policy, mechanisms and
-    predicted samples/s, as the Model Zoo's explore reports them."""
-    lines = [f"micro_batch_size explore on {target.name}: {search.low} .. {search.high} "
-             f"(figures scaled from the step traced at micro-batch {choice.probe}; mechanisms available: "
-             f"{', '.join(target.mechanisms.names()) if target.stream_enabled else 'recompute'})",
-             f"{'mbs':>5} {'fits':>5} {'peak':>10} {'recompute (layers)':<24} {'pieces':>14} {'offload':>8} "
-             f"{'micro-step ms':>14} {'samples/s':>10}"]
-    for p in choice.candidates:
-        counts = ", ".join(f"{n} {pol}" for pol, n in sorted(p.counts().items())) or "-"
-        pieces = f"{p.pieces} of {p.piece_samples}" if p.pieces > 1 else "-"
-        offload = f"{len(p.offloaded)} layers" if p.offloaded else "-"
-        mark = "  <- best" if p.micro_batch_size == choice.micro_batch_size else ""
-        lines.append(f"{p.micro_batch_size:>5} {'yes' if p.fits else 'no':>5} {_size(p.peak_bytes):>10} {counts:<24} "
-                     f"{pieces:>14} {offload:>8} {p.step_s * 1e3:>14.1f} {p.samples_per_s:>10.1f}{mark}")
-    lines.append(f"micro_batch_size explore: {choice.micro_batch_size} (the best predicted throughput that fits; "
-                 f"compiled below)")
-    return "\n".join(lines)
-
-
 def _save_programs(params, mode: str, model_dir: str, stages, target, remat, world_size: int, zero: int,
                    update: bool, bucket_bytes, resolved: dict):
     """The artifact ``mmgraph run`` loads instead of tracing (MODEL_DIR/programs/MODE)."""
-    from mmgraph import artifact
+    from mmgraph.compiler import artifact
 
     wanted = artifact.fingerprint(params, mode, target=target.name, world_size=world_size, zero=zero,
                                   bucket_bytes=bucket_bytes, remat=remat, update=update)
     return artifact.save_stages(artifact.programs_dir(model_dir), mode, stages, wanted, resolved)
 
 
-def _section(mode: str) -> str:
-    return "eval_input" if mode == "eval" else "train_input"
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
-def _size(n: float) -> str:
-    return _gb(n) if n >= 1e9 else f"{n / 1e6:.2f} MB"
-
-
 def _fit_numbers(s) -> str:
-    return (f"activations and working set {_gb(s.peak_memory_bytes - 2 * s.weight_buffer_bytes)} + "
-            f"weight buffers {_gb(2 * s.weight_buffer_bytes)} = {_gb(s.peak_memory_bytes)} "
-            f"> {_gb(s.memory_bytes)} of device memory")
+    return (f"activations and working set {human_gb(s.peak_memory_bytes - 2 * s.weight_buffer_bytes)} + "
+            f"weight buffers {human_gb(2 * s.weight_buffer_bytes)} = {human_gb(s.peak_memory_bytes)} "
+            f"> {human_gb(s.memory_bytes)} of device memory")
 
 
 def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool, verify: bool,
                 target_name: str = "cs2", remat=None, world_size: int = 1, zero: int = 0,
                 bucket_bytes: Optional[int] = None, real_tokens: Optional[float] = None,
                 optimizer_in_program: bool = False) -> int:
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.target import load_target
-    from mmgraph.trace import trace_step
+    from mmgraph.compiler.trace import trace_step
 
     start = time.perf_counter()
     params = load_params(params_path, mode)
@@ -176,7 +108,7 @@ def _print_summary(stages, target, mode: str, check, world, world_size: int) -> 
           f"step {sched.step_s * 1e3:,.1f} ms, {sched.samples_per_s:,.1f} samples/s, "
           f"{sched.tokens_per_s:,.0f} tokens/s ({sched.real_tokens_per_s:,.0f} real, "
           f"{sched.real_token_share:.0%} of each row), utilization {sched.utilization:.1%}, "
-          f"peak memory {_gb(sched.peak_memory_bytes)} of {_gb(sched.memory_bytes)}")
+          f"peak memory {human_gb(sched.peak_memory_bytes)} of {human_gb(sched.memory_bytes)}")
     print(remat_summary(stages[-1].program))
     if stages[-1].program.memory is not None:
         print(memory_summary(stages[-1].program, target))
@@ -195,23 +127,23 @@ def _refuse_no_fit(stages, params, params_path: str, mode: str, target, remat) -
     largest = largest_fitting(stages, params, mode, target, remat)
     if plan is not None and all(layer.policy == "full" for layer in plan.layers):
         mechanisms = ", ".join(target.mechanisms.names()) if target.stream_enabled else "recompute"
-        raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
+        raise UserError(Problem(params_path, f"{input_section(mode)}.micro_batch_size",
                                 f"{sched.micro_batch_size} does not fit on {target.name}: not with any "
                                 f"recompute policy nor the target's other mechanisms ({mechanisms}): "
                                 f"{no_fit_arithmetic(stages[-1].program, params)}; the largest micro_batch_size "
                                 f"that fits is {largest}{_memory_source(target)}"))
     hint = "" if plan is None else "; or model.activation_checkpointing / --remat: auto or full"
-    raise UserError(Problem(params_path, f"{_section(mode)}.micro_batch_size",
+    raise UserError(Problem(params_path, f"{input_section(mode)}.micro_batch_size",
                             f"{sched.micro_batch_size} does not fit on {target.name}: {_fit_numbers(sched)}; "
                             f"the largest micro_batch_size that fits is {largest} "
                             f"(or set micro_batch_size: auto{hint})"))
 
 
 def vendor_check(stages, mlir: str, params_path: str, target):
-    """The vendor's own lowering of the program (``mmgraph.cirh``), for targets it lowers: the
+    """The vendor's own lowering of the program (``mmgraph.compiler.cirh``), for targets it lowers: the
     last program, or with data parallelism the one before its collectives (the wafer reduces
     gradients in SwarmX, outside the program). None for other targets."""
-    from mmgraph import cirh
+    from mmgraph.compiler import cirh
 
     if not cirh.wants_check(target.ops):
         return None
@@ -267,7 +199,7 @@ def memory_summary(program, target) -> str:
                      f"backward ({mp.offload_s * 1e3:,.1f} ms of link time)")
     fit = "fits" if (sched.fits if sched else mp.fits) else "does not fit"
     peak = sched.peak_memory_bytes if sched else mp.estimated_peak_bytes
-    return (f"memory on {target.name}: {fit} (peak {_gb(peak)} of {_gb(mp.memory_bytes)}) with "
+    return (f"memory on {target.name}: {fit} (peak {human_gb(peak)} of {human_gb(mp.memory_bytes)}) with "
             f"{'; '.join(parts) or 'no mechanism'}; mechanisms available: {', '.join(mp.available) or 'none'}")
 
 
@@ -277,10 +209,10 @@ def world_summary(w: dict, target) -> str:
             f"{w['real_tokens_per_s']:,.0f} real tokens/s, step {w['step_s'] * 1e3:,.1f} ms in {w['micro_steps']} "
             f"micro-steps of {w['micro_batch_size']}")
     if "weights_bytes" in w:
-        line += (f"; per GPU {_size(w['peak_bytes'])} of {_size(w['memory_bytes'])} "
-                 f"({'fits' if w['fits'] else 'does NOT fit'}): weights {_size(w['weights_bytes'])}, gradients "
-                 f"{_size(w['gradients_bytes'])}, optimizer {_size(w['optimizer_bytes'])}, activations "
-                 f"{_size(w['activations_bytes'])}" + (f", gathered weights {_size(w['gathered_bytes'])}"
+        line += (f"; per GPU {human_size(w['peak_bytes'])} of {human_size(w['memory_bytes'])} "
+                 f"({'fits' if w['fits'] else 'does NOT fit'}): weights {human_size(w['weights_bytes'])}, gradients "
+                 f"{human_size(w['gradients_bytes'])}, optimizer {human_size(w['optimizer_bytes'])}, activations "
+                 f"{human_size(w['activations_bytes'])}" + (f", gathered weights {human_size(w['gathered_bytes'])}"
                                                      if w['gathered_bytes'] else "")
                  + f"; communication exposed {w['exposed_s'] * 1e3:,.1f} ms, optimizer {w['optimizer_s'] * 1e3:,.1f} ms")
     return line
@@ -288,7 +220,7 @@ def world_summary(w: dict, target) -> str:
 
 def scaling_summary(program, target) -> str:
     """Data parallelism on 1..16 systems, simulated (passes/scaling.py), in one line."""
-    from mmgraph.passes.scaling import scaling
+    from mmgraph.compiler.scaling import scaling
 
     if target.interconnect is None:
         return f"data parallel: {target.name} names no interconnect; not simulated"
@@ -310,11 +242,11 @@ def remat_summary(program) -> str:
     share = plan.extra_flops / model if model else 0.0
     fit = ""
     if sched is not None:
-        fit = (f"; it {'fits' if sched.fits else 'does not fit'}: peak {_size(sched.peak_memory_bytes)} of "
-               f"{_size(sched.memory_bytes)}; step {bottleneck_words(sched)}")
+        fit = (f"; it {'fits' if sched.fits else 'does not fit'}: peak {human_size(sched.peak_memory_bytes)} of "
+               f"{human_size(sched.memory_bytes)}; step {bottleneck_words(sched)}")
     saved = sum(layer.saved_bytes for layer in plan.layers)
-    return (f"activation recomputation {plan.policy}: {layers}; activations kept {_size(plan.kept_bytes)} "
-            f"(saves {_size(saved)}), recomputed {_human(plan.extra_flops)}FLOPs (+{share:.1%}){fit}")
+    return (f"activation recomputation {plan.policy}: {layers}; activations kept {human_size(plan.kept_bytes)} "
+            f"(saves {human_size(saved)}), recomputed {_human(plan.extra_flops)}FLOPs (+{share:.1%}){fit}")
 
 
 def _memory_source(target) -> str:
@@ -329,8 +261,8 @@ def no_fit_arithmetic(program, params) -> str:
 
     sched, plan = program.schedule, program.remat
     b = peak_breakdown(program, params.precision)
-    return (f"the smallest peak any policy reaches (full) is {_size(sched.peak_memory_bytes)}, in segment "
-            f"'{b['segment']}': kept activations {_size(b['kept'])} + one layer's working set "
-            f"{_size(b['recomputed'] + b['working'])} (recomputed values {_size(b['recomputed'])}, largest kernel "
-            f"{_size(b['working'])}; attention scores {_size(plan.attention_scores_bytes)}) + weight buffers "
-            f"{_size(b['buffers'])} > {_size(sched.memory_bytes)} of device memory")
+    return (f"the smallest peak any policy reaches (full) is {human_size(sched.peak_memory_bytes)}, in segment "
+            f"'{b['segment']}': kept activations {human_size(b['kept'])} + one layer's working set "
+            f"{human_size(b['recomputed'] + b['working'])} (recomputed values {human_size(b['recomputed'])}, largest kernel "
+            f"{human_size(b['working'])}; attention scores {human_size(plan.attention_scores_bytes)}) + weight buffers "
+            f"{human_size(b['buffers'])} > {human_size(sched.memory_bytes)} of device memory")

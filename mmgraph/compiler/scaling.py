@@ -18,10 +18,13 @@ Scaling efficiency is samples/s on N systems over N times samples/s on one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 from mmgraph.core.ir import Program
+from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target
+from mmgraph.passes.cluster import world
 
 SYSTEMS = (1, 2, 4, 8, 16)
 BUCKET_BYTES = 25 * 1024 * 1024
@@ -81,3 +84,25 @@ def scaling_table(points: list[ScalingPoint]) -> str:
         lines.append(f"{p.systems:>7}  {p.micro_steps:>11}  {p.step_s * 1e3:>9.1f}  {p.samples_per_s:>9.1f}  "
                      f"{p.efficiency:>10.1%}  {p.comm_s * 1e3:>17.2f}  {p.hidden_s * 1e3:>11.2f}")
     return "\n".join(lines)
+
+
+def world_report(program: Program, target: Target, precision: Precision, world_size: int, zero: int,
+                 batch_size: int, tokens_per_sample: int, real_token_share: float = 1.0) -> Optional[dict]:
+    """``report.json``'s ``world``: all ranks together at ``world_size``. A resident GPU target
+    gets the model above; a streaming target (a wafer with SwarmX, a GPU streaming from its host)
+    the data-parallel scaling of compiler/scaling.py. None without a schedule or a backward."""
+    if program.schedule is None or program.mode != "train":
+        return None
+    if not target.stream_enabled and target.kind == "gpu":
+        w = world(program, target, precision, world_size, zero, batch_size, tokens_per_sample, real_token_share)
+        return {"model": "resident weights, data parallel" + (f", ZeRO-{zero}" if zero else ""), **asdict(w)}
+    if target.interconnect is None and world_size > 1:
+        return None
+    point = scaling(program, target, systems=(world_size,))[0]
+    return {"model": f"weight streaming, {target.interconnect.topology if target.interconnect else 'one system'}",
+            "world_size": world_size, "zero": zero, "micro_batch_size": program.schedule.micro_batch_size,
+            "micro_steps": point.micro_steps, "step_s": point.step_s, "samples_per_s": point.samples_per_s,
+            "tokens_per_s": point.samples_per_s * tokens_per_sample,
+            "real_tokens_per_s": point.samples_per_s * tokens_per_sample * real_token_share,
+            "exposed_s": point.comm_s, "peak_bytes": program.schedule.peak_memory_bytes,
+            "memory_bytes": program.schedule.memory_bytes, "fits": program.schedule.fits}

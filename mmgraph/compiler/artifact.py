@@ -62,8 +62,8 @@ def _flat(prefix: str, value: Any, out: dict) -> None:
 
 # What shapes a program: its source is hashed into every fingerprint, so a changed compiler or
 # model recompiles instead of running a stale program.
-COMPILER_MODULES = ("mmgraph.core", "mmgraph.models", "mmgraph.passes", "mmgraph.trace", "mmgraph.pipeline",
-                    "mmgraph.artifact")
+COMPILER_MODULES = ("mmgraph.core", "mmgraph.models", "mmgraph.passes", "mmgraph.compiler.trace", "mmgraph.compiler.pipeline",
+                    "mmgraph.compiler.artifact")
 
 
 @functools.cache

@@ -64,7 +64,7 @@ def onnx_skip_reason(program: Program) -> str | None:
 def export_onnx(params: Params, path: str | Path, batch_size: int | None = None, seed: int = 0) -> list[str]:
     """Write the eval forward (loss, logits) as ONNX, static shapes at the eval micro-batch
     size; returns its input names."""
-    from mmgraph.trace import micro_batch_size
+    from mmgraph.compiler.trace import micro_batch_size
 
     batch_size = batch_size or micro_batch_size(params, "eval")
     model, _ = build_model(params, seed=seed)

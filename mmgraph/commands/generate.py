@@ -24,7 +24,7 @@ import torch
 
 from mmgraph.core.config import Params, load_params
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.preprocess import IMAGE, Encoder, Layout, Style
+from mmgraph.data.preprocess import IMAGE, Encoder, Layout, Style
 
 
 class Generator:
@@ -32,7 +32,7 @@ class Generator:
                  device: str = "cpu", seed: int = 0, chat_template: Optional[str] = None):
         from mmgraph.models import build_model
         from mmgraph.runtime.checkpoint import load_weights
-        from mmgraph.runtime.transforms import build_transforms
+        from mmgraph.data.transforms import build_transforms
 
         self.params = params
         layout = params.layout("eval" if params.eval_input else "train")
@@ -84,7 +84,7 @@ class Generator:
         if enc.template in ("plain", "vicuna_v1"):
             ids, _, locs = enc._tokens([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}])
             return ids[:-1], locs                        # the reply's end-of-turn token: generated, not given
-        from mmgraph import chat_format as cf
+        from mmgraph.data import chat_format as cf
 
         turn = cf.Turn("user", prompt.replace(IMAGE, "").strip(), prompt.count(IMAGE))
         try:
@@ -96,7 +96,7 @@ class Generator:
         return ids, locs
 
     def load_images(self, images: list[str]) -> torch.Tensor:
-        from mmgraph.runtime.shards import BadImage, open_image
+        from mmgraph.data.images import BadImage, open_image
 
         n = max(self.layout.max_num_img, 1)
         c, h, w = self.data.image_data_size
@@ -344,7 +344,7 @@ def _read_questions(question_file: str) -> list[dict]:
 
 
 def _confined_image(question_file: str, i: int, folder: str, name: str) -> str:
-    from mmgraph.runtime.shards import UnsafePath, confined
+    from mmgraph.data.images import UnsafePath, confined
 
     try:
         return str(confined(folder, name))

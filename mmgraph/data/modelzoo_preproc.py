@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from mmgraph.core.errors import Problem, UserError, did_you_mean
-from mmgraph.preprocess import Layout, PackOptions, Style
+from mmgraph.data.preprocess import Layout, PackOptions, Style
 
 HOOKS = {"finetuning_llava_hook": "chat", "finetuning_llava_hook_prompt_completion": "prompt_completion"}
 NOT_USED = {

@@ -319,7 +319,7 @@ def _versions() -> dict:
 def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, target=None,
                 world: Optional[dict] = None, mlir: str | None = None, cirh=None) -> Path:
     """Write every stage, the program (Python, MLIR: ``mlir`` when the caller made it already),
-    the vendor tool's CIRH (``cirh``: ``mmgraph.cirh.Check``), the kernel drawings, ONNX of the
+    the vendor tool's CIRH (``cirh``: ``mmgraph.compiler.cirh.Check``), the kernel drawings, ONNX of the
     eval forward (small models, with ``params``) and the report (``world``: all ranks together);
     swap the folder in at the end (an
     error on the way, a full disk included, leaves the previous dumps and no temporary folder)."""
@@ -331,8 +331,8 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
 
 
 def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str | None, cirh, world=None) -> None:
-    from mmgraph.draw import kernel_graph, to_dot, to_svg
-    from mmgraph.formats import export_onnx, onnx_skip_reason, to_mlir
+    from mmgraph.report.draw import kernel_graph, to_dot, to_svg
+    from mmgraph.report.formats import export_onnx, onnx_skip_reason, to_mlir
 
     for i, stage in enumerate(stages):
         (tmp / f"{i:02d}-{stage.name}.txt").write_text(format_program(stage.program, stage.name))
@@ -357,7 +357,7 @@ def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str 
     else:
         artifacts["eval.onnx"] = skip
     rep = report(stages, params_path)
-    from mmgraph.artifact import program_sha256
+    from mmgraph.compiler.artifact import program_sha256
 
     rep["program_sha256"] = program_sha256(last)      # its code (program.py prints it) and typed fields
     if cirh is not None:
@@ -365,14 +365,14 @@ def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str 
     if last.schedule is not None and target is not None and last.mode == "train" and target.interconnect is not None:
         from dataclasses import asdict
 
-        from mmgraph.passes.scaling import scaling
+        from mmgraph.compiler.scaling import scaling
 
         rep["scaling"] = {"topology": target.interconnect.topology,
                           "points": [asdict(p) for p in scaling(last, target)]}
     if world is not None:
         rep["world"] = world
     if last.schedule is not None and target is not None:
-        from mmgraph.report_html import render_html
+        from mmgraph.report.html import render_html
 
         rep["target"] = schedule_report(last, target)
         (tmp / "report.html").write_text(render_html(rep))

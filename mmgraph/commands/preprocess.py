@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.preprocess import Layout, PackOptions, Style, preprocess
+from mmgraph.data.preprocess import Layout, PackOptions, Style, preprocess
 
 
 def _read_template(path: str) -> str:
@@ -28,7 +28,7 @@ def _layout_from_params(path: str) -> Layout:
 def run_preprocess(args: argparse.Namespace) -> tuple[dict, str]:
     job = None
     if args.config:
-        from mmgraph.modelzoo_preproc import job_inputs, read_config
+        from mmgraph.data.modelzoo_preproc import job_inputs, read_config
 
         job = read_config(args.config)
         for note in job.notes:

@@ -9,9 +9,9 @@ turn's images before its text; ``inline`` keeps them where they stand. Templates
 - ``vicuna_v1`` (phase 2): ``<s> SYSTEM USER: question ASSISTANT: answer </s> USER: ...``; only
   the assistant replies and their ``</s>`` are supervised;
 - ``chat`` / ``prompt_completion``: the tokenizer's chat template, or the Model Zoo's phase-1
-  prompt + sep_token + completion (``mmgraph.chat_format``).
+  prompt + sep_token + completion (``mmgraph.data.chat_format``).
 
-Shards (``mmgraph.shard_writer``): ``data`` (N x 5 x S int32: input_ids, loss_mask, labels,
+Shards (``mmgraph.data.shard_writer``): ``data`` (N x 5 x S int32: input_ids, loss_mask, labels,
 key_padding_mask, token_modality_idx), ``img_path`` (N x max_num_img utf-8, relative to the
 image folder, ``"None"`` for an empty slot), ``has_img`` (N x 1 bool), ``img_data_loc``
 (N x max_num_img x num_patches int32, padding = S); attribute ``n_examples``; ``stats.json`` and
@@ -60,7 +60,7 @@ class Layout:
 @dataclass(frozen=True)
 class Style:
     """How conversations become text. The defaults are mmgraph's ``--phase`` behaviour; a Model
-    Zoo preprocessing YAML sets the rest (``mmgraph.modelzoo_preproc``)."""
+    Zoo preprocessing YAML sets the rest (``mmgraph.data.modelzoo_preproc``)."""
 
     template: Optional[str] = None       # plain | vicuna_v1 | chat | prompt_completion (None: by phase)
     placement: str = "turn_start"        # turn_start: a turn's images before its text; inline: where marked
@@ -171,7 +171,7 @@ class Encoder:
         return list(images)
 
     def _check_image(self, name: str) -> None:
-        from mmgraph.runtime.shards import BadImage, UnsafePath, confined, open_image
+        from mmgraph.data.images import BadImage, UnsafePath, confined, open_image
 
         try:
             path = confined(self.image_dir, name)
@@ -200,7 +200,7 @@ class Encoder:
         if self.template in ("plain", "vicuna_v1"):
             return self._tokens([{"from": "human" if i % 2 == 0 else "gpt", "value": v}
                                  for i, v in enumerate(values)])
-        from mmgraph import chat_format as cf
+        from mmgraph.data import chat_format as cf
 
         st, turns = self.style, []
         for i, v in enumerate(values):
@@ -352,7 +352,7 @@ def preprocess(input_json: str, image_dir: str, tokenizer: str, output_dir: str,
     rows hold several samples (``mmgraph.core.packing``) and the statistics say how many rows
     packing saved."""
     from mmgraph.core.packing import PackStats
-    from mmgraph.shard_writer import OutputFolder
+    from mmgraph.data.shard_writer import OutputFolder
 
     inputs = input_json if isinstance(input_json, list) else [input_json]
     samples, origin = [], []

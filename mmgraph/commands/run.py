@@ -14,7 +14,7 @@ import torch
 from mmgraph.core.config import load_params, rank_batch
 from mmgraph.core.ir import Program
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.lock import model_dir_lock
+from mmgraph.core.lock import model_dir_lock
 
 
 def _device(name: Optional[str]) -> str:
@@ -140,7 +140,7 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
 def _identity(original, params, mode: str, model_dir: str, opts: RunOptions, train_loader, eval_loader) -> dict:
     """What every rank of a job must share, as flat keys: the program's fingerprint (the params
     that shape it), the optimizer and runconfig, the command line and the data each split reads."""
-    from mmgraph import artifact
+    from mmgraph.compiler import artifact
 
     out: dict = {}
     for m in ("train", "eval") if mode == "train_and_eval" else (mode,):
@@ -165,7 +165,7 @@ def _resolve_auto(params, model_dir: str, opts: RunOptions, ranks, say):
     """``micro_batch_size: auto`` (or ``explore``) decided once, as compile decides it: read from
     the matching saved program when there is one, else chosen now. Returns (params with the
     micro-batch resolved, remat policy)."""
-    from mmgraph import artifact
+    from mmgraph.compiler import artifact
     from mmgraph.core.target import load_target
 
     from mmgraph.core.config import micro_batch_search
@@ -183,7 +183,7 @@ def _resolve_auto(params, model_dir: str, opts: RunOptions, ranks, say):
         say(f"micro_batch_size auto: {resolved['micro_batch']} with remat {resolved.get('remat')} "
             f"(as compiled, {where})")
         return params.with_micro_batch("train", resolved["micro_batch"]), opts.remat
-    from mmgraph.compile_cmd import choose_micro_batch
+    from mmgraph.report.fit import choose_micro_batch
 
     mbs, policy = choose_micro_batch(params, "train", tgt, opts.remat)
     return params.with_micro_batch("train", mbs), policy if opts.remat is None else opts.remat
@@ -204,7 +204,7 @@ def _programs(params, params_path, model_dir, opts: RunOptions, remat, ranks, tr
     before ``auto`` was resolved (fingerprints are of what the user wrote)."""
     target, zero, bucket_bytes = opts.target, opts.zero, opts.bucket_bytes
     program_dir, update = opts.program_dir, opts.optimizer_in_program
-    from mmgraph import artifact
+    from mmgraph.compiler import artifact
     from mmgraph.core.target import load_target
 
     t0 = time.perf_counter()
@@ -231,7 +231,7 @@ def _programs(params, params_path, model_dir, opts: RunOptions, remat, ranks, tr
         wanted = artifact.fingerprint(original or params, "eval", target=tgt.name)
         found = _load_saved(store, ["eval"], wanted, program_dir, say)
         if found is None:
-            from mmgraph.pipeline import compile_step
+            from mmgraph.compiler.pipeline import compile_step
 
             eval_stages = compile_step(params, "eval", target=tgt)
             eval_program = eval_stages[-1].program
@@ -248,7 +248,7 @@ def _programs(params, params_path, model_dir, opts: RunOptions, remat, ranks, tr
 def _load_saved(store: Path, names: list[str], wanted: dict, program_dir, say) -> Optional[list]:
     """The saved programs ``names`` when all match ``wanted``; else None (saying why), or an
     error when the user named the folder (``--program``)."""
-    from mmgraph import artifact
+    from mmgraph.compiler import artifact
 
     found = []
     for name in names:
@@ -266,7 +266,7 @@ def _load_saved(store: Path, names: list[str], wanted: dict, program_dir, say) -
 
 
 def _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb, update: bool = False) -> list:
-    from mmgraph.pipeline import compile_step
+    from mmgraph.compiler.pipeline import compile_step
 
     return compile_step(params, "train", target=tgt, remat=remat, world_size=world,
                         micro_batch_size=rb.micro_batch if world > 1 else None,
@@ -280,8 +280,8 @@ def _before_data_parallel(stages) -> Program:
 
 
 def _dumps_and_program(stages, model_dir, params_path, tgt, store: Path, wanted: dict, resolved: dict) -> None:
-    from mmgraph import artifact
-    from mmgraph.dump import write_dumps
+    from mmgraph.compiler import artifact
+    from mmgraph.report.dump import write_dumps
 
     write_dumps(stages, model_dir, params_path, None, tgt)
     artifact.save_stages(store, "train", stages, wanted, resolved)

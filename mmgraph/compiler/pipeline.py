@@ -15,7 +15,7 @@ from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import Contract, InputKind, PassRecord, Program
 from mmgraph.core.ops import is_random
-from mmgraph.trace import trace_step
+from mmgraph.compiler.trace import trace_step
 from mmgraph.passes.cleanup import cleanup
 from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
