@@ -30,7 +30,7 @@ def test_every_pass_keeps_loss_and_gradients(path, mode):
     # with a target every pass runs: numerics after legalize and remat too
     stages = compile_step(load_params(path), mode, verify=True, target=load_target("cs2"))
     assert [s.name for s in stages] == ["trace", "freeze_masks", "cleanup", "legalize", "fusion", "remat",
-                                        "weight_streaming", "cost"]
+                                        "fuse_recomputed", "weight_streaming", "cost"]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -39,4 +39,4 @@ def test_passes_keep_semantics_on_random_configs(tmp_path_factory, vit_layers, l
     path = tmp_path_factory.mktemp("p") / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     stages = compile_step(load_params(path), "train", verify=True, target=load_target("cs2"))
-    assert [s.name for s in stages][3:6] == ["legalize", "fusion", "remat"]     # every pass checked
+    assert [s.name for s in stages][3:7] == ["legalize", "fusion", "remat", "fuse_recomputed"]     # every pass checked

@@ -263,7 +263,7 @@ def test_compile_world_size_dumps_collectives_and_reports_scaling(tmp_path, caps
     assert "data_parallel" in out and "data parallel on h100 systems (ring)" in out
     dumps = tmp_path / "compile"
     assert "_c10d_functional.all_reduce" in (dumps / "program.py").read_text()
-    assert "_c10d_functional.all_reduce" in (dumps / "06-data_parallel.txt").read_text()
+    assert "_c10d_functional.all_reduce" in (dumps / "07-data_parallel.txt").read_text()
     assert "all_reduce" in (dumps / "program.mlir").read_text()
     report = json.loads((dumps / "report.json").read_text())
     assert [p["systems"] for p in report["scaling"]["points"]] == [1, 2, 4, 8, 16]

@@ -25,6 +25,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("commands", ("mmgraph.commands",)),
     ("cli", ("mmgraph.cli", "mmgraph.__main__")),
 ]
+# Imports inside functions: only these optional or heavy dependencies, which a command may never
+# need (``mmgraph --help`` and ``mmgraph check`` stay light). cli.py is exempt: it imports the one
+# command it dispatches to.
+LOCAL_IMPORTS_ALLOWED = {"torch", "h5py", "transformers", "tokenizers", "torch_mlir", "onnx", "onnxruntime", "PIL",
+                         "networkx", "tqdm", "lz4", "fcntl"}
 FORBIDDEN = {"runtime": ("mmgraph.models", "mmgraph.convert"), "passes": ("mmgraph.models",)}
 
 
@@ -107,6 +112,27 @@ def test_no_command_imports_another():
              for line, target in _imports(path, module)
              if target.startswith("mmgraph.commands.") and not target.startswith(module)]
     assert not found, "a command imports another:\n" + "\n".join(found)
+
+
+def _local_imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), str(path))
+    out = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    out += [(node.lineno, a.name) for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    out.append((node.lineno, "." * node.level + (node.module or "")))
+    return sorted(set(out))
+
+
+def test_imports_are_at_module_level():
+    """What a module depends on is at its top; inside a function only LOCAL_IMPORTS_ALLOWED."""
+    found = [f"{path.relative_to(ROOT)}:{line}: imports {name} inside a function"
+             for module, path in sorted(_MODULES.items()) if module != "mmgraph.cli"
+             for line, name in _local_imports(path) if name.split(".")[0] not in LOCAL_IMPORTS_ALLOWED]
+    assert not found, "\n".join(found)
 
 
 def test_the_check_sees_a_violation():

@@ -16,7 +16,7 @@ from mmgraph.cli import main
 from mmgraph.core.config import load_params
 from mmgraph.core.ir import Phase
 from mmgraph.passes.cost import peak_breakdown
-from mmgraph.passes.remat import CLONE_PREFIX, crossing_values
+from mmgraph.passes.remat import CLONE_PREFIX, crossing_values, verify_plan
 from mmgraph.passes.verify import VerificationError, verify_structure
 from mmgraph.compiler.pipeline import reference_inputs, verify_against_eager
 from mmgraph.compiler.pipeline import compile_step
@@ -41,18 +41,22 @@ def test_recomputed_program_equals_plain_program_and_eager(path):
     want = _outputs(plain, params)
     for policy in ("selective", "full"):
         program = compile_step(params, remat=policy)[-1].program
-        assert program.history[-1].name == "remat" and program.remat.clones
+        assert [r.name for r in program.history][-2:] == ["remat", "fuse_recomputed"] and program.remat.clones
         got = _outputs(program, params)
         assert len(got) == len(want)
         for spec, a, b in zip(program.outputs, got, want):       # loss and every gradient
             assert torch.equal(a, b), (policy, spec)
-        verify_structure(program, "remat")
-        verify_against_eager(program, params, "remat", rtol=1e-5)
+        verify_structure(program, "fuse_recomputed")
+        verify_plan(program, "fuse_recomputed")
+        verify_against_eager(program, params, "fuse_recomputed", rtol=1e-5)
 
 
 def test_verify_checks_the_rewritten_program():
     stages = compile_step(load_params(TINY1), remat="selective", verify=True)
-    assert [s.name for s in stages][-1] == "remat" and stages[-1].program.remat.clones
+    assert [s.name for s in stages][-2:] == ["remat", "fuse_recomputed"] and stages[-1].program.remat.clones
+    assert stages[-2].program.kernels is None                   # the rewrite left its clones in no kernel
+    owner = {n for k in stages[-1].program.kernels for n in k.nodes}
+    assert set(stages[-1].program.remat.clones) <= owner        # fusion, run again, placed them
 
 
 def test_recomputed_ops_run_in_the_backward_and_full_keeps_layer_boundaries():
@@ -82,7 +86,7 @@ def test_verify_catches_a_kept_set_that_does_not_match():
                                            **{**layer.__dict__, "kept": layer.kept[1:]}),)})
     bad = program.__class__(**{**program.__dict__, "remat": wrong})
     with pytest.raises(VerificationError, match="kept set"):
-        verify_structure(bad, "remat")
+        verify_plan(bad, "remat")
 
 
 def test_memory_and_flops_by_policy_on_the_target():

@@ -34,8 +34,12 @@ from typing import Callable
 import torch
 import yaml
 
+from mmgraph.core.config.optim import OptimizerConfig
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target, user_target_dir
+from mmgraph.passes.cost import node_time
+from mmgraph.runtime.optim import Optimizer
 
 
 def _median_time(fn, repeats: int, sync=lambda: None, min_seconds: float = 0.2) -> float:
@@ -191,8 +195,6 @@ def _step_figures(partial: Target, device: str, repeats: int, sync) -> tuple[flo
     program (generated code, ATen ops, no autograd): each step's time is ``roofline /
     op_efficiency + ops x overhead``, the roofline summed over its ops with the figures measured
     so far (``partial``: no overhead, efficiency 1). Re-measured while the fit is degenerate."""
-    from mmgraph.passes.cost import node_time
-    from mmgraph.core.precision import Precision
 
     steps = []
     for shape in ((32, 32, 4, 4), (128, 128, 8, 2)):          # tiny ops; larger ops
@@ -210,8 +212,6 @@ def _step_figures(partial: Target, device: str, repeats: int, sync) -> tuple[flo
 def _optimizer_figures(device: str, repeats: int, sync) -> tuple[float, float]:
     """The runtime's AdamW with clipping by global norm: elements per second and seconds per
     gradient tensor (``fit_optimizer``), re-measured while the fit is degenerate."""
-    from mmgraph.core.config.optim import OptimizerConfig
-    from mmgraph.runtime.optim import Optimizer
 
     cfg = OptimizerConfig(optimizer_type="AdamW", learning_rate=1e-4, weight_decay=0.01, max_gradient_norm=1.0)
 

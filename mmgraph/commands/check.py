@@ -9,6 +9,7 @@ from typing import Optional
 from mmgraph.core.config import Params, SequenceLayout, ViTModelConfig, load_params
 from mmgraph.models import build_model, component_of
 from mmgraph.models.freeze import FreezeReport
+from mmgraph.runtime.data import describe_data
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,6 @@ def check(path: str, mode: str = "train") -> CheckSummary:
         sizes[name] = p.numel()
     components = [ComponentCount(k, *v) for k, v in totals.items()]
     freeze_sizes = {pat: sum(sizes[n] for n in names) for pat, names in report.matches.items()}
-    from mmgraph.runtime.data import describe_data
 
     return CheckSummary(params, mode, components, report, freeze_sizes, params.layout(mode),
                         describe_data(params, mode))

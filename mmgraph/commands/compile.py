@@ -5,14 +5,20 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from mmgraph.compiler import artifact, cirh
+from mmgraph.compiler.pipeline import compile_step, planner_workload
+from mmgraph.compiler.scaling import scaling, world_report
+from mmgraph.compiler.trace import trace_step
 from mmgraph.core.config import load_params, micro_batch_search, rank_batch
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.report.dump import bottleneck_words, write_dumps
-from mmgraph.report.formats import to_mlir
 from mmgraph.core.ir import Phase
 from mmgraph.core.lock import model_dir_lock
+from mmgraph.core.target import load_target
+from mmgraph.passes.cost import peak_breakdown
+from mmgraph.passes.memory import choose
+from mmgraph.report.dump import bottleneck_words, write_dumps
 from mmgraph.report.fit import choose_micro_batch, human_gb, human_size, input_section
-from mmgraph.compiler.scaling import world_report
+from mmgraph.report.formats import to_mlir
 
 
 def _human(n: int) -> str:
@@ -25,7 +31,6 @@ def _human(n: int) -> str:
 def _save_programs(params, mode: str, model_dir: str, stages, target, remat, world_size: int, zero: int,
                    update: bool, bucket_bytes, resolved: dict):
     """The artifact ``mmgraph run`` loads instead of tracing (MODEL_DIR/programs/MODE)."""
-    from mmgraph.compiler import artifact
 
     wanted = artifact.fingerprint(params, mode, target=target.name, world_size=world_size, zero=zero,
                                   bucket_bytes=bucket_bytes, remat=remat, update=update)
@@ -42,10 +47,6 @@ def run_compile(params_path: str, model_dir: str, mode: str, validate_only: bool
                 target_name: str = "cs2", remat=None, world_size: int = 1, zero: int = 0,
                 bucket_bytes: Optional[int] = None, real_tokens: Optional[float] = None,
                 optimizer_in_program: bool = False) -> int:
-    from mmgraph.compiler.pipeline import compile_step
-    from mmgraph.core.target import load_target
-    from mmgraph.compiler.trace import trace_step
-
     start = time.perf_counter()
     params = load_params(params_path, mode)
     if world_size < 1:
@@ -143,7 +144,6 @@ def vendor_check(stages, mlir: str, params_path: str, target):
     """The vendor's own lowering of the program (``mmgraph.compiler.cirh``), for targets it lowers: the
     last program, or with data parallelism the one before its collectives (the wafer reduces
     gradients in SwarmX, outside the program). None for other targets."""
-    from mmgraph.compiler import cirh
 
     if not cirh.wants_check(target.ops):
         return None
@@ -158,14 +158,11 @@ def vendor_check(stages, mlir: str, params_path: str, target):
 def largest_fitting(stages, params, mode: str, target, remat) -> int:
     """The largest micro-batch below the compiled one that fits with the target's mechanisms,
     from the compiled step's figures (scaled; passes/memory.py); 0 when not even one does."""
-    from mmgraph.passes.memory import choose
-    from mmgraph.passes.remat import workload
 
     fused = next((s.program for s in stages if s.name == "fusion"), None)
     if fused is None or fused.mode != "train":
         return stages[-1].program.schedule.max_micro_batch_size
-    data = params.input_for(mode)
-    w, _ = workload(fused, target, params.precision, data.batch_size, params.layout(mode).max_sequence_length)
+    w = planner_workload(fused, params, mode, target)
     policy = remat or params.model.activation_checkpointing
     low, high = 0, fused.batch_size - 1          # fit shrinks with the micro-batch: bisect
     while low < high:
@@ -220,7 +217,6 @@ def world_summary(w: dict, target) -> str:
 
 def scaling_summary(program, target) -> str:
     """Data parallelism on 1..16 systems, simulated (passes/scaling.py), in one line."""
-    from mmgraph.compiler.scaling import scaling
 
     if target.interconnect is None:
         return f"data parallel: {target.name} names no interconnect; not simulated"
@@ -257,7 +253,6 @@ def _memory_source(target) -> str:
 
 def no_fit_arithmetic(program, params) -> str:
     """The smallest peak (everything recomputed), what it is made of, where it occurs."""
-    from mmgraph.passes.cost import peak_breakdown
 
     sched, plan = program.schedule, program.remat
     b = peak_breakdown(program, params.precision)

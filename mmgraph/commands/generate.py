@@ -21,19 +21,24 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+import yaml
 
+from mmgraph.convert.modelzoo import is_modelzoo_checkpoint, model_weights
 from mmgraph.core.config import Params, load_params
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.data import chat_format as cf
+from mmgraph.data.images import BadImage, UnsafePath, confined, open_image
 from mmgraph.data.preprocess import IMAGE, Encoder, Layout, Style
+from mmgraph.data.transforms import build_transforms
+from mmgraph.models import build_model
+from mmgraph.models.llama import KVCache
+from mmgraph.runtime import checkpoint
+from mmgraph.runtime.checkpoint import load_weights
 
 
 class Generator:
     def __init__(self, params: Params, weights: Optional[str], tokenizer: str, template: str = "vicuna_v1",
                  device: str = "cpu", seed: int = 0, chat_template: Optional[str] = None):
-        from mmgraph.models import build_model
-        from mmgraph.runtime.checkpoint import load_weights
-        from mmgraph.data.transforms import build_transforms
-
         self.params = params
         layout = params.layout("eval" if params.eval_input else "train")
         self.layout = layout
@@ -42,7 +47,6 @@ class Generator:
                                None, check_images=False, style=Style(template=template, chat_template=chat_template))
         self.model, _ = build_model(params, device=device, seed=seed)
         if weights:
-            from mmgraph.convert.modelzoo import is_modelzoo_checkpoint, model_weights
 
             shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
             self._load(weights, model_weights(Path(weights), params.model, shapes) if is_modelzoo_checkpoint(weights)
@@ -84,7 +88,6 @@ class Generator:
         if enc.template in ("plain", "vicuna_v1"):
             ids, _, locs = enc._tokens([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}])
             return ids[:-1], locs                        # the reply's end-of-turn token: generated, not given
-        from mmgraph.data import chat_format as cf
 
         turn = cf.Turn("user", prompt.replace(IMAGE, "").strip(), prompt.count(IMAGE))
         try:
@@ -96,8 +99,6 @@ class Generator:
         return ids, locs
 
     def load_images(self, images: list[str]) -> torch.Tensor:
-        from mmgraph.data.images import BadImage, open_image
-
         n = max(self.layout.max_num_img, 1)
         c, h, w = self.data.image_data_size
         out = torch.zeros(1, n, c, h, w)
@@ -156,8 +157,6 @@ class Generator:
 
     @torch.no_grad()
     def _cached(self, ids, locs, image_data, budget, temperature, top_p, gen) -> Iterator[int]:
-        from mmgraph.models.llama import KVCache
-
         text = self.model.text_model
         emb = self.embeddings(ids, locs, image_data)
         cache = KVCache(text.config, 1, len(ids) + budget, emb.dtype, self.device)
@@ -229,7 +228,6 @@ def _latest_weights(model_dir_or_ckpt: Optional[str]) -> Optional[str]:
     """A model_dir means its latest checkpoint."""
     if model_dir_or_ckpt is None:
         return None
-    from mmgraph.runtime import checkpoint
 
     p = Path(model_dir_or_ckpt)
     if p.is_dir() and (p / "checkpoints").is_dir():
@@ -279,8 +277,6 @@ def run_generate(params_path: str, checkpoint_path: Optional[str], images: list[
 
 
 def _has_eval(path: str) -> bool:
-    import yaml
-
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -344,8 +340,6 @@ def _read_questions(question_file: str) -> list[dict]:
 
 
 def _confined_image(question_file: str, i: int, folder: str, name: str) -> str:
-    from mmgraph.data.images import UnsafePath, confined
-
     try:
         return str(confined(folder, name))
     except UnsafePath as err:

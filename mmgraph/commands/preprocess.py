@@ -7,7 +7,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from mmgraph.core.config import load_params
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.data.modelzoo_preproc import job_inputs, read_config
 from mmgraph.data.preprocess import Layout, PackOptions, Style, preprocess
 
 
@@ -19,8 +21,6 @@ def _read_template(path: str) -> str:
 
 
 def _layout_from_params(path: str) -> Layout:
-    from mmgraph.core.config import load_params
-
     lay = load_params(path, "train").layout("train")
     return Layout(lay.max_sequence_length, lay.num_patches, lay.max_num_img)
 
@@ -28,7 +28,6 @@ def _layout_from_params(path: str) -> Layout:
 def run_preprocess(args: argparse.Namespace) -> tuple[dict, str]:
     job = None
     if args.config:
-        from mmgraph.data.modelzoo_preproc import job_inputs, read_config
 
         job = read_config(args.config)
         for note in job.notes:

@@ -11,10 +11,23 @@ from typing import Optional
 
 import torch
 
-from mmgraph.core.config import load_params, rank_batch
-from mmgraph.core.ir import Program
+from mmgraph.compiler import artifact
+from mmgraph.compiler.pipeline import compile_step
+from mmgraph.convert.modelzoo import is_modelzoo_checkpoint, training_start
+from mmgraph.core.config import load_params, micro_batch_search, rank_batch
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.ir import Program
 from mmgraph.core.lock import model_dir_lock
+from mmgraph.core.target import load_target
+from mmgraph.models import build_model, initial_weights
+from mmgraph.models.anatomy import no_weight_decay
+from mmgraph.report.dump import write_dumps
+from mmgraph.report.fit import choose_micro_batch
+from mmgraph.runtime.data import make_loader
+from mmgraph.runtime.distributed import agree, from_env, rank_share
+from mmgraph.runtime.runner import Runner
+from mmgraph.runtime.train import check_memory, loader_batch, train
+from mmgraph.runtime.zero import optimizer_state_bytes
 
 
 def _device(name: Optional[str]) -> str:
@@ -58,8 +71,6 @@ class RunOptions:
 
 
 def _run(params_path: str, model_dir: str, mode: str, opts: RunOptions) -> int:
-    from mmgraph.runtime.distributed import from_env
-
     params = load_params(params_path, mode)
     opts = replace(opts, device=_device(opts.device))
     ranks = from_env(opts.device)               # torchrun's ranks: joins the process group
@@ -87,13 +98,6 @@ def leave(rc: int) -> None:
 
 
 def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts: RunOptions) -> int:
-    from mmgraph.models import build_model, initial_weights
-    from mmgraph.models.anatomy import no_weight_decay
-    from mmgraph.runtime.data import make_loader
-    from mmgraph.runtime.distributed import agree, rank_share
-    from mmgraph.runtime.runner import Runner
-    from mmgraph.runtime.train import check_memory, loader_batch, train
-
     say = print if ranks.main else _silent
     train_mode = mode in ("train", "train_and_eval")
     original = params
@@ -140,7 +144,6 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
 def _identity(original, params, mode: str, model_dir: str, opts: RunOptions, train_loader, eval_loader) -> dict:
     """What every rank of a job must share, as flat keys: the program's fingerprint (the params
     that shape it), the optimizer and runconfig, the command line and the data each split reads."""
-    from mmgraph.compiler import artifact
 
     out: dict = {}
     for m in ("train", "eval") if mode == "train_and_eval" else (mode,):
@@ -165,10 +168,6 @@ def _resolve_auto(params, model_dir: str, opts: RunOptions, ranks, say):
     """``micro_batch_size: auto`` (or ``explore``) decided once, as compile decides it: read from
     the matching saved program when there is one, else chosen now. Returns (params with the
     micro-batch resolved, remat policy)."""
-    from mmgraph.compiler import artifact
-    from mmgraph.core.target import load_target
-
-    from mmgraph.core.config import micro_batch_search
 
     data = params.train_input
     if data is None or micro_batch_search(data.micro_batch_size, data.batch_size) is None:
@@ -183,7 +182,6 @@ def _resolve_auto(params, model_dir: str, opts: RunOptions, ranks, say):
         say(f"micro_batch_size auto: {resolved['micro_batch']} with remat {resolved.get('remat')} "
             f"(as compiled, {where})")
         return params.with_micro_batch("train", resolved["micro_batch"]), opts.remat
-    from mmgraph.report.fit import choose_micro_batch
 
     mbs, policy = choose_micro_batch(params, "train", tgt, opts.remat)
     return params.with_micro_batch("train", mbs), policy if opts.remat is None else opts.remat
@@ -204,8 +202,6 @@ def _programs(params, params_path, model_dir, opts: RunOptions, remat, ranks, tr
     before ``auto`` was resolved (fingerprints are of what the user wrote)."""
     target, zero, bucket_bytes = opts.target, opts.zero, opts.bucket_bytes
     program_dir, update = opts.program_dir, opts.optimizer_in_program
-    from mmgraph.compiler import artifact
-    from mmgraph.core.target import load_target
 
     t0 = time.perf_counter()
     tgt = load_target(target)
@@ -231,7 +227,6 @@ def _programs(params, params_path, model_dir, opts: RunOptions, remat, ranks, tr
         wanted = artifact.fingerprint(original or params, "eval", target=tgt.name)
         found = _load_saved(store, ["eval"], wanted, program_dir, say)
         if found is None:
-            from mmgraph.compiler.pipeline import compile_step
 
             eval_stages = compile_step(params, "eval", target=tgt)
             eval_program = eval_stages[-1].program
@@ -248,7 +243,6 @@ def _programs(params, params_path, model_dir, opts: RunOptions, remat, ranks, tr
 def _load_saved(store: Path, names: list[str], wanted: dict, program_dir, say) -> Optional[list]:
     """The saved programs ``names`` when all match ``wanted``; else None (saying why), or an
     error when the user named the folder (``--program``)."""
-    from mmgraph.compiler import artifact
 
     found = []
     for name in names:
@@ -266,8 +260,6 @@ def _load_saved(store: Path, names: list[str], wanted: dict, program_dir, say) -
 
 
 def _compile_train(params, tgt, remat, world, zero, bucket_bytes, rb, update: bool = False) -> list:
-    from mmgraph.compiler.pipeline import compile_step
-
     return compile_step(params, "train", target=tgt, remat=remat, world_size=world,
                         micro_batch_size=rb.micro_batch if world > 1 else None,
                         accumulate=world > 1 and rb.micro_batches > 1, zero=zero, bucket_bytes=bucket_bytes,
@@ -280,9 +272,6 @@ def _before_data_parallel(stages) -> Program:
 
 
 def _dumps_and_program(stages, model_dir, params_path, tgt, store: Path, wanted: dict, resolved: dict) -> None:
-    from mmgraph.compiler import artifact
-    from mmgraph.report.dump import write_dumps
-
     write_dumps(stages, model_dir, params_path, None, tgt)
     artifact.save_stages(store, "train", stages, wanted, resolved)
 
@@ -298,8 +287,6 @@ def _write_cache(write) -> None:
 
 
 def _data_parallel_line(params, ranks, runner, zero: int) -> str:
-    from mmgraph.runtime.zero import optimizer_state_bytes
-
     rb = rank_batch(params.train_input.batch_size, params.train_input.micro_batch_size, ranks.world_size)
     mine, whole = optimizer_state_bytes(runner.optimizer, runner.weights, runner.trainable)
     buckets = runner.train_program.collectives
@@ -313,7 +300,6 @@ def _data_parallel_line(params, ranks, runner, zero: int) -> str:
 def _start_weights(params, runner, checkpoint_path, say) -> None:
     """Resume from model_dir's checkpoints, else load the initial weights, if any (a Model Zoo
     .mdl: its weights, and its step and optimizer state as ``load_checkpoint_states`` asks)."""
-    from mmgraph.convert.modelzoo import is_modelzoo_checkpoint
 
     resumed = runner.resume()
     initial = checkpoint_path or params.runconfig.checkpoint_path
@@ -322,7 +308,6 @@ def _start_weights(params, runner, checkpoint_path, say) -> None:
         say(f"resumed from {resumed} (step {runner.step}){note}")
         runner.truncate_metrics()
     elif initial and is_modelzoo_checkpoint(initial):
-        from mmgraph.convert.modelzoo import training_start
 
         opt = params.optimizer.optimizer_type if params.optimizer else None
         start = training_start(Path(initial), params.model, params.runconfig.load_checkpoint_states,

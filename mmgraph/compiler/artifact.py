@@ -38,11 +38,14 @@ import torch
 import torch.fx as fx
 
 from mmgraph import __version__
-from mmgraph.core import ir
-from mmgraph.core import rng as _rng  # noqa: F401 - registers mmgraph::dropout_keep, an op programs may call
+from mmgraph.core import (
+    ir,
+    rng as _rng,  # noqa: F401 - registers mmgraph::dropout_keep, an op programs may call
+)
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.files import building
+from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES
 
 FORMAT = 2
 NAMESPACES = ("aten", "prims", "_c10d_functional", "mmgraph")     # mmgraph: its own ops (core/rng.py)
@@ -90,7 +93,6 @@ def fingerprint(params: Params, mode: str, *, target: Optional[str], world_size:
     not change the program are normalised away (ZeRO-1 is DDP's program; one rank has no buckets).
     ``update``: the program holds the optimizer update (``--optimizer_in_program``), so the
     optimizer's settings shape it too (all but the learning rate, an input)."""
-    from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES
 
     parallel = mode == "train" and world_size > 1
     section = "eval_input" if mode == "eval" else "train_input"

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch.fx as fx
 
+from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import Program
 from mmgraph.core.ops import mlir_name
 
@@ -202,7 +203,6 @@ class Check:
 def check_program(program: Program, checked: str, mlir_text: str, where: str, target_name: str) -> Check:
     """Lower ``program`` (its MLIR ``mlir_text``) with the tool when there is one; a refusal is
     a UserError quoting the tool's first error and naming the op (node, layer, module)."""
-    from mmgraph.core.errors import Problem, UserError
 
     found = find_tool()
     if found.path is None:

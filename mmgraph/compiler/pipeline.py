@@ -11,22 +11,40 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
+from mmgraph.compiler.trace import trace_step
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import Contract, InputKind, PassRecord, Program
 from mmgraph.core.ops import is_random
-from mmgraph.compiler.trace import trace_step
+from mmgraph.core.packing import real_token_share
+from mmgraph.core.target import Target
+from mmgraph.core.update import UpdateRule
+from mmgraph.models import build_model, random_batch
+from mmgraph.models.anatomy import no_weight_decay
+from mmgraph.models.rng import rng_inputs
+from mmgraph.passes import (
+    cleanup as c,
+    cost,
+    data_parallel,
+    freeze_masks as fm,
+    fusion as fu,
+    legalize,
+    optimizer,
+    remat,
+    weight_streaming,
+)
 from mmgraph.passes.cleanup import cleanup
+from mmgraph.passes.cluster import resident_bytes
+from mmgraph.passes.cost import make_cost
+from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES, make_data_parallel, solo_group
 from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
 from mmgraph.passes.legalize import make_legalize
-from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES, make_data_parallel, solo_group
-from mmgraph.passes.cluster import resident_bytes
-from mmgraph.passes.cost import make_cost
-from mmgraph.passes.remat import LEVELS, make_remat
+from mmgraph.passes.memory import explore
+from mmgraph.passes.optimizer import make_optimizer_in_program
+from mmgraph.passes.remat import make_remat, verify_plan, workload
 from mmgraph.passes.verify import NumericReport, program_inputs, verify_numerics, verify_structure
 from mmgraph.passes.weight_streaming import make_weight_streaming
-from mmgraph.core.target import Target
 
 Pass = Callable[[Program], "tuple[Program, dict]"]
 
@@ -44,10 +62,8 @@ class Stage:
 
 def _contracts() -> dict[str, Contract]:
     """Each pass's contract, as its module declares it (``CONTRACT``)."""
-    from mmgraph.passes import (cleanup as c, cost, data_parallel, freeze_masks as fm, fusion as fu, legalize,
-                                optimizer, remat, weight_streaming)
 
-    mods = {"freeze_masks": fm, "cleanup": c, "legalize": legalize, "fusion": fu, "remat": remat,
+    mods = {"freeze_masks": fm, "cleanup": c, "legalize": legalize, "fusion": fu, "remat": remat, "fuse_recomputed": fu,
             "data_parallel": data_parallel, "weight_streaming": weight_streaming, "cost": cost, "optimizer": optimizer}
     return {name: m.CONTRACT for name, m in mods.items()}
 
@@ -106,15 +122,16 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
     batch = data.batch_size if data else 1
     seq = params.layout(mode).max_sequence_length
     if target is not None or policy not in ("none", "auto"):     # auto without a target: none
-        passes.append(("remat", make_remat(policy, target, precision, batch, seq,    # 05: kept vs recomputed;
-                                           world_size, zero)))                       #     the memory plan
+        passes.append(("remat", make_remat(policy, target, precision, fusion, batch, seq,    # 05: kept vs
+                                           world_size, zero)))                       #     recomputed; the memory plan
+        passes.append(("fuse_recomputed", fusion))               # 06: the recomputed ops into the backward's kernels
     if mode == "train" and world_size > 1:
-        passes.append(("data_parallel", make_data_parallel(                  # 06: collectives
+        passes.append(("data_parallel", make_data_parallel(                  # 07: collectives
             world_size, bucket_bytes or DEFAULT_BUCKET_BYTES, accumulate=accumulate, shard_gradients=zero >= 2)))
     if target is not None:
         passes += [
-            ("weight_streaming", make_weight_streaming(target, precision)),   # 07: segments
-            ("cost", make_cost(target, precision, batch, seq, real_share or _real_share(params, mode),  # 08: schedule
+            ("weight_streaming", make_weight_streaming(target, precision)),   # 08: segments
+            ("cost", make_cost(target, precision, batch, seq, real_share or _real_share(params, mode),  # 09: schedule
                                lambda p: resident_bytes(p, precision, target, world_size, zero))),
         ]
     if optimizer_in_program and mode == "train":
@@ -125,7 +142,7 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
             raise UserError(Problem(params.path, "train_input.micro_batch_size",
                                     f"--optimizer_in_program updates once per program run: micro_batch_size "
                                     f"{program.batch_size} must equal batch_size {batch} (one micro-step per step)"))
-        passes.append(("optimizer", _optimizer_pass(params, target)))          # 09: the update, in the program
+        passes.append(("optimizer", _optimizer_pass(params, target)))          # 10: the update, in the program
     numeric = verify and sum(s.numel for s in program.inputs if s.kind.value == "param") <= NUMERIC_VERIFY_LIMIT
     _check(stages[-1], params, verify, numeric, on_stage)
     for name, fn in passes:
@@ -145,10 +162,6 @@ def compile_step(params: Params, mode: str = "train", verify: bool = False,
 def _optimizer_pass(params: Params, target: Optional[Target]) -> Pass:
     """The update spliced into the program (passes/optimizer.py), with the model's weight-decay
     rule; legalized again for a target with an op set."""
-    from mmgraph.core.update import UpdateRule
-    from mmgraph.models import build_model
-    from mmgraph.models.anatomy import no_weight_decay
-    from mmgraph.passes.optimizer import make_optimizer_in_program
 
     if params.optimizer is None:
         raise UserError(Problem(params.path, "optimizer", "--optimizer_in_program needs an optimizer section"))
@@ -162,6 +175,8 @@ def _optimizer_pass(params: Params, target: Optional[Target]) -> Pass:
 def _check(stage: Stage, params: Params, verify: bool, numeric: bool, on_stage) -> None:
     if verify:
         verify_structure(stage.program, stage.name)
+        if stage.program.remat is not None:
+            verify_plan(stage.program, stage.name)          # remat's own post-condition: the kept set
         # A program that draws the target's own random numbers (the wafer's dropout, after
         # legalize) has no eager twin: its structure is checked, its numerics were before.
         # The update (--optimizer_in_program) is checked by running it against the runtime's
@@ -178,8 +193,6 @@ def _check(stage: Stage, params: Params, verify: bool, numeric: bool, on_stage) 
 def reference(program: Program, params: Params, seed: int = 0):
     """The eager model (seeded weights) and a random batch of the program's size: what the
     numeric verifier compares a program with."""
-    from mmgraph.models import build_model, random_batch
-    from mmgraph.models.rng import rng_inputs
 
     model, _ = build_model(params, seed=seed)
     model.train(program.mode == "train")
@@ -211,19 +224,25 @@ class Choice:
     probe: int                                 # the micro-batch traced (the others are scaled from it)
 
 
+def planner_workload(fused: Program, params: Params, mode: str, target: Target):
+    """The memory planner's view of ``fused`` (a program after fusion) at the params' batch and
+    sequence, with the pipeline's fusion to see the kernels a recomputation would get."""
+    data = params.input_for(mode)
+    return workload(fused, target, params.precision, data.batch_size, params.layout(mode).max_sequence_length,
+                    fusion)[0]
+
+
 def plan_micro_batches(params: Params, mode: str, target: Target, sizes: list[int],
                        remat: Optional[str] = None) -> tuple[list, int]:
     """The memory planner's choice (fit, recompute per layer, pieces, offload, predicted
     samples/s) at every micro-batch in ``sizes``, from one program traced at a small micro-batch
     (figures scale with the micro-batch: mmgraph/core/batchscale.py)."""
-    from mmgraph.passes.memory import explore
-    from mmgraph.passes.remat import workload
 
     data = params.input_for(mode)
     probe = min(2, data.batch_size)
     # traced for the target: legalization decides the kernels (the wafer's attention keeps scores)
     fused = compile_step(params, mode, micro_batch_size=probe, remat="none", target=target)[-1].program
-    w, _ = workload(fused, target, params.precision, data.batch_size, params.layout(mode).max_sequence_length)
+    w = planner_workload(fused, params, mode, target)
     policy = remat if remat not in (None, "auto") else params.model.activation_checkpointing
     return explore(w, sizes, policy), probe
 
@@ -244,7 +263,6 @@ def choose_micro_batch(params: Params, mode: str, target: Target, remat: Optiona
 
 def _real_share(params: Params, mode: str) -> float:
     """Non-pad share of each row from the data's statistics (``stats.json``), else 1."""
-    from mmgraph.core.packing import real_token_share
 
     data = params.input_for(mode)
     share = real_token_share(data.data_dir, params.layout(mode).max_sequence_length) if data else None

@@ -33,13 +33,16 @@ from pathlib import Path
 from typing import Optional
 
 from mmgraph.convert.checkpoint import TEXT, Checkpoint
-from mmgraph.core.tensorio import parse_size
+from mmgraph.convert.modelzoo import find_mdl, read_modelzoo, write_modelzoo
 from mmgraph.convert.read import read_hf, read_native, read_two_folder
 from mmgraph.convert.trained_with import locate, trained_with
-from mmgraph.convert.modelzoo import find_mdl, read_modelzoo, write_modelzoo
 from mmgraph.convert.write import default_params, write_native, write_transformers, write_two_folder
+from mmgraph.core.config import ModelConfig
+from mmgraph.core.config.checks import semantic_problems
 from mmgraph.core.config.release import parse_release
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.core.tensorio import parse_size
+from mmgraph.models import build_model
 
 FORMATS = {
     "native": "mmgraph weights (safetensors, Model Zoo names) + params.yaml",
@@ -69,9 +72,6 @@ def check(ck: Checkpoint) -> None:
     """Every parameter of the model present with the configured shape; nothing extra."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mmgraph.core.config import ModelConfig
-    from mmgraph.core.config.load import semantic_problems
-    from mmgraph.models import build_model
 
     try:
         cfg = ModelConfig.model_validate(ck.model)

@@ -27,11 +27,12 @@ import torch
 import yaml
 
 from mmgraph.convert.checkpoint import Checkpoint, _maybe_json
+from mmgraph.convert.write import _copy_tokenizer
 from mmgraph.core import mdl
 from mmgraph.core.config import ModelConfig
-from mmgraph.core.config.release import (model_class, params_for_release, sections_of, version_string)
+from mmgraph.core.config.release import model_class, params_for_release, sections_of, version_string
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.mdl_layout import from_modelzoo, modelzoo_name, to_modelzoo
+from mmgraph.core.mdl_layout import FINAL_NORM, LN_F, from_modelzoo, modelzoo_name, native_name, to_modelzoo, transform
 from mmgraph.core.tensorio import Entry
 
 _STEP = re.compile(r"checkpoint_(\d+)\.mdl$")
@@ -143,7 +144,6 @@ def read_modelzoo(src: Path, config: Optional[Path]) -> Checkpoint:
 
 def write_modelzoo(ck: Checkpoint, out: Path, release: tuple[int, int], default_params) -> Path:
     """``model_to_cs-X.Y.mdl`` and ``params_to_cs-X.Y.yaml`` in ``out`` (a fresh temporary folder)."""
-    from mmgraph.convert.write import _copy_tokenizer
 
     fmt = f"cs-{release[0]}.{release[1]}"
     raw = ck.params
@@ -218,7 +218,6 @@ class _Mismatch(Exception):
 def _param_order(state: dict, cfg: ModelConfig) -> list[str]:
     """mmgraph's names in the Model Zoo's ``named_parameters`` order (the state dict's order,
     each parameter once: ``ln_f`` is the final norm's first name)."""
-    from mmgraph.core.mdl_layout import FINAL_NORM, LN_F, native_name
 
     seen: list[str] = []
     for key in state:
@@ -235,7 +234,6 @@ def _optimizer_state(file: mdl.MdlFile, state: dict, cfg: ModelConfig, trainable
     """The .mdl's optimizer state under mmgraph's names and layout: its state is indexed in the
     order of its param groups (group 0 decayed, group 1 not: ``optim_utils.py``
     ``_partition_params_groups_with_weight_decay``), each in ``named_parameters`` order."""
-    from mmgraph.core.mdl_layout import transform
 
     opt = file.subtree("optimizer")
     if not isinstance(opt, dict) or not opt.get("state"):

@@ -8,15 +8,16 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from mmgraph.convert.checkpoint import (_BUFFERS, PROJ, TEXT, TOKENIZER_FILES, VIT, Checkpoint, _json,
-                                        _maybe_json)
+from mmgraph.convert.checkpoint import _BUFFERS, PROJ, TEXT, TOKENIZER_FILES, VIT, Checkpoint, _json, _maybe_json
 from mmgraph.convert.hf_params import llava_model_params
-from mmgraph.core.tensorio import Entry, find_weights, read_entries
 from mmgraph.convert.keys import CLIP_VISION, LLAMA, LLAVA_PROJECTOR
 from mmgraph.convert.llava_cfg import FREEZE_VISION, anyres_note, read_llava_config
+from mmgraph.core.config import ModelConfig
 from mmgraph.core.config.release import sections_of
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.mdl import is_mdl
+from mmgraph.core.tensorio import Entry, find_weights, read_entries
+from mmgraph.models.build import init_projector
 
 
 def _rename(entries: dict[str, Entry], fn: Callable[[str], Optional[str]], into: dict[str, Entry]) -> None:
@@ -288,9 +289,6 @@ def _model_params(vision_cfg: dict, text_cfg: dict, projector_type: str, layer: 
 
 
 def _init_projector(ck: Checkpoint) -> None:
-    from mmgraph.core.config import ModelConfig
-    from mmgraph.models.build import init_projector
-
     weights = init_projector(ModelConfig.model_validate(ck.model))
     for k, v in weights.items():
         ck.entries[k] = Entry(k, Path("<initialized>"), tuple(v.shape), v.dtype, lambda v=v: v)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from mmgraph.core.config.layouts import normalize
 from mmgraph.core.errors import Problem, UserError
+from mmgraph.runtime import checkpoint
 
 TEMPLATES = ("plain", "vicuna_v1", "chat")
 
@@ -50,7 +52,6 @@ def _is_checkpoint(p: Path) -> bool:
 
 def locate(src: Path, config: Optional[Path]) -> Located:
     """The weights and params of a native source (see the module docstring)."""
-    from mmgraph.runtime import checkpoint
 
     model_dir = None
     weights = src
@@ -138,7 +139,6 @@ def trained_with(params: Optional[dict], params_path: Optional[str], weights: Pa
     """The tokenizer and template the model was trained with (explicit overrides first)."""
     params = params or {}
     if "trainer" in params:                    # the 2.4+ layout: its data sections by their 2.3 names
-        from mmgraph.core.config.layouts import normalize
         params = normalize(params).sections
     record, record_path = _read_data_params(_data_dir(params, params_path))
     dataset = record.get("dataset") or {}

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch.fx as fx
+
+import mmgraph.configs as shipped
 
 CLASSES = ("view", "elementwise", "reduction", "matmul", "attention", "opaque", "source", "collective")
 
@@ -188,10 +191,6 @@ class OpSet:
 
 
 def op_set_path(name: str):
-    from pathlib import Path
-
-    import mmgraph.configs as shipped
-
     return Path(shipped.__file__).resolve().parent / "targets" / f"{name}{OP_SET_SUFFIX}"
 
 

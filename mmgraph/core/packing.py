@@ -17,7 +17,9 @@ sample.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -127,8 +129,6 @@ def real_token_share(data_dirs, seq_len: int) -> float | None:
     """Share of real (non-pad) tokens in the rows of preprocessed data, from the ``stats.json``
     that ``preprocess`` writes beside the shards (packed: after packing; unpacked: tokens /
     samples x ``seq_len``); None when no folder has usable statistics."""
-    import json
-    from pathlib import Path
 
     dirs = [data_dirs] if isinstance(data_dirs, (str, Path)) else list(data_dirs or [])
     tokens = rows = 0

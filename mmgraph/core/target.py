@@ -15,8 +15,9 @@ from pydantic import Field, ValidationError, field_validator
 
 import mmgraph.configs as _shipped_configs
 from mmgraph.core.config.base import Section
-from mmgraph.core.config.load import _format_errors, _read_yaml
+from mmgraph.core.config.reading import format_errors, read_yaml
 from mmgraph.core.errors import Problem, UserError, did_you_mean
+from mmgraph.core.ops import OP_SET_SUFFIX, load_op_set, op_set_path
 
 Positive = Annotated[float, Field(gt=0)]
 Share = Annotated[float, Field(gt=0, le=1)]
@@ -168,8 +169,6 @@ class Target(Section):
     @field_validator("ops")
     @classmethod
     def _known_op_set(cls, name: Optional[str]) -> Optional[str]:
-        from mmgraph.core.ops import OP_SET_SUFFIX, op_set_path
-
         if name is not None and not op_set_path(name).is_file():
             known = sorted(p.name.removesuffix(OP_SET_SUFFIX) for p in TARGET_DIR.glob(f"*{OP_SET_SUFFIX}"))
             raise ValueError(f"unknown op set {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
@@ -177,7 +176,6 @@ class Target(Section):
 
     def op_set(self):
         """The op set this target lowers (None: every registered op)."""
-        from mmgraph.core.ops import load_op_set
 
         return load_op_set(self.ops) if self.ops else None
 
@@ -210,11 +208,11 @@ def resolve_target(name_or_path: str) -> Path:
 
 def load_target(name_or_path: str) -> Target:
     path = str(resolve_target(name_or_path))
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     try:
         return Target.model_validate(raw)
     except ValidationError as err:
         problems = []
-        for p in _format_errors(path, "", Target, err):
+        for p in format_errors(path, "", Target, err):
             problems.append(Problem(p.file, (p.where or "").lstrip("."), p.message))
         raise UserError(problems) from None

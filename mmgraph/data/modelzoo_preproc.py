@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from mmgraph.core.errors import Problem, UserError, did_you_mean
 from mmgraph.data.preprocess import Layout, PackOptions, Style
 
@@ -75,8 +77,6 @@ def _inputs(source: Optional[str], path: str) -> list[str]:
 
 
 def read_config(path: str) -> Job:
-    import yaml
-
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:

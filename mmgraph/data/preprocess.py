@@ -32,6 +32,10 @@ import numpy as np
 
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.h5schema import PACKED_FIELDS, ROW_FIELDS
+from mmgraph.core.packing import PackStats, pack
+from mmgraph.data import chat_format as cf
+from mmgraph.data.images import BadImage, UnsafePath, confined, open_image
+from mmgraph.data.shard_writer import OutputFolder
 
 ROWS = ("input_ids", "loss_mask", "labels", "key_padding_mask", "token_modality_idx")
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -171,8 +175,6 @@ class Encoder:
         return list(images)
 
     def _check_image(self, name: str) -> None:
-        from mmgraph.data.images import BadImage, UnsafePath, confined, open_image
-
         try:
             path = confined(self.image_dir, name)
         except UnsafePath as err:
@@ -200,7 +202,6 @@ class Encoder:
         if self.template in ("plain", "vicuna_v1"):
             return self._tokens([{"from": "human" if i % 2 == 0 else "gpt", "value": v}
                                  for i, v in enumerate(values)])
-        from mmgraph.data import chat_format as cf
 
         st, turns = self.style, []
         for i, v in enumerate(values):
@@ -351,8 +352,6 @@ def preprocess(input_json: str, image_dir: str, tokenizer: str, output_dir: str,
     output folder changes only when the run completes with at least one shard. With ``pack``,
     rows hold several samples (``mmgraph.core.packing``) and the statistics say how many rows
     packing saved."""
-    from mmgraph.core.packing import PackStats
-    from mmgraph.data.shard_writer import OutputFolder
 
     inputs = input_json if isinstance(input_json, list) else [input_json]
     samples, origin = [], []
@@ -424,8 +423,6 @@ class PackOptions:
     seed: int = 0
 
     def rows(self, window: list, layout: Layout, pad_id: int, stats) -> list:
-        from mmgraph.core.packing import pack
-
         seed = self.seed + stats.rows_before           # each window its own (deterministic) seed
         return pack(window, layout.max_seq_length, layout.max_num_img, layout.num_patches, pad_id, seed, stats)
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mmgraph.core.config.load import SequenceLayout
+from mmgraph.core.config.params import SequenceLayout
 from mmgraph.core.h5schema import PACKED_FIELDS
 
 BATCH_FIELDS = ("image_data", "text_input_ids", "image_data_loc", "labels", "loss_mask",

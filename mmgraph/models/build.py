@@ -7,11 +7,11 @@ from typing import Optional
 
 import torch
 
-from mmgraph.core.config.load import Params
 from mmgraph.core.config.model import ModelConfig
+from mmgraph.core.config.params import Params
 from mmgraph.models.freeze import FreezeReport, apply_freeze
 from mmgraph.models.layers import apply_initializer, init_weights
-from mmgraph.models.multimodal import MultimodalModel
+from mmgraph.models.multimodal import MultimodalModel, _ffn
 from mmgraph.models.rng import number_sites
 
 
@@ -63,7 +63,6 @@ def _ffn_initializers(module: torch.nn.Module, ffn_cfg) -> None:
 def init_projector(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Freshly initialized global-projector weights (``image_model.projection.*``), as
     ``build_model`` would make them, without building the rest of the model."""
-    from mmgraph.models.multimodal import _ffn
 
     torch.manual_seed(seed)
     module = _ffn(cfg.image_model_list.global_image_projection)

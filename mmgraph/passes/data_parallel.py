@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.fx as fx

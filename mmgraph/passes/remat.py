@@ -29,7 +29,7 @@ program is fused again so the recomputed ops join the backward's kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.fx as fx
 
@@ -37,10 +37,10 @@ from mmgraph.core.batchscale import ZERO, Affine, BatchScaling
 from mmgraph.core.ir import Contract, InputKind, Phase, Program, RematLayer, RematPlan, is_transformer_layer
 from mmgraph.core.opcost import kernel_io_bytes, value_bytes
 from mmgraph.core.ops import is_random, op_class, op_name
-from mmgraph.passes.fusion import fusion
 from mmgraph.passes.cluster import resident_bytes
 from mmgraph.passes.memory import LayerTerm, build_workload, choose, memory_plan
 from mmgraph.passes.util import copy_program, drop_dead
+from mmgraph.passes.verify import VerificationError
 from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target
 
@@ -48,8 +48,10 @@ POLICIES = ("none", "selective", "full", "auto")
 LEVELS = ("none", "selective", "full")            # from least to most recompute
 CLONE_PREFIX = "rc_"
 
-# the plan (remat, memory) comes with a backward; the program is re-fused after the rewrite
-CONTRACT = Contract(requires=("kernels",), provides=("kernels",), invalidates=("segments", "schedule"))
+# the plan (remat, memory) comes with a backward. The rewrite leaves the recomputed ops in no
+# kernel: the pipeline runs fusion again after this pass (stage fuse_recomputed).
+CONTRACT = Contract(requires=("kernels",), invalidates=("kernels", "segments", "schedule"))
+Fuse = Callable[[Program], "tuple[Program, dict]"]
 
 
 
@@ -291,9 +293,8 @@ def _rewrite(program: Program, recompute: set) -> tuple[Program, list[str]]:
             if a.name in names and a.op == "call_function":
                 node.replace_input_with(a, make(by_name[a.name], node))
     drop_dead(gm, info, keep_impure=True)
-    rewritten = program.with_pass_result(gm, info)
-    fused, _ = fusion(replace(rewritten, kernels=None, refusals=()))
-    return fused, [c.name for c in clones.values() if c.name in info]
+    rewritten = replace(program.with_pass_result(gm, info), kernels=None, refusals=())
+    return rewritten, [c.name for c in clones.values() if c.name in info]
 
 
 def _layer_records(g: _Graph, choice: dict, tallies: dict) -> tuple[RematLayer, ...]:
@@ -333,18 +334,19 @@ def _readers_by_policy(g: _Graph) -> dict:
 
 
 def workload(program: Program, target: Target, precision: Precision, batch_size: int, tokens_per_sample: int,
-             world_size: int = 1, zero: int = 0):
+             fuse: Fuse, world_size: int = 1, zero: int = 0):
     """The memory planner's view of ``program`` (fused, before recomputation) on ``target``
-    (on a resident GPU target, beside the model states of one of ``world_size`` ranks)."""
+    (on a resident GPU target, beside the model states of one of ``world_size`` ranks). ``fuse``:
+    the fusion pass (the pipeline's), to see the kernels a rewrite would get."""
     g, tallies, terms = layer_terms(program, precision)
     resident = resident_bytes(program, precision, target, world_size, zero)
     w = build_workload(program, terms, list(g.layers), _readers_by_policy(g), target, precision, batch_size,
                        tokens_per_sample, resident)
-    w.fused_work = _fused_work_of(program, g, precision)
+    w.fused_work = _fused_work_of(program, g, precision, fuse)
     return w, (g, tallies)
 
 
-def _fused_work_of(program: Program, g: _Graph, precision: Precision):
+def _fused_work_of(program: Program, g: _Graph, precision: Precision, fuse: Fuse):
     """policy -> layer -> the largest working set of the layer's backward kernels that hold its
     recomputed values, with every layer under that policy: fusion merges a recomputed value
     into the backward kernel that reads it, and that kernel can be larger than any before (a
@@ -354,7 +356,8 @@ def _fused_work_of(program: Program, g: _Graph, precision: Precision):
 
     def of(policy: str) -> dict:
         if policy not in cache:
-            fused, clones = _rewrite(program, _split(g, {layer: policy for layer in g.layers}).recompute)
+            rewritten, clones = _rewrite(program, _split(g, {layer: policy for layer in g.layers}).recompute)
+            fused, _ = fuse(rewritten)
             scaling = BatchScaling(fused)
             nodes = {n.name: n for n in fused.gm.graph.nodes}
             made = set(clones)
@@ -373,14 +376,14 @@ def _fused_work_of(program: Program, g: _Graph, precision: Precision):
     return of
 
 
-def plan_remat(program: Program, policy: str, target: Optional[Target], precision: Precision,
+def plan_remat(program: Program, policy: str, target: Optional[Target], precision: Precision, fuse: Fuse,
                batch_size: Optional[int] = None, tokens_per_sample: int = 1, world_size: int = 1, zero: int = 0):
     """The per-layer choice for ``policy`` (with a target, the memory planner's, with its pieces
     and offload), the memory arithmetic, and the memory plan (None without a target)."""
     mplan = None
     if target is not None:
         w, (g, tallies) = workload(program, target, precision, batch_size or program.batch_size, tokens_per_sample,
-                                   world_size, zero)
+                                   fuse, world_size, zero)
         plan = choose(w, program.batch_size, policy)
         choice = dict(plan.policy)
         mplan = memory_plan(plan, w)
@@ -397,15 +400,18 @@ def plan_remat(program: Program, policy: str, target: Optional[Target], precisio
     return g, choice, plan_r, mplan
 
 
-def make_remat(policy: str, target: Optional[Target], precision: Precision, batch_size: Optional[int] = None,
-               tokens_per_sample: int = 1, world_size: int = 1, zero: int = 0):
+def make_remat(policy: str, target: Optional[Target], precision: Precision, fuse: Fuse,
+               batch_size: Optional[int] = None, tokens_per_sample: int = 1, world_size: int = 1, zero: int = 0):
+    """The remat pass for ``policy``: per layer, the forward values the backward keeps or
+    recomputes, the recomputed ops cloned into the backward (in no kernel: fuse again after it).
+    ``fuse``: the fusion pass, which the memory planner runs on candidate rewrites."""
     if policy not in POLICIES:
         raise ValueError(f"remat policy must be one of {', '.join(POLICIES)}, got {policy!r}")
 
     def remat(program: Program) -> tuple[Program, dict]:
         if program.mode != "train":
             return program, {"policy": "none (no backward)"}
-        g, choice, plan, mplan = plan_remat(program, policy, target, precision, batch_size, tokens_per_sample,
+        g, choice, plan, mplan = plan_remat(program, policy, target, precision, fuse, batch_size, tokens_per_sample,
                                             world_size, zero)
         clones: list[str] = []
         if any(p != "none" for p in choice.values()):
@@ -438,3 +444,19 @@ def crossing_values(program: Program) -> dict[str, set[str]]:
             if s is not None:
                 out.setdefault(g.layer(s), set()).add(s.name)
     return out
+
+
+def verify_plan(program: Program, after: str) -> None:
+    """Recomputed ops run in the backward; what crosses the forward/backward boundary of each
+    layer is exactly the kept set the remat plan names (the pipeline checks it after each stage
+    that carries a plan; passes/verify.py checks what every stage must hold)."""
+    for name in program.remat.clones:
+        if name not in program.info or program.info[name].phase.value != "backward":
+            raise VerificationError(f"after {after}: recomputed op {name} is not in the backward")
+    crossing = crossing_values(program)
+    for layer in program.remat.layers:
+        got, want = crossing.get(layer.layer, set()), set(layer.kept)
+        if got != want:
+            extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]
+            raise VerificationError(f"after {after}: {layer.layer} ({layer.policy}): the backward reads "
+                                    f"{extra} not in the kept set, and not {missing}")

@@ -16,6 +16,8 @@ import json
 import platform
 import re
 import sys
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,8 +25,13 @@ import torch
 import torch.fx as fx
 
 from mmgraph import __version__
+from mmgraph.compiler.artifact import program_sha256
+from mmgraph.compiler.scaling import scaling
 from mmgraph.core.files import building
 from mmgraph.core.ir import InputKind, Phase, Program, Schedule
+from mmgraph.report.draw import kernel_graph, to_dot, to_svg
+from mmgraph.report.formats import export_onnx, onnx_skip_reason, to_mlir
+from mmgraph.report.html import render_html
 
 _DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64",
           torch.int32: "i32", torch.bool: "b8", torch.float64: "f64"}
@@ -304,8 +311,6 @@ def report(stages, params_path: str) -> dict:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"mmgraph": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "platform": sys.platform}
     for pkg in ("torch_mlir", "onnx", "onnxruntime", "networkx"):
@@ -331,9 +336,6 @@ def write_dumps(stages, model_dir: str | Path, params_path: str, params=None, ta
 
 
 def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str | None, cirh, world=None) -> None:
-    from mmgraph.report.draw import kernel_graph, to_dot, to_svg
-    from mmgraph.report.formats import export_onnx, onnx_skip_reason, to_mlir
-
     for i, stage in enumerate(stages):
         (tmp / f"{i:02d}-{stage.name}.txt").write_text(format_program(stage.program, stage.name))
     last = stages[-1].program
@@ -357,22 +359,18 @@ def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str 
     else:
         artifacts["eval.onnx"] = skip
     rep = report(stages, params_path)
-    from mmgraph.compiler.artifact import program_sha256
 
     rep["program_sha256"] = program_sha256(last)      # its code (program.py prints it) and typed fields
     if cirh is not None:
         rep["cirh"] = cirh.report()
     if last.schedule is not None and target is not None and last.mode == "train" and target.interconnect is not None:
-        from dataclasses import asdict
 
-        from mmgraph.compiler.scaling import scaling
 
         rep["scaling"] = {"topology": target.interconnect.topology,
                           "points": [asdict(p) for p in scaling(last, target)]}
     if world is not None:
         rep["world"] = world
     if last.schedule is not None and target is not None:
-        from mmgraph.report.html import render_html
 
         rep["target"] = schedule_report(last, target)
         (tmp / "report.html").write_text(render_html(rep))

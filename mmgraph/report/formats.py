@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from mmgraph.compiler.trace import micro_batch_size
 from mmgraph.core.config import Params
 from mmgraph.core.ir import Program
 from mmgraph.models import batch_fields, build_model, random_batch
+from mmgraph.models.loss import lm_loss
 
 ONNX_PARAM_LIMIT = 50_000_000
 
@@ -46,8 +48,6 @@ class _EvalForward(torch.nn.Module):
 
     def forward(self, image_data, text_input_ids, image_data_loc, labels, loss_mask,
                 key_padding_mask, token_modality_idx, segment_ids=None, position_ids=None):
-        from mmgraph.models.loss import lm_loss
-
         logits = self.model.compute_logits(image_data, text_input_ids, image_data_loc,
                                            key_padding_mask, token_modality_idx, position_ids, segment_ids)
         cfg = self.model.config
@@ -64,7 +64,6 @@ def onnx_skip_reason(program: Program) -> str | None:
 def export_onnx(params: Params, path: str | Path, batch_size: int | None = None, seed: int = 0) -> list[str]:
     """Write the eval forward (loss, logits) as ONNX, static shapes at the eval micro-batch
     size; returns its input names."""
-    from mmgraph.compiler.trace import micro_batch_size
 
     batch_size = batch_size or micro_batch_size(params, "eval")
     model, _ = build_model(params, seed=seed)

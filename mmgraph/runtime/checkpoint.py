@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmgraph.core.errors import Problem, UserError
-
+from mmgraph.core.tensorio import find_weights, read_entries
 
 CHECKPOINTS = "checkpoints"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -127,7 +127,6 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             raise UserError(Problem(str(path), None, "no finished checkpoint in this model_dir"))
         path = last
     if path.is_dir() and (path / "model.safetensors.index.json").is_file():      # sharded (mmgraph convert)
-        from mmgraph.core.tensorio import find_weights, read_entries
         return {k: e.load() for k, e in read_entries(find_weights(path)).items()}
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():

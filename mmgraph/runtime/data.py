@@ -17,10 +17,11 @@ import torch
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.h5schema import ROW_FIELDS, row_fields
+from mmgraph.core.packing import real_token_share
 from mmgraph.data.images import BadImage, UnsafePath, confined, open_image
 from mmgraph.data.transforms import build_transforms
+from mmgraph.runtime.distributed import RankSampler
 from mmgraph.runtime.shards import Expect, data_params_problems, inspect_shard, read_sample
-
 
 
 class MultimodalH5Dataset(torch.utils.data.Dataset):
@@ -193,7 +194,6 @@ def make_loader(params: Params, mode: str = "train", num_workers: Optional[int] 
     sampler = ResumableSampler(len(ds), mbs, data.shuffle, data.shuffle_seed, data.drop_last)
     drop_last = data.drop_last
     if ranks is not None and ranks.world_size > 1:
-        from mmgraph.runtime.distributed import RankSampler
 
         base = ResumableSampler(len(ds), data.batch_size, data.shuffle, data.shuffle_seed, drop_last=True)
         sampler, drop_last = RankSampler(base, data.batch_size, ranks), False
@@ -290,7 +290,6 @@ def describe_data(params: Params, mode: str = "train") -> Optional[str]:
 
 def _real_share_note(params: Params, mode: str) -> str:
     """``; real tokens 62% of each row`` from the data's statistics (real tokens/s = tokens/s x it)."""
-    from mmgraph.core.packing import real_token_share
 
     data = params.input_for(mode)
     share = real_token_share(data.data_dir, params.layout(mode).max_sequence_length)

@@ -31,6 +31,7 @@ from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import InputKind, Program
 from mmgraph.core.ops import CLASSES, op_class
+from mmgraph.runtime.onnx_program import export_program
 
 
 class Executor:
@@ -129,7 +130,6 @@ class OnnxRuntimeExecutor(Executor):
         super().__init__(program, params, device)
         import onnxruntime as ort
 
-        from mmgraph.runtime.onnx_program import export_program
 
         if path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mmgraph-ort-")

@@ -28,6 +28,7 @@ from mmgraph.runtime import checkpoint
 from mmgraph.runtime.distributed import SINGLE, Ranks, all_sum, bind_group
 from mmgraph.runtime.executors import Executor, make_executor
 from mmgraph.runtime.optim import LossScaler, Optimizer, learning_rate
+from mmgraph.runtime.zero import GradShardOptimizer, ShardedOptimizer
 
 
 @dataclass
@@ -95,10 +96,8 @@ class Runner:
         cfg, ranks = self.params.optimizer, self.ranks
         decay = {n: False for n in self.no_decay}
         if self.zero == 1 and ranks.world_size > 1:
-            from mmgraph.runtime.zero import ShardedOptimizer
             return ShardedOptimizer(cfg, self.weights, self.trainable, ranks.rank, ranks.world_size, decay=decay)
         if self.zero == 2 and ranks.world_size > 1:
-            from mmgraph.runtime.zero import GradShardOptimizer
             return GradShardOptimizer(cfg, self.weights, self.train_program.collectives, ranks.rank, ranks.world_size,
                                       no_decay=self.no_decay)
         return Optimizer(cfg, self.weights, decay)

@@ -18,7 +18,6 @@ token_modality_idx; packed shards, ``preprocess --pack``: N x 7 x S, + segment_i
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

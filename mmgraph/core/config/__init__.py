@@ -1,7 +1,7 @@
 """Params files in the Cerebras Model Zoo 2.3 multimodal schema."""
 
-from mmgraph.core.config.data import InputConfig, Transform
 from mmgraph.core.config.batching import RankBatch, Search, micro_batch_search, rank_batch, split_batch
+from mmgraph.core.config.data import InputConfig, Transform
 from mmgraph.core.config.load import MODES, Params, SequenceLayout, load_params, num_image_tokens
 from mmgraph.core.config.model import (
     FeedForwardNetworkConfig,
