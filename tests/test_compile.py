@@ -119,7 +119,7 @@ def test_7b_compiles_and_writes_dumps(tmp_path, capsys, path, grads, target):
     assert main(["compile", "--params", str(path), "--model_dir", str(tmp_path), "--target", target]) == 0
     report = json.loads((tmp_path / "compile" / "report.json").read_text())
     assert report["passes"][-1]["gradients"] == grads
-    assert report["artifacts"]["eval.onnx"].startswith("not written: ONNX export runs the model on real weights")
+    assert report["artifacts"]["eval.onnx"].startswith("not written: the ONNX exporter runs the program on zero tensors")
     assert all(report["artifacts"][f] == "written" for f in ("program.mlir", "kernels.svg", "kernels.dot"))
     # Layers 1-31 of one recompute policy lower to the same kernels (layer 0 also casts what all
     # share). Legalized for the wafer, attention keeps its probabilities for the backward (as cstorch's
@@ -191,23 +191,44 @@ def test_mlir_has_parameters_as_arguments_and_parses_back(tmp_path):
     assert "// %arg0: param image_model.image_model_list.0.0.embedding_layer.cls_embedding" in text
 
 
-def test_onnx_eval_forward_runs_in_onnxruntime_like_pytorch(tmp_path):
-    from mmgraph.report.formats import export_onnx, run_onnx
+def onnx_outputs(path, program, params, batch) -> list:
+    """Run an eval.onnx in onnxruntime, its weights fed from the seeded model by the program's
+    input names (the graph holds none)."""
+    import onnxruntime as ort
+    from mmgraph.models import build_model
+
+    model, _ = build_model(params, seed=0)
+    state = {k: v.detach().numpy() for k, v in model.named_parameters()}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: (state[i.name] if i.name in state else batch[i.name].numpy())
+                              for i in session.get_inputs()})
+
+
+def test_the_dumps_eval_onnx_is_the_programs_export_and_runs_like_pytorch(tmp_path):
+    """compile's eval.onnx: the eval Program exported by the runtime's exporter (no nn.Module is
+    exported), weights as inputs, equal to eager PyTorch's loss and logits in onnxruntime."""
     from mmgraph.models import build_model, random_batch
+    from mmgraph.report.formats import eval_program
 
     params = load_params(TINY2)
-    names = export_onnx(params, tmp_path / "eval.onnx")
-    assert "model.text_model.lm_head.weight" in names  # weights are inputs, not initializers
-    batch = random_batch(params.layout("eval"), 8, seed=7, num_images=[2, 0, 1, 1, 2, 0, 2, 1])
-    loss, logits = run_onnx(tmp_path / "eval.onnx", params, batch)
+    stages = compile_step(params)                              # a train compile: the eval step is traced
+    where = write_dumps(stages, tmp_path, str(TINY2), params)
+    program = eval_program(params, stages[-1].program)
+    assert program.mode == "eval" and program.outputs[0].kind == "loss"
+    import onnx
+    names = [i.name for i in onnx.load(str(where / "eval.onnx")).graph.input]
+    assert "text_model.lm_head.weight" in names and not onnx.load(str(where / "eval.onnx")).graph.initializer
+    batch = random_batch(params.layout("eval"), program.batch_size, seed=7,
+                         num_images=[2, 0, 1, 1, 2, 0, 2, 1][:program.batch_size])
+    loss, logits = onnx_outputs(where / "eval.onnx", program, params, batch)[:2]
     model, _ = build_model(params, seed=0)
     model.eval()
     with torch.no_grad():
         ref_logits = model.compute_logits(batch["image_data"], batch["text_input_ids"],
                                           batch["image_data_loc"], batch["key_padding_mask"])
         ref_loss = model(**batch)
-    torch.testing.assert_close(torch.from_numpy(logits), ref_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.from_numpy(loss), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(logits), ref_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_drawings(tmp_path):

@@ -155,17 +155,19 @@ def test_unpacked_program_has_no_packed_inputs():
 
 
 def test_packed_onnx_eval_forward_equals_unpacked(tmp_path):
-    from mmgraph.report.formats import export_onnx, run_onnx
+    from mmgraph.runtime.onnx_program import export_program
+    from tests.test_compile import onnx_outputs
 
     plain, packed = packed_params(tmp_path, TINY2, max_num_img=6)
-    names = export_onnx(packed, tmp_path / "eval.onnx", batch_size=3)
+    program = compile_step(packed, "eval", micro_batch_size=3)[-1].program
+    names = export_program(program, tmp_path / "eval.onnx")
     assert "segment_ids" in names and "position_ids" in names
     for count in range(3, 12):
         samples, batch, rows = samples_and_rows(plain, packed, n=count, seed=2)
         if len(rows) == 3:
             break
     assert len(rows) == 3
-    loss, _ = run_onnx(tmp_path / "eval.onnx", packed, batch)
+    loss = onnx_outputs(tmp_path / "eval.onnx", program, packed, batch)[0]
     model, _ = build_model(plain, seed=0)
     model.eval()
     with torch.no_grad():

@@ -30,7 +30,7 @@ from mmgraph.compiler.scaling import scaling
 from mmgraph.core.files import building
 from mmgraph.core.ir import InputKind, Phase, Program, Schedule
 from mmgraph.report.draw import kernel_graph, to_dot, to_svg
-from mmgraph.report.formats import export_onnx, onnx_skip_reason, to_mlir
+from mmgraph.report.formats import onnx_skip_reason, to_mlir, write_eval_onnx
 from mmgraph.report.html import render_html
 
 _DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64",
@@ -354,7 +354,7 @@ def _write_dumps(tmp: Path, stages, params_path: str, params, target, mlir: str 
         artifacts.update({"kernels.dot": "written", "kernels.svg": "written"})
     skip = onnx_skip_reason(last) if params is not None else "not written: no params given"
     if skip is None:
-        export_onnx(params, tmp / "eval.onnx")
+        write_eval_onnx(params, last, tmp / "eval.onnx")
         artifacts["eval.onnx"] = "written"
     else:
         artifacts["eval.onnx"] = skip
