@@ -220,24 +220,30 @@ def test_swapped_specs_fail_the_hash(shards, tmp_path, capsys):  # noqa: F811
     assert "does not hash to its fingerprint's program_sha256" in capsys.readouterr().err
 
 
-def test_a_changed_compiler_recompiles_and_says_so(shards, tmp_path, capsys, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("module,says", [
+    ("mmgraph.models.loss", "compiling train: the compiler's source changed"),
+    ("mmgraph.passes.remat", "passes changed: remat")])
+def test_a_changed_compiler_recompiles_and_says_so(shards, tmp_path, capsys, monkeypatch, module, says):  # noqa: F811
     """A stale program once ran after models/loss.py changed ("nothing traced", loss 6.20
-    against 3.10 fresh): the fingerprint holds the compiler's source hash."""
+    against 3.10 fresh): the fingerprint holds the compiler's source hash, and each pass's
+    version (its source hash), so a changed pass is named."""
+    import importlib
+    from pathlib import Path
+
     md = tmp_path / "md"
     params = _params(tmp_path, shards)
     assert main(["compile", "--params", str(params), "--model_dir", str(md)]) == 0
-    import mmgraph.models.loss as loss_module
-    from pathlib import Path
-
     real = Path.read_bytes
-    source = Path(loss_module.__file__)
+    source = Path(importlib.import_module(module).__file__)
     monkeypatch.setattr(Path, "read_bytes", lambda self: real(self) + (b"# edited" if self == source else b""))
     artifact.compiler_sha256.cache_clear()
+    artifact.pass_versions.cache_clear()
     try:
         assert main(["run", "--params", str(params), "--model_dir", str(md), "--max_steps", "1"]) == 0
-        assert "compiling train: the compiler's source changed" in capsys.readouterr().out
+        assert says in capsys.readouterr().out
     finally:
         artifact.compiler_sha256.cache_clear()
+        artifact.pass_versions.cache_clear()
 
 
 def test_a_changed_graph_fails_its_code_hash(shards, tmp_path, capsys):  # noqa: F811

@@ -87,6 +87,16 @@ def compiler_sha256() -> str:
     return digest.hexdigest()
 
 
+@functools.cache
+def pass_versions() -> dict[str, str]:
+    """Each module of ``mmgraph.passes`` -> the first 12 hex digits of its source's sha256: the
+    version of every pass (and of the analyses passes share), so a stale artifact names the pass
+    that changed."""
+    root = Path(importlib.import_module("mmgraph.passes").__file__).parent
+    return {f.stem: hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+            for f in sorted(root.glob("*.py")) if f.stem != "__init__"}
+
+
 def fingerprint(params: Params, mode: str, *, target: Optional[str], world_size: int = 1, zero: int = 0,
                 bucket_bytes: Optional[int] = None, remat: Optional[str] = None, update: bool = False) -> dict:
     """What a program of ``params`` for ``mode`` is compiled from (JSON-able); settings that do
@@ -106,7 +116,7 @@ def fingerprint(params: Params, mode: str, *, target: Optional[str], world_size:
         _flat("optimizer", {k: v for k, v in params.optimizer.model_dump(mode="json").items()
                             if k != "learning_rate"}, keys)
     return {"format": FORMAT, "mmgraph": __version__, "torch": torch.__version__, "compiler": compiler_sha256(),
-            "mode": mode, "target": target,
+            "passes": pass_versions(), "mode": mode, "target": target,
             "world_size": world_size if parallel else 1, "zero": zero if parallel and zero == 2 else 0,
             "bucket_bytes": (bucket_bytes or DEFAULT_BUCKET_BYTES) if parallel else None, "remat": remat,
             "update": "program" if update else "host", "params": keys}
@@ -118,7 +128,11 @@ def differences(saved: dict, wanted: dict) -> list[str]:
     for key in wanted:
         if key in ("params", "program_sha256", "resolved"):
             continue
-        if key == "compiler" and saved.get(key) != wanted[key]:
+        if key == "passes" and saved.get(key) != wanted[key]:
+            was = saved.get(key) or {}
+            changed = sorted(k for k in set(was) | set(wanted[key]) if was.get(k) != wanted[key].get(k))
+            out.append(f"passes changed: {', '.join(changed)}")
+        elif key == "compiler" and saved.get(key) != wanted[key]:
             was = str(saved.get(key))[:12]
             out.append(f"the compiler's source changed (trace, models, passes, core: {was} -> {wanted[key][:12]})")
         elif saved.get(key) != wanted[key]:
