@@ -181,8 +181,49 @@ def test_zero1_two_ranks_update_like_one_optimizer_with_half_the_state(tmp_path)
     assert max(held) <= 0.55 * results[0]["plain_bytes"]    # the issue's ZeRO-1 memory target
 
 
+def _toy(backward_s: float):
+    """A program stub: global batch 8 at micro-batch 1, 0.1 s per micro-step, 0.05 s optimizer
+    tail, two segments (the backward one computing ``backward_s``)."""
+    from types import SimpleNamespace as NS
+
+    sched = NS(batch_size=8, micro_batch_size=1, micro_step_s=0.1, optimizer_tail_s=0.05, grad_bytes_out=0,
+               times=(NS(compute_s=0.03), NS(compute_s=backward_s)))
+    return NS(schedule=sched, segments=(NS(phase="forward"), NS(phase="backward")))
+
+
+def test_simulated_systems_scale_with_the_interconnect_by_hand():
+    """Scaling against figures worked out by hand from the model in docs/distributed.md (not
+    from the code): 100 MB of gradients on a 10 GB/s ring with 10 us per step; the last 25 MiB
+    bucket is exposed, the rest hides under a long enough backward."""
+    from types import SimpleNamespace as NS
+
+    from mmgraph.compiler.scaling import scaling
+
+    ring = NS(interconnect=NS(topology="ring", latency_s=1e-5, ring_bandwidth=lambda n: 10e9))
+    one, two, four = scaling(_toy(0.06), ring, systems=(1, 2, 4), grad_bytes=100_000_000)
+    assert (one.micro_steps, two.micro_steps, four.micro_steps) == (8, 4, 2)
+    assert one.step_s == pytest.approx(0.85) and one.comm_s == 0 and one.efficiency == pytest.approx(1.0)
+    # 2 systems: ring 1 x 100 MB / 10 GB/s + 2 x 10 us = 10.02 ms; last bucket 26,214,400 B: 2.62144 ms
+    assert two.comm_s == pytest.approx(0.00262144) and two.hidden_s == pytest.approx(0.00739856)
+    assert two.step_s == pytest.approx(0.45262144)
+    assert two.samples_per_s == pytest.approx(17.674815, rel=1e-6) and two.efficiency == pytest.approx(0.938975, rel=1e-5)
+    # 4 systems: ring 1.5 x 10 ms + 6 x 10 us = 15.06 ms; last bucket 1.5 x 2.62144 ms
+    assert four.comm_s == pytest.approx(0.00393216) and four.hidden_s == pytest.approx(0.01112784)
+    assert four.step_s == pytest.approx(0.25393216)
+    # a backward of 5 ms hides only 5 ms of the 10.02 ms ring
+    short = scaling(_toy(0.005), ring, systems=(2,), grad_bytes=100_000_000)[0]
+    assert short.hidden_s == pytest.approx(0.005) and short.comm_s == pytest.approx(0.00502)
+    # SwarmX: a tree reduction per streamed segment and micro-step, 10 us per hop: 4 systems,
+    # 2 hops, 2 segments, 2 micro-steps = 80 us, none hidden
+    swarm = NS(interconnect=NS(topology="swarmx", latency_s=1e-5))
+    p = scaling(_toy(0.06), swarm, systems=(4,), grad_bytes=100_000_000)[0]
+    assert p.comm_s == pytest.approx(8e-5) and p.hidden_s == 0 and p.step_s == pytest.approx(0.25008)
+
+
 @pytest.mark.parametrize("target_name", ["cs2", "h100"])
-def test_simulated_systems_scale_with_the_interconnect(target_name):
+def test_simulated_systems_scale_on_the_real_targets(target_name):
+    """On a compiled program and the shipped targets: fewer micro-steps per system, efficiency
+    in (0, 1], and a step no shorter than its share of the work."""
     from mmgraph.compiler.scaling import scaling
     from mmgraph.core.target import load_target
 
@@ -190,21 +231,11 @@ def test_simulated_systems_scale_with_the_interconnect(target_name):
     target = load_target(target_name)
     program = compile_step(params, "train", target=target, micro_batch_size=1)[-1].program
     points = scaling(program, target, systems=(1, 2, 4))
-    one = points[0]
-    assert one.efficiency == pytest.approx(1.0) and one.comm_s == 0.0
+    assert points[0].efficiency == pytest.approx(1.0) and points[0].comm_s == 0.0
     assert [p.micro_steps for p in points] == [params.train_input.batch_size // n for n in (1, 2, 4)]
-    link = target.interconnect
     for p in points[1:]:
-        assert 0 < p.efficiency <= 1.0
-        want_step = p.micro_steps * program.schedule.micro_step_s + program.schedule.optimizer_tail_s + p.comm_s
-        assert p.step_s == pytest.approx(want_step)
-        if link.topology == "swarmx":          # tree latency per streamed segment and micro-step
-            hops = {2: 1, 4: 2}[p.systems]
-            assert p.comm_s == pytest.approx(p.micro_steps * len(program.schedule.times) * hops * link.latency_s)
-        else:                                  # ring all-reduce: exposed + hidden is the whole ring
-            grads = sum(s.numel * 4 for s in program.inputs if s.trainable)
-            ring = 2 * (p.systems - 1) / p.systems * grads / link.bandwidth + 2 * (p.systems - 1) * link.latency_s
-            assert p.comm_s + p.hidden_s == pytest.approx(ring)
+        assert 0 < p.efficiency <= 1.0 and p.comm_s > 0
+        assert p.step_s >= p.micro_steps * program.schedule.micro_step_s + p.comm_s
 
 
 def test_accumulate_variant_takes_the_summed_gradients_as_inputs(tiny_train):

@@ -167,7 +167,7 @@ def _dataclasses() -> dict[str, type]:
     return {c.__name__: c for c in classes}
 
 
-_ENUMS = {"InputKind": ir.InputKind, "Phase": ir.Phase}
+_ENUMS = {"InputKind": ir.InputKind, "Phase": ir.Phase, "LayerKind": ir.LayerKind}
 _MEMORY_FORMATS = {str(f).split(".")[-1]: f for f in (torch.contiguous_format, torch.channels_last,
                                                       torch.channels_last_3d, torch.preserve_format)}
 _LAYOUTS = {"strided": torch.strided, "sparse_coo": torch.sparse_coo}

@@ -29,7 +29,7 @@ from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import LOSS_SCALE, RNG_FIELDS, InputKind, InputSpec, NodeInfo, OutputSpec, Phase, Program
 from mmgraph.models import batch_fields, build_model, random_batch
-from mmgraph.models.anatomy import is_head, is_llm_layer, layer_of, unused_parameters
+from mmgraph.models.anatomy import is_head, is_llm_layer, kind_of, layer_of, unused_parameters
 from mmgraph.models.multimodal import MultimodalModel
 from mmgraph.models.rng import has_dropout, rng_inputs
 from mmgraph.models.loss import lm_loss
@@ -270,6 +270,7 @@ def annotate(gm: fx.GraphModule, inputs: list[InputSpec] | tuple[InputSpec, ...]
             phase=Phase.FORWARD if node in forward else Phase.BACKWARD,
             flops=node_flops(node),
             bytes=node_bytes(node),
+            kind=kind_of(layers[node]),
         )
     return info
 

@@ -6,7 +6,6 @@ Nodes are ATen ops in an ``fx.Graph``; every parameter and batch field is a plac
 
 from __future__ import annotations
 
-import re
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -66,14 +65,17 @@ class OutputSpec:
     target: Optional[str] = None
 
 
-_BLOCK = re.compile(r"\.layers\.\d+$")
+class LayerKind(str, Enum):
+    """What a ``NodeInfo.layer`` is in the model: stated by the model's anatomy
+    (``mmgraph.models.anatomy.kind_of``) and recorded by the tracer, so passes read it and never
+    parse layer names."""
 
-
-def is_transformer_layer(layer: str) -> bool:
-    """A repeated transformer block among ``NodeInfo.layer`` names (``text_model.layers.3``,
-    ``image_model.encoder0.layers.1``, as models/anatomy.layer_of makes them): what activation
-    recomputation decides per layer."""
-    return bool(_BLOCK.search(layer))
+    BLOCK = "block"              # a repeated transformer block: what recomputation decides per layer
+    EMBEDDINGS = "embeddings"    # patch / token embeddings
+    PROJECTION = "projection"    # the projector (and connectors) between encoders and the LLM
+    HEAD = "head"                # the LLM's final norm and LM head
+    LOSS = "loss"                # the loss after the head, and its backward
+    OTHER = "other"              # the model's own forward (image scatter), nodes passes add
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class NodeInfo:
     phase: Phase
     flops: int
     bytes: int
+    kind: LayerKind = LayerKind.OTHER
 
 
 @dataclass(frozen=True)

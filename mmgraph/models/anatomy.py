@@ -7,6 +7,7 @@ import re
 
 import torch
 
+from mmgraph.core.ir import LayerKind
 from mmgraph.models.layers import RMSNorm
 from mmgraph.models.multimodal import MultimodalModel
 
@@ -39,6 +40,24 @@ def layer_of(module: str) -> str:
             return "text_model.head"
         return "text_model.embeddings" if "embedding_layer" in module else "text_model"
     return "top" if module == "" else module   # the model's own forward: image scatter, loss
+
+
+def kind_of(layer: str) -> LayerKind:
+    """The kind of a ``layer_of`` name (or the tracer's ``loss``)."""
+    if _BLOCK.search(layer):
+        return LayerKind.BLOCK
+    if layer.endswith("embeddings"):
+        return LayerKind.EMBEDDINGS
+    if layer == "image_model.projection":
+        return LayerKind.PROJECTION
+    if layer == "text_model.head":
+        return LayerKind.HEAD
+    if layer == "loss":
+        return LayerKind.LOSS
+    return LayerKind.OTHER
+
+
+_BLOCK = re.compile(r"^(text_model|image_model\.encoder\d+)\.layers\.\d+$")
 
 
 def unused_parameters(model: MultimodalModel) -> set[str]:

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch.fx as fx
 
 from mmgraph.core.batchscale import ZERO, Affine, BatchScaling
-from mmgraph.core.ir import Contract, InputKind, Phase, Program, RematLayer, RematPlan, is_transformer_layer
+from mmgraph.core.ir import Contract, InputKind, LayerKind, Phase, Program, RematLayer, RematPlan
 from mmgraph.core.opcost import kernel_io_bytes, value_bytes
 from mmgraph.core.ops import is_random, op_class, op_name
 from mmgraph.passes.cluster import resident_bytes
@@ -99,7 +99,7 @@ def _analyse(program: Program, fb: int) -> _Graph:
         me = info[node.name]
         if me.phase != Phase.FORWARD:
             continue
-        if is_transformer_layer(me.layer):
+        if me.kind == LayerKind.BLOCK:
             layers.setdefault(me.layer)
         for a in ins:
             if a.op == "call_function" and info[a.name].layer != me.layer:
@@ -282,7 +282,8 @@ def _rewrite(program: Program, recompute: set) -> tuple[Program, list[str]]:
         with graph.inserting_before(before):
             new = graph.create_node("call_function", a.target, args, kwargs, name=CLONE_PREFIX + a.name)
         new.meta = dict(a.meta)
-        info[new.name] = replace(info[a.name], phase=Phase.BACKWARD, layer=info[before.name].layer)
+        info[new.name] = replace(info[a.name], phase=Phase.BACKWARD, layer=info[before.name].layer,
+                                 kind=info[before.name].kind)
         clones[a] = new
         return new
 
