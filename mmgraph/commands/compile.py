@@ -15,7 +15,7 @@ from mmgraph.core.ir import Phase
 from mmgraph.core.lock import model_dir_lock
 from mmgraph.core.target import load_target
 from mmgraph.passes.cost import peak_breakdown
-from mmgraph.passes.memory import choose
+from mmgraph.passes.memory_planner import choose
 from mmgraph.report.dump import bottleneck_words, write_dumps
 from mmgraph.report.fit import choose_micro_batch, human_gb, human_size, input_section
 from mmgraph.report.formats import to_mlir

@@ -40,7 +40,7 @@ from mmgraph.passes.data_parallel import DEFAULT_BUCKET_BYTES, make_data_paralle
 from mmgraph.passes.freeze_masks import freeze_masks
 from mmgraph.passes.fusion import fusion
 from mmgraph.passes.legalize import make_legalize
-from mmgraph.passes.memory import explore
+from mmgraph.passes.memory_planner import explore
 from mmgraph.passes.optimizer import make_optimizer_in_program
 from mmgraph.passes.remat import make_remat, verify_plan, workload
 from mmgraph.passes.verify import NumericReport, program_inputs, verify_numerics, verify_structure

@@ -38,7 +38,8 @@ from mmgraph.core.ir import Contract, InputKind, LayerKind, Phase, Program, Rema
 from mmgraph.core.opcost import kernel_io_bytes, value_bytes
 from mmgraph.core.ops import is_random, op_class, op_name
 from mmgraph.passes.cluster import resident_bytes
-from mmgraph.passes.memory import LayerTerm, build_workload, choose, memory_plan
+from mmgraph.passes.memory import LayerTerm, build_workload
+from mmgraph.passes.memory_planner import choose, memory_plan
 from mmgraph.passes.util import copy_program, drop_dead
 from mmgraph.passes.verify import VerificationError
 from mmgraph.core.precision import Precision
