@@ -30,3 +30,17 @@ def tiny2() -> Path:
 FUZZ = settings(derandomize=True, deadline=None, database=None,
                 phases=(Phase.explicit, Phase.reuse, Phase.generate),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def small_memory_target(tmp_path, memory_bytes, mechanisms: bool = True) -> Path:
+    """cs2 with ``memory_bytes`` of device memory (written to ``tmp_path/small.yaml``); without
+    ``mechanisms`` only recompute (no pieces, no offload)."""
+    import yaml
+
+    raw = yaml.safe_load((CONFIGS / "targets" / "cs2.yaml").read_text())
+    raw["memory"]["bytes"] = memory_bytes
+    if not mechanisms:
+        raw["mechanisms"] = {"recompute": True}
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

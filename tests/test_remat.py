@@ -22,7 +22,7 @@ from mmgraph.compiler.pipeline import reference_inputs, verify_against_eager
 from mmgraph.compiler.pipeline import compile_step
 from mmgraph.runtime.runner import Runner
 from mmgraph.core.target import load_target
-from tests.conftest import CONFIGS, ROOT, TINY1, TINY2
+from tests.conftest import CONFIGS, ROOT, TINY1, TINY2, small_memory_target
 
 COGVLM = CONFIGS / "params_cogvlm_tiny.yaml"
 ZOO_7B = ROOT / "tests" / "data" / "modelzoo" / "Release_2.3.1" / "params_mm_llava_llama2_7b_phase2.yaml"
@@ -157,16 +157,6 @@ def test_params_key_and_cli_flag(tmp_path, capsys):
     assert "model.activation_checkpointing" in capsys.readouterr().err
 
 
-def _small_target(tmp_path, memory_bytes, mechanisms: bool = True):
-    raw = yaml.safe_load((CONFIGS / "targets" / "cs2.yaml").read_text())
-    raw["memory"]["bytes"] = memory_bytes
-    if not mechanisms:                   # recompute only: no pieces, no offload
-        raw["mechanisms"] = {"recompute": True}
-    path = tmp_path / "small.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 def test_auto_recomputes_only_when_it_must(tmp_path):
     params = load_params(TINY2)
     roomy = compile_step(params, target=load_target("cs2"))[-1].program
@@ -174,14 +164,14 @@ def test_auto_recomputes_only_when_it_must(tmp_path):
     assert not roomy.remat.clones and roomy.schedule.recompute_flops == 0
     none_peak = roomy.schedule.peak_memory_bytes
     full = compile_step(params, target=load_target("cs2"), remat="full")[-1].program
-    tight = load_target(str(_small_target(tmp_path, (none_peak + full.schedule.peak_memory_bytes) // 2)))
+    tight = load_target(str(small_memory_target(tmp_path, (none_peak + full.schedule.peak_memory_bytes) // 2)))
     auto = compile_step(params, target=tight)[-1].program
     assert auto.schedule.fits and auto.remat.clones
     assert auto.schedule.recompute_flops <= full.schedule.recompute_flops
 
 
 def test_no_policy_fits_names_the_smallest_peak_and_its_parts(tmp_path, capsys):
-    target = _small_target(tmp_path, 4e6, mechanisms=False)
+    target = small_memory_target(tmp_path, 4e6, mechanisms=False)
     assert main(["compile", "--params", str(TINY2), "--model_dir", str(tmp_path), "--target", str(target)]) == 2
     err = capsys.readouterr().err
     assert ("8 does not fit on cs2: not with any recompute policy nor the target's other mechanisms (recompute): "
@@ -197,7 +187,7 @@ def test_micro_batch_auto_picks_micro_batch_and_policy(tmp_path, capsys):
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump(raw))
     none = compile_step(load_params(TINY2), target=load_target("cs2"), micro_batch_size=8, remat="none")
-    target = _small_target(tmp_path, none[-1].program.schedule.peak_memory_bytes * 0.8)
+    target = small_memory_target(tmp_path, none[-1].program.schedule.peak_memory_bytes * 0.8)
     assert main(["compile", "--params", str(params), "--model_dir", str(tmp_path), "--target", str(target)]) == 0
     out = capsys.readouterr().out
     line = out.split("micro_batch_size auto: ")[1].splitlines()[0]

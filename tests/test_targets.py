@@ -14,7 +14,7 @@ from mmgraph.core.ir import Segment
 from mmgraph.passes.cost import op_time, simulate
 from mmgraph.core.precision import Precision
 from mmgraph.core.target import Target, load_target, shipped_targets
-from tests.conftest import CONFIGS, TINY1, TINY2
+from tests.conftest import TINY1, TINY2, small_memory_target
 
 DATA = Path(__file__).parent / "data" / "broken_targets"
 BF16 = Precision("bf16")
@@ -160,18 +160,8 @@ def test_unknown_target_name(capsys, tmp_path, monkeypatch):
     assert "no host target yet: run `mmgraph calibrate`" in capsys.readouterr().err
 
 
-def _small_memory_target(tmp_path, memory_bytes, mechanisms: bool = True) -> Path:
-    raw = yaml.safe_load((CONFIGS / "targets" / "cs2.yaml").read_text())
-    raw["memory"]["bytes"] = memory_bytes
-    if not mechanisms:                   # recompute only: no pieces, no offload
-        raw["mechanisms"] = {"recompute": True}
-    path = tmp_path / "small.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 def test_fit_failure_names_the_largest_micro_batch(tmp_path, capsys):
-    target = _small_memory_target(tmp_path, 6e6, mechanisms=False)
+    target = small_memory_target(tmp_path, 6e6, mechanisms=False)
     assert main(["compile", "--params", str(TINY2), "--model_dir", str(tmp_path), "--target", str(target)]) == 2
     err = capsys.readouterr().err
     assert f"mmgraph: error: {TINY2}: train_input.micro_batch_size: 8 does not fit on cs2: " in err
@@ -185,7 +175,7 @@ def test_micro_batch_size_auto_picks_the_largest_divisor_that_fits(tmp_path, cap
     raw["train_input"]["micro_batch_size"] = "auto"
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump(raw))
-    target = _small_memory_target(tmp_path, 6e6)
+    target = small_memory_target(tmp_path, 6e6)
     assert main(["compile", "--params", str(params), "--model_dir", str(tmp_path), "--target", str(target)]) == 0
     out = capsys.readouterr().out
     chosen = int(out.split("micro_batch_size auto: ")[1].split()[0])
