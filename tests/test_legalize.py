@@ -32,6 +32,20 @@ FAMILIES = {"llava": "params_mm_llava_tiny_phase2.yaml", "cogvlm": "params_cogvl
             "mm1": "params_mm1_tiny.yaml", "two_encoders": "params_two_encoders_tiny.yaml"}
 TOOL = cirh.find_tool().path
 needs_tool = pytest.mark.skipif(TOOL is None, reason=f"no vendor tool: {cirh.find_tool().how}")
+
+
+def test_the_tool_make_unpacks_is_found(monkeypatch):
+    """Where `make cirh-tool` put the tool (.tools/cirh/ of the source tree), mmgraph finds it:
+    the vendor tests must not skip silently because the lookup points elsewhere (it did, for a
+    while, after cirh.py moved into mmgraph/compiler/)."""
+    from pathlib import Path
+
+    unpacked = Path(__file__).resolve().parent.parent / ".tools" / "cirh" / cirh.TOOL
+    assert cirh.REPO_TOOL == unpacked
+    monkeypatch.delenv(cirh.ENV, raising=False)
+    monkeypatch.setenv("PATH", "")
+    if unpacked.is_file():
+        assert cirh.find_tool().path == unpacked
 CIRH = load_target("cs2").op_set()
 # What the CPU trace holds and the CIRH lowering does not convert (the issue's list).
 TRACE_ONLY = {"torch.aten.view", "torch.aten.t", "torch.aten._unsafe_view", "torch.aten.transpose.int",

@@ -35,7 +35,7 @@ from mmgraph.core.ops import mlir_name
 
 TOOL = "torch-cirh-opt"
 ENV = "MMGRAPH_CIRH_OPT"
-REPO_TOOL = Path(__file__).resolve().parent.parent / ".tools" / "cirh" / TOOL
+REPO_TOOL = Path(__file__).resolve().parents[2] / ".tools" / "cirh" / TOOL     # mmgraph/compiler/ -> the source tree
 PIPELINE = "-torch-to-cirh-pipeline"
 STRICT = "-torch-to-cirh-pipeline=strict-soundness-mode"
 TIMEOUT_S = 900

@@ -251,9 +251,10 @@ def kernels_per_layer(program: Program) -> dict:
 def program_source(program: Program) -> str:
     """The program as a Python module defining ``step(*inputs)``; shapes annotate the signature."""
     body = program.gm.print_readable(print_output=False, include_stride=False, include_device=False)
-    # Source locations relative to the package roots, so the file is the same on every machine.
+    # Source locations relative to the package roots, so the file is the same on every machine
+    # (``mmgraph/models/llama.py`` from a source tree and from an install alike).
     body = re.sub(r"# File: \S*?/(site-packages|dist-packages)/", "# File: ", body)
-    body = body.replace(str(Path(__file__).resolve().parent.parent) + "/", "")
+    body = body.replace(str(Path(__file__).resolve().parents[2]) + "/", "")
     head = [
         '"""Lowered program written by mmgraph: `step(*inputs)` returns the outputs listed below."""',
         "import torch",
