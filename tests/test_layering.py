@@ -105,6 +105,16 @@ def test_every_module_is_in_a_layer_folder():
     assert not loose, f"modules outside the layer folders: {loose}"
 
 
+def test_the_wheel_lists_every_package():
+    """pyproject's explicit package list names every folder of mmgraph/ (a folder left out is
+    missing from a non-editable install)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mmgraph").rglob("__init__.py")}
+    assert folders <= listed, f"not in pyproject's packages: {sorted(folders - listed)}"
+
+
 def test_no_command_imports_another():
     """Commands share code through the layers below them, never through each other."""
     found = [f"{path.relative_to(ROOT)}:{line}: imports {target}"
