@@ -11,8 +11,11 @@ Training step (one micro-batch, forward + loss + backward + gradient clipping + 
 params' freeze masks, fp32), the same weights, batch and optimizer for every variant:
 - ``eager``: the nn.Module, ``torch.autograd.grad`` over the trainable parameters (the peer);
 - ``torch.compile``: the same module under ``torch.compile`` (Inductor), same autograd;
-- ``reference`` / ``compiled``: ``Runner.train_step`` executing the lowered program with that
-  executor;
+- ``reference``: ``Runner.train_step`` executing the lowered program (clipping and AdamW by the
+  runtime's optimizer, as for the peers);
+- ``compiled``: ``Runner.train_step`` executing the lowered program with the update in it
+  (``--optimizer_in_program``: forward, backward, clipping and AdamW in one graph) through
+  torch.compile, which writes the new weights and optimizer state into their buffers;
 - ``streaming``: ``Runner(..., weight_streaming=True)``: the program (compiled for cs2, as
   ``mmgraph run`` does, for its segments) run segment by segment from a parameter store in host
   memory (pinned on CUDA: each segment's weights copied in, the next prefetched on a side
@@ -90,13 +93,15 @@ def synchronizer(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def lowered(params, streaming: bool):
+def lowered(params, streaming: bool, update: bool = False):
     """The lowered training step; for weight streaming compiled for cs2 (as `mmgraph run` does),
-    whose segments the streaming executor runs (the graph is the same)."""
+    whose segments the streaming executor runs (the graph is the same); ``update``: with the
+    optimizer update in the program (``--optimizer_in_program``)."""
     from mmgraph.pipeline import compile_step
     from mmgraph.core.target import load_target
 
-    return compile_step(params, target=load_target("cs2") if streaming else None)[-1].program
+    return compile_step(params, target=load_target("cs2") if streaming else None,
+                        optimizer_in_program=update)[-1].program
 
 
 def _rss_kb(field: str) -> int:
@@ -108,6 +113,7 @@ class Train:
 
     def __init__(self, params, variants, device: torch.device):
         from mmgraph.models import build_model, initial_weights, random_batch
+        from mmgraph.models.anatomy import no_weight_decay
         from mmgraph.runtime.optim import Optimizer
         from mmgraph.runtime.runner import Runner
 
@@ -117,6 +123,7 @@ class Train:
         sync = synchronizer(device)
         seed = params.runconfig.seed
         programs = {}
+        no_decay = no_weight_decay(build_model(params, device="meta")[0])    # every variant: the Model Zoo's rule
         for name in variants:
             start = time.perf_counter()
             if name in ("eager", "torch.compile"):
@@ -124,16 +131,17 @@ class Train:
                 model.to(device)
                 named = dict(model.named_parameters())
                 train = [k for k, p in named.items() if p.requires_grad]
-                opt = Optimizer(params.optimizer, {k: p.data for k, p in named.items()})
+                opt = Optimizer(params.optimizer, {k: p.data for k, p in named.items()},
+                                {k: False for k in no_decay})
                 fn = torch.compile(model) if name == "torch.compile" else model
                 self.steps[name] = self._eager_step(fn, named, train, opt)
             else:
-                streaming = name == "streaming"
-                if streaming not in programs:
-                    programs[streaming] = lowered(params, streaming)
-                runner = Runner(params, tempfile.mkdtemp(prefix="mmgraph-bench-"), train=programs[streaming],
+                streaming, update = name == "streaming", name == "compiled"
+                if (streaming, update) not in programs:
+                    programs[streaming, update] = lowered(params, streaming, update)
+                runner = Runner(params, tempfile.mkdtemp(prefix="mmgraph-bench-"), train=programs[streaming, update],
                                 device=str(device), executor=name, weight_streaming=streaming,
-                                weights=initial_weights(params))
+                                weights=initial_weights(params), no_decay=no_decay)
                 self.steps[name] = lambda r=runner: r.train_step([self.batch])
             self.steps[name]()                               # first call: compiles where it does
             sync()

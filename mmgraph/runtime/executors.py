@@ -102,14 +102,41 @@ class ReferenceExecutor(Executor):
             return self.fn(*inputs)
 
 
+def write_back(program: Program) -> list[tuple[int, int]]:
+    """(output index, input index) of each output that replaces an input: a program holding the
+    optimizer update (``param_update`` of a weight, ``state_update`` of optimizer state)."""
+    index = {s.name: i for i, s in enumerate(program.inputs)}
+    return [(o, index[spec.target]) for o, spec in enumerate(program.outputs)
+            if spec.kind in ("param_update", "state_update") and spec.target in index]
+
+
+def in_place(gm: torch.fx.GraphModule, pairs: list[tuple[int, int]]):
+    """``gm`` writing each updated value over its input (``pairs``: ``write_back``) and returning
+    that input in its place. Under torch.compile the copies become the update kernels' own
+    stores into the weight and state buffers: no new buffers, no copy pass after the step."""
+    if not pairs:
+        return gm
+    written = dict(pairs)
+
+    def step(*inputs):
+        outs = gm(*inputs)
+        for o, i in pairs:
+            inputs[i].copy_(outs[o])
+        return tuple(inputs[written[o]] if o in written else v for o, v in enumerate(outs))
+    return step
+
+
 class CompiledExecutor(Executor):
-    """torch.compile of the whole step graph; compiled on the first call (static shapes)."""
+    """torch.compile of the whole step graph; compiled on the first call (static shapes). A
+    program holding the optimizer update writes the new weights and state into its inputs'
+    buffers (``in_place``): the outputs it returns for them are those inputs."""
 
     name = "compiled"
 
     def __init__(self, program: Program, params: Params, device: torch.device):
         super().__init__(program, params, device)
-        self.fn = torch.compile(placed(program.gm, device), dynamic=False, fullgraph=True)
+        self.fn = torch.compile(in_place(placed(program.gm, device), write_back(program)), dynamic=False,
+                                fullgraph=True)
 
     def __call__(self, inputs):
         with torch.no_grad():
