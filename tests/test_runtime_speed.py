@@ -69,3 +69,25 @@ def test_adam_state_is_made_once():
     finally:
         torch.zeros_like = real
     assert calls == []
+
+
+def test_compiled_executor_compiles_per_region():
+    """Each transformer layer's forward and backward is a region of its own (repeated layers: the
+    same code, compiled once through Inductor's cache); red when the executor compiles the whole
+    graph as one, or when regions cross layers."""
+    from mmgraph.core.ir import is_transformer_layer
+    from mmgraph.runtime.executors import CompiledExecutor, region_of
+
+    params = load_params(TINY2)
+    program = compile_step(params)[-1].program
+    region = region_of(program)
+    by_layer: dict = {}
+    for node in program.ops():
+        info = program.info[node.name]
+        if is_transformer_layer(info.layer):
+            by_layer.setdefault((info.layer, info.phase), set()).add(region(node))
+    assert by_layer and all(len(r) == 1 for r in by_layer.values())
+    assert len({next(iter(r)) for r in by_layer.values()}) == len(by_layer)
+    ex = CompiledExecutor(program, params, torch.device("cpu"))
+    subs = [n for n, _ in ex.fn.named_children()]
+    assert len(subs) > len(by_layer)

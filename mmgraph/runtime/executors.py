@@ -110,33 +110,71 @@ def write_back(program: Program) -> list[tuple[int, int]]:
             if spec.kind in ("param_update", "state_update") and spec.target in index]
 
 
-def in_place(gm: torch.fx.GraphModule, pairs: list[tuple[int, int]]):
+def in_place(gm: torch.fx.GraphModule, pairs: list[tuple[int, int]]) -> torch.fx.GraphModule:
     """``gm`` writing each updated value over its input (``pairs``: ``write_back``) and returning
-    that input in its place. Under torch.compile the copies become the update kernels' own
-    stores into the weight and state buffers: no new buffers, no copy pass after the step."""
+    that input in its place: ``aten.copy_`` nodes at the end of the graph. Under torch.compile
+    they become the update kernels' own stores into the weight and state buffers: no new
+    buffers, no copy pass after the step."""
     if not pairs:
         return gm
-    written = dict(pairs)
+    graph = torch.fx.Graph()
+    env: dict = {}
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            outs = list(node.args[0])
+            for o, i in pairs:
+                outs[o] = graph.call_function(aten.copy_.default, (inputs[i], env[outs[o]]))
+            graph.output(tuple(env[v] if isinstance(v, torch.fx.Node) and v in env else v for v in outs))
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.op == "placeholder":
+            inputs.append(env[node])
+    return torch.fx.GraphModule(gm, graph)
 
-    def step(*inputs):
-        outs = gm(*inputs)
-        for o, i in pairs:
-            inputs[i].copy_(outs[o])
-        return tuple(inputs[written[o]] if o in written else v for o, v in enumerate(outs))
-    return step
+
+def region_of(program: Program):
+    """The region label of each op node: contiguous runs of one transformer layer's forward (or
+    backward), and the runs of everything else between them. Nodes the program has no facts for
+    (the write-back copies) go with the node before them."""
+    from mmgraph.core.ir import is_transformer_layer
+
+    labels: dict[str, int] = {}
+    run, last = -1, object()
+    for node in program.gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        info = program.info.get(node.name)
+        key = last if info is None else (info.layer, info.phase) if is_transformer_layer(info.layer) else "rest"
+        if key != last:
+            run, last = run + 1, key
+        labels[node.name] = max(run, 0)
+    return lambda node: labels.get(node.name, max(run, 0))
+
+
+def regional(gm: torch.fx.GraphModule, program: Program, region) -> torch.fx.GraphModule:
+    """``gm`` split into regions (``region_of``), each under its own torch.compile: repeated
+    layers are the same code on same-shaped inputs, so Inductor compiles each kind once (its
+    graph cache) and the first call is shorter; the split module that calls them is fx code."""
+    split = split_module(gm, None, region, keep_original_order=True)
+    for name, sub in list(split.named_children()):
+        setattr(split, name, torch.compile(sub, dynamic=False, fullgraph=True))
+    return split
 
 
 class CompiledExecutor(Executor):
-    """torch.compile of the whole step graph; compiled on the first call (static shapes). A
-    program holding the optimizer update writes the new weights and state into its inputs'
-    buffers (``in_place``): the outputs it returns for them are those inputs."""
+    """torch.compile of the step graph, per region (``regional``: each repeated layer's forward,
+    its backward, the rest between them) or whole (``regions=False``); compiled on the first
+    call (static shapes). A program holding the optimizer update writes the new weights and state
+    into their input buffers (``in_place``): the outputs it returns for them are those inputs."""
 
     name = "compiled"
 
-    def __init__(self, program: Program, params: Params, device: torch.device):
+    def __init__(self, program: Program, params: Params, device: torch.device, regions: bool = True):
         super().__init__(program, params, device)
-        self.fn = torch.compile(in_place(placed(program.gm, device), write_back(program)), dynamic=False,
-                                fullgraph=True)
+        gm = in_place(placed(program.gm, device), write_back(program))
+        self.fn = (regional(gm, program, region_of(program)) if regions else
+                   torch.compile(gm, dynamic=False, fullgraph=True))
 
     def __call__(self, inputs):
         with torch.no_grad():
