@@ -147,7 +147,40 @@ def runtime_targets(r: dict | None) -> list[Target]:
     runs = runtime_runs(r)
     cpu = [x for x in runs if x.get("device") == "cpu"]
     run = next((x for x in cpu if x["size"] == "small"), cpu[0] if cpu else None)
-    return cpu_runtime_targets(run) + gpu_runtime_targets(runs)
+    return cpu_runtime_targets(run) + speed_targets(cpu) + gpu_runtime_targets(runs)
+
+
+SPEED = "issue 31: CPU performance"
+
+
+def speed_targets(cpu: list[dict]) -> list[Target]:
+    """Issue 31's targets, per CPU size (small, medium), each against its peer in the same run:
+    the compiled step against torch.compile of the module, its first call against torch.compile's,
+    the reference step against eager."""
+    out = []
+    for size in ("small", "medium"):
+        run = next((x for x in cpu if x["size"] == size), None)
+        comp = Target("runtime", f"`compiled` step <= 0.95x torch.compile's step ({size}, same run)", SPEED)
+        first = Target("runtime", f"`compiled` first call <= torch.compile's first call ({size}, same run)", SPEED)
+        ref = Target("runtime", f"`reference` step <= 1.02x eager ({size}, same run)", SPEED)
+        out += [comp, first, ref]
+        rows = {row["variant"]: row for row in run["train"]} if run else {}
+        if {"compiled", "torch.compile"} <= set(rows):
+            c, t = rows["compiled"], rows["torch.compile"]
+            x = c["median_s"] / t["median_s"]
+            comp.measured, comp.status = f"{x:.2f}x", _status(x <= 0.95)
+            comp.reason = "" if x <= 0.95 else SPEED_REASONS.get("compiled", NOT_ANALYSED)
+            first.measured = f"{c['first_call_s']:.0f} s vs {t['first_call_s']:.0f} s"
+            first.status = _status(c["first_call_s"] <= t["first_call_s"])
+            first.reason = "" if first.status == "met" else SPEED_REASONS.get("first", NOT_ANALYSED)
+        if {"reference", "eager"} <= set(rows):
+            x = rows["reference"]["ratio"]
+            ref.measured, ref.status = f"{x:.2f}x", _status(x <= 1.02)
+            ref.reason = "" if x <= 1.02 else SPEED_REASONS.get("reference", NOT_ANALYSED)
+    return out
+
+
+SPEED_REASONS: dict[str, str] = {}
 
 
 def _step_ratios(rows: dict) -> dict[str, tuple[str, bool]]:
