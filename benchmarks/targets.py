@@ -384,6 +384,22 @@ def data_parallel_targets(r: Optional[dict]) -> list[Target]:
                              f"share 2 cores)")
         ratio = r["zero1_state_ratio"]
         out[1].measured, out[1].status = f"{ratio:.2f}x", _status(ratio <= 0.55)
+    half = Target("data parallel", "communication hidden >= 50% (CPU, 2 gloo ranks), or measured why the CPU "
+                  "cannot", SPEED)
+    out.append(half)
+    if r:
+        hidden = r["hidden_share"]
+        half.measured, half.status = f"{hidden:.0%}", _status(hidden >= 0.5)
+        cpu = [x["overlap"].get("comm_cpu_share") for x in r["ddp"] if x.get("overlap")]
+        if half.status == "missed" and all(c is not None for c in cpu) and cpu:
+            share = max(cpu)
+            why = (f"gloo's all-reduces are CPU work: each rank's process spends {share:.0%} of their wall time on "
+                   f"CPU in them alone (copies, sums, socket I/O in gloo's threads). With both ranks' backward "
+                   f"keeping both cores busy that work can only take the cores from the backward, so at most "
+                   f"{1 - share:.0%} (the waiting) could hide; the GPU run must check it with NCCL, whose "
+                   f"reductions do not use the host's cores")
+            half.reason = why
+            out[0].reason = why
     return out
 
 
