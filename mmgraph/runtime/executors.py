@@ -152,13 +152,35 @@ def region_of(program: Program):
     return lambda node: labels.get(node.name, max(run, 0))
 
 
+def canonical(sub: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``sub`` with its values named by position (``a0``.. inputs, ``v0``.. the rest): two
+    regions doing the same thing (one transformer layer and the next) get the same code."""
+    graph = torch.fx.Graph()
+    env: dict = {}
+    for i, node in enumerate(sub.graph.nodes):
+        if node.op == "output":
+            graph.output(torch.fx.map_arg(node.args[0], lambda n: env[n]))
+            continue
+        new = graph.node_copy(node, lambda n: env[n])
+        new.name = graph._graph_namespace.create_name(f"a{i}" if node.op == "placeholder" else f"v{i}", None)
+        if node.op == "placeholder":
+            new.target = new.name
+        env[node] = new
+    return torch.fx.GraphModule(sub, graph)
+
+
 def regional(gm: torch.fx.GraphModule, program: Program, region) -> torch.fx.GraphModule:
-    """``gm`` split into regions (``region_of``), each under its own torch.compile: repeated
-    layers are the same code on same-shaped inputs, so Inductor compiles each kind once (its
-    graph cache) and the first call is shorter; the split module that calls them is fx code."""
+    """``gm`` split into regions (``region_of``) under torch.compile, one compiled function per
+    distinct region code (``canonical``): the repeated layers call the same compiled code, so it
+    is traced and compiled once (dynamo's guards recompile where an input's shape or strides
+    differ); the split module that calls them is fx code."""
     split = split_module(gm, None, region, keep_original_order=True)
+    compiled: dict[str, torch.nn.Module] = {}
     for name, sub in list(split.named_children()):
-        setattr(split, name, torch.compile(sub, dynamic=False, fullgraph=True))
+        sub = canonical(sub)
+        if sub.code not in compiled:
+            compiled[sub.code] = torch.compile(sub, dynamic=False, fullgraph=True)
+        setattr(split, name, compiled[sub.code])
     return split
 
 
