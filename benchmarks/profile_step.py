@@ -1,6 +1,6 @@
-"""Where the time of a training step goes: bench_runtime's variants under torch.profiler, the
-ops' self CPU time by class, and the step split into the program (or the module's forward and
-backward) and the optimizer (clipping, AdamW, the divergence check).
+"""Where the time of a training step goes: bench_runtime's variants, the step split into the
+forward + backward (the program, or the module under autograd) and the rest (optimizer, runner),
+timed interleaved; and the forward + backward's ops' self CPU time by class under torch.profiler.
 
     python -m benchmarks.profile_step                  # small config, 3 profiled steps a variant
     python -m benchmarks.profile_step --size medium --variants eager,compiled
@@ -9,7 +9,7 @@ Classes: matmul (mm, addmm, bmm, convolution), attention (CPU flash attention, f
 backward), fused (Inductor's generated kernels), elementwise/reduction (the other ATen math),
 copies/fills (copy_, fill_, zero_, cat, clone, ...), and not in an op: the step's wall time less
 the ops' self time (Python, the autograd engine, the compiled code's guards and wrappers).
-A profiled step is slower than a timed one; the shares are what the table is for.
+A profiled run is slower than a timed one: from the profile only the shares are used.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_runtime import TRAIN, Train, config_path
+from benchmarks.bench_runtime import TRAIN, Train, config_path, time_steps
 from mmgraph.core.config import load_params
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution_backward",
@@ -46,70 +46,66 @@ def op_class(key: str) -> str | None:
     return None                 # framework events (record_function, autograd nodes): not ops
 
 
-def _wrap(obj, attr: str, label: str) -> None:
-    fn = getattr(obj, attr)
-
-    def wrapped(*a, **k):
-        with record_function(label):
-            return fn(*a, **k)
-    setattr(obj, attr, wrapped)
-
-
-def instrument(bench: Train) -> None:
-    """Label the optimizer's part of each variant's step (``optimizer``) in the profile."""
-    from mmgraph.runtime import checkpoint, runner as runner_mod
-
+def parts(bench: Train) -> dict:
+    """Per variant: (the whole step, its forward + backward or program run alone). The step less
+    the second is the optimizer (clipping, AdamW, the divergence check) and the runner's own
+    work; for ``compiled`` the program holds the update, so its program run is the whole step."""
+    out = {}
     for name, step in bench.steps.items():
         if name in ("eager", "torch.compile"):
-            opt = step.__closure__[[c.cell_contents.__class__.__name__ for c in step.__closure__].index("Optimizer")] \
-                .cell_contents
-            _wrap(opt, "clip", "optimizer")
-            _wrap(opt, "step", "optimizer")
+            cells = dict(zip(step.__code__.co_freevars, (c.cell_contents for c in step.__closure__)))
+            fn, named, train = cells["fn"], cells["named"], cells["train"]      # Train._eager_step's
+
+            def program(fn=fn, named=named, train=train):
+                loss = fn(**bench.batch)
+                return torch.autograd.grad(loss, [named[k] for k in train])
         else:
             r = step.__defaults__[0]
-            if r.optimizer is not None:
-                _wrap(r.optimizer, "clip", "optimizer")
-                _wrap(r.optimizer, "step", "optimizer")
-    original = checkpoint.non_finite
 
-    def non_finite(w):
-        with record_function("optimizer"):
-            return original(w)
-    runner_mod.checkpoint.non_finite = non_finite
+            def program(r=r):
+                if r._update:
+                    return r.train_step([bench.batch])
+                return r.train_exec(r._inputs(r.train_program, bench.batch))
+        out[name] = (step, program)
+    return out
 
 
-def profile_steps(bench: Train, steps: int) -> dict:
+def measure(bench: Train, repeats: int, steps: int) -> dict:
+    fns = parts(bench)
+    timed = time_steps({f"{k}|{w}": f for k, pair in fns.items() for w, f in zip(("step", "program"), pair)}, repeats)
     out = {}
-    for name, fn in bench.steps.items():
-        fn()
+    for name, (_, program) in fns.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
             for _ in range(steps):
-                fn()
+                program()
             wall = (time.perf_counter() - start) / steps
         classes = dict.fromkeys(CLASSES, 0.0)
-        optimizer = 0.0
         for e in prof.key_averages():
-            if e.key == "optimizer":
-                optimizer = e.cpu_time_total / steps / 1e6
             kind = op_class(e.key)
             if kind:
                 classes[kind] += e.self_cpu_time_total / steps / 1e6
         classes["not in an op"] = max(wall - sum(classes.values()), 0.0)
-        out[name] = {"wall_s": wall, "optimizer_s": optimizer, "classes_s": classes}
+        out[name] = {"step_s": timed[f"{name}|step"]["median_s"], "program_s": timed[f"{name}|program"]["median_s"],
+                     "profiled_s": wall, "classes_s": classes}
     return out
 
 
 def table(res: dict) -> str:
     names = list(res)
+    step = {n: res[n]["step_s"] for n in names}
+    prog = {n: res[n]["program_s"] for n in names}
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
-             "| profiled step ms | " + " | ".join(f"{res[n]['wall_s'] * 1e3:.0f}" for n in names) + " |",
-             "| of which optimizer (clip, AdamW, checks) ms | "
-             + " | ".join(f"{res[n]['optimizer_s'] * 1e3:.0f}" if res[n]['optimizer_s'] else "in the program"
-                          for n in names) + " |"]
+             "| step ms (median) | " + " | ".join(f"{step[n] * 1e3:.0f}" for n in names) + " |",
+             "| forward + backward (program) ms | " + " | ".join(
+                 f"{prog[n] * 1e3:.0f}" if n != "compiled" else f"{prog[n] * 1e3:.0f} (with the update)"
+                 for n in names) + " |",
+             "| optimizer + runner ms (step less the above) | " + " | ".join(
+                 f"{max(step[n] - prog[n], 0) * 1e3:.0f}" if n != "compiled" else "in the program" for n in names) + " |",
+             "| op time in the profiled forward + backward: | " + " | ".join("" for _ in names) + " |"]
     for c in CLASSES:
         lines.append(f"| {c} | " + " | ".join(
-            f"{res[n]['classes_s'][c] * 1e3:.0f} ({res[n]['classes_s'][c] / res[n]['wall_s']:.0%})" for n in names) + " |")
+            f"{res[n]['classes_s'][c] / res[n]['profiled_s']:.0%}" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -118,15 +114,16 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=("tiny", "small", "medium"), default="small")
     ap.add_argument("--variants", default="eager,torch.compile,reference,compiled")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v in TRAIN]
+    torch._inductor.config.cpp.enable_kernel_profile = True      # Inductor's kernels named in the profile
     with tempfile.TemporaryDirectory() as tmp:
         params = load_params(config_path(args.size, Path(tmp)))
         bench = Train(params, variants, torch.device("cpu"))
-    instrument(bench)
-    print(f"{args.size} config, {torch.get_num_threads()} threads, {args.steps} profiled steps a variant (ms, share "
-          f"of the profiled step):\n")
-    print(table(profile_steps(bench, args.steps)))
+    print(f"{args.size} config, {torch.get_num_threads()} threads: step and forward + backward timed interleaved, "
+          f"median of {args.repeats}; op classes: share of {args.steps} profiled forward + backward runs:\n")
+    print(table(measure(bench, args.repeats, args.steps)))
     return 0
 
 
