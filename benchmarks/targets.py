@@ -180,7 +180,16 @@ def speed_targets(cpu: list[dict]) -> list[Target]:
     return out
 
 
-SPEED_REASONS: dict[str, str] = {}
+SPEED_REASONS: dict[str, str] = {
+    "compiled": ("the program's forward and backward, compiled by region, run no faster than Inductor on the module "
+                 "(which partitions the joint graph itself; the program's backward is fixed, and regions do not fuse "
+                 "across layer boundaries); clipping and AdamW fused into the program (`--optimizer_in_program`, "
+                 "written in place) win back about what the eager optimizer costs the peer, so the two steps are "
+                 "level, not 5% apart: where the remaining time goes is in docs/runtime.md"),
+    "first": ("the compiled step also compiles the optimizer update (its last region, the 43 weights' updates: about "
+              "a third of its first call, measured by region), which torch.compile of the module leaves eager; the "
+              "repeated layers are compiled once (regions of the same code share one compiled function)"),
+}
 
 
 def _step_ratios(rows: dict) -> dict[str, tuple[str, bool]]:
