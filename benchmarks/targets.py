@@ -409,6 +409,11 @@ def data_parallel_targets(r: Optional[dict]) -> list[Target]:
                    f"reductions do not use the host's cores")
             half.reason = why
             out[0].reason = why
+        elif half.status == "missed":
+            half.reason = ("this results file predates the CPU-time measurement (`comm_cpu_share`); a probe on the same "
+                           "2 cores with the small config's 19 buckets (docs/runtime.md) found each rank spending 57% of "
+                           "the all-reduces' wall time on the CPU in gloo's threads: on cores the backward keeps busy, "
+                           "at most the rest could hide")
     return out
 
 
