@@ -147,13 +147,13 @@ def runtime_targets(r: dict | None) -> list[Target]:
     runs = runtime_runs(r)
     cpu = [x for x in runs if x.get("device") == "cpu"]
     run = next((x for x in cpu if x["size"] == "small"), cpu[0] if cpu else None)
-    return cpu_runtime_targets(run) + speed_targets(cpu) + gpu_runtime_targets(runs)
+    return cpu_runtime_targets(run) + speed_targets(cpu, (r or {}).get("note", "")) + gpu_runtime_targets(runs)
 
 
 SPEED = "issue 31: CPU performance"
 
 
-def speed_targets(cpu: list[dict]) -> list[Target]:
+def speed_targets(cpu: list[dict], note: str = "") -> list[Target]:
     """Issue 31's targets, per CPU size (small, medium), each against its peer in the same run:
     the compiled step against torch.compile of the module, its first call against torch.compile's,
     the reference step against eager."""
@@ -165,6 +165,9 @@ def speed_targets(cpu: list[dict]) -> list[Target]:
         ref = Target("runtime", f"`reference` step <= 1.02x eager ({size}, same run)", SPEED)
         out += [comp, first, ref]
         rows = {row["variant"]: row for row in run["train"]} if run else {}
+        if not run and note:
+            for t in (comp, first, ref):
+                t.reason = note
         if {"compiled", "torch.compile"} <= set(rows):
             c, t = rows["compiled"], rows["torch.compile"]
             x = c["median_s"] / t["median_s"]
