@@ -402,7 +402,7 @@ def data_parallel_targets(r: Optional[dict]) -> list[Target]:
     if r:
         hidden = r["hidden_share"]
         half.measured, half.status = f"{hidden:.0%}", _status(hidden >= 0.5)
-        cpu = [x["overlap"].get("comm_cpu_share") for x in r["ddp"] if x.get("overlap")]
+        cpu = [x["overlap"].get("comm_cpu_share") for x in r.get("ddp", []) if x.get("overlap")]
         if half.status == "missed" and all(c is not None for c in cpu) and cpu:
             share = max(cpu)
             why = (f"gloo's all-reduces are CPU work: each rank's process spends {share:.0%} of their wall time on "
