@@ -12,7 +12,10 @@ random batches of the config's layout, the same global batch and micro-batch of 
 - hidden communication: per rank, the data-parallel program's micro-step (its bucketed
   all-reduces overlapping the backward) ``t_dp``, the same program without collectives
   ``t_plain`` and the buckets' all-reduces alone ``t_comm``, interleaved, medians; the hidden
-  share is ``1 - max(t_dp - t_plain, 0) / t_comm``;
+  share is ``1 - max(t_dp - t_plain, 0) / t_comm``; beside it the CPU time the process spends
+  in the all-reduces alone (gloo's threads copy, sum and move the buckets through sockets: CPU
+  work, which on cores busy with the backward cannot hide, so ``1 - comm_cpu_share`` bounds the
+  hidden share on a CPU whose every core computes);
 - ZeRO: optimizer-state bytes each rank holds after the steps (ZeRO-1: its parameters' Adam
   moments; ZeRO-2: its shards of every bucket) against DDP's whole state, and each rank's peak RSS.
 Simulated: the LLaVA-7B phase-2 program compiled for cs2 (SwarmX) and h100 (ring all-reduce over
@@ -146,17 +149,20 @@ def _overlap(runner, plain, batch: dict, repeats: int, barrier) -> dict:
         for w in works:
             w.wait()
 
-    times: dict[str, list[float]] = {"dp": [], "plain": [], "comm": []}
+    times: dict[str, list[float]] = {"dp": [], "plain": [], "comm": [], "comm_cpu": []}
     for i in range(repeats + 2):
         for name, fn in (("dp", dp), ("plain", local), ("comm", comm)):
             barrier()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
+                if name == "comm":          # the CPU time gloo's threads spend on it (copies, sums, sockets)
+                    times["comm_cpu"].append(time.process_time() - cpu)
     med = {k: statistics.median(v) for k, v in times.items()}
     exposed = max(med["dp"] - med["plain"], 0.0)
     return {**{f"{k}_s": summary(v) for k, v in times.items()},
+            "comm_cpu_share": med["comm_cpu"] / med["comm"] if med["comm"] else None,
             "hidden_share": max(0.0, 1.0 - exposed / med["comm"]) if med["comm"] else None,
             "buckets": len(bufs), "reduced_bytes": sum(t.numel() * t.element_size() for t in bufs)}
 

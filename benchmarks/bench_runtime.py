@@ -11,8 +11,11 @@ Training step (one micro-batch, forward + loss + backward + gradient clipping + 
 params' freeze masks, fp32), the same weights, batch and optimizer for every variant:
 - ``eager``: the nn.Module, ``torch.autograd.grad`` over the trainable parameters (the peer);
 - ``torch.compile``: the same module under ``torch.compile`` (Inductor), same autograd;
-- ``reference`` / ``compiled``: ``Runner.train_step`` executing the lowered program with that
-  executor;
+- ``reference``: ``Runner.train_step`` executing the lowered program (clipping and AdamW by the
+  runtime's optimizer, as for the peers);
+- ``compiled``: ``Runner.train_step`` executing the lowered program with the update in it
+  (``--optimizer_in_program``: forward, backward, clipping and AdamW in one graph) through
+  torch.compile, which writes the new weights and optimizer state into their buffers;
 - ``streaming``: ``Runner(..., weight_streaming=True)``: the program (compiled for cs2, as
   ``mmgraph run`` does, for its segments) run segment by segment from a parameter store in host
   memory (pinned on CUDA: each segment's weights copied in, the next prefetched on a side
@@ -20,6 +23,9 @@ params' freeze masks, fp32), the same weights, batch and optimizer for every var
   copied: the figure is the split's overhead. Compared with ``reference`` (in memory).
 Variants run interleaved, median of ``--repeats`` after warm-up (compilation is excluded and
 reported separately); on CUDA each timed call is bracketed by ``torch.cuda.synchronize()``.
+First call (building the program where it is built, compiling, one step): in each variant's
+memory process, a fresh process with an empty Inductor cache of its own (so no variant reuses
+another's kernels; ``compiled`` reuses its own across repeated layers).
 Peak memory: each variant in a fresh process that has first compiled the step, so every
 variant carries the same compiler residue. On the CPU: the high-water RSS during the measured
 steps less the RSS after compiling (so: weights, optimizer state, gradients, activations and
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -90,13 +97,15 @@ def synchronizer(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def lowered(params, streaming: bool):
+def lowered(params, streaming: bool, update: bool = False):
     """The lowered training step; for weight streaming compiled for cs2 (as `mmgraph run` does),
-    whose segments the streaming executor runs (the graph is the same)."""
+    whose segments the streaming executor runs (the graph is the same); ``update``: with the
+    optimizer update in the program (``--optimizer_in_program``)."""
     from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.target import load_target
 
-    return compile_step(params, target=load_target("cs2") if streaming else None)[-1].program
+    return compile_step(params, target=load_target("cs2") if streaming else None,
+                        optimizer_in_program=update)[-1].program
 
 
 def _rss_kb(field: str) -> int:
@@ -108,6 +117,7 @@ class Train:
 
     def __init__(self, params, variants, device: torch.device):
         from mmgraph.models import build_model, initial_weights, random_batch
+        from mmgraph.models.anatomy import no_weight_decay
         from mmgraph.runtime.optim import Optimizer
         from mmgraph.runtime.runner import Runner
 
@@ -117,6 +127,7 @@ class Train:
         sync = synchronizer(device)
         seed = params.runconfig.seed
         programs = {}
+        no_decay = no_weight_decay(build_model(params, device="meta")[0])    # every variant: the Model Zoo's rule
         for name in variants:
             start = time.perf_counter()
             if name in ("eager", "torch.compile"):
@@ -124,16 +135,17 @@ class Train:
                 model.to(device)
                 named = dict(model.named_parameters())
                 train = [k for k, p in named.items() if p.requires_grad]
-                opt = Optimizer(params.optimizer, {k: p.data for k, p in named.items()})
+                opt = Optimizer(params.optimizer, {k: p.data for k, p in named.items()},
+                                {k: False for k in no_decay})
                 fn = torch.compile(model) if name == "torch.compile" else model
                 self.steps[name] = self._eager_step(fn, named, train, opt)
             else:
-                streaming = name == "streaming"
-                if streaming not in programs:
-                    programs[streaming] = lowered(params, streaming)
-                runner = Runner(params, tempfile.mkdtemp(prefix="mmgraph-bench-"), train=programs[streaming],
+                streaming, update = name == "streaming", name == "compiled"
+                if (streaming, update) not in programs:
+                    programs[streaming, update] = lowered(params, streaming, update)
+                runner = Runner(params, tempfile.mkdtemp(prefix="mmgraph-bench-"), train=programs[streaming, update],
                                 device=str(device), executor=name, weight_streaming=streaming,
-                                weights=initial_weights(params))
+                                weights=initial_weights(params), no_decay=no_decay)
                 self.steps[name] = lambda r=runner: r.train_step([self.batch])
             self.steps[name]()                               # first call: compiles where it does
             sync()
@@ -193,12 +205,14 @@ def memory_child(path: str, variant: str, steps: int, device: str) -> dict:
     """Run in a fresh process: the peak memory of ``variant``'s steps above the baseline taken
     after compiling the step: high-water RSS on the CPU, CUDA's peak allocated memory on a GPU
     (where the compiler's residue, host memory, is not reported)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmgraph-inductor-")   # compiles from nothing
     params = load_params(path)
     cuda = device == "cuda"
     before = _rss_kb("VmRSS")
     lowered(params, variant == "streaming")   # every variant carries the compiler's residue: the baseline is after it
     base = torch.cuda.memory_allocated() if cuda else _rss_kb("VmRSS")
-    fn = Train(params, [variant], torch.device(device)).steps[variant]
+    train = Train(params, [variant], torch.device(device))
+    fn, first = train.steps[variant], train.compile_s[variant]
     fn()
     if cuda:
         torch.cuda.synchronize()
@@ -209,8 +223,10 @@ def memory_child(path: str, variant: str, steps: int, device: str) -> dict:
         fn()
     if cuda:
         torch.cuda.synchronize()
-        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "compiler_mb": None}
-    return {"peak_mb": (_rss_kb("VmHWM") - base) / 1024, "compiler_mb": (base - before) / 1024}
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "compiler_mb": None,
+                "first_call_s": first}
+    return {"peak_mb": (_rss_kb("VmHWM") - base) / 1024, "compiler_mb": (base - before) / 1024,
+            "first_call_s": first}
 
 
 def measure_memory(path: Path, variants, steps: int, device: str) -> dict:
@@ -238,7 +254,9 @@ def run(size: str, repeats: int, memory: bool = True, variants=TRAIN, device: st
     mem = {k: v["peak_mb"] for k, v in measured.items()}
     residue = max((v["compiler_mb"] for v in measured.values() if v["compiler_mb"] is not None), default=None)
     base = train["eager"]["median_s"]
-    rows = [{"variant": k, **v, "ratio": v["median_s"] / base, "first_call_s": bench.compile_s[k],
+    rows = [{"variant": k, **v, "ratio": v["median_s"] / base,
+             "first_call_s": measured[k]["first_call_s"] if k in measured else bench.compile_s[k],
+             "first_call_in_run_s": bench.compile_s[k],
              "peak_mb": mem.get(k), "memory_ratio": mem[k] / mem["eager"] if mem else None}
             for k, v in train.items()]
     ebase = ev["eager"]["median_s"]
@@ -269,7 +287,7 @@ def _run_table(r: dict) -> str:
     head = (f"Training step, {r['size']} config, {where}, batch {r['batch']}, {r['threads']} threads, "
             f"median of {r['repeats']} ({peak}):")
     lines = [head, "",
-             "| variant | ms (median) | min | max | / eager | first call s | peak MB | memory / eager |",
+             "| variant | ms (median) | min | max | / eager | first call s (fresh process) | peak MB | memory / eager |",
              "|---|---|---|---|---|---|---|---|"]
     for row in r["train"]:
         mem = f"{row['peak_mb']:.0f} | {row['memory_ratio']:.2f}" if row["peak_mb"] is not None else "- | -"

@@ -277,15 +277,16 @@ Model Zoo runs only where its venv is (docs/params.md has the recipe); otherwise
 skipped. At this size both are dominated by per-step overheads, not arithmetic."""
 
 INTRO["packing"] = """\
-Real (non-pad) tokens/s of the lowered training step (`compile_step` + the program's gm: forward,
-loss, backward) on the same number of rows, one sample per padded row against rows packed
+Real (non-pad) tokens/s of the lowered training step (`compile_step` + the program's gm as the
+runtime runs it, functional copies as views: forward, loss, backward) on the same number of rows, one sample per padded row against rows packed
 first-fit decreasing (`mmgraph.core.packing`), the small config with rows scaled by its image tokens
 (64 of 576: rows of 228 hold as many samples as rows of 2048 at full size). Lengths: phase 1 =
 576 image tokens + 24..74 caption tokens (the issue's 600-650 a sample; an assumption, the
 LLaVA-Pretrain data is not on this machine), phase 2 = a LLaVA-665K-like mix (88% one image +
 log-normal text of median 180, 12% text only of median 500; an assumption likewise). The 7B
 rows are predictions: the cs2 simulation of the packed and unpacked 7B programs at 2048 times
-the sampled rows' real-token share."""
+the sampled rows' real-token share. Each CPU ratio is timed in 3 runs of 7 interleaved rounds
+(the median run reported, every run's ratio in brackets)."""
 
 INTRO["data_parallel"] = """\
 Two gloo ranks (torchrun, one thread each) against one process with two threads, the same global

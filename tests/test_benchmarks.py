@@ -80,7 +80,10 @@ def test_runtime_benchmark_quick():
     assert result["streaming_vs_in_memory"] > 0
     assert [r["variant"] for r in result["eval"]] == ["eager", "reference", "onnxruntime"]
     assert "| streaming |" in format_table(result) and "Weight streaming / in-memory" in format_table(result)
-    ref, compiled, _, stream, gpu, gpu_stream = targets.runtime_targets(result)
+    found = targets.runtime_targets(result)
+    (ref, compiled, _, stream), (gpu, gpu_stream) = found[:4], found[-2:]
+    speed = [t for t in found if t.source == targets.SPEED]          # issue 31's: small and medium, not tiny
+    assert len(speed) == 6 and all(t.status == "not measured yet" for t in speed)
     assert compiled.status == "not measured yet" and "tiny config" in ref.reason
     assert stream.status != "not measured yet" and "no GPU was available in this run" in gpu.reason
     assert gpu_stream.status == "not measured yet"
@@ -289,7 +292,11 @@ def test_data_parallel_benchmark_quick(capsys):
     out = capsys.readouterr().out
     assert "| 2 ranks x 1 thread (DDP) |" in out and "hidden share" in out and "ZeRO-1 state" in out
     found = targets.data_parallel_targets({"hidden_share": 0.8, "zero1_state_ratio": 0.6})
-    assert [t.status for t in found] == ["met", "missed"]
+    assert [t.status for t in found] == ["met", "missed", "met"]
+    overlap = {"comm_cpu_share": 0.6, **{k: {"median_s": 0.1} for k in ("dp_s", "plain_s", "comm_s")}}
+    found = targets.data_parallel_targets({"hidden_share": 0.1, "zero1_state_ratio": 0.5,
+                                           "ddp": [{"overlap": overlap}, {"overlap": overlap}]})
+    assert found[2].status == "missed" and "60%" in found[2].reason and "at most 40%" in found[2].reason
 
 
 def test_startup_benchmark_quick(capsys):

@@ -68,12 +68,16 @@ def _fsync(path: Path) -> None:
 
 
 def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors holding inf or NaN (one device sync when all are finite)."""
+    """Names of floating-point tensors holding inf or NaN (one device sync when all are finite).
+    First each tensor's sum, one read of it (an inf or NaN anywhere makes the sum non-finite;
+    ``isfinite(v).all()`` reads it about five times, 5% of the small config's CPU step): only
+    when a sum is not finite (a NaN, an inf, or finite values overflowing) is each tensor checked
+    element by element, so the answer is the exact one."""
     floats = {k: v for k, v in weights.items() if v.is_floating_point()}
-    flags: dict[torch.device, list[torch.Tensor]] = {}
+    sums: dict[torch.device, list[torch.Tensor]] = {}
     for v in floats.values():
-        flags.setdefault(v.device, []).append(torch.isfinite(v).all())
-    if all(bool(torch.stack(f).all()) for f in flags.values()):
+        sums.setdefault(v.device, []).append(v.sum(dtype=torch.float32 if v.dtype != torch.float64 else None))
+    if all(bool(torch.isfinite(torch.stack(f)).all()) for f in sums.values()):
         return []
     return [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
 

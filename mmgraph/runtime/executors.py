@@ -29,7 +29,7 @@ from torch.fx.passes.split_module import split_module
 
 from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
-from mmgraph.core.ir import InputKind, Program
+from mmgraph.core.ir import InputKind, LayerKind, Program
 from mmgraph.core.ops import CLASSES, op_class
 from mmgraph.runtime.onnx_program import export_program
 
@@ -103,14 +103,99 @@ class ReferenceExecutor(Executor):
             return self.fn(*inputs)
 
 
+def write_back(program: Program) -> list[tuple[int, int]]:
+    """(output index, input index) of each output that replaces an input: a program holding the
+    optimizer update (``param_update`` of a weight, ``state_update`` of optimizer state)."""
+    index = {s.name: i for i, s in enumerate(program.inputs)}
+    return [(o, index[spec.target]) for o, spec in enumerate(program.outputs)
+            if spec.kind in ("param_update", "state_update") and spec.target in index]
+
+
+def in_place(gm: torch.fx.GraphModule, pairs: list[tuple[int, int]]) -> torch.fx.GraphModule:
+    """``gm`` writing each updated value over its input (``pairs``: ``write_back``) and returning
+    that input in its place: ``aten.copy_`` nodes at the end of the graph. Under torch.compile
+    they become the update kernels' own stores into the weight and state buffers: no new
+    buffers, no copy pass after the step."""
+    if not pairs:
+        return gm
+    graph = torch.fx.Graph()
+    env: dict = {}
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            outs = list(node.args[0])
+            for o, i in pairs:
+                outs[o] = graph.call_function(aten.copy_.default, (inputs[i], env[outs[o]]))
+            graph.output(tuple(env[v] if isinstance(v, torch.fx.Node) and v in env else v for v in outs))
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.op == "placeholder":
+            inputs.append(env[node])
+    return torch.fx.GraphModule(gm, graph)
+
+
+def region_of(program: Program):
+    """The region label of each op node: contiguous runs of one transformer layer's forward (or
+    backward), and the runs of everything else between them. Nodes the program has no facts for
+    (the write-back copies) go with the node before them."""
+    labels: dict[str, int] = {}
+    run, last = -1, object()
+    for node in program.gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        info = program.info.get(node.name)
+        key = last if info is None else (info.layer, info.phase) if info.kind == LayerKind.BLOCK else "rest"
+        if key != last:
+            run, last = run + 1, key
+        labels[node.name] = max(run, 0)
+    return lambda node: labels.get(node.name, max(run, 0))
+
+
+def canonical(sub: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``sub`` with its values named by position (``a0``.. inputs, ``v0``.. the rest): two
+    regions doing the same thing (one transformer layer and the next) get the same code."""
+    graph = torch.fx.Graph()
+    env: dict = {}
+    for i, node in enumerate(sub.graph.nodes):
+        if node.op == "output":
+            graph.output(torch.fx.map_arg(node.args[0], lambda n: env[n]))
+            continue
+        new = graph.node_copy(node, lambda n: env[n])
+        new.name = graph._graph_namespace.create_name(f"a{i}" if node.op == "placeholder" else f"v{i}", None)
+        if node.op == "placeholder":
+            new.target = new.name
+        env[node] = new
+    return torch.fx.GraphModule(sub, graph)
+
+
+def regional(gm: torch.fx.GraphModule, program: Program, region) -> torch.fx.GraphModule:
+    """``gm`` split into regions (``region_of``) under torch.compile, one compiled function per
+    distinct region code (``canonical``): the repeated layers call the same compiled code, so it
+    is traced and compiled once (dynamo's guards recompile where an input's shape or strides
+    differ); the split module that calls them is fx code."""
+    split = split_module(gm, None, region, keep_original_order=True)
+    compiled: dict[str, torch.nn.Module] = {}
+    for name, sub in list(split.named_children()):
+        sub = canonical(sub)
+        if sub.code not in compiled:
+            compiled[sub.code] = torch.compile(sub, dynamic=False, fullgraph=True)
+        setattr(split, name, compiled[sub.code])
+    return split
+
+
 class CompiledExecutor(Executor):
-    """torch.compile of the whole step graph; compiled on the first call (static shapes)."""
+    """torch.compile of the step graph, per region (``regional``: each repeated layer's forward,
+    its backward, the rest between them) or whole (``regions=False``); compiled on the first
+    call (static shapes). A program holding the optimizer update writes the new weights and state
+    into their input buffers (``in_place``): the outputs it returns for them are those inputs."""
 
     name = "compiled"
 
-    def __init__(self, program: Program, params: Params, device: torch.device):
+    def __init__(self, program: Program, params: Params, device: torch.device, regions: bool = True):
         super().__init__(program, params, device)
-        self.fn = torch.compile(placed(program.gm, device), dynamic=False, fullgraph=True)
+        gm = in_place(placed(program.gm, device), write_back(program))
+        self.fn = (regional(gm, program, region_of(program)) if regions else
+                   torch.compile(gm, dynamic=False, fullgraph=True))
 
     def __call__(self, inputs):
         with torch.no_grad():

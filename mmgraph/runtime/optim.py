@@ -111,7 +111,9 @@ class Optimizer:
                     g = buf
                 p.add_(g, alpha=-lr)
                 continue
-            st = self.state.setdefault(name, {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
+            st = self.state.get(name)
+            if st is None:                  # zeros made once, at a weight's first step (not every step)
+                st = self.state[name] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
             b1, b2 = cfg.betas
             if cfg.optimizer_type == "Adam" and wd is not None:
                 g = g + wd * p

@@ -1,0 +1,93 @@
+"""What the runtime's speed work (issue 31) must not change: the compiled executor running the
+whole step (``--optimizer_in_program``) trains as the reference does, writing the new weights
+and optimizer state into the buffers it was given; the cheaper divergence check
+(``checkpoint.non_finite``) names exactly the non-finite tensors; the optimizer makes its
+state once."""
+
+from __future__ import annotations
+
+import torch
+
+from mmgraph.core.config import load_params
+from mmgraph.models import build_model, initial_weights, random_batch
+from mmgraph.models.anatomy import no_weight_decay
+from mmgraph.compiler.pipeline import compile_step
+from mmgraph.runtime import checkpoint
+from mmgraph.runtime.executors import write_back
+from mmgraph.runtime.optim import Optimizer
+from mmgraph.runtime.runner import Runner
+from tests.conftest import TINY2
+
+
+def test_compiled_whole_step_updates_in_place_and_trains_like_the_reference(tmp_path):
+    """Red without ``in_place`` (the state buffers change identity: new tensors each step)."""
+    params = load_params(TINY2)
+    program = compile_step(params, optimizer_in_program=True)[-1].program
+    assert write_back(program)
+    no_decay = no_weight_decay(build_model(params, device="meta")[0])
+    ref, comp = (Runner(params, tmp_path / n, train=program, executor=n, weights=initial_weights(params),
+                        no_decay=no_decay) for n in ("reference", "compiled"))
+    layout = params.layout()
+    weights = {k: comp.weights[k].data_ptr() for k in comp.trainable}
+    state = None
+    for step in range(4):
+        batch = [random_batch(layout, 8, seed=50 + step)]
+        a, b = ref.train_step(batch), comp.train_step(batch)
+        assert abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), (step, a.loss, b.loss)
+        now = {(n, k): v.data_ptr() for n, st in comp.optimizer.state.items() for k, v in st.items()}
+        state = state or now
+        assert now == state, "optimizer state reallocated: the update did not write in place"
+    assert {k: comp.weights[k].data_ptr() for k in comp.trainable} == weights
+    for name in comp.trainable:
+        torch.testing.assert_close(comp.weights[name], ref.weights[name], rtol=1e-3, atol=1e-5)
+
+
+def test_non_finite_is_exact_also_when_a_sum_overflows():
+    """Red when the element-wise fallback is dropped (finite weights whose sum overflows)."""
+    big = torch.full((4,), 3e38)
+    assert checkpoint.non_finite({"big": big, "w": torch.ones(3)}) == []
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        w = torch.ones(5)
+        w[2] = bad
+        assert checkpoint.non_finite({"ok": torch.ones(2), "w": w, "big": big}) == ["w"]
+    half = torch.ones(3, dtype=torch.float16) * 60000
+    assert checkpoint.non_finite({"h": half}) == []
+
+
+def test_adam_state_is_made_once():
+    """Red with the old ``setdefault(name, {zeros_like...})``, which made two zero tensors per weight
+    per step (the state kept, the zeros thrown away: counted here as allocations)."""
+    params = load_params(TINY2)
+    p = {"w": torch.zeros(4, 4)}
+    opt = Optimizer(params.optimizer, p)
+    opt.step({"w": torch.ones(4, 4)})
+    real = torch.zeros_like
+    calls = []
+    torch.zeros_like = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        opt.step({"w": torch.ones(4, 4)})
+    finally:
+        torch.zeros_like = real
+    assert calls == []
+
+
+def test_compiled_executor_compiles_per_region():
+    """Each transformer layer's forward and backward is a region of its own (repeated layers: the
+    same code, compiled once through Inductor's cache); red when the executor compiles the whole
+    graph as one, or when regions cross layers."""
+    from mmgraph.core.ir import is_transformer_layer
+    from mmgraph.runtime.executors import CompiledExecutor, region_of
+
+    params = load_params(TINY2)
+    program = compile_step(params)[-1].program
+    region = region_of(program)
+    by_layer: dict = {}
+    for node in program.ops():
+        info = program.info[node.name]
+        if is_transformer_layer(info.layer):
+            by_layer.setdefault((info.layer, info.phase), set()).add(region(node))
+    assert by_layer and all(len(r) == 1 for r in by_layer.values())
+    assert len({next(iter(r)) for r in by_layer.values()}) == len(by_layer)
+    ex = CompiledExecutor(program, params, torch.device("cpu"))
+    subs = [n for n, _ in ex.fn.named_children()]
+    assert len(subs) > len(by_layer)
