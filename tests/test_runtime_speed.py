@@ -75,7 +75,7 @@ def test_compiled_executor_compiles_per_region():
     """Each transformer layer's forward and backward is a region of its own (repeated layers: the
     same code, compiled once through Inductor's cache); red when the executor compiles the whole
     graph as one, or when regions cross layers."""
-    from mmgraph.core.ir import is_transformer_layer
+    from mmgraph.core.ir import LayerKind
     from mmgraph.runtime.executors import CompiledExecutor, region_of
 
     params = load_params(TINY2)
@@ -84,7 +84,7 @@ def test_compiled_executor_compiles_per_region():
     by_layer: dict = {}
     for node in program.ops():
         info = program.info[node.name]
-        if is_transformer_layer(info.layer):
+        if info.kind == LayerKind.BLOCK:
             by_layer.setdefault((info.layer, info.phase), set()).add(region(node))
     assert by_layer and all(len(r) == 1 for r in by_layer.values())
     assert len({next(iter(r)) for r in by_layer.values()}) == len(by_layer)
