@@ -7,7 +7,6 @@ with rank 0 also writing the plain program's gradients on each half (OUT/plain.p
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -4,7 +4,6 @@ checkpoint; a full disk is a named error; checkpoints are fsynced before and aft
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

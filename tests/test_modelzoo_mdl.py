@@ -7,7 +7,6 @@ its optimizer state maps onto mmgraph's; broken files are errors naming the file
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -15,7 +14,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open

@@ -62,8 +62,6 @@ def segment_program(program: Program, target: Target, precision: Precision,
     offloaded = set(memory.offloaded) if memory is not None else set()
     nodes = {n.name: n for n in program.gm.graph.nodes}
     kernels = {k.id: k for k in program.kernels}
-    placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
-    spec_of = dict(zip(placeholders, program.inputs))
     root = weight_roots(program)              # weights, and their views and casts -> the weight
     params_of: dict[int, set[str]] = {}
     for k in program.kernels:

@@ -2,7 +2,7 @@
 
 from mmgraph.core.config.batching import RankBatch, Search, micro_batch_search, rank_batch, split_batch
 from mmgraph.core.config.data import InputConfig, Transform
-from mmgraph.core.config.load import MODES, Params, SequenceLayout, load_params, num_image_tokens
+from mmgraph.core.config.load import load_params
 from mmgraph.core.config.model import (
     FeedForwardNetworkConfig,
     ImageModelListConfig,
@@ -11,6 +11,7 @@ from mmgraph.core.config.model import (
     ViTModelConfig,
 )
 from mmgraph.core.config.optim import OptimizerConfig, Scheduler
+from mmgraph.core.config.params import MODES, Params, SequenceLayout, num_image_tokens
 from mmgraph.core.config.run import RunConfig
 
 __all__ = [

@@ -17,18 +17,12 @@ from mmgraph.core.config.layouts import normalize
 from mmgraph.core.config.model import ModelConfig
 from mmgraph.core.config.optim import OptimizerConfig
 from mmgraph.core.config.params import (
-    MODES,
     REQUIRED_FOR_MODE,
     Params,
-    SequenceLayout,
-    num_image_tokens,
-    sequence_layout,
 )
 from mmgraph.core.config.reading import dedupe, format_errors, read_yaml
 from mmgraph.core.config.run import RunConfig
 from mmgraph.core.errors import Problem, UserError, did_you_mean
-
-__all__ = ["MODES", "Params", "SequenceLayout", "load_params", "num_image_tokens", "sequence_layout"]
 
 SECTIONS: dict[str, type[Section]] = {
     "train_input": InputConfig,
