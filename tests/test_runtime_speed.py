@@ -91,3 +91,39 @@ def test_compiled_executor_compiles_per_region():
     ex = CompiledExecutor(program, params, torch.device("cpu"))
     subs = [n for n, _ in ex.fn.named_children()]
     assert len(subs) > len(by_layer)
+
+
+def test_a_repeated_layers_update_is_one_region_compiled_once():
+    """The update in the program (``--optimizer_in_program``) is grouped like the layers: each
+    transformer layer's weights' update is one region with the same code as the next layer's
+    (one compiled function for all of them), each write-back copy in the region that makes its
+    value. Red when update ops lose their weight (``NodeInfo.module``), when ``core.update``
+    interleaves weights again, or when the copies gather at the end."""
+    from mmgraph.core.ir import InputKind, LayerKind
+    from mmgraph.runtime.executors import CompiledExecutor, in_place, region_of
+
+    params = load_params(TINY2)
+    program = compile_step(params, optimizer_in_program=True)[-1].program
+    gm = in_place(program.gm, write_back(program))
+    region = region_of(program, gm)
+    placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+    block_weights = {}
+    for node, spec in zip(placeholders, program.inputs):
+        layers = {program.info[u.name].layer for u in node.users if u.name in program.info
+                  and program.info[u.name].kind == LayerKind.BLOCK}
+        if spec.kind == InputKind.PARAM and len(layers) == 1:
+            block_weights[spec.name] = layers.pop()
+    by_layer: dict = {}
+    for node in gm.graph.nodes:
+        info = program.info.get(node.name)
+        if info is not None and info.layer == "optimizer" and info.module in block_weights:
+            by_layer.setdefault(block_weights[info.module], set()).add(region(node))
+    assert len(by_layer) >= 2 and all(len(r) <= 2 for r in by_layer.values()), by_layer   # norm part, update part
+    copies = [n for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert copies and len({region(n) for n in copies}) > 2, "the write-back copies gathered in one region"
+    for c in copies:                                   # with the value they write
+        assert region(c) == region(c.args[1])
+    ex = CompiledExecutor(program, params, torch.device("cpu"))
+    update = {r for rs in by_layer.values() for r in rs}
+    codes = {id(getattr(ex.fn, f"submod_{r}")) for r in update}
+    assert len(codes) < len(update), "each layer's update compiled on its own"

@@ -78,34 +78,40 @@ def apply(rule: UpdateRule, params: list[torch.Tensor], grads: list[torch.Tensor
         finite = None
     norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)) if grads else torch.zeros(())
     limit = rule.max_gradient_norm
-    if limit is not None:
-        coef = torch.where(norm > limit, limit / (norm + 1e-6), torch.ones_like(norm))
-        grads = [g * coef.to(g.dtype) for g in grads]
+    coef = torch.where(norm > limit, limit / (norm + 1e-6), torch.ones_like(norm)) if limit is not None else None
     new_p, new_s = [], []
-    b1, b2 = rule.betas
     for p, g, st, dec in zip(params, grads, states, decayed):
-        wd = rule.weight_decay if dec and rule.weight_decay else None
-        if rule.kind == "SGD":
-            if wd is not None:
-                g = g + wd * p
-            out = {}
-            if rule.momentum:
-                g = torch.add(st["momentum"] * rule.momentum, g)
-                out["momentum"] = g
-            new_p.append(torch.add(p, g * lr, alpha=-1))
-            new_s.append(out)
-            continue
-        if rule.kind == "Adam" and wd is not None:
-            g = g + wd * p
-        m = torch.add(st["exp_avg"] * b1, g, alpha=1 - b1)
-        v = torch.addcmul(st["exp_avg_sq"] * b2, g, g, value=1 - b2)
-        denom = torch.sqrt(v) + rule.eps
-        if rule.kind == "AdamW" and wd is not None:
-            new_p.append(p - ((m / denom) * correction + wd * p) * lr)
-        else:                                   # addcdiv(m, denom, value=-step_size): (value * m) / denom
-            new_p.append(p - (step_size * m) / denom)
-        new_s.append({"exp_avg": m, "exp_avg_sq": v})
-    if finite is not None:                     # an overflow: the step is skipped
-        new_p = [torch.where(finite, n, p) for n, p in zip(new_p, params)]
-        new_s = [{k: torch.where(finite, v, st[k]) for k, v in ns.items()} for ns, st in zip(new_s, states)]
+        # one weight's ops together, clipping to the skip: a traced program holds them as one run
+        # per weight (the compiled executor's regions group a repeated layer's weights)
+        if coef is not None:
+            g = g * coef.to(g.dtype)
+        new, out = _one(rule, p, g, st, rule.weight_decay if dec and rule.weight_decay else None,
+                        lr, correction, step_size)
+        if finite is not None:                 # an overflow: the step is skipped
+            new = torch.where(finite, new, p)
+            out = {k: torch.where(finite, v, st[k]) for k, v in out.items()}
+        new_p.append(new)
+        new_s.append(out)
     return new_p, new_s, norm, finite
+
+
+def _one(rule: UpdateRule, p, g, st: dict, wd, lr, correction, step_size):
+    """One weight's (new value, new state) from its clipped gradient; ``wd``: its decay or None."""
+    if rule.kind == "SGD":
+        if wd is not None:
+            g = g + wd * p
+        out = {}
+        if rule.momentum:
+            g = torch.add(st["momentum"] * rule.momentum, g)
+            out["momentum"] = g
+        return torch.add(p, g * lr, alpha=-1), out
+    b1, b2 = rule.betas
+    if rule.kind == "Adam" and wd is not None:
+        g = g + wd * p
+    m = torch.add(st["exp_avg"] * b1, g, alpha=1 - b1)
+    v = torch.addcmul(st["exp_avg_sq"] * b2, g, g, value=1 - b2)
+    denom = torch.sqrt(v) + rule.eps
+    if rule.kind == "AdamW" and wd is not None:
+        return p - ((m / denom) * correction + wd * p) * lr, {"exp_avg": m, "exp_avg_sq": v}
+    # addcdiv(m, denom, value=-step_size): (value * m) / denom
+    return p - (step_size * m) / denom, {"exp_avg": m, "exp_avg_sq": v}

@@ -7,7 +7,9 @@ the optimizer state (kind ``state``, named ``WEIGHT::KEY`` as the runtime's opti
 and the step's scalars (kind ``scalar``: learning rate, Adam's bias correction and step size, inverse loss scale) as inputs, and
 returns each trainable weight's new value (``param_update``, aliased to its weight input), the
 new state (``state_update``), the global gradient norm and, for float16, whether the step was
-finite. The update's ops are phase ``backward``, layer ``optimizer``.
+finite. The update's ops are phase ``backward``, layer ``optimizer``, and name the weight they
+update as their module (``NodeInfo.module``; one weight's ops are one run of the graph, so a
+compiled executor can treat a repeated layer's update like its forward and backward).
 
 The analyses before it (segments, schedule, memory) leave the update out on purpose: the cost
 pass already places it where the target runs it, in MemoryX for weight streaming (its
@@ -86,8 +88,10 @@ def _splice(program: Program, rule: UpdateRule, no_decay: frozenset) -> Program:
     scaled = any(s.name == LOSS_SCALE for s in program.inputs)
     weights, states, scalars, new_inputs = _add_inputs(gm.graph, info, program, names, rule, scaled)
     sub = _trace_update(rule, [w not in no_decay for w in names], weights, [n for _, n in grads], states, scalars)
-    results = _inline(gm.graph, info, sub, weights + [n for _, n in grads]
-                      + [st[k] for st in states for k in rule.state_keys()] + scalars)
+    keys = rule.state_keys()
+    owners = names + names + [w for w in names for _ in keys] + [LAYER] * len(scalars)
+    results = _inline(gm.graph, info, sub, weights + [n for _, n in grads] + [st[k] for st in states for k in keys]
+                      + scalars, owners)
     outputs = _update_outputs(names, rule.state_keys(), scaled)
     gm.graph.output_node().args = (tuple([v for _, v in keep] + results),)
     gm.graph.lint()
@@ -142,20 +146,39 @@ def _trace_update(rule: UpdateRule, decayed: list[bool], weights, grads, states,
                                [[val(st[k]) for k in keys] for st in states], [val(n) for n in scalars])
 
 
-def _inline(graph: fx.Graph, info: dict, sub: fx.GraphModule, sources: list[fx.Node]) -> list:
+def _inline(graph: fx.Graph, info: dict, sub: fx.GraphModule, sources: list[fx.Node], owners: list[str]) -> list:
     """Copy ``sub``'s ops in before the output, its inputs bound to ``sources``; the new ops are
-    the update's (layer ``optimizer``, phase backward). Returns its results as program nodes."""
-    env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], sources))
+    the update's (layer ``optimizer``, phase backward), each with the weight it updates as its
+    module (``_owner``; ``optimizer`` for ops no one weight owns). Returns its results as
+    program nodes."""
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    env = dict(zip(placeholders, sources))
+    owner = dict(zip(placeholders, owners))
+    order = {n: i for i, n in enumerate(sub.graph.nodes)}
     with graph.inserting_before(graph.output_node()):
         for node in sub.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
             new = graph.node_copy(node, lambda n: env[n])
             env[node] = new
+            owner[node] = _owner(node, owner, order)
             vals = node_val(new)
             info[new.name] = NodeInfo(tuple(vals[0].shape) if vals else (), vals[0].dtype if vals else None,
-                                      LAYER, LAYER, Phase.BACKWARD, node_flops(new), node_bytes(new))
+                                      owner[node], LAYER, Phase.BACKWARD, node_flops(new), node_bytes(new))
     return [env[a] if isinstance(a, fx.Node) else a for a in sub.graph.output_node().args[0]]
+
+
+def _owner(node: fx.Node, owner: dict, order: dict) -> str:
+    """The weight an update op belongs to: the weight whose value, gradient or state it reads;
+    else the owner of its latest operand (the global norm's running sum: the gradient just
+    added); ``optimizer`` when none (the ops after the norm, that every weight reads, go with
+    the last weight's)."""
+    args = node.all_input_nodes
+    direct = {owner[a] for a in args if a.op == "placeholder" and owner.get(a, LAYER) != LAYER}
+    if len(direct) == 1:
+        return direct.pop()
+    owned = [a for a in args if owner.get(a, LAYER) != LAYER]
+    return owner[max(owned, key=order.__getitem__)] if owned else LAYER
 
 
 def _update_outputs(names: list[str], keys: tuple[str, ...], scaled: bool) -> tuple[OutputSpec, ...]:

@@ -113,42 +113,72 @@ def write_back(program: Program) -> list[tuple[int, int]]:
 
 def in_place(gm: torch.fx.GraphModule, pairs: list[tuple[int, int]]) -> torch.fx.GraphModule:
     """``gm`` writing each updated value over its input (``pairs``: ``write_back``) and returning
-    that input in its place: ``aten.copy_`` nodes at the end of the graph. Under torch.compile
-    they become the update kernels' own stores into the weight and state buffers: no new
-    buffers, no copy pass after the step."""
+    that input in its place: an ``aten.copy_`` node as soon as both the value is made and the
+    input's last reader has run (so it lands in the region that makes the value). Under
+    torch.compile they become the update kernels' own stores into the weight and state buffers:
+    no new buffers, no copy pass after the step."""
     if not pairs:
         return gm
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    outs = list(nodes[-1].args[0])
+    due: dict[int, list[tuple[int, int]]] = {}
+    for o, i in pairs:
+        after = max([pos[outs[o]]] + [pos[u] for u in placeholders[i].users if u.op != "output"])
+        due.setdefault(after, []).append((o, i))
     graph = torch.fx.Graph()
     env: dict = {}
-    inputs = []
-    for node in gm.graph.nodes:
+    copies: dict[int, torch.fx.Node] = {}
+    for k, node in enumerate(nodes):
         if node.op == "output":
-            outs = list(node.args[0])
-            for o, i in pairs:
-                outs[o] = graph.call_function(aten.copy_.default, (inputs[i], env[outs[o]]))
-            graph.output(tuple(env[v] if isinstance(v, torch.fx.Node) and v in env else v for v in outs))
+            graph.output(tuple(copies[o] if o in copies else env[v] if isinstance(v, torch.fx.Node) else v
+                               for o, v in enumerate(outs)))
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
-        if node.op == "placeholder":
-            inputs.append(env[node])
+        for o, i in due.get(k, ()):
+            copies[o] = graph.call_function(aten.copy_.default, (env[placeholders[i]], env[outs[o]]))
     return torch.fx.GraphModule(gm, graph)
 
 
-def region_of(program: Program):
-    """The region label of each op node: contiguous runs of one transformer layer's forward (or
-    backward), and the runs of everything else between them. Nodes the program has no facts for
-    (the write-back copies) go with the node before them."""
+def region_of(program: Program, gm: Optional[torch.fx.GraphModule] = None):
+    """The region label of each op node of ``gm`` (the program's graph as it runs: by default
+    the program's own): contiguous runs of one transformer layer's forward (or backward, or its
+    weights' update: an update op names its weight as its module), and the runs of everything
+    else between them. Nodes the program has no facts for (``in_place``'s write-back copies) go
+    with the node before them."""
+    layer_of = _weight_layers(program)
     labels: dict[str, int] = {}
     run, last = -1, object()
-    for node in program.gm.graph.nodes:
+    for node in (gm or program.gm).graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         info = program.info.get(node.name)
-        key = last if info is None else (info.layer, info.phase) if info.kind == LayerKind.BLOCK else "rest"
+        if info is None:
+            key = last
+        elif info.kind == LayerKind.BLOCK:
+            key = (info.layer, info.phase)
+        else:
+            key = ("update", layer_of[info.module]) if info.module in layer_of else "rest"
         if key != last:
             run, last = run + 1, key
         labels[node.name] = max(run, 0)
     return lambda node: labels.get(node.name, max(run, 0))
+
+
+def _weight_layers(program: Program) -> dict[str, str]:
+    """Each weight read by a transformer layer's ops: that layer (the update's regions group a
+    repeated layer's weights, as its forward and backward are grouped)."""
+    out = {}
+    placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+    for node, spec in zip(placeholders, program.inputs):
+        if spec.kind != InputKind.PARAM:
+            continue
+        layers = {(i.layer, i.kind) for i in (program.info.get(u.name) for u in node.users) if i is not None}
+        blocks = {layer for layer, kind in layers if kind == LayerKind.BLOCK}
+        if len(blocks) == 1:
+            out[spec.name] = blocks.pop()
+    return out
 
 
 def canonical(sub: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -194,7 +224,7 @@ class CompiledExecutor(Executor):
     def __init__(self, program: Program, params: Params, device: torch.device, regions: bool = True):
         super().__init__(program, params, device)
         gm = in_place(placed(program.gm, device), write_back(program))
-        self.fn = (regional(gm, program, region_of(program)) if regions else
+        self.fn = (regional(gm, program, region_of(program, gm)) if regions else
                    torch.compile(gm, dynamic=False, fullgraph=True))
 
     def __call__(self, inputs):
