@@ -23,7 +23,7 @@ from mmgraph.core import ops
 from mmgraph.core.config import load_params
 from mmgraph.core.target import load_target, shipped_targets
 from mmgraph.report.formats import to_mlir
-from mmgraph.passes import legalize as legalize_mod  # noqa: F401 - RULES, monkeypatched
+from mmgraph.passes import legalize_rules as legalize_mod  # noqa: F401 - RULES, monkeypatched
 from mmgraph.passes.legalize import illegal_ops
 from mmgraph.compiler.pipeline import compile_step
 from tests.conftest import CONFIGS, ROOT, TINY2
