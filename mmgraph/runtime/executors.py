@@ -174,8 +174,8 @@ def _weight_layers(program: Program) -> dict[str, str]:
     for node, spec in zip(placeholders, program.inputs):
         if spec.kind != InputKind.PARAM:
             continue
-        layers = {(i.layer, i.kind) for i in (program.info.get(u.name) for u in node.users) if i is not None}
-        blocks = {layer for layer, kind in layers if kind == LayerKind.BLOCK}
+        users = (program.info.get(u.name) for u in node.users)
+        blocks = {i.layer for i in users if i is not None and i.kind == LayerKind.BLOCK}
         if len(blocks) == 1:
             out[spec.name] = blocks.pop()
     return out
