@@ -72,6 +72,7 @@ _TABLE: list[Op] = [
     Op("clone", "view", "zero"),                               # fused away, but a copy when alone
     # reductions counted per input element
     *_each("reduction", "sum mean amax native_layer_norm", flops="in"),
+    *_each("reduction", "all any", flops="in"),                # the float16 update's finite check
     *_each("reduction", "_softmax _log_softmax", flops="in", transcendental=True),
     *_each("reduction", "_softmax_backward_data _log_softmax_backward_data", transcendental=True),
     *_each("reduction", "amin max native_layer_norm_backward nll_loss_forward nll_loss_backward var_mean var "
@@ -97,14 +98,14 @@ _TABLE: list[Op] = [
                           "minimum maximum where eq ne lt le gt ge logical_and logical_or logical_not "
                           "bitwise_and bitwise_or bitwise_not relu masked_fill constant_pad_nd tril triu "
                           "threshold_backward lerp addcmul addcdiv floor ceil round trunc remainder fmod isnan "
-                          "isinf nan_to_num hardtanh leaky_relu elu mish softplus exp2 log1p expm1"),
+                          "isinf isfinite nan_to_num hardtanh leaky_relu elu mish softplus exp2 log1p expm1"),
     *_each("elementwise", "bitwise_xor __rshift__ __lshift__ bitwise_right_shift bitwise_left_shift"),
     # dropout's keep mask (mmgraph/core/rng.py): counter-based, pure; made from the step's
     # random inputs, so it fuses with its consumer and remat may make it again
     Op("dropout_keep", "elementwise"),
     *_each("elementwise", "exp log sigmoid silu gelu tanh erf sin cos pow rsqrt sigmoid_backward silu_backward "
                           "gelu_backward tanh_backward", transcendental=True),
-    *_each("elementwise", "_to_copy cat slice_backward select_backward slice_scatter select_scatter copy fill",
+    *_each("elementwise", "_to_copy cat stack slice_backward select_backward slice_scatter select_scatter copy fill",
            flops="zero"),
     *_each("elementwise", "native_dropout bernoulli rand randn randint", cleanup="fresh", random=True),
     Op("native_dropout_backward", "elementwise"),
