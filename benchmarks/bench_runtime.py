@@ -204,7 +204,9 @@ def eval_steps(params, device: torch.device) -> dict:
 def memory_child(path: str, variant: str, steps: int, device: str) -> dict:
     """Run in a fresh process: the peak memory of ``variant``'s steps above the baseline taken
     after compiling the step: high-water RSS on the CPU, CUDA's peak allocated memory on a GPU
-    (where the compiler's residue, host memory, is not reported)."""
+    (where the compiler's residue, host memory, is not reported). On the CPU also what the
+    process holds between steps (``held_mb``, RSS after two steps: weights, optimizer state,
+    compiled code, and what the allocator kept), so a peak splits into that and the steps' rise."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmgraph-inductor-")   # compiles from nothing
     params = load_params(path)
     cuda = device == "cuda"
@@ -218,6 +220,7 @@ def memory_child(path: str, variant: str, steps: int, device: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
+        held = _rss_kb("VmRSS")         # what the process holds between steps: weights, state, compiled code
         Path("/proc/self/clear_refs").write_text("5")         # reset the high-water mark
     for _ in range(steps):
         fn()
@@ -226,7 +229,7 @@ def memory_child(path: str, variant: str, steps: int, device: str) -> dict:
         return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "compiler_mb": None,
                 "first_call_s": first}
     return {"peak_mb": (_rss_kb("VmHWM") - base) / 1024, "compiler_mb": (base - before) / 1024,
-            "first_call_s": first}
+            "held_mb": (held - base) / 1024, "first_call_s": first}
 
 
 def measure_memory(path: Path, variants, steps: int, device: str) -> dict:
@@ -257,7 +260,8 @@ def run(size: str, repeats: int, memory: bool = True, variants=TRAIN, device: st
     rows = [{"variant": k, **v, "ratio": v["median_s"] / base,
              "first_call_s": measured[k]["first_call_s"] if k in measured else bench.compile_s[k],
              "first_call_in_run_s": bench.compile_s[k],
-             "peak_mb": mem.get(k), "memory_ratio": mem[k] / mem["eager"] if mem else None}
+             "peak_mb": mem.get(k), "memory_ratio": mem[k] / mem["eager"] if mem else None,
+             "held_mb": measured.get(k, {}).get("held_mb")}
             for k, v in train.items()]
     ebase = ev["eager"]["median_s"]
     erows = [{"variant": k, **v, "ratio": v["median_s"] / ebase} for k, v in ev.items()]
