@@ -57,7 +57,7 @@ import torch
 import yaml
 
 from benchmarks.common import finish
-from benchmarks.targets import runtime_runs
+from benchmarks.targets_runtime import runtime_runs
 from mmgraph.core.config import load_params
 
 ROOT = Path(__file__).resolve().parent.parent

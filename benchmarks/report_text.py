@@ -4,7 +4,7 @@ means, why a target is missed)."""
 
 from __future__ import annotations
 
-from benchmarks.targets import runtime_runs
+from benchmarks.targets_runtime import runtime_runs
 
 # -- texts ---------------------------------------------------------------------------------------
 TITLES = {

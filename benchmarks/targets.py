@@ -1,30 +1,18 @@
 """The targets the issues set, judged from the benchmark results: met, missed (with the measured
-number and the reason), or not measured yet."""
+number and the reason), or not measured yet. The runtime's are in benchmarks/targets_runtime.py;
+``TARGETS`` has every benchmark's."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
+from benchmarks.target import NOT_ANALYSED, Target, judged
+from benchmarks.targets_runtime import SPEED, runtime_targets
+
 BIG2 = "configs/params_mm_llava_llama2_7b_phase2.yaml"
-NOT_ANALYSED = "not analysed yet (no explanation recorded in benchmarks/targets.py)"
 
 
 # -- targets ------------------------------------------------------------------------------------
-@dataclass
-class Target:
-    area: str
-    text: str
-    source: str
-    measured: str = "-"
-    status: str = "not measured yet"        # met | missed | not measured yet
-    reason: str = ""
-
-
-def _status(ok: bool) -> str:
-    return "met" if ok else "missed"
-
-
 def compile_targets(r: Optional[dict]) -> list[Target]:
     src = "issue: compiler"
     out = [Target("compile", "7B phase-2 compile <= 30 s", src), Target("compile", "peak RSS <= 3 GB", src),
@@ -38,12 +26,12 @@ def compile_targets(r: Optional[dict]) -> list[Target]:
     rows = {row["depth"]: row for row in r["rows"]}
     if 32 in rows:
         s = rows[32]["seconds_median"]
-        out[0].measured, out[0].status = f"{s:.2f} s (depth 32, median)", _status(s <= 30)
+        out[0].measured, out[0].status = f"{s:.2f} s (depth 32, median)", judged(s <= 30)
     peak = max(row.get("peak_rss_gb_max", row["peak_rss_gb_median"]) for row in r["rows"])
-    out[1].measured, out[1].status = f"{peak:.2f} GB (highest run)", _status(peak <= 3)
+    out[1].measured, out[1].status = f"{peak:.2f} GB (highest run)", judged(peak <= 3)
     if 8 in rows and 32 in rows:
         ratio = rows[32]["seconds_median"] / rows[8]["seconds_median"]
-        out[2].measured, out[2].status = f"{ratio:.2f}x", _status(ratio <= 4.5)
+        out[2].measured, out[2].status = f"{ratio:.2f}x", judged(ratio <= 4.5)
     for t in out:
         if t.status == "missed":
             t.reason = NOT_ANALYSED
@@ -81,7 +69,7 @@ def simulator_targets(r: Optional[dict]) -> list[Target]:
             ratio = row["predicted_s"] / measured["median_s"]
             off = ratio - 1
             t.measured = f"{ratio:.2f}: {abs(off):.0%} {'high' if off > 0 else 'low'}, against {against}"
-            t.status = _status(abs(off) <= 0.25)
+            t.status = judged(abs(off) <= 0.25)
             if t.status == "missed":
                 t.reason = _simulator_reason(row, measured, r)
         out.append(t)
@@ -119,185 +107,13 @@ def data_targets(r: Optional[dict]) -> list[Target]:
     b = Target("data", "loader >= 2x faster than the training step consumes", src)
     if r:
         rate = r["preprocess_samples_per_s"]
-        a.measured, a.status = f"{rate:,.0f} samples/s ({r['workers']} workers)", _status(rate >= 1000)
+        a.measured, a.status = f"{rate:,.0f} samples/s ({r['workers']} workers)", judged(rate >= 1000)
         v = r["loader_vs_step"]
-        b.measured, b.status = f"{v:.1f}x", _status(v >= 2)
+        b.measured, b.status = f"{v:.1f}x", judged(v >= 2)
         for t in (a, b):
             if t.status == "missed":
                 t.reason = NOT_ANALYSED
     return [a, b]
-
-
-def runtime_runs(r: dict | None) -> list[dict]:
-    """The (device, size) runs of a runtime results file, or of one run; a file from before
-    several runs per file is one CPU run."""
-    if not r:
-        return []
-    return r.get("runs", [{"device": "cpu", **r}])
-
-
-RUNTIME_SIZES = ("tiny", "small", "medium")
-STREAMING_COST = ("the store stays in host memory, so each step copies every segment's weights in and the "
-                  "gradients back, and clipping and AdamW run on the CPU")
-
-
-def runtime_targets(r: dict | None) -> list[Target]:
-    """The CPU targets from the small CPU run (another CPU run's size is named in the reason),
-    then the GPU targets from the CUDA runs."""
-    runs = runtime_runs(r)
-    cpu = [x for x in runs if x.get("device") == "cpu"]
-    run = next((x for x in cpu if x["size"] == "small"), cpu[0] if cpu else None)
-    return cpu_runtime_targets(run) + speed_targets(cpu, (r or {}).get("note", "")) + gpu_runtime_targets(runs)
-
-
-SPEED = "issue 31: CPU performance"
-
-
-def speed_targets(cpu: list[dict], note: str = "") -> list[Target]:
-    """Issue 31's targets, per CPU size (small, medium), each against its peer in the same run:
-    the compiled step against torch.compile of the module, its first call against torch.compile's,
-    the reference step against eager."""
-    out = []
-    for size in ("small", "medium"):
-        run = next((x for x in cpu if x["size"] == size), None)
-        comp = Target("runtime", f"`compiled` step <= 0.95x torch.compile's step ({size}, same run)", SPEED)
-        first = Target("runtime", f"`compiled` first call <= torch.compile's first call ({size}, same run)", SPEED)
-        ref = Target("runtime", f"`reference` step <= 1.02x eager ({size}, same run)", SPEED)
-        out += [comp, first, ref]
-        rows = {row["variant"]: row for row in run["train"]} if run else {}
-        if not run and note:
-            for t in (comp, first, ref):
-                t.reason = note
-        if {"compiled", "torch.compile"} <= set(rows):
-            c, t = rows["compiled"], rows["torch.compile"]
-            x = c["median_s"] / t["median_s"]
-            comp.measured, comp.status = f"{x:.2f}x", _status(x <= 0.95)
-            comp.reason = "" if x <= 0.95 else SPEED_REASONS.get("compiled", NOT_ANALYSED)
-            first.measured = f"{c['first_call_s']:.0f} s vs {t['first_call_s']:.0f} s"
-            first.status = _status(c["first_call_s"] <= t["first_call_s"])
-            first.reason = "" if first.status == "met" else SPEED_REASONS.get("first", NOT_ANALYSED)
-        if {"reference", "eager"} <= set(rows):
-            x = rows["reference"]["ratio"]
-            ref.measured, ref.status = f"{x:.2f}x", _status(x <= 1.02)
-            ref.reason = "" if x <= 1.02 else SPEED_REASONS.get("reference", NOT_ANALYSED)
-    return out
-
-
-SPEED_REASONS: dict[str, str] = {
-    "reference": ("not analysed: the same program measured 0.97x and 0.90x of eager on the medium config in the two "
-                  "runs of this script before this one (2026-12-02); from run to run the medium ratios move by about "
-                  "8% on this 2-core machine, shared with other jobs"),
-    "compiled": ("the program's forward and backward, compiled by region, run no faster than Inductor on the module "
-                 "(which partitions the joint graph itself; the program's backward is fixed, and regions do not fuse "
-                 "across layer boundaries); clipping and AdamW fused into the program (`--optimizer_in_program`, "
-                 "written in place) win back about what the eager optimizer costs the peer, so the two steps are "
-                 "level, not 5% apart: where the remaining time goes is in docs/runtime.md"),
-    "first": ("the update is compiled too (torch.compile of the module leaves it eager), now grouped by layer like "
-              "the forward and backward (a repeated layer's update compiled once: the update's share of the first "
-              "call fell from a third to about a sixth); what is left: the program's lowering (about 4 s) and a "
-              "fixed cost per compiled function (tracing, AOT, Inductor and a g++ build: about 1 s each, 11 on the "
-              "small config against torch.compile's 2 graphs); first calls are timed one after another in fresh "
-              "processes, so the machine's noise is not shared as the interleaved steps' is"),
-}
-
-
-def _step_ratios(rows: dict) -> dict[str, tuple[str, bool]]:
-    """The runtime issue's three step ratios of one run's rows, where measured: name ->
-    (measured text, within its limit)."""
-    out = {}
-    for k, limit in (("reference", 1.05), ("compiled", 0.8)):
-        if k in rows:
-            out[k] = (f"{rows[k]['ratio']:.2f}x", rows[k]["ratio"] <= limit)
-    mems = {k: rows[k]["memory_ratio"] for k in ("reference", "compiled") if k in rows and rows[k].get("memory_ratio")}
-    if mems:
-        out["memory"] = (", ".join(f"{k} {v:.2f}x" for k, v in mems.items()), max(mems.values()) <= 1.2)
-    return out
-
-
-def _memory_reason(rows: dict, limit: float = 1.2) -> str:
-    """Why the compiled executor alone is over the memory limit, where the run measured what each
-    process holds between steps (``held_mb``): what compiling left against the steps' own rise."""
-    c, ref, tc = (rows.get(k) or {} for k in ("compiled", "reference", "torch.compile"))
-    if not (c.get("held_mb") and ref.get("held_mb") and c.get("memory_ratio", 0) > limit >= ref.get("memory_ratio", 9)):
-        return ""
-    torch_compile = f", torch.compile's process {tc['held_mb']:.0f} MB" if tc.get("held_mb") else ""
-    return (f"the `compiled` process holds {c['held_mb']:.0f} MB above the baseline between steps, the `reference` "
-            f"process {ref['held_mb']:.0f} MB (the same program, weights and optimizer state){torch_compile}: the "
-            f"difference is Inductor's code and the compiler's graphs and guards; its steps then rise "
-            f"{c['peak_mb'] - c['held_mb']:.0f} MB above that, the reference's "
-            f"{ref['peak_mb'] - ref['held_mb']:.0f} MB")
-
-
-def cpu_runtime_targets(r: dict | None) -> list[Target]:
-    src = "issue: runtime"
-    ref = Target("runtime", "`reference` executor step <= 1.05x eager", src)
-    comp = Target("runtime", "`compiled` executor step <= 0.8x eager", src)
-    mem = Target("runtime", "peak memory of the program's step <= 1.2x eager", src)
-    stream = Target("runtime", "`--weight_streaming` within 1.3x of in-memory training, on the CPU (nothing "
-                    "copied: the split's own cost)", "issue: runtime (its GPU target, as context)")
-    out = [ref, comp, mem, stream]
-    if not r:
-        return out
-    rows = {row["variant"]: row for row in r["train"]}
-    ratios = _step_ratios(rows)
-    for t, k in ((ref, "reference"), (comp, "compiled"), (mem, "memory")):
-        if k in ratios:
-            t.measured, t.status = ratios[k][0], _status(ratios[k][1])
-    x = r.get("streaming_vs_in_memory")
-    if x is not None:
-        stream.measured, stream.status = f"{x:.2f}x (batch {r['batch']})", _status(x <= 1.3)
-    if comp.status == "missed":
-        tc = rows.get("torch.compile")
-        if tc and tc["ratio"] > 0.8:
-            comp.reason = (f"torch.compile (Inductor) of the whole module does no better in the same run "
-                           f"({tc['ratio']:.2f}x): this step is matmul-bound on {r.get('threads', '?')} CPU threads, "
-                           "and what Inductor fuses (elementwise chains) is a small share of it")
-        else:
-            comp.reason = NOT_ANALYSED
-    for t in (ref, mem, stream):
-        if t.status == "missed":
-            t.reason = (_memory_reason(rows) if t is mem else "") or NOT_ANALYSED
-    if r.get("size") != "small":
-        for t in out:
-            t.reason = (t.reason + "; " if t.reason else "") + f"measured on the {r.get('size')} config, not small"
-    return out
-
-
-def gpu_runtime_targets(runs: list[dict]) -> list[Target]:
-    """The runtime issue's CUDA targets, from the largest CUDA run (and the largest one at batch
-    >= 8 with the streaming variant)."""
-    src = "issue: runtime"
-    three = Target("runtime (GPU)", "the same three ratios on a larger config on a CUDA GPU", src)
-    stream = Target("runtime (GPU)", "`--weight_streaming` within 1.3x of in-memory training at batch >= 8", src)
-    cuda = sorted((x for x in runs if x.get("device") == "cuda"), key=lambda x: RUNTIME_SIZES.index(x["size"]))
-    if not cuda:
-        if runs:
-            three.reason = stream.reason = "no GPU was available in this run"
-        return [three, stream]
-    big = cuda[-1]
-    rows = {row["variant"]: row for row in big["train"]}
-    checks = [(f"{k} {measured}", ok) for k, (measured, ok) in _step_ratios(rows).items()]
-    if checks:
-        three.measured = f"{big['size']} config, {big.get('gpu') or 'CUDA'}: " + "; ".join(c for c, _ in checks)
-        missed = [c for c, ok in checks if not ok]
-        if missed:
-            three.status, three.reason = "missed", f"over the limit: {'; '.join(missed)}; {NOT_ANALYSED}"
-        elif len(checks) == 3:
-            three.status = "met"
-    if RUNTIME_SIZES.index(big["size"]) <= RUNTIME_SIZES.index("small"):
-        three.reason = (three.reason + "; " if three.reason else "") + f"measured on the {big['size']} config only"
-    timed = [x for x in cuda if x.get("streaming_vs_in_memory") is not None]
-    at8 = [x for x in timed if x["batch"] >= 8]
-    if at8:
-        x = at8[-1]
-        v = x["streaming_vs_in_memory"]
-        stream.measured = f"{v:.2f}x ({x['size']} config, batch {x['batch']})"
-        stream.status = _status(v <= 1.3)
-        if stream.status == "missed":
-            stream.reason = f"{STREAMING_COST}; how much each costs is {NOT_ANALYSED}"
-    elif timed:
-        stream.reason = f"measured at batch {timed[-1]['batch']} only (< 8)"
-    return [three, stream]
 
 
 def convert_targets(r: Optional[dict]) -> list[Target]:
@@ -305,7 +121,7 @@ def convert_targets(r: Optional[dict]) -> list[Target]:
                "issue: checkpoint conversion")
     if r:
         x = r["peak_above_overhead_in_largest_tensors"]
-        t.measured, t.status = f"{x:.2f}x the largest tensor", _status(x < 2)
+        t.measured, t.status = f"{x:.2f}x the largest tensor", judged(x < 2)
         if t.status == "missed":
             t.reason = NOT_ANALYSED
     return [t]
@@ -315,14 +131,14 @@ def generate_targets(r: Optional[dict]) -> list[Target]:
     t = Target("generation", "cached generation tokens/s >= 1.0x transformers `generate`", "issue: model family")
     if r:
         x = r["ratio"]
-        t.measured, t.status = f"{x:.2f}x", _status(x >= 1.0)
+        t.measured, t.status = f"{x:.2f}x", judged(x >= 1.0)
         if t.status == "missed":
             t.reason = NOT_ANALYSED
     out = [t]
     if r and r.get("cuda"):
         x = r["cuda"]["ratio"]
         out.append(Target("generation (GPU)", "the same on a CUDA GPU", "issue: model family", f"{x:.2f}x",
-                          _status(x >= 1.0), "" if x >= 1.0 else NOT_ANALYSED))
+                          judged(x >= 1.0), "" if x >= 1.0 else NOT_ANALYSED))
     return out
 
 
@@ -353,18 +169,18 @@ def remat_targets(r: Optional[dict]) -> list[Target]:
             auto = rows["auto"]
             fits.measured, fits.status = (f"{'fits' if auto['fits'] else 'does not fit'}: peak "
                                           f"{auto['peak_bytes'] / 1e9:.2f} GB (auto: "
-                                          f"{', '.join(f'{n} {p}' for p, n in auto['layers'].items() if n)})"), _status(auto["fits"])
+                                          f"{', '.join(f'{n} {p}' for p, n in auto['layers'].items() if n)})"), judged(auto["fits"])
             x = rows["full"]["extra_flops_share"]
-            full.measured, full.status = f"{x:.1%}", _status(x <= 0.35)
+            full.measured, full.status = f"{x:.1%}", judged(x <= 0.35)
             full.reason = "" if x <= 0.35 else REMAT_FULL_FLOPS_REASON + _trained_llm_note(r)
             y = rows["selective"]["extra_flops_share"]
             sel.measured = f"{y:.1%} ({'fits' if rows['selective']['fits'] else 'does not fit at 24'})"
-            sel.status = _status(y <= 0.05 or not rows["selective"]["fits"])
+            sel.status = judged(y <= 0.05 or not rows["selective"]["fits"])
             sel.reason = "" if sel.status == "met" else NOT_ANALYSED
             if t.get("speedup") is not None:
                 base = t["no_recompute"]["micro_batch_size"]
                 speed.measured, speed.status = f"{t['speedup']:.2f}x (vs {base}; {auto['bottleneck']}-bound)", \
-                    _status(t["speedup"] >= 2)
+                    judged(t["speedup"] >= 2)
                 speed.reason = "" if speed.status == "met" else NOT_ANALYSED
         out += [fits, full, sel, speed]
     m = (r or {}).get("measured", {}).get("ratios", {})
@@ -375,7 +191,7 @@ def remat_targets(r: Optional[dict]) -> list[Target]:
         if key in m:
             peer = m.get("eager+checkpoint / eager " + key.split()[-1])
             t.measured = f"{m[key]:.2f}x" + (f" (torch.utils.checkpoint: {peer:.2f}x)" if peer else "")
-            t.status = _status(m[key] <= limit)
+            t.status = judged(m[key] <= limit)
             t.reason = "" if t.status == "met" else NOT_ANALYSED
         out.append(t)
     return out
@@ -388,7 +204,7 @@ def packing_targets(r: Optional[dict]) -> list[Target]:
     for t, key, goal in ((out[0], "phase1", 2.5), (out[1], "phase2", 1.5)):
         if r and r.get(key):
             x = r[key]["ratio"]
-            t.measured, t.status = f"{x:.2f}x", _status(x >= goal)
+            t.measured, t.status = f"{x:.2f}x", judged(x >= goal)
             if t.status == "missed":
                 m = r[key]
                 share = m["packed"]["real_share"] / m["unpacked"]["real_share"]
@@ -404,7 +220,7 @@ def data_parallel_targets(r: Optional[dict]) -> list[Target]:
            Target("data parallel", "ZeRO-1 optimizer state per rank <= 0.55x DDP's (2 ranks)", src)]
     if r:
         hidden = r["hidden_share"]
-        out[0].measured, out[0].status = f"{hidden:.0%}", _status(hidden >= 0.70)
+        out[0].measured, out[0].status = f"{hidden:.0%}", judged(hidden >= 0.70)
         if out[0].status == "missed":
             o = r["ddp"][0]["overlap"]
             out[0].reason = (f"the data-parallel micro-step takes {o['dp_s']['median_s'] * 1e3:.1f} ms against "
@@ -415,13 +231,13 @@ def data_parallel_targets(r: Optional[dict]) -> list[Target]:
                              f"backward do not hide is not established yet (2 ranks' compute and gloo's threads "
                              f"share 2 cores)")
         ratio = r["zero1_state_ratio"]
-        out[1].measured, out[1].status = f"{ratio:.2f}x", _status(ratio <= 0.55)
+        out[1].measured, out[1].status = f"{ratio:.2f}x", judged(ratio <= 0.55)
     half = Target("data parallel", "communication hidden >= 50% (CPU, 2 gloo ranks), or measured why the CPU "
                   "cannot", SPEED)
     out.append(half)
     if r:
         hidden = r["hidden_share"]
-        half.measured, half.status = f"{hidden:.0%}", _status(hidden >= 0.5)
+        half.measured, half.status = f"{hidden:.0%}", judged(hidden >= 0.5)
         cpu = [x["overlap"].get("comm_cpu_share") for x in r.get("ddp", []) if x.get("overlap")]
         if half.status == "missed" and all(c is not None for c in cpu) and cpu:
             least = min(cpu)        # the rank with the most room: even it cannot hide half
@@ -446,7 +262,7 @@ def startup_targets(r: Optional[dict]) -> list[Target]:
     t = Target("start-up", "`mmgraph run --max_steps 1` with a matching artifact <= 0.3x with tracing (small, CPU)",
                "issue 16: program as interface")
     if r:
-        t.measured, t.status = f"{r['ratio']:.2f}x", _status(r["ratio"] <= 0.3)
+        t.measured, t.status = f"{r['ratio']:.2f}x", judged(r["ratio"] <= 0.3)
         if t.status == "missed":
             t.reason = (f"what both share (Python and torch imports, data, the step: about "
                         f"{r['artifact']['median_s']:.1f} s) is most of the small config's start-up; tracing adds "
@@ -465,14 +281,14 @@ def legalize_targets(r: Optional[dict]) -> list[Target]:
     rows = r["lowering"]["rows"]
     checked = [x for x in rows if x["ok"] is not None]
     out[0].measured = f"{sum(bool(x['ok']) for x in checked)} of {len(rows)} lower"
-    out[0].status = _status(len(checked) == len(rows) and all(x["ok"] for x in checked))
+    out[0].status = judged(len(checked) == len(rows) and all(x["ok"] for x in checked))
     if out[0].status == "missed":
         bad = [x for x in rows if not x["ok"]]
         out[0].reason = "; ".join(f"{x['params']} {x['mode']}: {x.get('error') or 'no tool'}" for x in bad[:3])
     step = {x["program"]: x for x in r["step"]["rows"]}
     host = step["host/GPU (h100)"]
     ratio = host["median_s"] / step["cs2 not legalized"]["median_s"]
-    out[1].measured, out[1].status = f"{ratio:.3f}x", _status(ratio <= 1.05)
+    out[1].measured, out[1].status = f"{ratio:.3f}x", judged(ratio <= 1.05)
     if out[1].status == "missed":
         out[1].reason = NOT_ANALYSED
     c = r["compile"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report, targets
+from benchmarks import report, targets, targets_runtime
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
@@ -345,9 +345,9 @@ def test_the_memory_target_says_what_compiling_left_where_measured():
     rows = [{"variant": "eager", "ratio": 1.0, "memory_ratio": 1.0, "peak_mb": 200, "held_mb": 160},
             {"variant": "reference", "ratio": 1.0, "memory_ratio": 0.9, "peak_mb": 180, "held_mb": 100},
             {"variant": "compiled", "ratio": 0.9, "memory_ratio": 1.3, "peak_mb": 260, "held_mb": 200}]
-    mem = targets.cpu_runtime_targets({"size": "small", "train": rows})[2]
+    mem = targets_runtime.cpu_runtime_targets({"size": "small", "train": rows})[2]
     assert mem.status == "missed" and "holds 200 MB" in mem.reason and "rise 60 MB" in mem.reason
     for row in rows:
         del row["held_mb"]
-    mem = targets.cpu_runtime_targets({"size": "small", "train": rows})[2]
+    mem = targets_runtime.cpu_runtime_targets({"size": "small", "train": rows})[2]
     assert mem.reason == targets.NOT_ANALYSED
