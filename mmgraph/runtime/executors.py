@@ -3,8 +3,10 @@
 - ``reference``: the program's graph module as Python code (fx codegen, generated once), ATen
   ops: the semantics of record. Train and eval, CPU and CUDA.
 - ``compiled``: the same graph handed to torch.compile (Inductor), once per program; fuses
-  and vectorizes across kernel boundaries. Train and eval, CPU and CUDA. Not bit-identical to
-  ``reference`` (Inductor reorders reductions); checked within tolerance.
+  and vectorizes across kernel boundaries; on the CPU its float32 GEMMs run on ATen's or
+  oneDNN's kernel, whichever measured faster (``runtime/kernels.py``). Train and eval, CPU and
+  CUDA. Not bit-identical to ``reference`` (Inductor reorders reductions, oneDNN sums in its
+  own order); checked within tolerance.
 - ``onnxruntime``: eval only, CPU. Runs the ONNX export of the eval step (the same loss and
   logits, checked against the reference in the tests) with the store's weights as inputs.
 - ``streaming`` (``--weight_streaming``): the program run segment by segment (the target's
@@ -31,6 +33,7 @@ from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import InputKind, LayerKind, Program
 from mmgraph.core.ops import CLASSES, op_class
+from mmgraph.runtime.kernels import cpu_gemms, gemm_policy
 from mmgraph.runtime.onnx_program import export_program
 
 
@@ -217,13 +220,17 @@ class CompiledExecutor(Executor):
     """torch.compile of the step graph, per region (``regional``: each repeated layer's forward,
     its backward, the rest between them) or whole (``regions=False``); compiled on the first
     call (static shapes). A program holding the optimizer update writes the new weights and state
-    into their input buffers (``in_place``): the outputs it returns for them are those inputs."""
+    into their input buffers (``in_place``): the outputs it returns for them are those inputs.
+    On the CPU its float32 GEMMs run on the faster of ATen's and oneDNN's kernels
+    (``runtime.kernels``)."""
 
     name = "compiled"
 
     def __init__(self, program: Program, params: Params, device: torch.device, regions: bool = True):
         super().__init__(program, params, device)
         gm = in_place(placed(program.gm, device), write_back(program))
+        if device.type == "cpu":
+            gm = cpu_gemms(gm, gemm_policy())
         self.fn = (regional(gm, program, region_of(program, gm)) if regions else
                    torch.compile(gm, dynamic=False, fullgraph=True))
 

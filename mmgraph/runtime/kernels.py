@@ -1,0 +1,123 @@
+"""Kernels the runtime picks for a program's ops where ATen's default is slow on this CPU.
+
+GEMM. ATen's float32 ``mm`` and ``addmm`` call MKL's sgemm. On CPUs whose vendor MKL does not
+dispatch its AVX-512 kernels for (the AMD EPYC machines this project runs on), sgemm reaches
+about 180 GFLOP/s on 2 threads where oneDNN's JIT-compiled kernels (``mkldnn._linear_pointwise``,
+the same float32 arithmetic, no reduced-precision accumulation) reach 300-430 GFLOP/s for the
+shapes of a transformer's forward and backward (measured 2026-12-02). The compiled executor
+runs each float32 GEMM of a CPU program as ``mmgraph::gemm``: ATen or oneDNN, whichever ran
+faster for that shape and layout on this machine, timed the first time the shape is seen
+(``auto``), or the one ``MMGRAPH_CPU_GEMM`` names (``onednn``; ``aten`` leaves the program's
+``mm``/``addmm`` as they are). The lowered program itself is not changed: the rewrite is the
+executor's, on its copy of the graph.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import torch
+
+from mmgraph.core.errors import Problem, UserError
+
+ENV = "MMGRAPH_CPU_GEMM"
+CHOICES = ("auto", "onednn", "aten")
+aten = torch.ops.aten
+
+
+def gemm_policy() -> str:
+    """The CPU GEMM choice (``MMGRAPH_CPU_GEMM``; ``auto`` by default). oneDNN unavailable in
+    this PyTorch build: ``aten`` whatever was asked (nothing else could run)."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise UserError(Problem(None, ENV, f"unknown CPU GEMM choice {value!r}; one of {', '.join(CHOICES)}"))
+    if not onednn_available():
+        return "aten"
+    return value
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _aten(a, b, bias):
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+def _onednn(a, b, bias):
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+
+
+KERNELS = {"aten": _aten, "onednn": _onednn}
+chosen: dict[tuple, str] = {}        # the auto choice per shape and layout, for this process
+
+
+def _best_time(fn, args, repeats: int = 3) -> float:
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def choose(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], timer=_best_time) -> str:
+    """The faster kernel for this GEMM's shapes and layouts, timed once per process on copies
+    of the operands' shapes (the first call's values are not touched): oneDNN where it took
+    under 0.9 of ATen's time (a near tie stays with ATen's)."""
+    key = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), bias is None, a.dtype)
+    kernel = chosen.get(key)
+    if kernel is None:
+        times = {name: timer(fn, (a, b, bias)) for name, fn in KERNELS.items()}
+        kernel = chosen[key] = "onednn" if times["onednn"] < 0.9 * times["aten"] else "aten"
+    return kernel
+
+
+@torch.library.custom_op("mmgraph::gemm", mutates_args=())
+def gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
+    """``a @ b (+ bias)``, 2-D ``a`` and ``b``, 1-D ``bias``: by ``kernel`` (aten, onednn, or
+    auto: ``choose``)."""
+    if kernel == "auto":
+        kernel = choose(a, b, bias)
+    return KERNELS[kernel](a, b, bias)
+
+
+@gemm.register_fake
+def _(a, b, bias, kernel):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _float32(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype == torch.float32
+
+
+def cpu_gemms(gm: torch.fx.GraphModule, kernel: str) -> torch.fx.GraphModule:
+    """``gm`` with each float32 ``mm`` and ``addmm`` (1-D bias, no scaling) as ``mmgraph::gemm``
+    by ``kernel`` (``auto`` or ``onednn``; ``aten``: ``gm`` itself), under the op's own node
+    name (``region_of`` and the program's facts find it). A new graph module: the program's own
+    graph is not touched."""
+    if kernel == "aten":
+        return gm
+    graph = torch.fx.Graph()
+    env: dict = {}
+    for node in gm.graph.nodes:
+        operands = None
+        if node.target is aten.mm.default and _float32(node) and not node.kwargs:
+            operands = (*node.args, None)
+        elif (node.target is aten.addmm.default and _float32(node) and not node.kwargs and len(node.args) == 3
+              and isinstance(node.args[0], torch.fx.Node) and _float32(node.args[0])
+              and node.args[0].meta["val"].dim() == 1):
+            operands = (node.args[1], node.args[2], node.args[0])
+        if operands is None:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            continue
+        a, b, bias = (env[x] if isinstance(x, torch.fx.Node) else x for x in operands)
+        new = graph.create_node("call_function", torch.ops.mmgraph.gemm.default, (a, b, bias, kernel), {},
+                                name=node.name)                    # the program's facts stay its own
+        new.meta = dict(node.meta)
+        env[node] = new
+    return torch.fx.GraphModule(gm, graph)
