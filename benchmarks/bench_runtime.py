@@ -113,14 +113,19 @@ def _rss_kb(field: str) -> int:
 
 
 class Train:
-    """One training step per variant on the same weights, batch and optimizer settings, on ``device``."""
+    """One training step per variant on the same weights, batch and optimizer settings, on ``device``;
+    on the CPU every variant under the allocator setting the runtime makes (``keep_freed_memory``:
+    it is the process's, so the peers share it)."""
 
     def __init__(self, params, variants, device: torch.device):
         from mmgraph.models import build_model, initial_weights, random_batch
         from mmgraph.models.anatomy import no_weight_decay
+        from mmgraph.runtime.host_memory import keep_freed_memory
         from mmgraph.runtime.optim import Optimizer
         from mmgraph.runtime.runner import Runner
 
+        if device.type == "cpu":
+            keep_freed_memory()         # the runtime's allocator setting, for every variant alike
         batch = random_batch(params.layout(), params.train_input.batch_size, seed=1)
         self.batch = {k: v.to(device) for k, v in batch.items()}
         self.steps, self.compile_s = {}, {}
@@ -177,8 +182,8 @@ def time_steps(steps: dict, repeats: int, sync=lambda: None, warmup: int = 2) ->
 
 
 def eval_steps(params, device: torch.device) -> dict:
-    from mmgraph.models import build_model, initial_weights, random_batch
     from mmgraph.compiler.pipeline import compile_step
+    from mmgraph.models import build_model, initial_weights, random_batch
     from mmgraph.runtime.runner import Runner
 
     eval_params = load_params(params.path, "eval")

@@ -27,6 +27,7 @@ from mmgraph.core.update import UpdateRule, step_scalars
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.distributed import SINGLE, Ranks, all_sum, bind_group
 from mmgraph.runtime.executors import Executor, make_executor
+from mmgraph.runtime.host_memory import keep_freed_memory
 from mmgraph.runtime.optim import LossScaler, Optimizer, learning_rate
 from mmgraph.runtime.zero import GradShardOptimizer, ShardedOptimizer
 
@@ -56,6 +57,8 @@ class Runner:
         collectives reduce the gradients), run for the last micro-batch of a step; ``no_sync`` the
         plain program for the micro-batches before it; ``zero`` 1 or 2 shards the optimizer."""
         self.params, self.model_dir, self.device = params, Path(model_dir), torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()              # the steps' activations are not unmapped and faulted in again
         self.ranks, self.zero, self.no_decay = ranks, zero, frozenset(no_decay)
         self.store_device = torch.device("cpu") if weight_streaming else self.device
         self.train_program, self.eval_program, self.no_sync = train, eval_program, no_sync
