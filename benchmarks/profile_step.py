@@ -8,7 +8,8 @@ timed interleaved; and the forward + backward's ops' self CPU time by class unde
 Classes: matmul (mm, addmm, bmm, convolution; the compiled executor's mmgraph::gemm and oneDNN's
 linear), attention (CPU flash attention, forward and backward), fused (Inductor's generated
 kernels), elementwise/reduction (the other ATen math), copies/fills (copy_, fill_, zero_, cat,
-clone, ...), and not in an op: the step's wall time less the ops' self time (Python, the autograd engine, the compiled code's guards and wrappers).
+clone, ...), and not in an op: the step's wall time less the ops' self time (Python, the
+autograd engine, the compiled code's guards and wrappers).
 A profiled run is slower than a timed one: from the profile only the shares are used.
 """
 

@@ -63,20 +63,19 @@ def speed_targets(cpu: list[dict], note: str = "") -> list[Target]:
 
 
 SPEED_REASONS: dict[str, str] = {
-    "reference": ("not analysed: the same program measured 0.97x and 0.90x of eager on the medium config in the two "
-                  "runs of this script before this one (2026-12-02); from run to run the medium ratios move by about "
-                  "8% on this 2-core machine, shared with other jobs"),
-    "compiled": ("the program's forward and backward, compiled by region, run no faster than Inductor on the module "
-                 "(which partitions the joint graph itself; the program's backward is fixed, and regions do not fuse "
-                 "across layer boundaries); clipping and AdamW fused into the program (`--optimizer_in_program`, "
-                 "written in place) win back about what the eager optimizer costs the peer, so the two steps are "
-                 "level, not 5% apart: where the remaining time goes is in docs/runtime.md"),
-    "first": ("the update is compiled too (torch.compile of the module leaves it eager), now grouped by layer like "
-              "the forward and backward (a repeated layer's update compiled once: the update's share of the first "
-              "call fell from a third to about a sixth); what is left: the program's lowering (about 4 s) and a "
-              "fixed cost per compiled function (tracing, AOT, Inductor and a g++ build: about 1 s each, 11 on the "
-              "small config against torch.compile's 2 graphs); first calls are timed one after another in fresh "
-              "processes, so the machine's noise is not shared as the interleaved steps' is"),
+    "reference": ("not analysed: with the runtime's allocator setting (freed host memory kept, "
+                  "runtime/host_memory.py) the reference measured 0.99x of eager on small and medium (2026-12-02); "
+                  "from run to run the ratios move by several percent on this 2-core machine, shared with other jobs"),
+    "compiled": ("the compiled step's lead is its GEMMs on oneDNN (runtime/kernels.py: 2x MKL's sgemm on this AMD "
+                 "CPU); without it the two compiled steps were level (1.00x, 1.01x): a miss means the per-shape "
+                 "choice kept ATen's kernel (a CPU where MKL's sgemm is as fast, or MMGRAPH_CPU_GEMM=aten); "
+                 "docs/runtime.md"),
+    "first": ("measured on the small config: the program's lowering (about 4 s) and 43 C++ kernels in 11 "
+              "compiled functions, one g++ build each (0.7-1.8 s, two at a time on 2 cores), the update's among "
+              "them (torch.compile of the module leaves the optimizer eager and builds none); Inductor's "
+              "cpp_wrapper (one module per graph) took 93 s and compiling without dynamo changed nothing "
+              "measurable; first calls are timed one after another in fresh processes, so the machine's noise "
+              "is not shared as the interleaved steps' is"),
 }
 
 
