@@ -54,24 +54,27 @@ KERNELS = {"aten": _aten, "onednn": _onednn}
 chosen: dict[tuple, str] = {}        # the auto choice per shape and layout, for this process
 
 
-def _best_time(fn, args, repeats: int = 3) -> float:
+def _time(fn, args) -> float:
+    start = time.perf_counter()
     fn(*args)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return time.perf_counter() - start
 
 
-def choose(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], timer=_best_time) -> str:
-    """The faster kernel for this GEMM's shapes and layouts, timed once per process on copies
-    of the operands' shapes (the first call's values are not touched): oneDNN where it took
-    under 0.9 of ATen's time (a near tie stays with ATen's)."""
+def choose(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], timer=_time, rounds: int = 3) -> str:
+    """The faster kernel for this GEMM's shapes and layouts, timed once per process on the first
+    call's own operands (read only: a kernel writes just its output), each kernel warmed once,
+    then ``rounds`` interleaved calls, the best of each: oneDNN where it took under 0.9 of ATen's
+    time (a near tie stays with ATen's)."""
     key = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), bias is None, a.dtype)
     kernel = chosen.get(key)
     if kernel is None:
-        times = {name: timer(fn, (a, b, bias)) for name, fn in KERNELS.items()}
+        args = (a, b, bias)
+        for fn in KERNELS.values():
+            fn(*args)
+        times = dict.fromkeys(KERNELS, float("inf"))
+        for _ in range(rounds):
+            for name, fn in KERNELS.items():
+                times[name] = min(times[name], timer(fn, args))
         kernel = chosen[key] = "onednn" if times["onednn"] < 0.9 * times["aten"] else "aten"
     return kernel
 
