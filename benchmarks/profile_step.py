@@ -5,11 +5,12 @@ timed interleaved; and the forward + backward's ops' self CPU time by class unde
     python -m benchmarks.profile_step                  # small config, 3 profiled steps a variant
     python -m benchmarks.profile_step --size medium --variants eager,compiled
 
-Classes: matmul (mm, addmm, bmm, convolution; the compiled executor's mmgraph::gemm and oneDNN's
-linear), attention (CPU flash attention, forward and backward), fused (Inductor's generated
-kernels), elementwise/reduction (the other ATen math), copies/fills (copy_, fill_, zero_, cat,
-clone, ...), and not in an op: the step's wall time less the ops' self time (Python, the
-autograd engine, the compiled code's guards and wrappers).
+Classes: matmul (mm, addmm, bmm, convolution, oneDNN's linear: the kernels under the compiled
+executor's mmgraph::gemm, whose own Python is not in an op), attention (CPU flash attention,
+forward and backward), fused (Inductor's generated kernels), elementwise/reduction (the other
+ATen math), copies/fills (copy_, fill_, zero_, cat, clone, ...), and not in an op: the step's
+wall time less the ops' self time (Python, the autograd engine, the compiled code's guards and
+wrappers).
 A profiled run is slower than a timed one: from the profile only the shares are used.
 """
 
@@ -27,14 +28,14 @@ from benchmarks.bench_runtime import TRAIN, Train, config_path, time_steps
 from mmgraph.core.config import load_params
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution_backward",
-          "aten::_convolution", "aten::linear", "mkldnn::_linear_pointwise", "mmgraph::gemm")
+          "aten::_convolution", "aten::linear", "mkldnn::_linear_pointwise")
 COPIES = ("aten::copy_", "aten::fill_", "aten::zero_", "aten::cat", "aten::clone", "aten::_to_copy",
           "aten::slice_backward", "aten::new_zeros", "aten::zeros", "aten::empty_like", "aten::contiguous")
 CLASSES = ("matmul", "attention", "fused", "elementwise/reduction", "copies/fills", "not in an op")
 
 
 def op_class(key: str) -> str | None:
-    if key.startswith(("aten::", "mkldnn::", "mmgraph::", "cpp_fused", "graph_")) or "fused" in key:
+    if key.startswith(("aten::", "mkldnn::", "cpp_fused", "graph_")) or "fused" in key:
         if key in MATMUL:
             return "matmul"
         if "scaled_dot_product" in key or "flash_attention" in key:

@@ -3,7 +3,7 @@
 GEMM. ATen's float32 ``mm`` and ``addmm`` call MKL's sgemm. On CPUs whose vendor MKL does not
 dispatch its AVX-512 kernels for (the AMD EPYC machines this project runs on), sgemm reaches
 about 180 GFLOP/s on 2 threads where oneDNN's JIT-compiled kernels (``mkldnn._linear_pointwise``,
-the same float32 arithmetic, no reduced-precision accumulation) reach 300-430 GFLOP/s for the
+the same float32 arithmetic, no reduced-precision accumulation) reach 220-430 GFLOP/s for the
 shapes of a transformer's forward and backward (measured 2026-12-02). The compiled executor
 runs each float32 GEMM of a CPU program as ``mmgraph::gemm``: ATen or oneDNN, whichever ran
 faster for that shape and layout on this machine, timed the first time the shape is seen
