@@ -120,6 +120,7 @@ class Train:
     def __init__(self, params, variants, device: torch.device):
         from mmgraph.models import build_model, initial_weights, random_batch
         from mmgraph.models.anatomy import no_weight_decay
+        from mmgraph.runtime.executors import prepare
         from mmgraph.runtime.host_memory import keep_freed_memory
         from mmgraph.runtime.optim import Optimizer
         from mmgraph.runtime.runner import Runner
@@ -146,6 +147,7 @@ class Train:
                 self.steps[name] = self._eager_step(fn, named, train, opt)
             else:
                 streaming, update = name == "streaming", name == "compiled"
+                prepare(name, device)           # as `mmgraph run` does: its set-up overlaps the lowering
                 if (streaming, update) not in programs:
                     programs[streaming, update] = lowered(params, streaming, update)
                 runner = Runner(params, tempfile.mkdtemp(prefix="mmgraph-bench-"), train=programs[streaming, update],

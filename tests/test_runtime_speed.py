@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from mmgraph.compiler.pipeline import compile_step
 from mmgraph.core.config import load_params
 from mmgraph.models import build_model, initial_weights, random_batch
 from mmgraph.models.anatomy import no_weight_decay
-from mmgraph.compiler.pipeline import compile_step
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.executors import write_back
 from mmgraph.runtime.optim import Optimizer
@@ -127,3 +127,84 @@ def test_a_repeated_layers_update_is_one_region_compiled_once():
     update = {r for rs in by_layer.values() for r in rs}
     codes = {id(getattr(ex.fn, f"submod_{r}")) for r in update}
     assert len(codes) < len(update), "each layer's update compiled on its own"
+
+
+def test_a_shared_region_is_compiled_once_whatever_its_callers_strides():
+    """Two call sites of one region's code, the first passing a strided view (as the first
+    layer's input is a slice of a longer sequence): one compile, not one per layout; the inputs
+    a region writes (here transposed views) reach it as they are. Red without ``OneLayout``
+    (dynamo's stride guard compiles the code again), or when it copies a written input (the
+    write is lost)."""
+    from torch._dynamo.utils import counters
+
+    from mmgraph.runtime.executors import regional
+
+    graph = torch.fx.Graph()
+    x, out1, out2 = (graph.placeholder(n) for n in ("x", "out1", "out2"))
+    label = {}
+
+    def op(region, target, *args):
+        node = graph.call_function(target, args)
+        label[node.name] = region
+        return node
+
+    view = op(0, torch.ops.aten.slice.Tensor, x, 1, 1, 9)
+    a = op(1, torch.ops.aten.relu.default, op(1, torch.ops.aten.mul.Tensor, view, 2.0))
+    op(1, torch.ops.aten.copy_.default, out1, a)
+    b = op(2, torch.ops.aten.relu.default, op(2, torch.ops.aten.mul.Tensor, a, 2.0))
+    op(2, torch.ops.aten.copy_.default, out2, b)
+    graph.output((b,))
+    gm = torch.fx.GraphModule({}, graph)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    fn = regional(gm, None, lambda n: label[n.name])
+    xs = torch.randn(2, 10, 4)
+    dest1, dest2 = (torch.zeros(2, 4, 8).transpose(1, 2) for _ in range(2))
+    (got,) = fn(xs, dest1, dest2)
+    torch.testing.assert_close(got, (xs[:, 1:9] * 4).relu())
+    assert torch.equal(dest2, got) and torch.equal(dest1, (xs[:, 1:9] * 2).relu()), "a write was lost"
+    assert counters["stats"]["unique_graphs"] - before == 2        # the slice; the shared code once
+    assert fn.submod_1 is fn.submod_2 and fn.submod_1.written == frozenset({1})    # (input, out)
+
+
+def test_prepare_probes_the_cpu_vector_isa_off_the_main_thread(monkeypatch):
+    """``prepare`` (called before the lowering) checks each vector ISA the CPU reports on a
+    thread of its own, then has Inductor pick one; the compiled executor waits for it; other
+    executors start nothing. Red when the checks run on the caller's thread or one at a time
+    on one thread, or when a reported ISA is skipped."""
+    import platform
+    import threading
+
+    import pytest
+    from torch._inductor import cpu_vec_isa
+
+    import mmgraph.runtime.executors as ex
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the x86 ISA list")
+    seen = []
+    together = threading.Barrier(2, timeout=10)         # the two reported ISAs: checked at the same time
+
+    class Isa:
+        def __init__(self, name):
+            self.name = name
+
+        def __str__(self):
+            return self.name
+
+        def __bool__(self):
+            together.wait()
+            seen.append((self.name, threading.current_thread()))
+            return True
+
+    monkeypatch.setattr(cpu_vec_isa, "supported_vec_isa_list", [Isa("avx512 avx512_vnni"), Isa("avx2"), Isa("asimd")])
+    monkeypatch.setattr(cpu_vec_isa, "x86_isa_checker", lambda: ["avx2", "avx512", "avx512_vnni"])
+    picked = []
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: picked.append(threading.current_thread()))
+    monkeypatch.setattr(ex, "_setup", {})
+    ex.prepare("reference", torch.device("cpu"))
+    assert not ex._setup
+    ex.prepare("compiled", torch.device("cpu"))
+    ex._prepared()
+    assert sorted(n for n, _ in seen) == ["avx2", "avx512 avx512_vnni"]
+    assert len(picked) == 1 and threading.main_thread() not in {t for _, t in seen} | set(picked)

@@ -25,6 +25,7 @@ from mmgraph.report.dump import write_dumps
 from mmgraph.report.fit import choose_micro_batch
 from mmgraph.runtime.data import make_loader
 from mmgraph.runtime.distributed import agree, from_env, rank_share
+from mmgraph.runtime.executors import prepare
 from mmgraph.runtime.runner import Runner
 from mmgraph.runtime.train import check_memory, loader_batch, train
 from mmgraph.runtime.zero import optimizer_state_bytes
@@ -115,6 +116,8 @@ def _run_ranks(params, params_path: str, model_dir: str, mode: str, ranks, opts:
     if train_mode:
         check_memory(params, opts.device, ranks)
 
+    for name in {opts.executor, opts.eval_executor or opts.executor}:
+        prepare(name, torch.device(opts.device))     # the executor's own set-up overlaps the lowering
     programs = _programs(params, params_path, model_dir, opts, remat, ranks, train_mode, eval_loader is not None,
                          say, original)
     runner = Runner(params, model_dir, programs.train, programs.eval, opts.device, executor=opts.executor,

@@ -22,7 +22,9 @@ its outputs in order.
 from __future__ import annotations
 
 import operator
+import platform
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -201,19 +203,88 @@ def canonical(sub: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(sub, graph)
 
 
+class OneLayout(torch.nn.Module):
+    """A compiled region that several call sites share, called with its inputs in one layout:
+    a strided view (the first layer's input is a slice of a longer sequence) is made contiguous
+    before the call, so dynamo's stride guards do not compile the region's code a second time
+    for one call site (small config: 2 of 13 compiles, 2-4 s each, for a 1 MB copy a step).
+    Inputs the region writes (``written``: its ``copy_`` targets) are passed as they are."""
+
+    def __init__(self, fn, written: frozenset[int]):
+        super().__init__()
+        self.fn, self.written = fn, written
+
+    def forward(self, *args):
+        return self.fn(*(a.contiguous() if isinstance(a, torch.Tensor) and i not in self.written else a
+                         for i, a in enumerate(args)))
+
+
+def _written(sub: torch.fx.GraphModule) -> frozenset[int]:
+    """Positions of the inputs ``sub`` writes in place."""
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    targets = {n.args[0] for n in sub.graph.nodes if _writes_in_place(n) and n.args}
+    return frozenset(i for i, p in enumerate(placeholders) if p in targets)
+
+
 def regional(gm: torch.fx.GraphModule, program: Program, region) -> torch.fx.GraphModule:
     """``gm`` split into regions (``region_of``) under torch.compile, one compiled function per
     distinct region code (``canonical``): the repeated layers call the same compiled code, so it
-    is traced and compiled once (dynamo's guards recompile where an input's shape or strides
-    differ); the split module that calls them is fx code."""
+    is traced and compiled once (dynamo's guards recompile where an input's shape differs; a
+    shared region's inputs are passed in one layout, ``OneLayout``); the split module that calls
+    them is fx code."""
     split = split_module(gm, None, region, keep_original_order=True)
+    subs = {name: canonical(sub) for name, sub in split.named_children()}
+    uses: dict[str, int] = {}
+    for sub in subs.values():
+        uses[sub.code] = uses.get(sub.code, 0) + 1
     compiled: dict[str, torch.nn.Module] = {}
-    for name, sub in list(split.named_children()):
-        sub = canonical(sub)
+    for name, sub in subs.items():
         if sub.code not in compiled:
-            compiled[sub.code] = torch.compile(sub, dynamic=False, fullgraph=True)
+            fn = torch.compile(sub, dynamic=False, fullgraph=True)
+            compiled[sub.code] = OneLayout(fn, _written(sub)) if uses[sub.code] > 1 else fn
         setattr(split, name, compiled[sub.code])
     return split
+
+
+_setup: dict[str, threading.Thread] = {}
+
+
+def _probe_cpu_isa() -> None:
+    """Inductor's choice of vector ISA, made now: each ISA this CPU reports (AVX2, AVX-512,
+    AVX-512 VNNI on x86) is checked by a g++ build of its own, one thread each (Inductor checks
+    them one after the other), then ``pick_vec_isa`` reads the cached answers."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        checker = getattr(cpu_vec_isa, "x86_isa_checker", None)
+        if checker is not None and platform.machine() in ("x86_64", "AMD64"):
+            flags = checker()
+            isas = [isa for isa in getattr(cpu_vec_isa, "supported_vec_isa_list", [])
+                    if all(f in flags for f in str(isa).split())]
+            threads = [threading.Thread(target=bool, args=(isa,), daemon=True) for isa in isas]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        cpu_vec_isa.pick_vec_isa()
+    except Exception:               # Inductor probes again on the main thread and says what failed
+        pass
+
+
+def prepare(executor: str, device: torch.device) -> None:
+    """Start, on a background thread, what ``executor`` sets up once per process whatever the
+    program, so that it overlaps the program's lowering (``CompiledExecutor`` waits for it).
+    ``compiled`` on the CPU: Inductor's probe of the CPU's vector ISA (up to six g++ builds, each
+    loaded by a child Python: 5-7 s with an empty Inductor cache, spent waiting on subprocesses,
+    so the lowering's Python keeps running). Anything else: nothing."""
+    if executor == "compiled" and device.type == "cpu" and "cpu_isa" not in _setup:
+        _setup["cpu_isa"] = threading.Thread(target=_probe_cpu_isa, name="mmgraph-inductor-setup", daemon=True)
+        _setup["cpu_isa"].start()
+
+
+def _prepared() -> None:
+    for thread in _setup.values():
+        thread.join()
 
 
 class CompiledExecutor(Executor):
@@ -228,6 +299,7 @@ class CompiledExecutor(Executor):
 
     def __init__(self, program: Program, params: Params, device: torch.device, regions: bool = True):
         super().__init__(program, params, device)
+        _prepared()                        # Inductor's probes run on one thread at a time
         gm = in_place(placed(program.gm, device), write_back(program))
         if device.type == "cpu":
             gm = cpu_gemms(gm, gemm_policy())
