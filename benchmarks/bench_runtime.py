@@ -25,7 +25,9 @@ Variants run interleaved, median of ``--repeats`` after warm-up (compilation is 
 reported separately); on CUDA each timed call is bracketed by ``torch.cuda.synchronize()``.
 First call (building the program where it is built, compiling, one step): in each variant's
 memory process, a fresh process with an empty Inductor cache of its own (so no variant reuses
-another's kernels; ``compiled`` reuses its own across repeated layers).
+another's kernels; ``compiled`` reuses its own across repeated layers); ``--rounds`` such
+processes a variant (3), the variants interleaved, the median; also its CPU seconds, the
+process's own and its compilers' (g++), which the machine's other jobs move far less.
 Peak memory: each variant in a fresh process that has first compiled the step, so every
 variant carries the same compiler residue. On the CPU: the high-water RSS during the measured
 steps less the RSS after compiling (so: weights, optimizer state, gradients, activations and
@@ -106,6 +108,14 @@ def lowered(params, streaming: bool, update: bool = False):
 
     return compile_step(params, target=load_target("cs2") if streaming else None,
                         optimizer_in_program=update)[-1].program
+
+
+def _cpu_s() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its waited-for children so far."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def _rss_kb(field: str) -> int:
@@ -213,15 +223,19 @@ def memory_child(path: str, variant: str, steps: int, device: str) -> dict:
     after compiling the step: high-water RSS on the CPU, CUDA's peak allocated memory on a GPU
     (where the compiler's residue, host memory, is not reported). On the CPU also what the
     process holds between steps (``held_mb``, RSS after two steps: weights, optimizer state,
-    compiled code, and what the allocator kept), so a peak splits into that and the steps' rise."""
+    compiled code, and what the allocator kept), so a peak splits into that and the steps' rise.
+    The first call also in CPU seconds (``first_call_cpu_s``: this process's, then its children's,
+    the compilers Inductor runs), which other jobs on the machine move far less than its wall time."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmgraph-inductor-")   # compiles from nothing
     params = load_params(path)
     cuda = device == "cuda"
     before = _rss_kb("VmRSS")
     lowered(params, variant == "streaming")   # every variant carries the compiler's residue: the baseline is after it
     base = torch.cuda.memory_allocated() if cuda else _rss_kb("VmRSS")
+    cpu = _cpu_s()
     train = Train(params, [variant], torch.device(device))
     fn, first = train.steps[variant], train.compile_s[variant]
+    cpu = [b - a for a, b in zip(cpu, _cpu_s())]
     fn()
     if cuda:
         torch.cuda.synchronize()
@@ -234,23 +248,34 @@ def memory_child(path: str, variant: str, steps: int, device: str) -> dict:
     if cuda:
         torch.cuda.synchronize()
         return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "compiler_mb": None,
-                "first_call_s": first}
+                "first_call_s": first, "first_call_cpu_s": cpu}
     return {"peak_mb": (_rss_kb("VmHWM") - base) / 1024, "compiler_mb": (base - before) / 1024,
-            "held_mb": (held - base) / 1024, "first_call_s": first}
+            "held_mb": (held - base) / 1024, "first_call_s": first, "first_call_cpu_s": cpu}
 
 
-def measure_memory(path: Path, variants, steps: int, device: str) -> dict:
+def measure_memory(path: Path, variants, steps: int, device: str, rounds: int = 1) -> dict:
+    """``memory_child`` of every variant, ``rounds`` times, the variants interleaved (so a busy
+    spell of the machine does not fall on one variant's first call only): each figure the
+    median over the rounds (``rounds``: how many)."""
+    got: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            cmd = [sys.executable, "-m", "benchmarks.bench_runtime", "--memory-child", v, "--params", str(path),
+                   "--steps", str(steps), "--device", device]
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+            got[v].append(json.loads(res.stdout.strip().splitlines()[-1]))
     out = {}
-    for v in variants:
-        cmd = [sys.executable, "-m", "benchmarks.bench_runtime", "--memory-child", v, "--params", str(path),
-               "--steps", str(steps), "--device", device]
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-        out[v] = json.loads(res.stdout.strip().splitlines()[-1])
+    for v, runs in got.items():
+        row = {k: (None if runs[0][k] is None else statistics.median(r[k] for r in runs))
+               for k in runs[0] if k != "first_call_cpu_s"}
+        row["first_call_cpu_s"] = [statistics.median(r["first_call_cpu_s"][i] for r in runs) for i in (0, 1)]
+        out[v] = {**row, "rounds": rounds}
     return out
 
 
-def run(size: str, repeats: int, memory: bool = True, variants=TRAIN, device: str = "cpu") -> dict:
-    """One (device, size) run: the training step of every variant, the eval forward, peak memory."""
+def run(size: str, repeats: int, memory: bool = True, variants=TRAIN, device: str = "cpu", rounds: int = 3) -> dict:
+    """One (device, size) run: the training step of every variant, the eval forward, peak memory
+    and first calls (``rounds`` fresh processes a variant)."""
     start = time.perf_counter()
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -260,13 +285,16 @@ def run(size: str, repeats: int, memory: bool = True, variants=TRAIN, device: st
         bench = Train(params, variants, dev)
         train = time_steps(bench.steps, repeats, synchronizer(dev))
         ev = time_steps(eval_steps(params, dev), repeats, synchronizer(dev))
-        measured = measure_memory(path, variants, 3 if repeats > 1 else 1, device) if memory else {}
+        measured = (measure_memory(path, variants, 3 if repeats > 1 else 1, device, rounds if repeats > 1 else 1)
+                    if memory else {})
     mem = {k: v["peak_mb"] for k, v in measured.items()}
     residue = max((v["compiler_mb"] for v in measured.values() if v["compiler_mb"] is not None), default=None)
     base = train["eager"]["median_s"]
     rows = [{"variant": k, **v, "ratio": v["median_s"] / base,
              "first_call_s": measured[k]["first_call_s"] if k in measured else bench.compile_s[k],
              "first_call_in_run_s": bench.compile_s[k],
+             "first_call_cpu_s": measured[k]["first_call_cpu_s"] if k in measured else None,
+             "first_call_rounds": measured[k]["rounds"] if k in measured else 1,
              "peak_mb": mem.get(k), "memory_ratio": mem[k] / mem["eager"] if mem else None,
              "held_mb": measured.get(k, {}).get("held_mb")}
             for k, v in train.items()]
@@ -298,12 +326,19 @@ def _run_table(r: dict) -> str:
     head = (f"Training step, {r['size']} config, {where}, batch {r['batch']}, {r['threads']} threads, "
             f"median of {r['repeats']} ({peak}):")
     lines = [head, "",
-             "| variant | ms (median) | min | max | / eager | first call s (fresh process) | peak MB | memory / eager |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | ms (median) | min | max | / eager | first call s (fresh process) | its CPU s (own + compilers) "
+             "| peak MB | memory / eager |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rounds = max((row.get("first_call_rounds", 1) for row in r["train"]), default=1)
     for row in r["train"]:
         mem = f"{row['peak_mb']:.0f} | {row['memory_ratio']:.2f}" if row["peak_mb"] is not None else "- | -"
+        cpu = row.get("first_call_cpu_s")
+        cpu = f"{sum(cpu):.0f} ({cpu[0]:.0f} + {cpu[1]:.0f})" if cpu else "-"
         lines.append(f"| {row['variant']} | {row['median_s'] * 1e3:.1f} | {row['min_s'] * 1e3:.1f} | "
-                     f"{row['max_s'] * 1e3:.1f} | {row['ratio']:.2f} | {row['first_call_s']:.1f} | {mem} |")
+                     f"{row['max_s'] * 1e3:.1f} | {row['ratio']:.2f} | {row['first_call_s']:.1f} | {cpu} | {mem} |")
+    if rounds > 1:
+        lines += ["", f"First calls and peaks: the median of {rounds} fresh processes a variant, the variants "
+                      "interleaved."]
     if r.get("streaming_vs_in_memory") is not None:
         how = ("store in pinned host memory: weights copied in per segment, gradients copied back, clipping "
                "and AdamW on the CPU; its peak is the device memory only" if cuda else
@@ -333,6 +368,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"),
                     help="one device (auto: cuda when available; default, with neither: the CPU and CUDA if any)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes a variant for first calls and peaks")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -344,7 +380,7 @@ def main(argv=None) -> int:
         return 0
     runs = []
     for device, size in cases(args.size, args.device, args.quick):
-        runs.append(run(size, 1 if args.quick else args.repeats, device=device))
+        runs.append(run(size, 1 if args.quick else args.repeats, device=device, rounds=args.rounds))
         print(f"{device} {size}: {runs[-1]['wall_s']:.0f} s", file=sys.stderr)
     result = {"runs": runs, "versions": {"torch": torch.__version__}}
     return finish(result, format_table(result), args.out)

@@ -53,6 +53,8 @@ def speed_targets(cpu: list[dict], note: str = "") -> list[Target]:
             comp.measured, comp.status = f"{x:.2f}x", judged(x <= 0.95)
             comp.reason = "" if x <= 0.95 else SPEED_REASONS.get("compiled", NOT_ANALYSED)
             first.measured = f"{c['first_call_s']:.0f} s vs {t['first_call_s']:.0f} s"
+            if c.get("first_call_cpu_s") and t.get("first_call_cpu_s"):
+                first.measured += f" (CPU {sum(c['first_call_cpu_s']):.0f} s vs {sum(t['first_call_cpu_s']):.0f} s)"
             first.status = judged(c["first_call_s"] <= t["first_call_s"])
             first.reason = "" if first.status == "met" else SPEED_REASONS.get("first", NOT_ANALYSED)
         if {"reference", "eager"} <= set(rows):

@@ -299,7 +299,6 @@ class CompiledExecutor(Executor):
 
     def __init__(self, program: Program, params: Params, device: torch.device, regions: bool = True):
         super().__init__(program, params, device)
-        _prepared()                        # Inductor's probes run on one thread at a time
         gm = in_place(placed(program.gm, device), write_back(program))
         if device.type == "cpu":
             gm = cpu_gemms(gm, gemm_policy())
@@ -307,6 +306,7 @@ class CompiledExecutor(Executor):
                    torch.compile(gm, dynamic=False, fullgraph=True))
 
     def __call__(self, inputs):
+        _prepared()                        # before Inductor's first compile: its probes, once
         with torch.no_grad():
             return self.fn(*inputs)
 
