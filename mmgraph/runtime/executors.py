@@ -226,12 +226,23 @@ def _written(sub: torch.fx.GraphModule) -> frozenset[int]:
     return frozenset(i for i, p in enumerate(placeholders) if p in targets)
 
 
+# A region with fewer elementwise and reduction ops than this, used once, runs as fx code: there
+# is next to nothing for Inductor to fuse, and each of its C++ kernels costs a g++ build (about
+# 1 s of CPU) on the first call. On the small config: the patch embedding's run (a convolution,
+# the class token's cat, the position add, a layer norm: 2 kernels).
+MIN_FUSIBLE = 4
+
+
+def _fusible(sub: torch.fx.GraphModule) -> int:
+    return sum(op_class(n) in ("elementwise", "reduction") for n in sub.graph.nodes if n.op == "call_function")
+
+
 def regional(gm: torch.fx.GraphModule, program: Program, region) -> torch.fx.GraphModule:
     """``gm`` split into regions (``region_of``) under torch.compile, one compiled function per
     distinct region code (``canonical``): the repeated layers call the same compiled code, so it
     is traced and compiled once (dynamo's guards recompile where an input's shape differs; a
-    shared region's inputs are passed in one layout, ``OneLayout``); the split module that calls
-    them is fx code."""
+    shared region's inputs are passed in one layout, ``OneLayout``); a region used once with
+    little to fuse (``MIN_FUSIBLE``) stays fx code. The split module that calls them is fx code."""
     split = split_module(gm, None, region, keep_original_order=True)
     subs = {name: canonical(sub) for name, sub in split.named_children()}
     uses: dict[str, int] = {}
@@ -239,6 +250,9 @@ def regional(gm: torch.fx.GraphModule, program: Program, region) -> torch.fx.Gra
         uses[sub.code] = uses.get(sub.code, 0) + 1
     compiled: dict[str, torch.nn.Module] = {}
     for name, sub in subs.items():
+        if uses[sub.code] == 1 and _fusible(sub) < MIN_FUSIBLE:
+            setattr(split, name, sub)
+            continue
         if sub.code not in compiled:
             fn = torch.compile(sub, dynamic=False, fullgraph=True)
             compiled[sub.code] = OneLayout(fn, _written(sub)) if uses[sub.code] > 1 else fn
