@@ -209,3 +209,19 @@ def test_prepare_probes_the_cpu_vector_isa_off_the_main_thread(monkeypatch):
     ex._prepared()
     assert sorted(n for n, _ in seen) == ["avx2", "avx512 avx512_vnni"]
     assert len(picked) == 1 and threading.main_thread() not in {t for _, t in seen} | set(picked)
+
+
+def test_one_layout_copies_only_views_with_gaps():
+    """A shared region's inputs: a slice of a longer sequence is made contiguous; a transposed
+    weight, an expanded mask and a contiguous tensor pass as themselves (copying them every step
+    cost the small config's compiled step about 20 MB of copies). Red when every non-contiguous
+    input is copied, or when the slice is not."""
+    from mmgraph.runtime.executors import OneLayout
+
+    got = []
+    fn = OneLayout(lambda *a: got.extend(a), frozenset())
+    x = torch.randn(8, 130, 16)
+    sliced, t, mask, dense = x[:, 1:129], torch.randn(24, 16).t(), torch.ones(1, 1, 4, 4).expand(8, 2, 4, 4), x
+    fn(sliced, t, mask, dense)
+    assert got[0].is_contiguous() and torch.equal(got[0], sliced)
+    assert got[1] is t and got[2] is mask and got[3] is dense

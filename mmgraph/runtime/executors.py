@@ -205,18 +205,33 @@ def canonical(sub: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 class OneLayout(torch.nn.Module):
     """A compiled region that several call sites share, called with its inputs in one layout:
-    a strided view (the first layer's input is a slice of a longer sequence) is made contiguous
-    before the call, so dynamo's stride guards do not compile the region's code a second time
-    for one call site (small config: 2 of 13 compiles, 2-4 s each, for a 1 MB copy a step).
-    Inputs the region writes (``written``: its ``copy_`` targets) are passed as they are."""
+    a view with gaps between its elements (the first layer's input is a slice of a longer
+    sequence; the next layers get a dense tensor) is made contiguous before the call, so dynamo's
+    stride guards do not compile the region's code a second time for one call site (small
+    config: 2 of 13 compiles, 2-4 s each, for a 1 MB copy a step). Dense views (a transposed
+    weight, an expanded mask: the same at every call site) pass as they are, as do the inputs
+    the region writes (``written``: its ``copy_`` targets)."""
 
     def __init__(self, fn, written: frozenset[int]):
         super().__init__()
         self.fn, self.written = fn, written
 
     def forward(self, *args):
-        return self.fn(*(a.contiguous() if isinstance(a, torch.Tensor) and i not in self.written else a
+        return self.fn(*(a.contiguous() if isinstance(a, torch.Tensor) and i not in self.written and _gapped(a) else a
                          for i, a in enumerate(args)))
+
+
+def _gapped(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements leave gaps in the memory they span: its strides, in increasing
+    order (broadcast and size-1 dimensions aside), are not each the product of the sizes below."""
+    if t.is_contiguous():
+        return False
+    span = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1 and st != 0):
+        if stride != span:
+            return True
+        span *= size
+    return False
 
 
 def _written(sub: torch.fx.GraphModule) -> frozenset[int]:
