@@ -225,3 +225,33 @@ def test_one_layout_copies_only_views_with_gaps():
     fn(sliced, t, mask, dense)
     assert got[0].is_contiguous() and torch.equal(got[0], sliced)
     assert got[1] is t and got[2] is mask and got[3] is dense
+
+
+def test_the_update_of_weights_of_no_layer_is_one_region():
+    """Once the layers' updates have begun, the update ops of weights no layer reads (the
+    projector's, the norms') are one region wherever their runs fall (one compile and kernel, not
+    one per run); before that (their gradient-norm parts inside the backward's runs) nothing is
+    moved; a grouping that would make regions depend on each other both ways is refused. Red
+    when the runs are left apart or when ``_acyclic`` misses a cycle."""
+    from mmgraph.core.ir import LayerKind
+    from mmgraph.passes.optimizer import LAYER
+    from mmgraph.runtime.executors import _acyclic, _weight_layers, in_place, region_of, region_of_runs
+
+    params = load_params(TINY2)
+    program = compile_step(params, optimizer_in_program=True)[-1].program
+    gm = in_place(program.gm, write_back(program))
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    runs, merged = region_of_runs(program, gm), region_of(program, gm)
+    assert len({merged(n) for n in nodes}) < len({runs(n) for n in nodes})
+    layer_of = _weight_layers(program)
+    order = {n.name: i for i, n in enumerate(nodes)}
+    start = min(order[n.name] for n in nodes if n.name in program.info and program.info[n.name].layer == LAYER
+                and program.info[n.name].module in layer_of)
+    rest = {merged(n) for n in nodes if order[n.name] > start and n.name in program.info
+            and program.info[n.name].layer == LAYER and program.info[n.name].kind != LayerKind.BLOCK
+            and program.info[n.name].module not in layer_of}
+    assert len(rest) == 1
+    a, b, c = (torch.fx.Node(torch.fx.Graph(), name, "call_function", torch.relu, (), {}) for name in "abc")
+    b.args, c.args = (a,), (b,)
+    assert _acyclic([a, b, c], {"a": 0, "b": 1, "c": 0}) is False
+    assert _acyclic([a, b, c], {"a": 0, "b": 0, "c": 1}) is True

@@ -35,6 +35,7 @@ from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import InputKind, LayerKind, Program
 from mmgraph.core.ops import CLASSES, op_class
+from mmgraph.passes.optimizer import LAYER as OPTIMIZER_LAYER
 from mmgraph.runtime.kernels import cpu_gemms, gemm_policy
 from mmgraph.runtime.onnx_program import export_program
 
@@ -150,8 +151,38 @@ def region_of(program: Program, gm: Optional[torch.fx.GraphModule] = None):
     """The region label of each op node of ``gm`` (the program's graph as it runs: by default
     the program's own): contiguous runs of one transformer layer's forward (or backward, or its
     weights' update: an update op names its weight as its module), and the runs of everything
-    else between them. Nodes the program has no facts for (``in_place``'s write-back copies) go
-    with the node before them."""
+    else between them; once the layers' updates have begun, the update of the weights of no layer
+    is one region, wherever its runs fall (between the layers' updates: each its own compile and
+    C++ kernel otherwise), unless that would make regions depend on each other both ways. Nodes the program has no facts for (``in_place``'s
+    write-back copies) go with the node before them."""
+    layer_of = _weight_layers(program)
+    labels: dict[str, int] = {}
+    run, last, tail = -1, object(), False
+    first: dict = {}
+    nodes = [n for n in (gm or program.gm).graph.nodes if n.op not in ("placeholder", "output")]
+    for node in nodes:
+        info = program.info.get(node.name)
+        if info is None:
+            key = last
+        elif info.kind == LayerKind.BLOCK:
+            key = (info.layer, info.phase)
+        elif info.module in layer_of:
+            key = ("update", layer_of[info.module])
+        else:
+            key = ("update", None) if tail and info.layer == OPTIMIZER_LAYER else "rest"
+        if key != last:
+            run, last = run + 1, key
+            tail = tail or (isinstance(key, tuple) and key[0] == "update" and key[1] is not None)
+            if tail:
+                first.setdefault(key, run)
+        labels[node.name] = first[key] if key == ("update", None) and tail else max(run, 0)
+    if not _acyclic(nodes, labels):
+        return region_of_runs(program, gm)
+    return lambda node: labels.get(node.name, max(run, 0))
+
+
+def region_of_runs(program: Program, gm: Optional[torch.fx.GraphModule] = None):
+    """``region_of`` with every run a region of its own."""
     layer_of = _weight_layers(program)
     labels: dict[str, int] = {}
     run, last = -1, object()
@@ -169,6 +200,35 @@ def region_of(program: Program, gm: Optional[torch.fx.GraphModule] = None):
             run, last = run + 1, key
         labels[node.name] = max(run, 0)
     return lambda node: labels.get(node.name, max(run, 0))
+
+
+def _acyclic(nodes: list, labels: dict[str, int]) -> bool:
+    """Whether the regions ``labels`` makes depend on each other in one direction only."""
+    edges: dict[int, set[int]] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            a, b = labels.get(arg.name), labels[node.name]
+            if a is not None and a != b:
+                edges.setdefault(a, set()).add(b)
+    state: dict[int, int] = {}
+
+    def visit(v: int) -> bool:                      # False on a cycle
+        stack = [(v, iter(edges.get(v, ())))]
+        state[v] = 1
+        while stack:
+            u, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[u] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return False
+            elif nxt not in state:
+                state[nxt] = 1
+                stack.append((nxt, iter(edges.get(nxt, ()))))
+        return True
+
+    return all(visit(v) for v in list(edges) if v not in state)
 
 
 def _weight_layers(program: Program) -> dict[str, str]:
