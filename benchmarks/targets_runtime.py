@@ -72,12 +72,11 @@ SPEED_REASONS: dict[str, str] = {
                  "CPU); without it the two compiled steps were level (1.00x, 1.01x): a miss means the per-shape "
                  "choice kept ATen's kernel (a CPU where MKL's sgemm is as fast, or MMGRAPH_CPU_GEMM=aten); "
                  "docs/runtime.md"),
-    "first": ("measured on the small config: the program's lowering (about 4 s) and 43 C++ kernels in 11 "
-              "compiled functions, one g++ build each (0.7-1.8 s, two at a time on 2 cores), the update's among "
-              "them (torch.compile of the module leaves the optimizer eager and builds none); Inductor's "
-              "cpp_wrapper (one module per graph) took 93 s and compiling without dynamo changed nothing "
-              "measurable; first calls are timed one after another in fresh processes, so the machine's noise "
-              "is not shared as the interleaved steps' is"),
+    "first": ("the two are level within the machine's noise on small (2026-12-02: 39 s vs 36 s, then 39 s vs 41 s, "
+              "medians of 3 fresh processes): the compiled program builds more C++ kernels (one g++ build of about "
+              "1 s of CPU each: 0.4 s loading the precompiled header, 0.3 s linking against libtorch) and spends "
+              "more CPU (59 s vs 54 s), won back in wall time by probing Inductor's vector ISAs during the lowering; "
+              "with depth it gains (each repeated layer compiled once); docs/runtime.md"),
 }
 
 
