@@ -130,9 +130,9 @@ class Train:
     def __init__(self, params, variants, device: torch.device):
         from mmgraph.models import build_model, initial_weights, random_batch
         from mmgraph.models.anatomy import no_weight_decay
-        from mmgraph.runtime.executors import prepare
         from mmgraph.runtime.host_memory import keep_freed_memory
         from mmgraph.runtime.optim import Optimizer
+        from mmgraph.runtime.regions import prepare
         from mmgraph.runtime.runner import Runner
 
         if device.type == "cpu":
@@ -326,8 +326,8 @@ def _run_table(r: dict) -> str:
     head = (f"Training step, {r['size']} config, {where}, batch {r['batch']}, {r['threads']} threads, "
             f"median of {r['repeats']} ({peak}):")
     lines = [head, "",
-             "| variant | ms (median) | min | max | / eager | first call s (fresh process) | its CPU s (own + compilers) "
-             "| peak MB | memory / eager |",
+             "| variant | ms (median) | min | max | / eager | first call s (fresh process) "
+             "| its CPU s (own + compilers) | peak MB | memory / eager |",
              "|---|---|---|---|---|---|---|---|---|"]
     rounds = max((row.get("first_call_rounds", 1) for row in r["train"]), default=1)
     for row in r["train"]:

@@ -76,7 +76,8 @@ def test_compiled_executor_compiles_per_region():
     same code, compiled once through Inductor's cache); red when the executor compiles the whole
     graph as one, or when regions cross layers."""
     from mmgraph.core.ir import LayerKind
-    from mmgraph.runtime.executors import CompiledExecutor, region_of
+    from mmgraph.runtime.executors import CompiledExecutor
+    from mmgraph.runtime.regions import region_of
 
     params = load_params(TINY2)
     program = compile_step(params)[-1].program
@@ -100,7 +101,8 @@ def test_a_repeated_layers_update_is_one_region_compiled_once():
     value. Red when update ops lose their weight (``NodeInfo.module``), when ``core.update``
     interleaves weights again, or when the copies gather at the end."""
     from mmgraph.core.ir import InputKind, LayerKind
-    from mmgraph.runtime.executors import CompiledExecutor, in_place, region_of
+    from mmgraph.runtime.executors import CompiledExecutor, in_place
+    from mmgraph.runtime.regions import region_of
 
     params = load_params(TINY2)
     program = compile_step(params, optimizer_in_program=True)[-1].program
@@ -137,7 +139,7 @@ def test_a_shared_region_is_compiled_once_whatever_its_callers_strides():
     the code again), or when it copies a written input (the write is lost)."""
     from torch._dynamo.utils import counters
 
-    from mmgraph.runtime.executors import regional
+    from mmgraph.runtime.regions import regional
 
     graph = torch.fx.Graph()
     x, out1, out2 = (graph.placeholder(n) for n in ("x", "out1", "out2"))
@@ -157,7 +159,7 @@ def test_a_shared_region_is_compiled_once_whatever_its_callers_strides():
     gm = torch.fx.GraphModule({}, graph)
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
-    fn = regional(gm, None, lambda n: label[n.name])
+    fn = regional(gm, lambda n: label[n.name])
     xs = torch.randn(2, 10, 4)
     dest1, dest2 = (torch.zeros(2, 4, 8).transpose(1, 2) for _ in range(2))
     (got,) = fn(xs, dest1, dest2)
@@ -179,7 +181,7 @@ def test_prepare_probes_the_cpu_vector_isa_off_the_main_thread(monkeypatch):
     import pytest
     from torch._inductor import cpu_vec_isa
 
-    import mmgraph.runtime.executors as ex
+    import mmgraph.runtime.regions as ex
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the x86 ISA list")
@@ -206,7 +208,7 @@ def test_prepare_probes_the_cpu_vector_isa_off_the_main_thread(monkeypatch):
     ex.prepare("reference", torch.device("cpu"))
     assert not ex._setup
     ex.prepare("compiled", torch.device("cpu"))
-    ex._prepared()
+    ex.prepared()
     assert sorted(n for n, _ in seen) == ["avx2", "avx512 avx512_vnni"]
     assert len(picked) == 1 and threading.main_thread() not in {t for _, t in seen} | set(picked)
 
@@ -216,7 +218,7 @@ def test_one_layout_copies_only_views_with_gaps():
     weight, an expanded mask and a contiguous tensor pass as themselves (copying them every step
     cost the small config's compiled step about 20 MB of copies). Red when every non-contiguous
     input is copied, or when the slice is not."""
-    from mmgraph.runtime.executors import OneLayout
+    from mmgraph.runtime.regions import OneLayout
 
     got = []
     fn = OneLayout(lambda *a: got.extend(a), frozenset())
@@ -235,13 +237,14 @@ def test_the_update_of_weights_of_no_layer_is_one_region():
     when the runs are left apart or when ``_acyclic`` misses a cycle."""
     from mmgraph.core.ir import LayerKind
     from mmgraph.passes.optimizer import LAYER
-    from mmgraph.runtime.executors import _acyclic, _weight_layers, in_place, region_of, region_of_runs
+    from mmgraph.runtime.executors import in_place
+    from mmgraph.runtime.regions import _acyclic, _weight_layers, region_of
 
     params = load_params(TINY2)
     program = compile_step(params, optimizer_in_program=True)[-1].program
     gm = in_place(program.gm, write_back(program))
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    runs, merged = region_of_runs(program, gm), region_of(program, gm)
+    runs, merged = region_of(program, gm, merge=False), region_of(program, gm)
     assert len({merged(n) for n in nodes}) < len({runs(n) for n in nodes})
     layer_of = _weight_layers(program)
     order = {n.name: i for i, n in enumerate(nodes)}

@@ -25,7 +25,7 @@ from mmgraph.report.dump import write_dumps
 from mmgraph.report.fit import choose_micro_batch
 from mmgraph.runtime.data import make_loader
 from mmgraph.runtime.distributed import agree, from_env, rank_share
-from mmgraph.runtime.executors import prepare
+from mmgraph.runtime.regions import prepare
 from mmgraph.runtime.runner import Runner
 from mmgraph.runtime.train import check_memory, loader_batch, train
 from mmgraph.runtime.zero import optimizer_state_bytes
