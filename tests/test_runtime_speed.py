@@ -19,8 +19,23 @@ from mmgraph.runtime.runner import Runner
 from tests.conftest import TINY2
 
 
-def test_compiled_whole_step_updates_in_place_and_trains_like_the_reference(tmp_path):
-    """Red without ``in_place`` (the state buffers change identity: new tensors each step)."""
+def test_compiled_whole_step_updates_in_place_and_trains_like_the_reference(tmp_path, monkeypatch):
+    """Red without ``in_place`` (the state buffers change identity: new tensors each step), or
+    when the executor calls its regions outside ``cpp_builds.batched`` (its C++ kernels built one
+    g++ run each)."""
+    import contextlib
+
+    from mmgraph.runtime import cpp_builds, executors
+
+    held = []
+
+    @contextlib.contextmanager
+    def spy():
+        with cpp_builds.batched():
+            held.append(True)
+            yield
+
+    monkeypatch.setattr(executors, "batched", spy)
     params = load_params(TINY2)
     program = compile_step(params, optimizer_in_program=True)[-1].program
     assert write_back(program)
@@ -40,6 +55,7 @@ def test_compiled_whole_step_updates_in_place_and_trains_like_the_reference(tmp_
     assert {k: comp.weights[k].data_ptr() for k in comp.trainable} == weights
     for name in comp.trainable:
         torch.testing.assert_close(comp.weights[name], ref.weights[name], rtol=1e-3, atol=1e-5)
+    assert held
 
 
 def test_non_finite_is_exact_also_when_a_sum_overflows():

@@ -33,6 +33,7 @@ from mmgraph.core.config import Params
 from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import InputKind, Program
 from mmgraph.core.ops import CLASSES, op_class
+from mmgraph.runtime.cpp_builds import batched
 from mmgraph.runtime.kernels import cpu_gemms, gemm_policy
 from mmgraph.runtime.onnx_program import export_program
 from mmgraph.runtime.regions import prepared, region_of, regional, writes_in_place
@@ -160,7 +161,7 @@ class CompiledExecutor(Executor):
 
     def __call__(self, inputs):
         prepared()                         # before Inductor's first compile: its probes, once
-        with torch.no_grad():
+        with torch.no_grad(), batched():
             return self.fn(*inputs)
 
 
