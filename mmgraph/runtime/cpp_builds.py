@@ -196,7 +196,9 @@ def batched():
         if items:
             _build(original, compiler, items)
 
-    def cpp_pybinding(self, argtypes, source_code):
+    def cpp_pybinding(self, argtypes, source_code, *args, **kwargs):
+        if args or kwargs:              # a call this module does not know: Inductor's own
+            return original(self, argtypes, source_code, *args, **kwargs)
         slot = _Slot()
         pending.append((list(argtypes), source_code, slot))
 
