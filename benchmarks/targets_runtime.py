@@ -65,19 +65,22 @@ def speed_targets(cpu: list[dict], note: str = "") -> list[Target]:
 
 
 SPEED_REASONS: dict[str, str] = {
-    "reference": ("level with eager within the machine's noise, not behind it: the step is mostly GEMMs, the same "
-                  "ATen kernels in both (medium, profiled 2026-12-02 over 3 steps each: aten::mm 848 ms of CPU in "
-                  "the reference, 840 ms in eager; all ops' own CPU 1062 ms against 1125 ms), and three interleaved "
-                  "rechecks of 7 steps each right after a 1.02x (1.022) run measured 1.005x, 0.990x and 1.029x; "
-                  "from run to run the ratio moves by 2-3% on this 2-core machine, shared with other jobs"),
+    "reference": ("at the limit, level with eager within the machine's noise: two runs on 2026-12-02 evening measured "
+                  "1.022x and 1.021x on medium (0.99x and 0.97x on small; 0.99x on both the run before). The step is "
+                  "mostly GEMMs, the same ATen kernels in both (medium, profiled over 3 steps each: aten::mm 848 ms of "
+                  "CPU in the reference, 840 ms in eager; all ops' own CPU 1062 ms against 1125 ms); the program's "
+                  "execution took 1193-1199 ms against eager's forward and backward 1185-1228 ms; what the reference "
+                  "does besides, about 1% of the step, is the runner's: the divergence guard's check of every weight "
+                  "after the update (5 ms) and its bookkeeping; three interleaved rechecks of 7 steps measured 1.005x, "
+                  "0.990x and 1.029x"),
     "compiled": ("the compiled step's lead is its GEMMs on oneDNN (runtime/kernels.py: 2x MKL's sgemm on this AMD "
                  "CPU); without it the two compiled steps were level (1.00x, 1.01x): a miss means the per-shape "
                  "choice kept ATen's kernel (a CPU where MKL's sgemm is as fast, or MMGRAPH_CPU_GEMM=aten); "
                  "docs/runtime.md"),
     "first": ("a miss is new: with a region's C++ kernels built in one g++ run (runtime/cpp_builds.py) the "
-              "compiled program's first call measured 25 s vs 30 s small and 42 s vs 48 s medium, with less CPU "
-              "(32 s vs 39 s, 55 s vs 60 s; 2026-12-02, medians of 3 fresh processes); before it the two were level "
-              "within the noise (one g++ run per kernel, 0.7-1 s of CPU each); docs/runtime.md"),
+              "compiled program's first call measured 25-27 s vs 30-33 s small and 40-42 s vs 48-49 s medium, with "
+              "less CPU (2026-12-02, two runs, medians of 3 fresh processes); before it the two were level within "
+              "the noise (one g++ run per kernel, 0.7-1 s of CPU each); docs/runtime.md"),
 }
 
 
