@@ -36,12 +36,25 @@ _lock = threading.Lock()
 _ENTRY = re.compile(r'(extern\s+"C"\s+(?:[\w:*&<>]+\s+)*?)kernel(\s*\()')
 
 
+_PARSE = """
+static inline int64_t mmgraph_int(PyObject* o) {
+    auto v = PyLong_AsSsize_t(o);
+    if (v == -1 && PyErr_Occurred()) throw std::runtime_error("expected int arg");
+    return v;
+}
+static inline float mmgraph_float(PyObject* o) {
+    auto v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) throw std::runtime_error("expected float arg");
+    return static_cast<float>(v);
+}"""
+
+
 def _binding(names: list[str], argtypes: list[list[str]]) -> str:
     """The Python bindings of kernels ``names`` (each like Inductor's: a tuple of tensors and
     scalars in, the kernel called on their data pointers), in one module named ``kernel``."""
     out = ["", "#define PY_SSIZE_T_CLEAN", "#include <Python.h>", "#include <cstdlib>", "#include <cerrno>",
            "#include <stdexcept>",
-           "static void* (*mmgraph_data_ptr)(PyObject*);"]
+           "static void* (*mmgraph_data_ptr)(PyObject*);", _PARSE]
     for name, types in zip(names, argtypes):
         args = []
         for n, argtype in enumerate(types):
@@ -67,17 +80,6 @@ static PyObject* {name}_py(PyObject* self, PyObject* args) {{
         return nullptr;
     }}
 }}""")
-    out.insert(7, """
-static inline int64_t mmgraph_int(PyObject* o) {
-    auto v = PyLong_AsSsize_t(o);
-    if (v == -1 && PyErr_Occurred()) throw std::runtime_error("expected int arg");
-    return v;
-}
-static inline float mmgraph_float(PyObject* o) {
-    auto v = PyFloat_AsDouble(o);
-    if (v == -1.0 && PyErr_Occurred()) throw std::runtime_error("expected float arg");
-    return static_cast<float>(v);
-}""")
     table = "".join(f'    {{"{n}", {n}_py, METH_VARARGS, ""}},\n' for n in names)
     out.append(f"""
 static PyObject* kernel_py(PyObject* self, PyObject* args) {{ Py_RETURN_NONE; }}
