@@ -2,7 +2,8 @@
 whole step (``--optimizer_in_program``) trains as the reference does, writing the new weights
 and optimizer state into the buffers it was given; the cheaper divergence check
 (``checkpoint.non_finite``) names exactly the non-finite tensors; the optimizer makes its
-state once."""
+state once; the runner writes gradients in place only where no other tensor holds their memory
+(``Claims``), so views are not copied and outputs sharing memory are not scaled twice."""
 
 from __future__ import annotations
 
@@ -56,6 +57,52 @@ def test_compiled_whole_step_updates_in_place_and_trains_like_the_reference(tmp_
     for name in comp.trainable:
         torch.testing.assert_close(comp.weights[name], ref.weights[name], rtol=1e-3, atol=1e-5)
     assert held
+
+
+def test_gradients_are_claimed_only_where_no_other_tensor_holds_their_memory():
+    """Red when ``Claims`` claims views without checking overlap (the old rule copied every view:
+    1% of the medium step), takes a tensor twice, or writes into an input's memory."""
+    from mmgraph.runtime.runner import Claims
+
+    buf, weight = torch.zeros(4, 6), torch.ones(3, 5)
+    owned = Claims([weight])
+    assert owned.claim(buf[:2]) and owned.claim(buf[2:].t())      # disjoint views of one buffer
+    assert not owned.claim(buf[1:3])                               # overlaps both
+    fresh = torch.zeros(8)
+    assert owned.claim(fresh) and not owned.claim(fresh) and not owned.claim(fresh.view(2, 4))
+    assert not owned.claim(weight) and not owned.claim(weight[1:].t())         # the program's inputs
+    assert not Claims([]).claim(torch.zeros(3).expand(4, 3))      # elements that share memory
+    assert not Claims([]).claim(torch.zeros(4, 6)[:, ::2])         # not dense: an update would skip gaps
+
+
+def test_gradient_outputs_that_share_memory_are_weighed_and_clipped_once(tmp_path, monkeypatch):
+    """Two micro-batches, clipped, where the program returns one tensor as two gradients and a
+    view of a weight as a third: the step equals the one given separate copies. Red when the
+    runner writes into memory it does not own alone."""
+    params = load_params(TINY2)
+    program = compile_step(params)[-1].program
+    shared, copied = (Runner(params, tmp_path / str(n), train=program, weights=initial_weights(params)) for n in range(2))
+    index = {o.target: i for i, o in enumerate(program.outputs) if o.kind == "grad"}
+    shape = {k: tuple(shared.weights[k].shape) for k in index}
+    x, y = next((x, y) for x in index for y in index if x < y and shape[x] == shape[y])
+    z = next(k for k in index if k not in (x, y))
+
+    def aliasing(run, weights, alias):
+        def call(inputs):
+            outs = list(run(inputs))
+            outs[index[x]] = outs[index[y]] if alias else outs[index[y]].clone()
+            outs[index[z]] = weights[z].view(shape[z]) if alias else weights[z].clone()
+            return tuple(outs)
+        return call
+    for runner, alias in ((shared, True), (copied, False)):
+        monkeypatch.setattr(runner, "train_exec", aliasing(runner.train_exec, runner.weights, alias))
+    layout = params.layout()
+    for step in range(2):
+        micro = [random_batch(layout, 8, seed=60 + step), random_batch(layout, 8, seed=70 + step)]
+        a, b = shared.train_step(micro), copied.train_step(micro)
+        assert (a.loss, a.grad_norm) == (b.loss, b.grad_norm)
+    for k in shared.weights:
+        assert torch.equal(shared.weights[k], copied.weights[k]), k
 
 
 def test_non_finite_is_exact_also_when_a_sum_overflows():

@@ -43,6 +43,34 @@ class StepResult:
     tokens: int
 
 
+class Claims:
+    """Memory the step's gradients own, to be written in place (weighed, accumulated, clipped).
+    A program's gradient outputs may share memory: views of one buffer (a transposed matmul, a
+    reshaped sum, the parts of a split) or one tensor for two outputs. A gradient is claimed when
+    it is dense and its elements overlap no claimed gradient's and no tensor of ``kept`` (the
+    program's inputs: an output may be one of them, or a view of one); one that does is copied."""
+
+    def __init__(self, kept):
+        self.spans: dict[int, list[tuple[int, int]]] = {}
+        for t in kept:
+            self.spans[t.untyped_storage().data_ptr()] = [(0, math.inf)]
+
+    def claim(self, t: torch.Tensor) -> bool:
+        dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1)
+        size = 1
+        for stride, n in dims:                  # dense: some order of its dimensions is contiguous
+            if stride != size:
+                return False
+            size *= n
+        lo = t.storage_offset() * t.element_size()
+        hi = lo + t.numel() * t.element_size()
+        taken = self.spans.setdefault(t.untyped_storage().data_ptr(), [])
+        if any(lo < h and a < hi for a, h in taken):
+            return False
+        taken.append((lo, hi))
+        return True
+
+
 class Runner:
     def __init__(self, params: Params, model_dir: str | Path, train: Optional[Program] = None,
                  eval_program: Optional[Program] = None, device: str = "cpu", executor: str = "reference",
@@ -229,7 +257,8 @@ class Runner:
         its share; the last runs the synchronising program when data parallel."""
         total: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), dtype=torch.float64)
-        owned: set[int] = set()
+        owned = Claims([*self.weights.values(), *(v for b in micro_batches for v in b.values()
+                                                  if isinstance(v, torch.Tensor))])
         shares = self._weights_of(micro_batches)
         dp = self.train_program.world_size > 1
         first = self._first_sample()
@@ -245,14 +274,18 @@ class Runner:
                 break
             part, grads = self.micro_step(batch, sync=False)
             loss += part.detach().double().cpu() * share
+            claimed = []
             for k, g in grads.items():
                 if k in total:
                     total[k].add_(g, alpha=share)
-                elif g._base is None and g.data_ptr() not in owned:   # a fresh output: accumulate in place
-                    total[k] = g.mul_(share) if share != 1.0 else g
-                    owned.add(g.data_ptr())
+                elif owned.claim(g):              # memory no other gradient shares: accumulate in it
+                    total[k] = g
+                    claimed.append(g)
                 else:
                     total[k] = g * share
+            if share != 1.0:
+                for g in claimed:                 # weighed once the copies above have read them
+                    g.mul_(share)
         return float(loss), total
 
     def _update_in_program(self, micro_batches: list[dict[str, torch.Tensor]], start: float) -> StepResult:
