@@ -319,9 +319,9 @@ def cases(size: str | None, device: str | None, quick: bool) -> list[tuple[str, 
     return [(d, s) for d in devices for s in SIZES]
 
 
-def _run_table(r: dict) -> str:
+def _run_table(r: dict, cpu: str | None = None) -> str:
     cuda = r.get("device") == "cuda"
-    where = f"CUDA ({r.get('gpu')})" if cuda else "CPU"
+    where = f"CUDA ({r.get('gpu')})" if cuda else f"CPU ({cpu})" if cpu else "CPU"
     peak = "peak: CUDA memory allocated" if cuda else "peak: RSS"
     head = (f"Training step, {r['size']} config, {where}, batch {r['batch']}, {r['threads']} threads, "
             f"median of {r['repeats']} ({peak}):")
@@ -357,8 +357,10 @@ def _run_table(r: dict) -> str:
 
 
 def format_table(r: dict) -> str:
-    """Every run of a results file (or one run), one after the other."""
-    return "\n\n".join(_run_table(x) for x in runtime_runs(r))
+    """Every run of a results file (or one run), one after the other; the CPU's model where the
+    file records it (the GEMM kernels, and so the compiled step's lead, depend on it)."""
+    cpu = (r.get("meta") or {}).get("cpu")
+    return "\n\n".join(_run_table(x, cpu) for x in runtime_runs(r))
 
 
 def main(argv=None) -> int:

@@ -65,18 +65,21 @@ def speed_targets(cpu: list[dict], note: str = "") -> list[Target]:
 
 
 SPEED_REASONS: dict[str, str] = {
-    "reference": ("at the limit, level with eager within the machine's noise: two runs on 2026-12-02 evening measured "
-                  "1.022x and 1.021x on medium (0.99x and 0.97x on small; 0.99x on both the run before). The step is "
-                  "mostly GEMMs, the same ATen kernels in both (medium, profiled over 3 steps each: aten::mm 848 ms of "
-                  "CPU in the reference, 840 ms in eager; all ops' own CPU 1062 ms against 1125 ms); the program's "
-                  "execution took 1193-1199 ms against eager's forward and backward 1185-1228 ms; what the reference "
-                  "does besides, about 1% of the step, is the runner's: the divergence guard's check of every weight "
-                  "after the update (5 ms) and its bookkeeping; three interleaved rechecks of 7 steps measured 1.005x, "
-                  "0.990x and 1.029x"),
-    "compiled": ("the compiled step's lead is its GEMMs on oneDNN (runtime/kernels.py: 2x MKL's sgemm on this AMD "
-                 "CPU); without it the two compiled steps were level (1.00x, 1.01x): a miss means the per-shape "
-                 "choice kept ATen's kernel (a CPU where MKL's sgemm is as fast, or MMGRAPH_CPU_GEMM=aten); "
-                 "docs/runtime.md"),
+    "reference": ("within the machine's noise, the program's ops being eager's: the run of 2026-12-02 night (an "
+                  "Intel Xeon) measured 1.04x small and 1.00x medium, with the fastest steps level (small 163.5 ms "
+                  "against 163.6); 4 interleaved rechecks of 9 small steps 1.002x-1.023x, the earlier runs (an AMD "
+                  "EPYC) 1.02x medium and 0.97-0.99x small. The program is the eager step op for op (same ops, "
+                  "shapes and layouts, one step under a dispatch mode), but for the gradient sums autograd does in "
+                  "place; what the runner adds is its divergence check of every weight after the update (1.4 ms "
+                  "small, 7 ms medium) and 1-2 ms of bookkeeping, since it stopped copying the program's view "
+                  "outputs (13 ms a medium step before); docs/runtime.md"),
+    "compiled": ("a CPU whose MKL sgemm is fast: the lead measured on an AMD EPYC (0.61-0.69x) was its GEMMs on "
+                 "oneDNN (runtime/kernels.py, 2x MKL's sgemm there); on the Intel Xeon of the 2026-12-02 night run "
+                 "the per-shape choice kept ATen's kernel for all 23 shapes and the two compiled steps were level "
+                 "(1.00x small, 0.96x medium; the same GEMMs, shapes and layouts checked; compiled as one graph "
+                 "instead of regions also level), as on the AMD machine before the GEMM change: what the program's own "
+                 "forward and backward lose against Inductor's joint-graph partitioning of the module, the fused "
+                 "update wins back; docs/runtime.md"),
     "first": ("a miss is new: with a region's C++ kernels built in one g++ run (runtime/cpp_builds.py) the "
               "compiled program's first call measured 25-27 s vs 30-33 s small and 40-42 s vs 48-49 s medium, with "
               "less CPU (2026-12-02, two runs, medians of 3 fresh processes); before it the two were level within "
