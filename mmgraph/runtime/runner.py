@@ -51,9 +51,9 @@ class Claims:
     program's inputs: an output may be one of them, or a view of one); one that does is copied."""
 
     def __init__(self, kept):
-        self.spans: dict[int, list[tuple[int, int]]] = {}
+        self.spans: dict[tuple, list[tuple[int, int]]] = {}
         for t in kept:
-            self.spans[t.untyped_storage().data_ptr()] = [(0, math.inf)]
+            self.spans[t.device, t.untyped_storage().data_ptr()] = [(0, math.inf)]
 
     def claim(self, t: torch.Tensor) -> bool:
         dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1)
@@ -64,7 +64,7 @@ class Claims:
             size *= n
         lo = t.storage_offset() * t.element_size()
         hi = lo + t.numel() * t.element_size()
-        taken = self.spans.setdefault(t.untyped_storage().data_ptr(), [])
+        taken = self.spans.setdefault((t.device, t.untyped_storage().data_ptr()), [])
         if any(lo < h and a < hi for a, h in taken):
             return False
         taken.append((lo, hi))
