@@ -1,5 +1,7 @@
 """Quick modes of the benchmark scripts and the report renderer, so they never rot (numbers
-are not asserted: tiny sizes on a shared machine measure nothing)."""
+are not asserted: tiny sizes on a shared machine measure nothing). The quick runs that take about
+a minute each (compile, remat, data parallel, startup) are marked slow: `make test-all` runs them;
+their targets' logic is tested here without them."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ def _svgs_parse(folder: Path) -> list[str]:
     return names
 
 
+@pytest.mark.slow                  # about a minute: run by `make test-all` and `make bench`
 def test_compile_benchmark_quick():
     from benchmarks.bench_compile import TINY, format_table, mlir_peer, run, torch_compile_peer
 
@@ -130,6 +133,7 @@ NOW = {"date": "2026-01-02T03:04:05+00:00", "cpu": "Test CPU", "cores": 2, "memo
        "git": "abc1234", "argv": []}
 
 
+@pytest.mark.slow                  # about a minute: run by `make test-all` and `make bench`
 def test_remat_benchmark_quick():
     from benchmarks.bench_remat import TINY, format_table, run
 
@@ -285,12 +289,16 @@ def test_packing_benchmark_quick(capsys):
     assert [t.status for t in found] == ["met", "missed"] and "real-share ratio 2.00x" in found[1].reason
 
 
+@pytest.mark.slow                  # about a minute (gloo ranks): run by `make test-all` and `make bench`
 def test_data_parallel_benchmark_quick(capsys):
     from benchmarks.bench_data_parallel import main as bench_dp
 
     assert bench_dp(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "| 2 ranks x 1 thread (DDP) |" in out and "hidden share" in out and "ZeRO-1 state" in out
+
+
+def test_data_parallel_targets():
     found = targets.data_parallel_targets({"hidden_share": 0.8, "zero1_state_ratio": 0.6})
     assert [t.status for t in found] == ["met", "missed", "met"]
     overlap = {"comm_cpu_share": 0.6, **{k: {"median_s": 0.1} for k in ("dp_s", "plain_s", "comm_s")}}
@@ -305,12 +313,16 @@ def test_data_parallel_benchmark_quick(capsys):
     assert found[2].status == "missed" and "at most 70%" in found[2].reason
 
 
+@pytest.mark.slow                  # about a minute (fresh processes): run by `make test-all` and `make bench`
 def test_startup_benchmark_quick(capsys):
     from benchmarks.bench_startup import main as bench_startup
 
     assert bench_startup(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "| loaded from the artifact |" in out and "| traced and lowered |" in out
+
+
+def test_startup_targets():
     found = targets.startup_targets({"ratio": 0.5, "artifact": {"median_s": 2.0}, "traced": {"median_s": 4.0}})
     assert found[0].status == "missed" and "tracing adds 2.0 s" in found[0].reason
 
