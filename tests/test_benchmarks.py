@@ -23,7 +23,7 @@ def _svgs_parse(folder: Path) -> list[str]:
     return names
 
 
-@pytest.mark.slow                  # about a minute: run by `make test-all` and `make bench`
+@pytest.mark.slow                  # about a minute: run by `make test-all`
 def test_compile_benchmark_quick():
     from benchmarks.bench_compile import TINY, format_table, mlir_peer, run, torch_compile_peer
 
@@ -133,7 +133,7 @@ NOW = {"date": "2026-01-02T03:04:05+00:00", "cpu": "Test CPU", "cores": 2, "memo
        "git": "abc1234", "argv": []}
 
 
-@pytest.mark.slow                  # about a minute: run by `make test-all` and `make bench`
+@pytest.mark.slow                  # about a minute: run by `make test-all`
 def test_remat_benchmark_quick():
     from benchmarks.bench_remat import TINY, format_table, run
 
@@ -289,7 +289,7 @@ def test_packing_benchmark_quick(capsys):
     assert [t.status for t in found] == ["met", "missed"] and "real-share ratio 2.00x" in found[1].reason
 
 
-@pytest.mark.slow                  # about a minute (gloo ranks): run by `make test-all` and `make bench`
+@pytest.mark.slow                  # about a minute (gloo ranks): run by `make test-all`
 def test_data_parallel_benchmark_quick(capsys):
     from benchmarks.bench_data_parallel import main as bench_dp
 
@@ -313,7 +313,7 @@ def test_data_parallel_targets():
     assert found[2].status == "missed" and "at most 70%" in found[2].reason
 
 
-@pytest.mark.slow                  # about a minute (fresh processes): run by `make test-all` and `make bench`
+@pytest.mark.slow                  # about a minute (fresh processes): run by `make test-all`
 def test_startup_benchmark_quick(capsys):
     from benchmarks.bench_startup import main as bench_startup
 
