@@ -3,7 +3,7 @@ whole step (``--optimizer_in_program``) trains as the reference does, writing th
 and optimizer state into the buffers it was given; the cheaper divergence check
 (``checkpoint.non_finite``) names exactly the non-finite tensors; the optimizer makes its
 state once; the runner writes gradients in place only where no other tensor holds their memory
-(``Claims``), so views are not copied and outputs sharing memory are not scaled twice."""
+(``runtime.gradients``), so views are not copied and outputs sharing memory are not scaled twice."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_compiled_whole_step_updates_in_place_and_trains_like_the_reference(tmp_
 def test_gradients_are_claimed_only_where_no_other_tensor_holds_their_memory():
     """Red when ``Claims`` claims views without checking overlap (the old rule copied every view:
     1% of the medium step), takes a tensor twice, or writes into an input's memory."""
-    from mmgraph.runtime.runner import Claims
+    from mmgraph.runtime.gradients import Claims
 
     buf, weight = torch.zeros(4, 6), torch.ones(3, 5)
     owned = Claims([weight])

@@ -27,6 +27,7 @@ from mmgraph.core.update import UpdateRule, step_scalars
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.distributed import SINGLE, Ranks, all_sum, bind_group
 from mmgraph.runtime.executors import Executor, make_executor
+from mmgraph.runtime.gradients import Claims, accumulate
 from mmgraph.runtime.host_memory import keep_freed_memory
 from mmgraph.runtime.optim import LossScaler, Optimizer, learning_rate
 from mmgraph.runtime.zero import GradShardOptimizer, ShardedOptimizer
@@ -41,34 +42,6 @@ class StepResult:
     seconds: float
     samples: int
     tokens: int
-
-
-class Claims:
-    """Memory the step's gradients own, to be written in place (weighed, accumulated, clipped).
-    A program's gradient outputs may share memory: views of one buffer (a transposed matmul, a
-    reshaped sum, the parts of a split) or one tensor for two outputs. A gradient is claimed when
-    it is dense and its elements overlap no claimed gradient's and no tensor of ``kept`` (the
-    program's inputs: an output may be one of them, or a view of one); one that does is copied."""
-
-    def __init__(self, kept):
-        self.spans: dict[tuple, list[tuple[int, int]]] = {}
-        for t in kept:
-            self.spans[t.device, t.untyped_storage().data_ptr()] = [(0, math.inf)]
-
-    def claim(self, t: torch.Tensor) -> bool:
-        dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1)
-        size = 1
-        for stride, n in dims:                  # dense: some order of its dimensions is contiguous
-            if stride != size:
-                return False
-            size *= n
-        lo = t.storage_offset() * t.element_size()
-        hi = lo + t.numel() * t.element_size()
-        taken = self.spans.setdefault((t.device, t.untyped_storage().data_ptr()), [])
-        if any(lo < h and a < hi for a, h in taken):
-            return False
-        taken.append((lo, hi))
-        return True
 
 
 class Runner:
@@ -274,18 +247,7 @@ class Runner:
                 break
             part, grads = self.micro_step(batch, sync=False)
             loss += part.detach().double().cpu() * share
-            claimed = []
-            for k, g in grads.items():
-                if k in total:
-                    total[k].add_(g, alpha=share)
-                elif owned.claim(g):              # memory no other gradient shares: accumulate in it
-                    total[k] = g
-                    claimed.append(g)
-                else:
-                    total[k] = g * share
-            if share != 1.0:
-                for g in claimed:                 # weighed once the copies above have read them
-                    g.mul_(share)
+            accumulate(total, grads, share, owned)
         return float(loss), total
 
     def _update_in_program(self, micro_batches: list[dict[str, torch.Tensor]], start: float) -> StepResult:
