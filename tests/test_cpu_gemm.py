@@ -62,6 +62,29 @@ def _gemms(gm):
     return [n for n in gm.graph.nodes if n.target is torch.ops.mmgraph.gemm.default]
 
 
+def test_auto_leaves_the_gemms_aten_wins_as_the_programs_own_ops(monkeypatch):
+    """``auto`` times each GEMM when the graph is rewritten, on operands of the node's shapes and
+    strides, and rewrites only those oneDNN wins: the others stay ``mm``/``addmm``, with no call
+    of ours around ATen's kernel at run time."""
+    program = compile_step(load_params(TINY2), optimizer_in_program=True)[-1].program
+    seen = []
+
+    def fake(a, b, bias):
+        seen.append((tuple(a.shape), a.stride(), tuple(b.shape), b.stride()))
+        return "onednn" if bias is not None else "aten"         # the addmms "win" on oneDNN
+    monkeypatch.setattr(kernels, "choose", fake)
+    graph = kernels.cpu_gemms(program.gm, "auto")
+    nodes = {n.name: n for n in program.gm.graph.nodes}
+    addmms = {n.name for n in nodes.values() if n.target is aten.addmm.default}
+    mms = {n.name for n in nodes.values() if n.target is aten.mm.default}
+    assert addmms and mms
+    assert {n.name for n in _gemms(graph)} == addmms and all(n.args[3] == "onednn" for n in _gemms(graph))
+    assert {n.name for n in graph.graph.nodes if n.target is aten.mm.default} == mms
+    metas = {(tuple(n.args[0].meta["val"].shape), n.args[0].meta["val"].stride(), tuple(n.args[1].meta["val"].shape),
+              n.args[1].meta["val"].stride()) for n in nodes.values() if n.name in mms}
+    assert metas <= set(seen) and len(seen) == len(mms) + len(addmms)
+
+
 @needs_onednn
 def test_the_compiled_executor_runs_the_programs_gemms_on_onednn_and_trains_like_the_reference(tmp_path, monkeypatch):
     """Every float32 mm/addmm of the step becomes ``mmgraph::gemm`` (the program's own graph
