@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmgraph.models import initial_weights
+from mmgraph.compiler.pipeline import compile_step
 from mmgraph.core.config import load_params
 from mmgraph.core.errors import UserError
-from mmgraph.models import build_model, random_batch
-from mmgraph.compiler.pipeline import compile_step
+from mmgraph.models import build_model, initial_weights, random_batch
 from mmgraph.runtime import checkpoint
 from mmgraph.runtime.optim import Optimizer, learning_rate
 from mmgraph.runtime.runner import Runner
@@ -155,6 +154,7 @@ def test_answer_accuracy_counts_whole_replies():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     import yaml
+
     from mmgraph.data.preprocess import Layout, preprocess
     from mmgraph.data.synth import synth
     root = tmp_path_factory.mktemp("run")
@@ -175,6 +175,7 @@ def shards(tmp_path_factory):
 
 def test_cli_run_train_and_eval_then_resume(shards, tmp_path, capsys):
     import json
+
     from mmgraph.cli import main
     md = tmp_path / "md"
     assert main(["run", "CPU", "--mode", "train_and_eval", "--params", str(shards), "--model_dir", str(md),
@@ -197,6 +198,7 @@ def test_cli_run_train_and_eval_then_resume(shards, tmp_path, capsys):
 
 def test_missing_data_is_reported_before_compute(tmp_path, capsys):
     import yaml
+
     from mmgraph.cli import main
     raw = yaml.safe_load(TINY2.read_text())
     raw["train_input"].update(data_dir=str(tmp_path / "nowhere"), img_data_dir=str(tmp_path))
@@ -252,6 +254,27 @@ def test_compiled_executor_trains_like_the_reference(tmp_path):
             assert torch.equal(comp.weights[spec.name], initial[spec.name])
 
 
+def test_the_compiled_executor_as_one_region_matches_the_reference():
+    """``regions=False``: the whole eval step compiled as one region by Inductor; the same
+    outputs as the reference executor within float tolerance, twice (the second call runs the
+    compiled code as it is)."""
+    from mmgraph.runtime.executors import CompiledExecutor, ReferenceExecutor
+    from mmgraph.runtime.regions import Site
+
+    params = load_params(TINY2, "eval")
+    program = compile_step(params, "eval")[-1].program
+    weights = initial_weights(params)
+    whole = CompiledExecutor(program, params, torch.device("cpu"), regions=False)
+    ref = ReferenceExecutor(program, params, torch.device("cpu"))
+    assert isinstance(whole.fn, Site)
+    for seed in (5, 6):
+        batch = random_batch(params.layout("eval"), 8, seed=seed)
+        inputs = [weights[s.name] if s.kind.value == "param" else batch[s.name] for s in program.inputs]
+        for got, want in zip(whole(inputs), ref(inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert len(whole.fn.region.compiled) == 1
+
+
 def test_onnxruntime_eval_executor_matches_the_reference(tmp_path):
     params = load_params(TINY2, "eval")
     program = compile_step(params, "eval")[-1].program
@@ -274,6 +297,7 @@ def test_executors_say_what_they_do_not_support(tmp_path):
 
 def test_runconfig_checkpoint_path_starts_from_other_weights(shards, tmp_path, capsys):
     import yaml
+
     from mmgraph.cli import main
     first = tmp_path / "p1"
     assert main(["run", "--params", str(shards), "--model_dir", str(first), "--max_steps", "2"]) == 0
@@ -361,8 +385,8 @@ def test_programs_run_on_other_devices():
 
 
 def test_weight_streaming_runs_segment_by_segment_like_the_reference(tmp_path):
-    from mmgraph.runtime.executors import StreamingExecutor
     from mmgraph.core.target import load_target
+    from mmgraph.runtime.executors import StreamingExecutor
     params = load_params(TINY2)
     program = compile_step(params, target=load_target("cs2"))[-1].program
     plain = Runner(params, tmp_path / "a", train=program, weights=initial_weights(params))

@@ -153,7 +153,7 @@ def test_compiled_executor_compiles_per_region():
     assert by_layer and all(len(r) == 1 for r in by_layer.values())
     assert len({next(iter(r)) for r in by_layer.values()}) == len(by_layer)
     ex = CompiledExecutor(program, params, torch.device("cpu"))
-    subs = [n for n, _ in ex.fn.named_children()]
+    subs = [n.target for n in ex.fn.graph.nodes if n.op == "call_module"]
     assert len(subs) > len(by_layer)
 
 
@@ -190,7 +190,7 @@ def test_a_repeated_layers_update_is_one_region_compiled_once():
         assert region(c) == region(c.args[1])
     ex = CompiledExecutor(program, params, torch.device("cpu"))
     update = {r for rs in by_layer.values() for r in rs}
-    codes = {id(getattr(ex.fn, f"submod_{r}")) for r in update}
+    codes = {id(getattr(ex.fn, f"submod_{r}").region) for r in update}
     assert len(codes) < len(update), "each layer's update compiled on its own"
 
 
@@ -198,11 +198,9 @@ def test_a_shared_region_is_compiled_once_whatever_its_callers_strides():
     """Two call sites of one region's code, the first passing a strided view (as the first
     layer's input is a slice of a longer sequence): one compile, not one per layout; the inputs
     a region writes (here transposed views) reach it as they are; a region used once with
-    nothing to fuse is not compiled. Red without ``OneLayout`` (dynamo's stride guard compiles
-    the code again), or when it copies a written input (the write is lost)."""
-    from torch._dynamo.utils import counters
-
-    from mmgraph.runtime.regions import regional
+    nothing to fuse is not compiled. Red without ``one_layout`` (the code is compiled again for
+    the second layout), or when it copies a written input (the write is lost)."""
+    from mmgraph.runtime.regions import Region, Site, regional
 
     graph = torch.fx.Graph()
     x, out1, out2 = (graph.placeholder(n) for n in ("x", "out1", "out2"))
@@ -220,17 +218,41 @@ def test_a_shared_region_is_compiled_once_whatever_its_callers_strides():
     op(2, torch.ops.aten.copy_.default, out2, b)
     graph.output((b,))
     gm = torch.fx.GraphModule({}, graph)
-    torch._dynamo.reset()
-    before = counters["stats"]["unique_graphs"]
     fn = regional(gm, lambda n: label[n.name])
     xs = torch.randn(2, 10, 4)
     dest1, dest2 = (torch.zeros(2, 4, 8).transpose(1, 2) for _ in range(2))
     (got,) = fn(xs, dest1, dest2)
     torch.testing.assert_close(got, (xs[:, 1:9] * 4).relu())
     assert torch.equal(dest2, got) and torch.equal(dest1, (xs[:, 1:9] * 2).relu()), "a write was lost"
-    assert counters["stats"]["unique_graphs"] - before == 1        # the shared code, once
-    assert fn.submod_1 is fn.submod_2 and fn.submod_1.written == frozenset({1})    # (input, out)
+    assert isinstance(fn.submod_1, Site) and isinstance(fn.submod_1.region, Region)
+    assert fn.submod_1.region is fn.submod_2.region and fn.submod_1.region.written == frozenset({1})  # (input, out)
+    assert len(fn.submod_1.region.compiled) == 1                    # the shared code, once
     assert isinstance(fn.submod_0, torch.fx.GraphModule)    # the slice alone: nothing to fuse, fx code
+
+
+def test_a_site_whose_inputs_change_layout_gets_code_for_the_new_one():
+    """A region compiled by Inductor directly has no guards: its code checks its inputs' sizes
+    and strides, and the site compiles (or takes) the region's code for a new layout instead of
+    running code made for another. Red when the site keeps calling the old code (an assertion
+    error, or a wrong result) or when an error of the same layout is swallowed."""
+    import pytest
+
+    from mmgraph.runtime.regions import Region, Site
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output((graph.call_function(torch.ops.aten.mul.Tensor, (graph.call_function(
+        torch.ops.aten.relu.default, (x,)), 3.0)),))
+    site = Site(Region(torch.fx.GraphModule({}, graph), shared=False))
+    a = torch.randn(4, 6)
+    torch.testing.assert_close(site(a)[0], a.relu() * 3)
+    t = torch.randn(6, 4).t()                                  # the same shape, transposed strides
+    torch.testing.assert_close(site(t)[0], t.relu() * 3)
+    torch.testing.assert_close(site(a)[0], a.relu() * 3)
+    assert len(site.region.compiled) == 2
+    with pytest.raises(AssertionError):
+        site.fn = lambda *args: (_ for _ in ()).throw(AssertionError("not a layout"))
+        site(a)
 
 
 def test_prepare_probes_the_cpu_vector_isa_off_the_main_thread(monkeypatch):
@@ -281,13 +303,11 @@ def test_one_layout_copies_only_views_with_gaps():
     weight, an expanded mask and a contiguous tensor pass as themselves (copying them every step
     cost the small config's compiled step about 20 MB of copies). Red when every non-contiguous
     input is copied, or when the slice is not."""
-    from mmgraph.runtime.regions import OneLayout
+    from mmgraph.runtime.regions import one_layout
 
-    got = []
-    fn = OneLayout(lambda *a: got.extend(a), frozenset())
     x = torch.randn(8, 130, 16)
     sliced, t, mask, dense = x[:, 1:129], torch.randn(24, 16).t(), torch.ones(1, 1, 4, 4).expand(8, 2, 4, 4), x
-    fn(sliced, t, mask, dense)
+    got = one_layout((sliced, t, mask, dense), frozenset())
     assert got[0].is_contiguous() and torch.equal(got[0], sliced)
     assert got[1] is t and got[2] is mask and got[3] is dense
 

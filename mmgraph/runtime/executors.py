@@ -2,7 +2,7 @@
 
 - ``reference``: the program's graph module as Python code (fx codegen, generated once), ATen
   ops: the semantics of record. Train and eval, CPU and CUDA.
-- ``compiled``: the same graph handed to torch.compile (Inductor), once per program; fuses
+- ``compiled``: the same graph compiled by Inductor, per region, once per program; fuses
   and vectorizes across kernel boundaries; on the CPU its float32 GEMMs run on ATen's or
   oneDNN's kernel, whichever measured faster (``runtime/kernels.py``). Train and eval, CPU and
   CUDA. Not bit-identical to ``reference`` (Inductor reorders reductions, oneDNN sums in its
@@ -36,7 +36,7 @@ from mmgraph.core.ops import CLASSES, op_class
 from mmgraph.runtime.cpp_builds import batched
 from mmgraph.runtime.kernels import cpu_gemms, gemm_policy
 from mmgraph.runtime.onnx_program import export_program
-from mmgraph.runtime.regions import prepared, region_of, regional, writes_in_place
+from mmgraph.runtime.regions import Region, Site, prepared, region_of, regional, writes_in_place
 
 
 class Executor:
@@ -115,7 +115,7 @@ def in_place(gm: torch.fx.GraphModule, pairs: list[tuple[int, int]]) -> torch.fx
     """``gm`` writing each updated value over its input (``pairs``: ``write_back``) and returning
     that input in its place: an ``aten.copy_`` node as soon as both the value is made and the
     input's last reader has run (so it lands in the region that makes the value). Under
-    torch.compile they become the update kernels' own stores into the weight and state buffers:
+    Inductor they become the update kernels' own stores into the weight and state buffers:
     no new buffers, no copy pass after the step."""
     if not pairs:
         return gm
@@ -142,7 +142,7 @@ def in_place(gm: torch.fx.GraphModule, pairs: list[tuple[int, int]]) -> torch.fx
 
 
 class CompiledExecutor(Executor):
-    """torch.compile of the step graph, per region (``regional``: each repeated layer's forward,
+    """Inductor's compile of the step graph, per region (``regional``: each repeated layer's forward,
     its backward, the rest between them) or whole (``regions=False``); compiled on the first
     call (static shapes). A program holding the optimizer update writes the new weights and state
     into their input buffers (``in_place``): the outputs it returns for them are those inputs.
@@ -156,8 +156,7 @@ class CompiledExecutor(Executor):
         gm = in_place(placed(program.gm, device), write_back(program))
         if device.type == "cpu":
             gm = cpu_gemms(gm, gemm_policy())
-        self.fn = (regional(gm, region_of(program, gm)) if regions else
-                   torch.compile(gm, dynamic=False, fullgraph=True))
+        self.fn = regional(gm, region_of(program, gm)) if regions else Site(Region(gm, shared=False))
 
     def __call__(self, inputs):
         prepared()                         # before Inductor's first compile: its probes, once

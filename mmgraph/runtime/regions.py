@@ -4,8 +4,9 @@ set-up it starts before the program is lowered.
 - ``region_of``: each transformer layer's forward, its backward, its weights' update, and the
   runs between them; ``canonical`` names a region's values by position, so repeated layers have
   the same code; ``regional`` splits the graph (``split_module``) and compiles each distinct
-  region code once (``OneLayout`` keeps a shared region's inputs in one layout; a region with
-  little to fuse, ``MIN_FUSIBLE``, stays fx code).
+  region code once with Inductor (``Region``, called by a ``Site`` per call; ``one_layout``
+  keeps a shared region's inputs in one layout; a region with little to fuse, ``MIN_FUSIBLE``,
+  stays fx code).
 - ``prepare``: Inductor's one-time probe of the CPU's vector ISAs on background threads, so it
   overlaps the lowering (``mmgraph run`` and bench_runtime call it); ``prepared`` waits for it.
 """
@@ -104,22 +105,71 @@ def canonical(sub: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(sub, graph)
 
 
-class OneLayout(torch.nn.Module):
-    """A compiled region that several call sites share, called with its inputs in one layout:
-    a view with gaps between its elements (the first layer's input is a slice of a longer
-    sequence; the next layers get a dense tensor) is made contiguous before the call, so dynamo's
-    stride guards do not compile the region's code a second time for one call site (small
+def one_layout(args, written: frozenset[int]) -> list:
+    """A shared region's inputs in one layout: a view with gaps between its elements (the first
+    layer's input is a slice of a longer sequence; the next layers get a dense tensor) made
+    contiguous, so the region's code is not compiled a second time for one call site (small
     config: 2 of 13 compiles, 2-4 s each, for a 1 MB copy a step). Dense views (a transposed
     weight, an expanded mask: the same at every call site) pass as they are, as do the inputs
     the region writes (``written``: its ``copy_`` targets)."""
+    return [a.contiguous() if isinstance(a, torch.Tensor) and i not in written and _gapped(a) else a
+            for i, a in enumerate(args)]
 
-    def __init__(self, fn, written: frozenset[int]):
-        super().__init__()
-        self.fn, self.written = fn, written
 
-    def forward(self, *args):
-        return self.fn(*(a.contiguous() if isinstance(a, torch.Tensor) and i not in self.written and _gapped(a) else a
-                         for i, a in enumerate(args)))
+def _layout(args) -> tuple:
+    return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a)
+                 for a in args)
+
+
+class Region:
+    """One distinct region code, compiled by Inductor directly (``torch._inductor.compile``: the
+    region is already ATen ops, so torch.compile's frame evaluation and guards, about 70 us a
+    call, are left out) on the inputs of its first call, once per input layout; with an input
+    that is not a tensor, by torch.compile (whose guards check its value). ``shared``: called
+    from several sites, its inputs passed in one layout (``one_layout``)."""
+
+    def __init__(self, sub: torch.fx.GraphModule, shared: bool):
+        self.sub = sub
+        self.written = _written(sub) if shared else None
+        self.compiled: dict[tuple, object] = {}         # input layout -> compiled function
+
+    def function(self, args) -> tuple[object, tuple]:
+        key = _layout(args)
+        fn = self.compiled.get(key)
+        if fn is None:
+            if all(isinstance(a, torch.Tensor) for a in args):
+                from torch._inductor import compile as inductor_compile
+
+                fn = inductor_compile(self.sub, list(args))
+            else:
+                fn = torch.compile(self.sub, dynamic=False, fullgraph=True)
+            self.compiled[key] = fn
+        return fn, key
+
+
+class Site:
+    """One call of a ``Region`` in the split program: the function compiled for the layout of
+    its inputs, called as it is. Inductor's code checks each input's size and strides before
+    it runs a kernel (``assert_size_stride``): when they changed since the site's first call,
+    the site takes (or compiles) the region's function for the new layout."""
+
+    __slots__ = ("region", "fn", "key")
+
+    def __init__(self, region: Region):
+        self.region, self.fn, self.key = region, None, None
+
+    def __call__(self, *args):
+        if self.region.written is not None:
+            args = one_layout(args, self.region.written)
+        if self.fn is None:
+            self.fn, self.key = self.region.function(args)
+        try:
+            return self.fn(*args)
+        except AssertionError:
+            if _layout(args) == self.key:
+                raise
+            self.fn, self.key = self.region.function(args)
+            return self.fn(*args)
 
 
 def _gapped(t: torch.Tensor) -> bool:
@@ -154,25 +204,25 @@ def _fusible(sub: torch.fx.GraphModule) -> int:
 
 
 def regional(gm: torch.fx.GraphModule, region) -> torch.fx.GraphModule:
-    """``gm`` split into regions (``region_of``) under torch.compile, one compiled function per
+    """``gm`` split into regions (``region_of``), compiled by Inductor, one ``Region`` per
     distinct region code (``canonical``): the repeated layers call the same compiled code, so it
-    is traced and compiled once (dynamo's guards recompile where an input's shape differs; a
-    shared region's inputs are passed in one layout, ``OneLayout``); a region used once with
-    little to fuse (``MIN_FUSIBLE``) stays fx code. The split module that calls them is fx code."""
+    is compiled once (again where an input's layout differs; a shared region's inputs are passed
+    in one layout, ``one_layout``); a region used once with little to fuse (``MIN_FUSIBLE``)
+    stays fx code. The split module that calls them (each call a ``Site``) is fx code."""
     split = split_module(gm, None, region, keep_original_order=True)
     subs = {name: canonical(sub) for name, sub in split.named_children()}
     uses: dict[str, int] = {}
     for sub in subs.values():
         uses[sub.code] = uses.get(sub.code, 0) + 1
-    compiled: dict[str, torch.nn.Module] = {}
+    regions: dict[str, Region] = {}
     for name, sub in subs.items():
         if uses[sub.code] == 1 and _fusible(sub) < MIN_FUSIBLE:
             setattr(split, name, sub)
             continue
-        if sub.code not in compiled:
-            fn = torch.compile(sub, dynamic=False, fullgraph=True)
-            compiled[sub.code] = OneLayout(fn, _written(sub)) if uses[sub.code] > 1 else fn
-        setattr(split, name, compiled[sub.code])
+        if sub.code not in regions:
+            regions[sub.code] = Region(sub, shared=uses[sub.code] > 1)
+        delattr(split, name)
+        setattr(split, name, Site(regions[sub.code]))
     return split
 
 
