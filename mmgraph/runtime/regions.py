@@ -4,7 +4,7 @@ set-up it starts before the program is lowered.
 - ``region_of``: each transformer layer's forward, its backward, its weights' update, and the
   runs between them; ``canonical`` names a region's values by position, so repeated layers have
   the same code; ``regional`` splits the graph (``split_module``) and compiles each distinct
-  region code once with Inductor (``Region``, called by a ``Site`` per call; ``one_layout``
+  region code once with Inductor (``Region``, called by a ``Site`` per call; ``gapped_inputs``
   keeps a shared region's inputs in one layout; a region with little to fuse, ``MIN_FUSIBLE``,
   stays fx code).
 - ``prepare``: Inductor's one-time probe of the CPU's vector ISAs on background threads, so it
@@ -105,15 +105,14 @@ def canonical(sub: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(sub, graph)
 
 
-def one_layout(args, written: frozenset[int]) -> list:
-    """A shared region's inputs in one layout: a view with gaps between its elements (the first
-    layer's input is a slice of a longer sequence; the next layers get a dense tensor) made
-    contiguous, so the region's code is not compiled a second time for one call site (small
-    config: 2 of 13 compiles, 2-4 s each, for a 1 MB copy a step). Dense views (a transposed
-    weight, an expanded mask: the same at every call site) pass as they are, as do the inputs
-    the region writes (``written``: its ``copy_`` targets)."""
-    return [a.contiguous() if isinstance(a, torch.Tensor) and i not in written and _gapped(a) else a
-            for i, a in enumerate(args)]
+def gapped_inputs(args, written: frozenset[int]) -> tuple[int, ...]:
+    """The inputs of a shared region a call makes contiguous, so that its sites pass one layout:
+    the views with gaps between their elements (the first layer's input is a slice of a longer
+    sequence; the next layers get a dense tensor), so the region's code is not compiled a second
+    time for one call site (small config: 2 of 13 compiles, 2-4 s each, for a 1 MB copy a step).
+    Dense views (a transposed weight, an expanded mask: the same at every call site) pass as they
+    are, as do the inputs the region writes (``written``: its ``copy_`` targets)."""
+    return tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in written and _gapped(a))
 
 
 def _layout(args) -> tuple:
@@ -126,7 +125,7 @@ class Region:
     region is already ATen ops, so torch.compile's frame evaluation and guards, about 70 us a
     call, are left out) on the inputs of its first call, once per input layout; with an input
     that is not a tensor, by torch.compile (whose guards check its value). ``shared``: called
-    from several sites, its inputs passed in one layout (``one_layout``)."""
+    from several sites, its inputs passed in one layout (``gapped_inputs``)."""
 
     def __init__(self, sub: torch.fx.GraphModule, shared: bool):
         self.sub = sub
@@ -149,27 +148,41 @@ class Region:
 
 class Site:
     """One call of a ``Region`` in the split program: the function compiled for the layout of
-    its inputs, called as it is. Inductor's code checks each input's size and strides before
-    it runs a kernel (``assert_size_stride``): when they changed since the site's first call,
-    the site takes (or compiles) the region's function for the new layout."""
+    its inputs, called as it is, with the inputs its first call found gapped made contiguous
+    (``gapped_inputs``, shared regions). Inductor's code checks each input's size and strides
+    before it runs a kernel (``assert_size_stride``): when they changed since the site's first
+    call, the site looks at its inputs again and takes (or compiles) the region's function for
+    the new layout."""
 
-    __slots__ = ("region", "fn", "key")
+    __slots__ = ("region", "fn", "key", "copy")
 
     def __init__(self, region: Region):
-        self.region, self.fn, self.key = region, None, None
+        self.region, self.fn, self.key, self.copy = region, None, None, ()
+
+    def _bind(self, args) -> None:
+        written = self.region.written
+        self.copy = gapped_inputs(args, written) if written is not None else ()
+        self.fn, self.key = self.region.function(self._laid_out(args))
+
+    def _laid_out(self, args):
+        if not self.copy:
+            return args
+        args = list(args)
+        for i in self.copy:
+            args[i] = args[i].contiguous()
+        return args
 
     def __call__(self, *args):
-        if self.region.written is not None:
-            args = one_layout(args, self.region.written)
         if self.fn is None:
-            self.fn, self.key = self.region.function(args)
+            self._bind(args)
         try:
-            return self.fn(*args)
+            return self.fn(*self._laid_out(args))
         except AssertionError:
-            if _layout(args) == self.key:
+            was = (self.copy, self.key)
+            self._bind(args)
+            if (self.copy, self.key) == was:
                 raise
-            self.fn, self.key = self.region.function(args)
-            return self.fn(*args)
+            return self.fn(*self._laid_out(args))
 
 
 def _gapped(t: torch.Tensor) -> bool:
@@ -207,7 +220,7 @@ def regional(gm: torch.fx.GraphModule, region) -> torch.fx.GraphModule:
     """``gm`` split into regions (``region_of``), compiled by Inductor, one ``Region`` per
     distinct region code (``canonical``): the repeated layers call the same compiled code, so it
     is compiled once (again where an input's layout differs; a shared region's inputs are passed
-    in one layout, ``one_layout``); a region used once with little to fuse (``MIN_FUSIBLE``)
+    in one layout, ``gapped_inputs``); a region used once with little to fuse (``MIN_FUSIBLE``)
     stays fx code. The split module that calls them (each call a ``Site``) is fx code."""
     split = split_module(gm, None, region, keep_original_order=True)
     subs = {name: canonical(sub) for name, sub in split.named_children()}
