@@ -288,7 +288,7 @@ class Runner:
             self._diverged(f"gradients are not finite (global norm {norm})")
         with torch.no_grad():
             for o, v in zip(program.outputs, outs):
-                if o.kind == "param_update":
+                if o.kind == "param_update" and v is not self.weights[o.target]:   # in place already: no copy
                     self.weights[o.target].copy_(v)
                 elif o.kind == "state_update":
                     name, _, key = o.target.rpartition("::")
