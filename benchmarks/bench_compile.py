@@ -189,10 +189,10 @@ def torch_compile_peer(params: Path, torch_repeats: int, mmgraph_repeats: int, b
 def mlir_peer(params_path: Path, repeats: int) -> dict:
     """torch-mlir's import (``to_mlir``) of the lowered program against ``trace_step`` and the
     whole ``compile_step``, alternating in this process after one warm-up of each."""
-    from mmgraph.core.config import load_params
-    from mmgraph.report.formats import to_mlir
     from mmgraph.compiler.pipeline import compile_step
     from mmgraph.compiler.trace import trace_step
+    from mmgraph.core.config import load_params
+    from mmgraph.report.formats import to_mlir
 
     params = load_params(params_path)
     start = time.perf_counter()

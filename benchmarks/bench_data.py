@@ -22,8 +22,8 @@ import yaml
 from benchmarks.common import finish
 from mmgraph.core.config import load_params
 from mmgraph.data.preprocess import Layout, preprocess
-from mmgraph.runtime.data import make_loader
 from mmgraph.data.synth import synth
+from mmgraph.runtime.data import make_loader
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ROOT / "configs" / "params_mm_llava_small.yaml"

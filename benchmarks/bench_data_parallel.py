@@ -61,9 +61,9 @@ def _params_file(config: Path, folder: Path) -> Path:
 def worker(params_path: Path, steps: int, zero: int, bucket_bytes: int, out: Path) -> None:
     import torch.distributed as dist
 
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.config import load_params, rank_batch
     from mmgraph.models import initial_weights, random_batch
-    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.runtime.distributed import from_env
     from mmgraph.runtime.runner import Runner
 
@@ -190,9 +190,9 @@ def simulated(config: Path = BIG2) -> dict:
     """The 7B phase-2 program on cs2 and h100, 1..16 systems."""
     from dataclasses import asdict
 
-    from mmgraph.core.config import load_params
-    from mmgraph.compiler.scaling import scaling
     from mmgraph.compiler.pipeline import compile_step
+    from mmgraph.compiler.scaling import scaling
+    from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
 
     params = load_params(config)

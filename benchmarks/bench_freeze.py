@@ -61,11 +61,11 @@ def analytic(program) -> dict:
 
 
 def run(params: Path, repeats: int, warmup: int = 2) -> dict:
+    from mmgraph.compiler.pipeline import compile_step
+    from mmgraph.compiler.trace import micro_batch_size
     from mmgraph.core.config import load_params
     from mmgraph.models import initial_weights, random_batch
-    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.runtime.runner import Runner
-    from mmgraph.compiler.trace import micro_batch_size
 
     torch.manual_seed(0)
     figures, fns = {}, {}

@@ -47,11 +47,11 @@ def _single_image(path: Path, out: Path) -> Path:
 def run(config: Path, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
     from transformers import LlavaForConditionalGeneration
 
-    from mmgraph.core.config import load_params
-    from mmgraph.convert.convert import convert
     from mmgraph.commands.generate import Generator
-    from mmgraph.models import build_model
+    from mmgraph.convert.convert import convert
+    from mmgraph.core.config import load_params
     from mmgraph.data.synth import synth
+    from mmgraph.models import build_model
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

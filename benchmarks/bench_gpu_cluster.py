@@ -82,10 +82,10 @@ def recipe_params(recipe: dict, folder: Path) -> Path:
 
 
 def predict(recipe: dict, world_size: int = 8) -> dict:
+    from mmgraph.compiler.pipeline import compile_step
+    from mmgraph.compiler.scaling import world_report
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
-    from mmgraph.compiler.scaling import world_report
-    from mmgraph.compiler.pipeline import compile_step
 
     with tempfile.TemporaryDirectory() as tmp:
         params = load_params(recipe_params(recipe, Path(tmp)))

@@ -57,9 +57,9 @@ def _legalize_notes(stages) -> dict:
 def compile_time(params_path: Path, repeats: int) -> dict:
     """7B (or ``params_path``) compile for cs2 with and without legalization, interleaved."""
     from mmgraph.compiler import cirh
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.config import load_params
     from mmgraph.report.formats import to_mlir
-    from mmgraph.compiler.pipeline import compile_step
 
     params = load_params(params_path)
     targets = _targets()
@@ -92,12 +92,12 @@ def compile_time(params_path: Path, repeats: int) -> dict:
 
 def step_time(params_path: Path, repeats: int, warmup: int = 2) -> dict:
     """CPU train step of the program compiled for h100, for cs2 unlegalized and legalized."""
+    from mmgraph.compiler.pipeline import compile_step
+    from mmgraph.compiler.trace import micro_batch_size
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
     from mmgraph.models import initial_weights, random_batch
-    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.runtime.runner import Runner
-    from mmgraph.compiler.trace import micro_batch_size
 
     params = load_params(params_path)
     torch.manual_seed(0)
@@ -121,9 +121,9 @@ def step_time(params_path: Path, repeats: int, warmup: int = 2) -> dict:
 
 def _lower_one(params_path: Path, mode: str, micro_batch, found) -> dict:
     from mmgraph.compiler import cirh
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.config import load_params
     from mmgraph.report.formats import to_mlir
-    from mmgraph.compiler.pipeline import compile_step
 
     params = load_params(params_path)
     start = time.perf_counter()

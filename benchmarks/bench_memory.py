@@ -46,9 +46,9 @@ EXPLORE = [("Release_2.10.0", "params_llava_v1p5_pretrain_7b_phase2_MSL2K.yaml")
 
 
 def fit_row(path: Path, target_name: str) -> dict:
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
-    from mmgraph.compiler.pipeline import compile_step
 
     params = load_params(path)
     start = time.perf_counter()
@@ -69,9 +69,9 @@ def fit_row(path: Path, target_name: str) -> dict:
 
 
 def explore_rows(path: Path, target_name: str, high: int = 0) -> dict:
+    from mmgraph.compiler.pipeline import plan_micro_batches
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
-    from mmgraph.compiler.pipeline import plan_micro_batches
 
     params = load_params(path)
     batch = params.train_input.batch_size

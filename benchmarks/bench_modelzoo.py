@@ -74,7 +74,7 @@ def run_mmgraph(out: Path, steps: int, env: dict) -> dict:
     cmd = [str(Path(sys.executable).parent / "mmgraph"), "run", "CPU", "--mode", "train", "--params", str(PARAMS),
            "--model_dir", str(out), "--checkpoint_path", str(INITIAL), "--max_steps", str(steps)]
     result = _timed_run(cmd, _MMGRAPH_STEP, steps, env)
-    import json                                  # the printed loss has 4 decimals; metrics.jsonl all
+    import json  # the printed loss has 4 decimals; metrics.jsonl all
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     result["first_loss"], result["losses"] = losses[0], losses
     return result

@@ -111,13 +111,12 @@ def measure(config: Path, phase: int, rows: int, repeats: int, seed: int = 0, ru
     """Real tokens/s of the lowered step, unpacked and packed, on ``rows`` rows each: ``runs``
     timings of ``repeats`` interleaved rounds each (the same programs and batches), the run with
     the median ratio reported and every run's ratio beside it (is it stable?)."""
-    from mmgraph.core.ir import InputKind
-    from mmgraph.models import build_model, pack_batch
-    from mmgraph.core.packing import assign
     from mmgraph.compiler.pipeline import compile_step
-    from mmgraph.runtime.executors import placed
-
     from mmgraph.core.config import load_params
+    from mmgraph.core.ir import InputKind
+    from mmgraph.core.packing import assign
+    from mmgraph.models import build_model, pack_batch
+    from mmgraph.runtime.executors import placed
 
     p = load_params(config).layout().num_patches
     row = int(round(FULL_ROW * p / FULL_IMAGE))
@@ -159,8 +158,8 @@ def _no_grad(gm, args):
 
 def predict_cs2(phase: int, seed: int = 0) -> dict:
     """7B at 2048 on cs2: simulated tokens/s x the sampled rows' real-token share."""
-    from mmgraph.core.packing import assign
     from mmgraph.compiler.pipeline import compile_step
+    from mmgraph.core.packing import assign
     from mmgraph.core.target import load_target
 
     samples = [(t, i) for t, i in sample_lengths(phase, 4000, seed) if t + i * FULL_IMAGE <= FULL_ROW]

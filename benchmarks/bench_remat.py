@@ -70,9 +70,9 @@ def _predicted_row(params, target, mbs: int, policy: str) -> dict:
 
 def predicted(path: Path, targets: tuple[str, ...]) -> list[dict]:
     """Per target: every policy at the params' micro-batch, and ``none`` at the largest that fits."""
+    from mmgraph.compiler.trace import micro_batch_size
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
-    from mmgraph.compiler.trace import micro_batch_size
 
     params = load_params(path)
     mbs = micro_batch_size(params, "train")
@@ -97,9 +97,9 @@ def trained_llm(path: Path, target: str = "cs2") -> dict:
 
     import yaml
 
+    from mmgraph.compiler.trace import micro_batch_size
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
-    from mmgraph.compiler.trace import micro_batch_size
 
     raw = yaml.safe_load(path.read_text())
     raw["model"]["freeze"] = ["^image_model.image_model_list"]
@@ -125,10 +125,9 @@ def _checkpointed(model):
 
 
 def measured(path: Path, batch_size: int, repeats: int, warmup: int) -> dict:
+    from mmgraph.compiler.pipeline import compile_step, reference_inputs
     from mmgraph.core.config import load_params
     from mmgraph.models import build_model
-    from mmgraph.compiler.pipeline import reference_inputs
-    from mmgraph.compiler.pipeline import compile_step
 
     torch.manual_seed(0)
     params = load_params(path)

@@ -178,7 +178,8 @@ class Train:
 
 
 def time_steps(steps: dict, repeats: int, sync=lambda: None, warmup: int = 2) -> dict:
-    """Interleaved rounds after ``warmup``; each call timed between ``sync()`` calls."""
+    """Interleaved rounds after ``warmup``; each call timed between ``sync()`` calls. Each
+    variant's median, min and max, and its time in each round (``rounds_s``, for ``paired``)."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
@@ -190,7 +191,20 @@ def time_steps(steps: dict, repeats: int, sync=lambda: None, warmup: int = 2) ->
             fn()
             sync()
             times[k].append(time.perf_counter() - start)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)} for k, v in times.items()}
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "rounds_s": v}
+            for k, v in times.items()}
+
+
+PEERS = ("eager", "torch.compile")
+
+
+def paired(timed: dict, name: str) -> dict[str, float]:
+    """``name``'s step against each peer (``PEERS``) timed with it: the median over rounds of its
+    time over the peer's in the same round. A round runs the variants one after the other, so a
+    change in the machine's speed between rounds (a busy VM's host) cancels, which a ratio of the
+    two medians does not."""
+    mine = timed[name]["rounds_s"]
+    return {p: statistics.median(a / b for a, b in zip(mine, timed[p]["rounds_s"])) for p in PEERS if p in timed}
 
 
 def eval_steps(params, device: torch.device) -> dict:
@@ -290,7 +304,7 @@ def run(size: str, repeats: int, memory: bool = True, variants=TRAIN, device: st
     mem = {k: v["peak_mb"] for k, v in measured.items()}
     residue = max((v["compiler_mb"] for v in measured.values() if v["compiler_mb"] is not None), default=None)
     base = train["eager"]["median_s"]
-    rows = [{"variant": k, **v, "ratio": v["median_s"] / base,
+    rows = [{"variant": k, **v, "ratio": v["median_s"] / base, "paired": paired(train, k),
              "first_call_s": measured[k]["first_call_s"] if k in measured else bench.compile_s[k],
              "first_call_in_run_s": bench.compile_s[k],
              "first_call_cpu_s": measured[k]["first_call_cpu_s"] if k in measured else None,
@@ -324,18 +338,21 @@ def _run_table(r: dict, cpu: str | None = None) -> str:
     where = f"CUDA ({r.get('gpu')})" if cuda else f"CPU ({cpu})" if cpu else "CPU"
     peak = "peak: CUDA memory allocated" if cuda else "peak: RSS"
     head = (f"Training step, {r['size']} config, {where}, batch {r['batch']}, {r['threads']} threads, "
-            f"median of {r['repeats']} ({peak}):")
+            f"median of {r['repeats']} ({peak}; / eager and / torch.compile: the median of the rounds' ratios, "
+            "each round running every variant once, one after the other):")
     lines = [head, "",
-             "| variant | ms (median) | min | max | / eager | first call s (fresh process) "
+             "| variant | ms (median) | min | max | / eager | / torch.compile | first call s (fresh process) "
              "| its CPU s (own + compilers) | peak MB | memory / eager |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rounds = max((row.get("first_call_rounds", 1) for row in r["train"]), default=1)
     for row in r["train"]:
         mem = f"{row['peak_mb']:.0f} | {row['memory_ratio']:.2f}" if row["peak_mb"] is not None else "- | -"
         cpu = row.get("first_call_cpu_s")
         cpu = f"{sum(cpu):.0f} ({cpu[0]:.0f} + {cpu[1]:.0f})" if cpu else "-"
+        pair = row.get("paired") or {}
+        vs = " | ".join(f"{pair[p]:.2f}" if p in pair else "-" for p in PEERS)
         lines.append(f"| {row['variant']} | {row['median_s'] * 1e3:.1f} | {row['min_s'] * 1e3:.1f} | "
-                     f"{row['max_s'] * 1e3:.1f} | {row['ratio']:.2f} | {row['first_call_s']:.1f} | {cpu} | {mem} |")
+                     f"{row['max_s'] * 1e3:.1f} | {vs} | {row['first_call_s']:.1f} | {cpu} | {mem} |")
     if rounds > 1:
         lines += ["", f"First calls and peaks: the median of {rounds} fresh processes a variant, the variants "
                       "interleaved."]

@@ -29,14 +29,14 @@ from typing import Optional
 import torch
 
 from benchmarks.common import finish, time_interleaved
-from mmgraph.core.errors import UserError
 from mmgraph.commands.calibrate import host_target, measure
-from mmgraph.core.config import load_params
-from mmgraph.models import build_model, initial_weights, random_batch
 from mmgraph.compiler.pipeline import compile_step
-from mmgraph.runtime.runner import Runner
-from mmgraph.core.target import Target, load_target
 from mmgraph.compiler.trace import micro_batch_size
+from mmgraph.core.config import load_params
+from mmgraph.core.errors import UserError
+from mmgraph.core.target import Target, load_target
+from mmgraph.models import build_model, initial_weights, random_batch
+from mmgraph.runtime.runner import Runner
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"tiny": ROOT / "configs" / "params_mm_llava_tiny_phase2.yaml",

@@ -99,9 +99,9 @@ def measure(config: Path, repeats: int) -> dict:
 def big(config: Path = BIG2) -> dict:
     """The 7B-shaped program: trace + lower against saving and loading its artifact."""
     from mmgraph.compiler import artifact
+    from mmgraph.compiler.pipeline import compile_step
     from mmgraph.core.config import load_params
     from mmgraph.core.target import load_target
-    from mmgraph.compiler.pipeline import compile_step
 
     params = load_params(config)
     start = time.perf_counter()

@@ -102,7 +102,9 @@ memory, pinned on CUDA, with each segment's weights copied in and the next prefe
 stream; on the CPU nothing is copied), compared with `reference` (in memory) at the same batch.
 Each (device, size) is one run: small and medium on the CPU, and on CUDA where there is a GPU.
 Variants interleaved, median after warm-up (on CUDA each timed call is bracketed by
-`torch.cuda.synchronize()`); the first call (compilation where there is one) is reported
+`torch.cuda.synchronize()`); a step's ratio to a peer (eager, torch.compile) is the median over
+rounds of its time over the peer's in the same round (each round runs every variant once, one
+after the other), so a change in a shared machine's speed between rounds cancels; the first call (compilation where there is one) is reported
 separately, with Inductor's default on-disk cache, which an earlier run may have filled (the cold
 compile is measured in the compile section). Peak memory: each variant in a fresh process that has
 first compiled the step (so every variant carries the same compiler residue); on the CPU the
