@@ -66,21 +66,19 @@ def speed_targets(cpu: list[dict], note: str = "") -> list[Target]:
 
 
 SPEED_REASONS: dict[str, str] = {
-    "reference": ("within the machine's noise, the program's ops being eager's: the run of 2026-12-02 night (an "
-                  "Intel Xeon) measured 1.04x small and 1.00x medium, with the fastest steps level (small 163.5 ms "
-                  "against 163.6); 4 interleaved rechecks of 9 small steps 1.002x-1.023x, the earlier runs (an AMD "
-                  "EPYC) 1.02x medium and 0.97-0.99x small. The program is the eager step op for op (same ops, "
-                  "shapes and layouts, one step under a dispatch mode), but for the gradient sums autograd does in "
-                  "place; what the runner adds is its divergence check of every weight after the update (1.4 ms "
-                  "small, 7 ms medium) and 1-2 ms of bookkeeping, since it stopped copying the program's view "
-                  "outputs (13 ms a medium step before); docs/runtime.md"),
-    "compiled": ("a CPU whose MKL sgemm is fast: the lead measured on an AMD EPYC (0.61-0.69x) was its GEMMs on "
-                 "oneDNN (runtime/kernels.py, 2x MKL's sgemm there); on the Intel Xeon of the 2026-12-02 night run "
-                 "the per-shape choice kept ATen's kernel for all 23 shapes and the two compiled steps were level "
-                 "(1.00x small, 0.96x medium; the same GEMMs, shapes and layouts checked; compiled as one graph "
-                 "instead of regions also level), as on the AMD machine before the GEMM change: what the program's own "
-                 "forward and backward lose against Inductor's joint-graph partitioning of the module, the fused "
-                 "update wins back; docs/runtime.md"),
+    "reference": ("within the machine's noise, the program's ops being eager's: the run of 2026-12-03 (the Intel "
+                  "Xeon VM, a busy host: eager's small steps 203-277 ms) measured 1.00x small and 1.03x medium, "
+                  "paired by round; the run before 1.04x small and 1.00x medium, with the fastest steps level; "
+                  "4 interleaved rechecks of 9 small steps 1.002x-1.023x; the runs on an AMD EPYC 1.02x medium and "
+                  "0.97-0.99x small. The program is the eager step op for op (same ops, shapes and layouts), but for "
+                  "the gradient sums autograd does in place; what the runner adds is its divergence check of every "
+                  "weight after the update (1.4 ms small, 7 ms medium) and under 1 ms of bookkeeping; "
+                  "docs/runtime.md"),
+    "compiled": ("the lead comes from the update fused into the program, the GEMM kernel per shape (oneDNN where "
+                 "it wins: AMD EPYC) and a thin call path (Inductor's code called directly, ATen's GEMMs as "
+                 "Inductor's own extern calls): 0.92x small and 0.90x medium on the Intel Xeon VM (2026-12-03), "
+                 "0.61-0.69x on an AMD EPYC; a miss on a busy host: compare the paired ratios of a rerun; "
+                 "docs/runtime.md"),
     "first": ("a miss is new: with a region's C++ kernels built in one g++ run (runtime/cpp_builds.py) the "
               "compiled program's first call measured 25-27 s vs 30-33 s small and 40-42 s vs 48-49 s medium, with "
               "less CPU (2026-12-02, two runs, medians of 3 fresh processes); before it the two were level within "
