@@ -255,6 +255,21 @@ def test_a_site_whose_inputs_change_layout_gets_code_for_the_new_one():
         site(a)
 
 
+def test_a_region_with_an_input_that_is_not_a_tensor_keeps_torch_compiles_guards():
+    """Inductor's code bakes a Python number in; such a region is compiled by torch.compile,
+    whose guards compile it again for another value. Red when it goes to Inductor directly
+    (the second value would be computed with the first)."""
+    from mmgraph.runtime.regions import Region, Site
+
+    graph = torch.fx.Graph()
+    x, k = graph.placeholder("x"), graph.placeholder("k")
+    graph.output((graph.call_function(torch.ops.aten.mul.Tensor, (x, k)),))
+    site = Site(Region(torch.fx.GraphModule({}, graph), shared=False))
+    a = torch.randn(4, 6)
+    torch.testing.assert_close(site(a, 2.0)[0], a * 2.0)
+    torch.testing.assert_close(site(a, 3.0)[0], a * 3.0)
+
+
 def test_prepare_probes_the_cpu_vector_isa_off_the_main_thread(monkeypatch):
     """``prepare`` (called before the lowering) checks each vector ISA the CPU reports on a
     thread of its own, then has Inductor pick one; the compiled executor waits for it; other
