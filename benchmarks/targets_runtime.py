@@ -72,7 +72,7 @@ SPEED_REASONS: dict[str, str] = {
                   "4 interleaved rechecks of 9 small steps 1.002x-1.023x; the runs on an AMD EPYC 1.02x medium and "
                   "0.97-0.99x small. The program is the eager step op for op (same ops, shapes and layouts), but for "
                   "the gradient sums autograd does in place; what the runner adds is its divergence check of every "
-                  "weight after the update (1.4 ms small, 7 ms medium) and under 1 ms of bookkeeping; "
+                  "weight after the update (1.4 ms small, 7 ms medium) and 1-2 ms of bookkeeping; "
                   "docs/runtime.md"),
     "compiled": ("the lead comes from the update fused into the program, the GEMM kernel per shape (oneDNN where "
                  "it wins: AMD EPYC) and a thin call path (Inductor's code called directly, ATen's GEMMs as "
