@@ -355,3 +355,65 @@ def test_the_update_of_weights_of_no_layer_is_one_region():
     b.args, c.args = (a,), (b,)
     assert _acyclic([a, b, c], {"a": 0, "b": 1, "c": 0}) is False
     assert _acyclic([a, b, c], {"a": 0, "b": 0, "c": 1}) is True
+
+
+def test_the_reference_writes_in_place_only_into_operands_no_later_op_reads():
+    """``reuse_dead_operands``: an elementwise op writes into an operand only where nothing else
+    reads its memory: not an input (even one read once), not an operand read again or returned,
+    not one whose view is read, not an expanded view (also one a functional copy became:
+    ``placed``); where it does, the values are the same. Red when ``_dead_after`` passes any
+    operand, an input read once, or an expanded view, or passes none (nothing reused)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mmgraph.runtime.executors import placed, reuse_dead_operands
+
+    aten = torch.ops.aten
+
+    def f(x, w, y):
+        a = x * 2                 # x is an input: not written
+        b = a + w                 # a is read here only: written (a fresh tensor)
+        v = b.view(-1)            # b is read twice (this view, the next op): not written
+        c = b * 3                 # b is also read by v: not written
+        d = v.sum() + c           # c read again below: not written
+        e = c.t() * 2             # c returned: the view of c is not written
+        g = x.expand(3, 4) * 1.5  # an input's expanded view: no
+        h = aten.expand_copy.default(torch.ones(1, 4) * 2, [3, 4]) + 1   # ones * 2 into ones; + 1: no (a view)
+        k = (g + h).view(12) - 1  # g + h into g (read here only); the sum, read once through a view: written
+        m = y * 0.5               # y, an input read once: not written
+        return c, d, e, k, m
+
+    x, w, y = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    gm = reuse_dead_operands(placed(make_fx(f)(x, w, y), torch.device("cpu"), own=True))
+    want = f(x.clone(), w.clone(), y.clone())
+    inplace = sorted(str(n.target) for n in gm.graph.nodes if str(n.target).endswith("_.Tensor"))
+    assert inplace == ["aten.add_.Tensor", "aten.add_.Tensor", "aten.mul_.Tensor", "aten.sub_.Tensor"], inplace
+    kept = [t.clone() for t in (x, w, y)]
+    for got, expected in zip(gm(x, w, y), want):
+        assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip((x, w, y), kept))
+
+
+def test_the_reference_executor_reuses_memory_with_the_same_values():
+    """The tiny train and eval programs under the reference executor: bit for bit the outputs of
+    their graphs as traced, inputs (weights, batch) untouched, and the gradient sums written in
+    place (as eager autograd does them). Red when ``reuse_dead_operands`` is dropped (nothing in
+    place) or writes an operand that is read again."""
+    from mmgraph.runtime.executors import ReferenceExecutor, placed
+    from mmgraph.runtime.regions import writes_in_place
+
+    for mode in ("train", "eval"):
+        params = load_params(TINY2, mode)
+        program = compile_step(params, mode)[-1].program
+        weights = initial_weights(params)
+        batch = random_batch(params.layout(mode), 8, seed=11)
+        inputs = [weights[s.name] if s.kind.value == "param" else batch[s.name] for s in program.inputs]
+        kept = [t.clone() for t in inputs]
+        ref = ReferenceExecutor(program, params, torch.device("cpu"))
+        assert len([n for n in ref.fn.graph.nodes if writes_in_place(n)]) >= (50 if mode == "train" else 20), mode
+        assert not any(writes_in_place(n) for n in program.gm.graph.nodes)      # the program's own graph: as it was
+        with torch.no_grad():
+            want = placed(program.gm, torch.device("cpu"))(*inputs)
+        for _ in range(2):
+            got = ref(inputs)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), mode
+            assert all(torch.equal(a, b) for a, b in zip(inputs, kept)), mode

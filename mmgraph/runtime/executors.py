@@ -1,7 +1,9 @@
 """Executors: what runs a lowered program's kernels, and what each one supports.
 
 - ``reference``: the program's graph module as Python code (fx codegen, generated once), ATen
-  ops: the semantics of record. Train and eval, CPU and CUDA.
+  ops: the semantics of record. Train and eval, CPU and CUDA. An elementwise op whose operand
+  no later op reads writes its result there (``reuse_dead_operands``: the same kernel and
+  values, no new buffer), as eager autograd sums gradients in place.
 - ``compiled``: the same graph compiled by Inductor, per region, once per program; fuses
   and vectorizes across kernel boundaries; on the CPU its float32 GEMMs run on ATen's or
   oneDNN's kernel, whichever measured faster (``runtime/kernels.py``). Train and eval, CPU and
@@ -34,6 +36,7 @@ from mmgraph.core.errors import Problem, UserError
 from mmgraph.core.ir import InputKind, Program
 from mmgraph.core.ops import CLASSES, op_class
 from mmgraph.runtime.cpp_builds import batched
+from mmgraph.runtime.gradients import dense
 from mmgraph.runtime.kernels import cpu_gemms, gemm_policy
 from mmgraph.runtime.onnx_program import export_program
 from mmgraph.runtime.regions import Region, Site, prepared, region_of, regional, writes_in_place
@@ -69,14 +72,15 @@ AS_VIEW = {aten.view_copy.default: aten.reshape.default, aten.t_copy.default: at
            aten.alias_copy.default: aten.alias.default, aten.detach_copy.default: aten.detach.default}
 
 
-def placed(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+def placed(gm: torch.fx.GraphModule, device: torch.device, own: bool = False) -> torch.fx.GraphModule:
     """The graph as it runs on ``device``: every op that makes a tensor (``arange``, ``full``, ...)
     making it there (programs are traced on the CPU's fake tensors, so those ops name the CPU),
-    and functional copies run as views (``AS_VIEW``) when no op writes in place."""
+    and functional copies run as views (``AS_VIEW``) when no op writes in place. ``own``: always
+    a new graph (its nodes the caller's to change), never ``gm`` itself."""
     nodes = list(gm.graph.nodes)
     moved = not all(n.kwargs.get("device") in (None, device) for n in nodes)
     views = any(n.target in AS_VIEW for n in nodes) and not any(writes_in_place(n) for n in nodes)
-    if not moved and not views:
+    if not moved and not views and not own:
         return gm
     graph = torch.fx.Graph()
     env: dict = {}
@@ -90,13 +94,75 @@ def placed(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModu
     return torch.fx.GraphModule(gm, graph)
 
 
+# Elementwise ops that may write their result into an operand no later op reads: (in-place
+# form, operand positions it may write: the first, or either when the op commutes).
+IN_PLACE = {aten.add.Tensor: (aten.add_.Tensor, (0, 1)), aten.mul.Tensor: (aten.mul_.Tensor, (0, 1)),
+            aten.sub.Tensor: (aten.sub_.Tensor, (0,)), aten.div.Tensor: (aten.div_.Tensor, (0,)),
+            aten.add.Scalar: (aten.add_.Scalar, (0,)), aten.mul.Scalar: (aten.mul_.Scalar, (0,)),
+            aten.div.Scalar: (aten.div_.Scalar, (0,)), aten.neg.default: (aten.neg_.default, (0,))}
+# Ops whose result shares its input's storage though their schema does not say so.
+UNDECLARED_VIEWS = {aten._unsafe_view.default, torch.ops._c10d_functional.wait_tensor.default}
+# Views whose elements may share memory: never written in place.
+OVERLAPPING_VIEWS = {aten.expand.default, aten.as_strided.default, aten.unfold.default}
+
+
+def _dead_after(node: torch.fx.Node, user: torch.fx.Node) -> bool:
+    """Whether ``user`` is the only reader of ``node``'s storage: ``node`` and each tensor it is a
+    view of (back to the op that made the storage) have that one reader, and the storage was made
+    by an ATen op of the program (not an input, a constant or a tuple's view)."""
+    while True:
+        if node.op != "call_function" or list(node.users) != [user] or node.target in OVERLAPPING_VIEWS:
+            return False
+        if node.target is operator.getitem:               # one output of a multi-output op
+            src = node.args[0]
+            schema = getattr(src.target, "_schema", None)
+            return (schema is not None and src.op == "call_function" and src.target.namespace == "aten"
+                    and len(schema.returns) > 1 and all(r.alias_info is None for r in schema.returns)
+                    and not schema.is_mutable)
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or node.target.namespace not in ("aten", "_c10d_functional") or len(schema.returns) != 1:
+            return False
+        if schema.returns[0].alias_info is None and node.target not in UNDECLARED_VIEWS:
+            return not schema.is_mutable                  # a fresh tensor: the storage's maker
+        base = node.args[0] if node.args else None        # a view (or in-place op) of its first argument
+        if not isinstance(base, torch.fx.Node):
+            return False
+        node, user = base, node
+
+
+def reuse_dead_operands(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Each elementwise op of ``IN_PLACE`` whose operand no later op reads writes its result into
+    that operand's memory (``add`` -> ``add_``), as eager autograd does when it sums gradients:
+    the same values (the same kernel, into other memory), no new buffer. Only where the operand
+    is dense, of the result's shape and dtype, and its storage made by the program
+    (``_dead_after``), so no input, weight, output or live view is written."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in IN_PLACE or "val" not in node.meta:
+            continue
+        op, positions = IN_PLACE[node.target]
+        if len(node.args) > 2 or node.kwargs.get("alpha", 1) != 1:       # a + alpha * b: not commuting
+            positions = (0,)
+        out = node.meta["val"]
+        for i in positions:
+            x = node.args[i] if i < len(node.args) else None
+            val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+            if (isinstance(val, torch.Tensor) and val.shape == out.shape and val.dtype == out.dtype
+                    and val.device == out.device and dense(val) and _dead_after(x, node)):
+                if i == 1:
+                    node.args = (node.args[1], node.args[0], *node.args[2:])
+                node.target = op
+                break
+    gm.recompile()
+    return gm
+
+
 class ReferenceExecutor(Executor):
     name = "reference"
     op_classes = None                       # the program's own ATen code: collectives included
 
     def __init__(self, program: Program, params: Params, device: torch.device):
         super().__init__(program, params, device)
-        self.fn = placed(program.gm, device)
+        self.fn = reuse_dead_operands(placed(program.gm, device, own=True))
 
     def __call__(self, inputs):
         with torch.no_grad():
@@ -208,7 +274,7 @@ class StreamingExecutor(Executor):
                                     "target (mmgraph run does)"))
         kernels = {k.id: k for k in program.kernels}
         segment_of = {n: s.id for s in program.segments for k in s.kernels for n in kernels[k].nodes}
-        gm = placed(program.gm, device)
+        gm = reuse_dead_operands(placed(program.gm, device, own=True))
         self.split = split_module(gm, None, lambda n: segment_of[n.name], keep_original_order=True)
         self.device = device
         self.nodes = list(self.split.graph.nodes)

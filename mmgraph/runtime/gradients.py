@@ -13,6 +13,16 @@ import math
 import torch
 
 
+def dense(t: torch.Tensor) -> bool:
+    """Every element at its own place, no gaps: some order of its dimensions is contiguous."""
+    size = 1
+    for stride, n in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+        if stride != size:
+            return False
+        size *= n
+    return True
+
+
 class Claims:
     """Memory the step's gradients own. A gradient is claimed when it is dense and its elements
     overlap no claimed gradient's and no tensor of ``kept`` (the program's inputs)."""
@@ -23,12 +33,8 @@ class Claims:
             self.spans[t.device, t.untyped_storage().data_ptr()] = [(0, math.inf)]
 
     def claim(self, t: torch.Tensor) -> bool:
-        dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1)
-        size = 1
-        for stride, n in dims:                  # dense: some order of its dimensions is contiguous
-            if stride != size:
-                return False
-            size *= n
+        if not dense(t):
+            return False
         lo = t.storage_offset() * t.element_size()
         hi = lo + t.numel() * t.element_size()
         taken = self.spans.setdefault((t.device, t.untyped_storage().data_ptr()), [])
