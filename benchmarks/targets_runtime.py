@@ -66,17 +66,15 @@ def speed_targets(cpu: list[dict], note: str = "") -> list[Target]:
 
 
 SPEED_REASONS: dict[str, str] = {
-    "reference": ("within the machine's noise, the program's ops being eager's: the run of 2026-12-03 (the Intel "
-                  "Xeon VM, a busy host: eager's small steps 203-277 ms) measured 1.00x small and 1.03x medium, "
-                  "paired by round; the run before 1.04x small and 1.00x medium, with the fastest steps level; "
-                  "4 interleaved rechecks of 9 small steps 1.002x-1.023x; the runs on an AMD EPYC 1.02x medium and "
-                  "0.97-0.99x small. The program is the eager step op for op (same ops, shapes and layouts), but for "
-                  "the gradient sums autograd does in place; what the runner adds is its divergence check of every "
-                  "weight after the update (1.4 ms small, 7 ms medium) and 1-2 ms of bookkeeping; "
-                  "docs/runtime.md"),
+    "reference": ("a miss is within the machine's noise: the program is the eager step op for op (same ops, "
+                  "shapes and layouts), its gradient sums in place as autograd's (`reuse_dead_operands`); what the "
+                  "runner adds is its divergence check of every weight after the update (1.4 ms small, 7 ms medium) "
+                  "and 1-2 ms of bookkeeping. The Intel Xeon VM, 2026-12-03, paired by round: 1.003x small and "
+                  "1.002x medium with the in-place sums; before them 1.00x and 1.03x, and 1.04x and 1.00x; an AMD "
+                  "EPYC 0.97-0.99x small and 1.02x medium; docs/runtime.md"),
     "compiled": ("the lead comes from the update fused into the program, the GEMM kernel per shape (oneDNN where "
                  "it wins: AMD EPYC) and a thin call path (Inductor's code called directly, ATen's GEMMs as "
-                 "Inductor's own extern calls): 0.92x small and 0.90x medium on the Intel Xeon VM (2026-12-03), "
+                 "Inductor's own extern calls): 0.90-0.92x small and 0.90-0.91x medium on the Intel Xeon VM (2026-12-03), "
                  "0.61-0.69x on an AMD EPYC; a miss on a busy host: compare the paired ratios of a rerun; "
                  "docs/runtime.md"),
     "first": ("a miss is new: with a region's C++ kernels built in one g++ run (runtime/cpp_builds.py) the "
