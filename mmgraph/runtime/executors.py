@@ -143,6 +143,8 @@ def reuse_dead_operands(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if len(node.args) > 2 or node.kwargs.get("alpha", 1) != 1:       # a + alpha * b: not commuting
             positions = (0,)
         out = node.meta["val"]
+        if not isinstance(out, torch.Tensor):
+            continue
         for i in positions:
             x = node.args[i] if i < len(node.args) else None
             val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
