@@ -165,7 +165,7 @@ skipped. At this size both are dominated by per-step overheads, not arithmetic."
 
 INTRO["packing"] = """\
 Real (non-pad) tokens/s of the lowered training step (`compile_step` + the program's gm as the
-runtime runs it, functional copies as views: forward, loss, backward) on the same number of rows, one sample per padded row against rows packed
+reference executor runs it, functional copies as views and dead operands written in place: forward, loss, backward) on the same number of rows, one sample per padded row against rows packed
 first-fit decreasing (`mmgraph.core.packing`), the small config with rows scaled by its image tokens
 (64 of 576: rows of 228 hold as many samples as rows of 2048 at full size). Lengths: phase 1 =
 576 image tokens + 24..74 caption tokens (the issue's 600-650 a sample; an assumption, the
