@@ -15,12 +15,11 @@ tokens, the tiny config likewise with its own image tokens), every length scaled
 row holds as many samples as at full size. Packing: first-fit decreasing (``mmgraph.core.packing``)
 with the row's image budget 3 (as many images as a row can hold).
 
-Measured: the lowered training step (``compile_step`` + the program's gm run as the runtime runs
-it, ``executors.placed`` and ``reuse_dead_operands``: functional copies as views, dead operands
-written in place; forward, loss and backward; phase 1 trains
-the projector only, phase 2 the projector and the LLM) on the same number of rows, unpacked (one
-sample per row) and packed; real tokens/s = the batch's non-pad tokens / step time, median of
-``--repeats`` interleaved after warm-up, timed ``--runs`` times (3): the run with the median
+Measured: the lowered training step (``compile_step`` + the program's gm run as the reference
+executor runs it, ``executors.reference_graph``: functional copies as views, dead operands written
+in place; forward, loss and backward; phase 1 trains the projector only, phase 2 the projector
+and the LLM) on the same number of rows, unpacked (one sample per row) and packed; real
+tokens/s = the batch's non-pad tokens / step time, median of ``--repeats`` interleaved after warm-up, timed ``--runs`` times (3): the run with the median
 ratio is reported, every run's ratio beside it. Predicted: the 7B phase-1
 and phase-2 programs compiled for cs2 at 2048 (their params' micro-batch), unpacked and packed, real tokens/s
 = the simulated tokens/s x the real-token share of the sampled rows.
@@ -117,7 +116,7 @@ def measure(config: Path, phase: int, rows: int, repeats: int, seed: int = 0, ru
     from mmgraph.core.ir import InputKind
     from mmgraph.core.packing import assign
     from mmgraph.models import build_model, pack_batch
-    from mmgraph.runtime.executors import placed, reuse_dead_operands
+    from mmgraph.runtime.executors import reference_graph
 
     p = load_params(config).layout().num_patches
     row = int(round(FULL_ROW * p / FULL_IMAGE))
@@ -137,7 +136,7 @@ def measure(config: Path, phase: int, rows: int, repeats: int, seed: int = 0, ru
         model, _ = build_model(params, seed=0)
         state = dict(model.named_parameters())
         flat = [state[s.name].detach() if s.kind == InputKind.PARAM else batch[s.name] for s in program.inputs]
-        gm = reuse_dead_operands(placed(program.gm, torch.device("cpu"), own=True))   # as the reference executor runs it
+        gm = reference_graph(program.gm, torch.device("cpu"))
         calls[name] = (lambda gm=gm, args=flat: _no_grad(gm, args))
         real[name] = int((batch["key_padding_mask"] == 0).sum())
     timed = [time_interleaved(calls, repeats, warmup=1 if i == 0 else 0) for i in range(runs)]

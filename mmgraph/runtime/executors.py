@@ -158,13 +158,19 @@ def reuse_dead_operands(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+def reference_graph(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+    """The program's graph as the ``reference`` (and ``streaming``) executor runs it: placed on
+    ``device`` (``placed``), dead operands written in place (``reuse_dead_operands``), on a copy."""
+    return reuse_dead_operands(placed(gm, device, own=True))
+
+
 class ReferenceExecutor(Executor):
     name = "reference"
     op_classes = None                       # the program's own ATen code: collectives included
 
     def __init__(self, program: Program, params: Params, device: torch.device):
         super().__init__(program, params, device)
-        self.fn = reuse_dead_operands(placed(program.gm, device, own=True))
+        self.fn = reference_graph(program.gm, device)
 
     def __call__(self, inputs):
         with torch.no_grad():
@@ -276,7 +282,7 @@ class StreamingExecutor(Executor):
                                     "target (mmgraph run does)"))
         kernels = {k.id: k for k in program.kernels}
         segment_of = {n: s.id for s in program.segments for k in s.kernels for n in kernels[k].nodes}
-        gm = reuse_dead_operands(placed(program.gm, device, own=True))
+        gm = reference_graph(program.gm, device)
         self.split = split_module(gm, None, lambda n: segment_of[n.name], keep_original_order=True)
         self.device = device
         self.nodes = list(self.split.graph.nodes)
